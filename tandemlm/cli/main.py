@@ -1,0 +1,148 @@
+"""The ``tandem`` command line. Heavy libraries are imported inside each command."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tandemlm.cli import options as opt
+from tandemlm.cli.options import DEFAULTS, EngineOptions, fail, sampling_from_flags
+
+app = typer.Typer(
+    name="tandem",
+    help="Run, quantize, align and compare LLMs on one machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _load(model: str, engine_options: EngineOptions):  # noqa: ANN202 - returns the Engine protocol
+    from rich.console import Console
+
+    from tandemlm.deploy.registry import load_engine
+    from tandemlm.deploy.types import EngineError
+
+    console = Console(stderr=True)
+    try:
+        with console.status(f"loading {model} …"):
+            return load_engine(model, engine_options.backend, **engine_options.load_kwargs())
+    except (EngineError, KeyError, RuntimeError) as exc:
+        fail(str(exc).strip("'\""))
+
+
+@app.command()
+def env() -> None:
+    """Versions, hardware, and which backends can run here (and why not)."""
+    from tandemlm.cli.env import print_env
+
+    print_env()
+
+
+@app.command()
+def generate(
+    model: opt.ModelArg,
+    prompt: Annotated[str, typer.Argument(help="Text to continue (no chat template).")],
+    max_tokens: opt.MaxTokens = DEFAULTS.max_tokens,
+    temperature: opt.Temperature = DEFAULTS.temperature,
+    top_p: opt.TopP = DEFAULTS.top_p,
+    top_k: opt.TopK = DEFAULTS.top_k,
+    stop: opt.Stop = None,
+    seed: opt.Seed = None,
+    repetition_penalty: opt.RepetitionPenalty = DEFAULTS.repetition_penalty,
+    backend: opt.Backend = "auto",
+    n_ctx: opt.NCtx = None,
+    n_threads: opt.NThreads = None,
+    n_gpu_layers: opt.NGpuLayers = None,
+    dtype: opt.Dtype = None,
+    trust_remote_code: opt.TrustRemoteCode = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Treat PROMPT as one user message and apply the chat template.")] = False,
+) -> None:
+    """Generate a completion of PROMPT and stream it to stdout."""
+    from tandemlm.cli.chat import stream_to_terminal
+    from tandemlm.deploy.types import EngineError
+
+    params = sampling_from_flags(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        stop=stop, seed=seed, repetition_penalty=repetition_penalty,
+    )
+    engine = _load(model, EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, 1, dtype, trust_remote_code))
+    try:
+        stream = engine.chat([{"role": "user", "content": prompt}], params) if chat else engine.generate(prompt, params)
+        stream_to_terminal(stream)
+    except EngineError as exc:
+        fail(str(exc))
+    finally:
+        engine.close()
+
+
+@app.command()
+def chat(
+    model: opt.ModelArg = opt.DEFAULT,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    max_tokens: opt.MaxTokens = 512,
+    temperature: opt.Temperature = DEFAULTS.temperature,
+    top_p: opt.TopP = DEFAULTS.top_p,
+    top_k: opt.TopK = DEFAULTS.top_k,
+    stop: opt.Stop = None,
+    seed: opt.Seed = None,
+    repetition_penalty: opt.RepetitionPenalty = DEFAULTS.repetition_penalty,
+    backend: opt.Backend = "auto",
+    n_ctx: opt.NCtx = None,
+    n_threads: opt.NThreads = None,
+    n_gpu_layers: opt.NGpuLayers = None,
+    dtype: opt.Dtype = None,
+    trust_remote_code: opt.TrustRemoteCode = False,
+) -> None:
+    """Multi-turn terminal chat with streaming. Type /reset, /system TEXT, or /exit."""
+    from tandemlm.cli.chat import chat_loop
+
+    params = sampling_from_flags(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        stop=stop, seed=seed, repetition_penalty=repetition_penalty,
+    )
+    engine = _load(model, EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, 1, dtype, trust_remote_code))
+    try:
+        chat_loop(engine, params, system)
+    finally:
+        engine.close()
+
+
+@app.command()
+def serve(
+    model: opt.ModelArg = opt.DEFAULT,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY", help="Require this Bearer token.")] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a slot before 503s.")] = 64,
+    backend: opt.Backend = "auto",
+    n_ctx: opt.NCtx = None,
+    n_parallel: opt.NParallel = 8,
+    n_threads: opt.NThreads = None,
+    n_gpu_layers: opt.NGpuLayers = None,
+    dtype: opt.Dtype = None,
+    trust_remote_code: opt.TrustRemoteCode = False,
+) -> None:
+    """Serve MODEL over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    import uvicorn
+
+    from tandemlm.deploy.server.app import create_app
+
+    if n_parallel is not None and n_parallel < 1:
+        fail("--n-parallel must be at least 1")
+    engine = _load(model, EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, n_parallel, dtype, trust_remote_code))
+    app_ = create_app(engine, api_key=api_key, max_concurrency=n_parallel or 8, max_queue=max_queue)
+    typer.secho(f"serving {engine.info.model_id} ({engine.info.backend}) on http://{host}:{port}/v1", err=True)
+    try:
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

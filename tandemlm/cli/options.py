@@ -1,0 +1,80 @@
+"""CLI options shared by commands, mirroring :class:`SamplingParams` and the engine load options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+
+from tandemlm.deploy.types import SamplingParams
+from tandemlm.models.builtin import DEFAULT_MODEL
+
+ModelArg = Annotated[str, typer.Argument(help="A built-in name (smollm2), an HF folder, a .gguf file or a hub id.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")]
+Temperature = Annotated[float, typer.Option("--temperature", help="0 is greedy; higher is more random.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1 disables).")]
+TopK = Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens (0 disables).")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed for reproducible sampling.")]
+RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", help="Above 1 discourages repeats.")]
+Backend = Annotated[str, typer.Option("--backend", help="transformers, llama.cpp, vllm or auto.")]
+NCtx = Annotated[int | None, typer.Option("--n-ctx", help="llama.cpp: context size in tokens (shared by parallel requests).")]
+NThreads = Annotated[int | None, typer.Option("--n-threads", help="llama.cpp: CPU threads.")]
+NGpuLayers = Annotated[int | None, typer.Option("--n-gpu-layers", help="llama.cpp: layers to offload to the GPU.")]
+NParallel = Annotated[int | None, typer.Option("--n-parallel", help="Most requests decoded together in one batch.")]
+Dtype = Annotated[str | None, typer.Option("--dtype", help="transformers/vllm: auto, float32, bfloat16, float16.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run custom model code from the checkpoint.")]
+
+DEFAULTS = SamplingParams()
+DEFAULT = DEFAULT_MODEL
+
+
+@dataclass
+class EngineOptions:
+    """Load options for any backend; each backend takes the ones that apply to it."""
+
+    backend: str = "auto"
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+    n_parallel: int | None = None
+    dtype: str | None = None
+    trust_remote_code: bool = False
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {
+            "n_ctx": self.n_ctx,
+            "n_threads": self.n_threads,
+            "n_gpu_layers": self.n_gpu_layers,
+            "n_parallel": self.n_parallel,
+            "max_batch_size": self.n_parallel,
+            "max_num_seqs": self.n_parallel,
+            "max_model_len": self.n_ctx,
+            "dtype": self.dtype,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+
+def sampling_from_flags(**values: Any) -> SamplingParams:
+    """Builds SamplingParams; a bad value exits with a one-line error that names the flag."""
+    values["stop"] = values.get("stop") or []
+    try:
+        return SamplingParams(**values)
+    except ValueError as exc:
+        fail(flag_error(str(exc)))
+        raise  # unreachable
+
+
+def flag_error(message: str) -> str:
+    """Rewrites "top_p must be …" as "--top-p must be …"."""
+    field, _, rest = message.partition(" ")
+    if field in SamplingParams.__dataclass_fields__:
+        return f"--{field.replace('_', '-')} {rest}"
+    return message
+
+
+def fail(message: str) -> None:
+    """Prints ``error: message`` to stderr and exits with status 2."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)

@@ -1,0 +1,39 @@
+"""Renders a chat template string exactly as transformers does.
+
+HF models use their tokenizer's ``apply_chat_template``; GGUF models carry the same Jinja template
+in their metadata. Rendering both with transformers' own renderer (same sandbox, same filters)
+is what makes the same messages give the same prompt tokens on every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tandemlm.deploy.types import EngineError, Message
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = True,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> str:
+    """The prompt text ``template`` makes of ``messages``; template errors become one-line EngineErrors."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered = render_jinja_template(
+            conversations=[list(messages)],
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
+    except TemplateError as exc:
+        raise EngineError(f"chat template rejected the messages: {exc}") from None
+    # transformers 5 returns (rendered conversations, generation indices).
+    if isinstance(rendered, tuple):
+        rendered = rendered[0]
+    return rendered if isinstance(rendered, str) else rendered[0]

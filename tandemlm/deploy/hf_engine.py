@@ -1,0 +1,293 @@
+"""Hugging Face ``transformers`` models, with concurrent requests batched into one forward pass.
+
+A scheduler thread gathers the requests that are waiting, left-pads them into one batch and
+decodes them together step by step with a shared KV cache. Each row keeps its own sampling
+settings (transformers' logits processors) and its own seeded generator, so a request gives the
+same tokens alone or in a batch. Requests that arrive mid-batch join the next batch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tandemlm.deploy.engine import BaseEngine
+from tandemlm.deploy.registry import register_backend
+from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
+from tandemlm.models.resolve import ModelSource
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    params: SamplingParams
+    out: queue.Queue[Any] = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    emitted_text: str = ""
+    done: bool = False
+
+
+def pick_attention(device: str) -> str:
+    """FlashAttention-2 on a CUDA GPU when installed, else PyTorch SDPA (works everywhere)."""
+    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+class HFEngine(BaseEngine):
+    """A transformers causal LM with batched decoding of concurrent requests."""
+
+    def __init__(
+        self,
+        folder: str,
+        model_id: str,
+        dtype: str = "auto",
+        device_map: str | None = None,
+        max_batch_size: int = 8,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+        load_in_bits: int | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._torch = torch
+        cuda = torch.cuda.is_available()
+        device_map = device_map or ("auto" if cuda else "cpu")
+        kwargs: dict[str, Any] = {
+            "dtype": self._resolve_dtype(dtype, cuda),
+            "device_map": device_map,
+            "attn_implementation": attn_implementation or pick_attention("cuda" if cuda else "cpu"),
+            "trust_remote_code": trust_remote_code,
+        }
+        if load_in_bits:
+            kwargs["quantization_config"] = _bitsandbytes_config(load_in_bits)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+        self.device = next(self.model.parameters()).device
+        config = self.model.config
+        limit = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
+        self.info = EngineInfo(
+            backend="transformers",
+            model_id=model_id,
+            context_length=int(min(limit, 1 << 20)),
+            has_chat_template=bool(self.tokenizer.chat_template),
+        )
+        self._eos = self._eos_ids()
+        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos, default=0)
+        self._max_batch = max_batch_size
+        self._waiting: queue.Queue[_Row | None] = queue.Queue()
+        self._running = True
+        self._worker = threading.Thread(target=self._loop, name="hf-scheduler", daemon=True)
+        self._worker.start()
+
+    @staticmethod
+    def _resolve_dtype(dtype: str, cuda: bool) -> Any:
+        import torch
+
+        if dtype != "auto":
+            return getattr(torch, dtype)
+        # The checkpoint's own dtype on GPU; on CPU half-precision matmuls are slow or missing, so fp32.
+        return "auto" if cuda else torch.float32
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for value in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids
+
+    # ---- tokenizer and template --------------------------------------------------------------
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        if not self.tokenizer.chat_template:
+            raise EngineError(f"{self.info.model_id} has no chat template (tokenizer_config.json); use generate instead")
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # ---- primitives --------------------------------------------------------------------------
+    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
+        row = _Row(prompt=list(prompt_ids), params=params)
+        if not self._running:
+            raise EngineError("engine is closed")
+        self._waiting.put(row)
+        try:
+            while True:
+                item = row.out.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            row.cancelled.set()
+
+    def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
+        torch = self._torch
+        ids = torch.tensor([prompt_ids + target_ids], device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor(target_ids, device=self.device)
+        return logprobs.gather(1, targets[:, None])[:, 0].tolist()
+
+    def close(self) -> None:
+        if self._running:
+            self._running = False
+            self._waiting.put(None)
+            self._worker.join(timeout=30)
+
+    # ---- scheduler ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self._running:
+            try:
+                first = self._waiting.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            rows = [first] if first is not None else []
+            while len(rows) < self._max_batch:
+                try:
+                    item = self._waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    rows.append(item)
+            rows = [r for r in rows if not r.cancelled.is_set()]
+            if not rows:
+                continue
+            try:
+                self._run_batch(rows)
+            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving
+                for row in rows:
+                    if not row.done:
+                        row.out.put(EngineError(f"generation failed: {exc}"))
+            for row in rows:
+                if not row.done:
+                    row.done = True
+                    row.out.put(None)
+
+    def _run_batch(self, rows: list[_Row]) -> None:
+        torch = self._torch
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt) for r in rows)
+        input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
+            mask[i, width - len(row.prompt) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        samplers = [_RowSampler(r.params, self.device) for r in rows]
+        cache = DynamicCache(config=self.model.config)
+        steps = max(r.params.max_tokens for r in rows)
+        next_input = input_ids
+        with torch.inference_mode():
+            for _ in range(steps):
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -next_input.shape[1] :]
+                out = self.model(input_ids=next_input, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+                logits = out.logits[:, -1, :].float()
+                tokens = []
+                for i, row in enumerate(rows):
+                    if row.done or row.cancelled.is_set():
+                        row.done = True
+                        tokens.append(self._pad)
+                        continue
+                    history = torch.tensor([row.prompt + row.generated], device=self.device)
+                    token = samplers[i].sample(history, logits[i : i + 1])
+                    tokens.append(token)
+                    self._emit(row, token)
+                if all(r.done for r in rows):
+                    return
+                next_input = torch.tensor(tokens, device=self.device)[:, None]
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
+
+    def _emit(self, row: _Row, token: int) -> None:
+        if token in self._eos:
+            row.done = True
+            row.out.put(None)
+            return
+        row.generated.append(token)
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        # A trailing U+FFFD is usually an incomplete UTF-8 character: wait for its next byte.
+        stable = text[:-1] if text.endswith("\ufffd") else text
+        piece = stable[len(row.emitted_text) :] if stable.startswith(row.emitted_text) else ""
+        row.emitted_text += piece
+        row.out.put(GeneratedToken(token, piece))
+        if len(row.generated) >= row.params.max_tokens:
+            row.done = True
+            row.out.put(None)
+
+
+class _RowSampler:
+    """Per-request sampling with transformers' own logits processors and a seeded generator."""
+
+    def __init__(self, params: SamplingParams, device: Any) -> None:
+        import torch
+        from transformers import LogitsProcessorList
+        from transformers.generation.logits_process import (
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.params = params
+        processors: list[Any] = []
+        if params.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if not params.greedy:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+        self.processors = LogitsProcessorList(processors)
+        self.generator = torch.Generator(device="cpu")
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def sample(self, history: Any, logits: Any) -> int:
+        import torch
+
+        scores = self.processors(history, logits)
+        if self.params.greedy:
+            return int(scores.argmax(-1).item())
+        probs = torch.softmax(scores, dim=-1).cpu()
+        return int(torch.multinomial(probs, 1, generator=self.generator).item())
+
+
+def _bitsandbytes_config(bits: int) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16")
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise EngineError(f"load_in_bits must be 4 or 8, got {bits}")
+
+
+def _available() -> str | None:
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    return f"not installed: {', '.join(missing)}" if missing else None
+
+
+@register_backend("transformers", description="Hugging Face transformers (CPU or GPU, any HF causal LM)", available=_available)
+def load_hf(source: ModelSource, **options: Any) -> HFEngine:
+    """Loads ``source`` (an HF folder; built-ins are materialised) with dtype, device_map, max_batch_size, load_in_bits."""
+    known = {"dtype", "device_map", "max_batch_size", "attn_implementation", "load_in_bits"}
+    kwargs = {k: v for k, v in options.items() if k in known and v is not None}
+    folder = source.hf_folder()
+    return HFEngine(str(folder), source.model_id, trust_remote_code=source.trust_remote_code, **kwargs)

@@ -1,0 +1,341 @@
+"""GGUF models through llama-cpp-python, with continuous batching of concurrent requests.
+
+llama-cpp-python's ``Llama`` class decodes one sequence at a time (its server aborts or
+serialises concurrent streams). Here one scheduler thread owns a llama.cpp context with
+``n_parallel`` sequences in a unified KV cache, and every step decodes one token for each
+running sequence plus chunks of newly arrived prompts in a single ``llama_decode`` batch.
+Sampling uses llama.cpp's own sampler chains, one per request.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tandemlm.deploy.chat_template import render_chat_template
+from tandemlm.deploy.engine import BaseEngine
+from tandemlm.deploy.registry import register_backend
+from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
+from tandemlm.models.resolve import ModelSource
+
+PENALTY_LAST_N = 64
+
+
+@dataclass
+class _Request:
+    """One generation (or scoring) job owned by the scheduler thread once admitted."""
+
+    prompt: list[int]
+    params: SamplingParams | None  # None: a scoring job
+    out: queue.Queue[Any] = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    seq_id: int = -1
+    n_past: int = 0  # prompt tokens already decoded
+    n_generated: int = 0
+    last_token: int = -1
+    sampler: Any = None
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    score_targets: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+    @property
+    def reserved(self) -> int:
+        extra = self.params.max_tokens if self.params else 0
+        return len(self.prompt) + extra
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.prompt)
+
+
+class LlamaCppEngine(BaseEngine):
+    """A GGUF model served with continuous batching."""
+
+    def __init__(
+        self,
+        model_path: str,
+        model_id: str,
+        n_ctx: int = 4096,
+        n_parallel: int = 8,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+    ) -> None:
+        import llama_cpp
+        from llama_cpp._internals import LlamaModel
+        from llama_cpp._logger import set_verbose
+
+        self._ll = llama_cpp
+        set_verbose(False)  # llama.cpp logs every context and graph allocation otherwise
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = n_gpu_layers
+        try:
+            self._model = LlamaModel(path_model=model_path, params=model_params, verbose=False)
+        except ValueError as exc:
+            raise EngineError(f"llama.cpp could not load {model_path}: {exc}") from None
+        n_ctx = min(n_ctx, self._model.n_ctx_train()) if n_ctx else self._model.n_ctx_train()
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = n_batch
+        ctx_params.n_ubatch = n_batch
+        ctx_params.n_seq_max = n_parallel + 1  # the extra sequence is for scoring jobs
+        ctx_params.kv_unified = True  # one pool of n_ctx cells shared by all sequences
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        ctx_params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model.model, ctx_params)
+        if not self._ctx:
+            raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens for {model_path}")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = self._model.vocab
+        self._n_vocab = self._model.n_vocab()
+        self._n_batch = n_batch
+        self._n_ctx = n_ctx
+        self._free_seqs = list(range(n_parallel + 1))
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.metadata = self._model.metadata()
+        self.chat_template = self.metadata.get("tokenizer.chat_template")
+        self.info = EngineInfo(
+            backend="llama.cpp", model_id=model_id, context_length=n_ctx, has_chat_template=bool(self.chat_template)
+        )
+        self._bos = self._special_text(self._model.token_bos())
+        self._eos = self._special_text(self._model.token_eos())
+        self._waiting: queue.Queue[_Request | None] = queue.Queue()
+        self._running = True
+        self._worker = threading.Thread(target=self._loop, name="llama.cpp-scheduler", daemon=True)
+        self._worker.start()
+
+    # ---- tokenizer and template --------------------------------------------------------------
+    def _special_text(self, token: int) -> str:
+        return self._piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[: max(n, 0)]
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise EngineError(f"{self.info.model_id} has no chat template in its GGUF metadata; use generate instead")
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, self._bos, self._eos)
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        add_bos = add_special_tokens and self._model.add_bos_token()
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return b"".join(self._piece(t) for t in token_ids).decode("utf-8", "replace")
+
+    # ---- public primitives -------------------------------------------------------------------
+    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
+        request = _Request(prompt=list(prompt_ids), params=params)
+        self._submit(request)
+        try:
+            while True:
+                item = request.out.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            request.cancelled.set()
+
+    def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
+        request = _Request(prompt=list(prompt_ids) + list(target_ids), params=None, score_targets=list(target_ids))
+        self._submit(request)
+        result = request.out.get()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def close(self) -> None:
+        if not self._running:
+            return
+        self._running = False
+        self._waiting.put(None)
+        self._worker.join(timeout=30)
+        self._ll.llama_batch_free(self._batch)
+        self._ll.llama_free(self._ctx)
+        self._model.close()
+
+    def _submit(self, request: _Request) -> None:
+        if not self._running:
+            raise EngineError("engine is closed")
+        if request.reserved > self._n_ctx:
+            raise EngineError(f"request needs {request.reserved} tokens but the context holds {self._n_ctx}")
+        self._waiting.put(request)
+
+    # ---- scheduler thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        active: list[_Request] = []
+        pending: list[_Request] = []
+        while self._running:
+            self._take_new(pending, block=not active and not pending)
+            self._admit(pending, active)
+            active = [r for r in active if not self._drop_if_cancelled(r)]
+            if not active:
+                continue
+            try:
+                self._step(active)
+            except Exception as exc:  # noqa: BLE001 - fail the requests, keep the engine alive
+                for request in active:
+                    self._finish(request, error=EngineError(f"llama.cpp decode failed: {exc}"))
+                active = []
+            active = [r for r in active if r.seq_id >= 0]
+        for request in active + pending:
+            self._finish(request, error=EngineError("engine closed"))
+
+    def _take_new(self, pending: list[_Request], block: bool) -> None:
+        try:
+            item = self._waiting.get(timeout=0.5) if block else self._waiting.get_nowait()
+            while True:
+                if item is not None:
+                    pending.append(item)
+                item = self._waiting.get_nowait()
+        except queue.Empty:
+            return
+
+    def _admit(self, pending: list[_Request], active: list[_Request]) -> None:
+        used = sum(r.reserved for r in active)
+        while pending and self._free_seqs:
+            request = pending[0]
+            if request.cancelled.is_set():
+                pending.pop(0)
+                continue
+            if used + request.reserved > self._n_ctx and active:
+                break  # wait for KV cells to free up (first come, first served)
+            pending.pop(0)
+            request.seq_id = self._free_seqs.pop(0)
+            if request.params is not None:
+                request.sampler = self._make_sampler(request.params, request.prompt)
+            active.append(request)
+            used += request.reserved
+
+    def _drop_if_cancelled(self, request: _Request) -> bool:
+        if request.cancelled.is_set():
+            self._finish(request)
+            return True
+        return False
+
+    def _step(self, active: list[_Request]) -> None:
+        """One llama_decode over a token from every decoding sequence plus prompt chunks."""
+        batch, budget = self._batch, self._n_batch
+        batch.n_tokens = 0
+        outputs: list[tuple[_Request, int]] = []
+        for request in active:
+            if not request.prefilling and budget > 0:
+                pos = len(request.prompt) + request.n_generated - 1
+                outputs.append((request, self._add(request.last_token, pos, request.seq_id, True)))
+                budget -= 1
+        for request in active:
+            if request.prefilling and budget > 0:
+                take = min(budget, len(request.prompt) - request.n_past)
+                scoring = request.params is None
+                first_target = len(request.prompt) - len(request.score_targets) - 1
+                for offset in range(take):
+                    pos = request.n_past + offset
+                    last = pos == len(request.prompt) - 1
+                    want = (scoring and first_target <= pos < len(request.prompt) - 1) or (last and not scoring)
+                    index = self._add(request.prompt[pos], pos, request.seq_id, want)
+                    if want:
+                        outputs.append((request, index))
+                request.n_past += take
+                budget -= take
+        status = self._ll.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        for request, index in outputs:
+            if request.params is None:
+                self._record_score(request, index)
+            else:
+                self._sample(request, index)
+        for request in list(active):
+            if request.params is None and not request.prefilling:
+                self._finish(request, result=request.scores)
+
+    def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        batch = self._batch
+        i = batch.n_tokens
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = logits
+        batch.n_tokens = i + 1
+        return i
+
+    def _record_score(self, request: _Request, index: int) -> None:
+        logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+        target = request.score_targets[len(request.scores)]
+        peak = float(logits.max())
+        log_norm = peak + float(np.log(np.exp(logits.astype(np.float64) - peak).sum()))
+        request.scores.append(float(logits[target]) - log_norm)
+
+    def _sample(self, request: _Request, index: int) -> None:
+        token = self._ll.llama_sampler_sample(request.sampler, self._ctx, index)
+        request.n_generated += 1
+        request.last_token = token
+        if self._ll.llama_vocab_is_eog(self._vocab, token):
+            self._finish(request)
+            return
+        text = request.decoder.decode(self._piece(token))
+        request.out.put(GeneratedToken(token, text))
+        assert request.params is not None
+        if request.n_generated >= request.params.max_tokens:
+            self._finish(request)
+
+    def _finish(self, request: _Request, result: Any = None, error: Exception | None = None) -> None:
+        if request.seq_id >= 0:
+            self._ll.llama_memory_seq_rm(self._memory, request.seq_id, -1, -1)
+            self._free_seqs.append(request.seq_id)
+            request.seq_id = -1
+        if request.sampler is not None:
+            self._ll.llama_sampler_free(request.sampler)
+            request.sampler = None
+        request.out.put(error if error is not None else result)
+
+    def _make_sampler(self, params: SamplingParams, prompt: list[int]) -> Any:
+        ll = self._ll
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if params.repetition_penalty != 1.0:
+            penalties = ll.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, params.repetition_penalty, 0.0, 0.0)
+            ll.llama_sampler_chain_add(chain, penalties)
+        if params.greedy:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        # The repetition penalty looks back over the prompt too, as transformers' does.
+        for token in prompt[-PENALTY_LAST_N:]:
+            ll.llama_sampler_accept(chain, token)
+        return chain
+
+
+def _available() -> str | None:
+    import importlib.util
+
+    return None if importlib.util.find_spec("llama_cpp") else "llama-cpp-python is not installed"
+
+
+@register_backend("llama.cpp", description="GGUF files via llama-cpp-python (CPU, Metal, CUDA)", available=_available)
+def load_llamacpp(source: ModelSource, **options: Any) -> LlamaCppEngine:
+    """Loads ``source`` (a GGUF file) with options n_ctx, n_parallel, n_batch, n_threads, n_gpu_layers."""
+    known = {"n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers"}
+    kwargs = {k: v for k, v in options.items() if k in known and v is not None}
+    return LlamaCppEngine(str(source.gguf_file()), source.model_id, **kwargs)

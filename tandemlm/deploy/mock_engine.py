@@ -1,0 +1,70 @@
+"""A deterministic engine for fast tests of the server, CLI and UI.
+
+It is registered through the real registry (as backend ``mock``), tokenizes on characters and
+"generates" by echoing a scripted reply, so surfaces can be tested without loading a model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+
+from tandemlm.deploy.engine import BaseEngine
+from tandemlm.deploy.registry import register_backend
+from tandemlm.deploy.types import EngineInfo, GeneratedToken, Message, SamplingParams
+
+EOS_ID = 0
+
+
+class MockEngine(BaseEngine):
+    """Replies ``reply`` (default: the reversed last user message) one character per token."""
+
+    def __init__(self, model_id: str = "mock", reply: str | None = None, delay: float = 0.0, context_length: int = 2048) -> None:
+        self.info = EngineInfo(backend="mock", model_id=model_id, context_length=context_length)
+        self.reply = reply
+        self.delay = delay
+        self.cancelled = 0
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+        return text + ("<|assistant|>" if add_generation_prompt else "")
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return "".join(chr(t) for t in token_ids if t > 1)
+
+    def _reply_for(self, prompt: str) -> str:
+        if self.reply is not None:
+            return self.reply
+        last = prompt.rsplit("<|user|>", 1)[-1].split("\n", 1)[0]
+        return last[::-1] or "?"
+
+    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
+        reply = self._reply_for(self.detokenize(prompt_ids))
+        emitted = 0
+        try:
+            for char in reply[: params.max_tokens]:
+                if self.delay:
+                    time.sleep(self.delay)
+                emitted += 1
+                yield GeneratedToken(ord(char), char)
+        finally:
+            if emitted < min(len(reply), params.max_tokens):
+                self.cancelled += 1
+
+    def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
+        # Characters of the scripted reply are likely; anything else less so.
+        reply = self._reply_for(self.detokenize(prompt_ids))
+        return [math.log(0.9) if i < len(reply) and chr(t) == reply[i] else math.log(0.01) for i, t in enumerate(target_ids)]
+
+
+def _available() -> str | None:
+    return None
+
+
+@register_backend("mock", description="scripted engine for tests (no model)", available=_available)
+def load_mock(source: object = None, **options: object) -> MockEngine:
+    return MockEngine(**options)  # type: ignore[arg-type]

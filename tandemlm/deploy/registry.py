@@ -1,0 +1,96 @@
+"""Backends register themselves by name; the CLI, server and UI look them up here.
+
+Backend modules import their heavy library lazily, so registering costs nothing and
+``tandem env`` can list every backend with whether it can run on this machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tandemlm.deploy.engine import Engine
+    from tandemlm.models.resolve import ModelSource
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    load: Callable[..., Engine]
+    """``load(source: ModelSource, **options) -> Engine``."""
+    available: Callable[[], str | None]
+    """Returns None when usable here, else a one-line reason why not."""
+    description: str
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+# Modules that register the built-in backends when imported.
+_BUILTIN_MODULES = (
+    "tandemlm.deploy.hf_engine",
+    "tandemlm.deploy.llamacpp_engine",
+    "tandemlm.deploy.vllm_engine",
+    "tandemlm.deploy.mock_engine",
+)
+
+
+def register_backend(
+    name: str, description: str, available: Callable[[], str | None]
+) -> Callable[[Callable[..., Engine]], Callable[..., Engine]]:
+    """Decorator for a backend's ``load`` function."""
+
+    def wrap(load: Callable[..., Engine]) -> Callable[..., Engine]:
+        _BACKENDS[name] = Backend(name=name, load=load, available=available, description=description)
+        return load
+
+    return wrap
+
+
+def _ensure_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            # One broken backend must not take the others down; `tandem env` shows why.
+            name = module.rsplit(".", 1)[-1].removesuffix("_engine")
+            reason = f"backend module failed to import: {exc}"
+            _BACKENDS.setdefault(name, Backend(name, _unloadable(reason), lambda r=reason: r, reason))
+
+
+def _unloadable(reason: str) -> Callable[..., Engine]:
+    def load(*_: Any, **__: Any) -> Engine:
+        raise RuntimeError(reason)
+
+    return load
+
+
+def backends() -> dict[str, Backend]:
+    _ensure_builtins()
+    return dict(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    known = backends()
+    if name not in known:
+        raise KeyError(f"unknown backend {name!r}; known backends: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def load_engine(model: str | ModelSource, backend: str = "auto", **options: Any) -> Engine:
+    """Resolves ``model`` and loads it with ``backend`` (``auto`` picks one for the model and machine)."""
+    from tandemlm.deploy.auto import choose_backend
+    from tandemlm.models.resolve import ModelSource, resolve_model
+
+    if backend != "auto":
+        get_backend(backend)  # fail on an unknown name before touching the model
+    trust = bool(options.get("trust_remote_code", False))
+    source = model if isinstance(model, ModelSource) else resolve_model(model, trust_remote_code=trust)
+    name = choose_backend(source) if backend == "auto" else backend
+    chosen = get_backend(name)
+    reason = chosen.available()
+    if reason:
+        raise RuntimeError(f"backend {name!r} cannot run here: {reason}")
+    return chosen.load(source, **options)
