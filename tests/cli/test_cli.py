@@ -1,0 +1,83 @@
+"""The ``tandem`` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from tandemlm.cli.main import app
+
+runner = CliRunner()
+
+
+def tandem(*args: str, stdin: str = "", timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tandemlm.cli.main", *args], input=stdin, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_chat_with_the_builtin_model_streams_sensible_multi_turn_answers():
+    script = "\n".join(
+        [
+            "What is the capital of France? Answer in one short sentence.",
+            "What is 2+2?",
+            "/reset",
+            "/system You are a pirate.",
+            "/exit",
+            "this line is never read",
+        ]
+    )
+    result = tandem("chat", "smollm2", "--temperature", "0", "--max-tokens", "32", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    second_answer = result.stdout.split("Paris", 1)[1].strip(" .\n")
+    assert second_answer  # the second turn (with the first in its history) got a reply too
+    assert "conversation cleared" in result.stderr
+    assert "system prompt set" in result.stderr
+    assert "never read" not in result.stdout
+    assert "tokens/s" in result.stderr
+
+
+def test_generate_raw_completion():
+    result = tandem("generate", "smollm2", "The capital of France is", "--temperature", "0", "--max-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--temperature", "nan"], "--temperature must be a finite number"),
+        (["--top-p", "2"], "--top-p must be between 0"),
+        (["--max-tokens", "0"], "--max-tokens must be a positive integer"),
+        (["--top-k", "-3"], "--top-k must be a non-negative integer"),
+    ],
+)
+def test_bad_sampling_flags_give_one_line_errors(flags, message):
+    result = runner.invoke(app, ["generate", "smollm2", "hi", *flags])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"error: {message}" + lines[0].split(message, 1)[1]]
+
+
+def test_missing_model_path_is_one_line(tmp_path):
+    result = runner.invoke(app, ["generate", str(tmp_path / "absent.gguf"), "hi"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: model path {tmp_path / 'absent.gguf'} does not exist"
+
+
+def test_unknown_backend_lists_known_ones():
+    result = runner.invoke(app, ["generate", "smollm2", "hi", "--backend", "onnx"])
+    assert result.exit_code == 2
+    assert "unknown backend 'onnx'; known backends:" in result.output
+    assert "llama.cpp" in result.output
+
+
+def test_env_reports_backends_and_the_builtin_model():
+    result = runner.invoke(app, ["env"])
+    assert result.exit_code == 0, result.output
+    assert "llama.cpp" in result.output and "transformers" in result.output
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in result.output.replace("\n", "").replace(" ", "") or "smollm2" in result.output
