@@ -120,7 +120,7 @@ class BaseEngine(abc.ABC):
         prompt_ids = self.tokenize(prompt, add_special_tokens=False)
         full_ids = self.tokenize(prompt + response, add_special_tokens=False)
         # Tokenizing prompt+response together keeps merges across the boundary as the model saw them.
-        split = _common_prefix_len(prompt_ids, full_ids)
+        split = common_prefix_len(prompt_ids, full_ids)
         target = full_ids[split:]
         if not target:
             return []
@@ -208,7 +208,8 @@ def collect(stream: Iterator[Delta]) -> Completion:
     return Completion("".join(text), "".join(reasoning), finish, usage)  # type: ignore[arg-type]
 
 
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Number of leading items ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

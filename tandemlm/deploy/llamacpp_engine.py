@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from tandemlm.deploy.chat_template import render_chat_template
-from tandemlm.deploy.engine import BaseEngine
+from tandemlm.deploy.engine import BaseEngine, common_prefix_len
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
 from tandemlm.models.resolve import ModelSource
@@ -39,8 +39,7 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     seq_id: int = -1
     n_past: int = 0  # prompt tokens already decoded
-    n_generated: int = 0
-    last_token: int = -1
+    generated: list[int] = field(default_factory=list)
     sampler: Any = None
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     score_targets: list[int] = field(default_factory=list)
@@ -54,6 +53,24 @@ class _Request:
     @property
     def prefilling(self) -> bool:
         return self.n_past < len(self.prompt)
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.generated)
+
+    @property
+    def max_reuse(self) -> int:
+        """Most prompt tokens a cached prefix may cover: one must be decoded to get logits."""
+        if self.params is None:  # scoring needs logits from the position before the first target
+            return len(self.prompt) - len(self.score_targets) - 1
+        return len(self.prompt) - 1
+
+    def kv_tokens(self) -> list[int]:
+        """The tokens whose keys and values are in this sequence's cache right now."""
+        if self.prefilling or not self.generated:
+            return self.prompt[: self.n_past]
+        # The last sampled token is never decoded.
+        return self.prompt + self.generated[:-1]
 
 
 class LlamaCppEngine(BaseEngine):
@@ -101,7 +118,10 @@ class LlamaCppEngine(BaseEngine):
         self._n_vocab = self._model.n_vocab()
         self._n_batch = n_batch
         self._n_ctx = n_ctx
-        self._free_seqs = list(range(n_parallel + 1))
+        # Idle sequences keep their tokens' cache, so a request that shares a prefix with an
+        # earlier one (every turn of a chat re-sends the conversation) skips re-decoding it.
+        self._idle: dict[int, list[int]] = {seq: [] for seq in range(n_parallel + 1)}
+        self.reused_tokens = 0  # prompt tokens served from a cached prefix instead of decoded
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.metadata = self._model.metadata()
         self.chat_template = self.metadata.get("tokenizer.chat_template")
@@ -207,20 +227,44 @@ class LlamaCppEngine(BaseEngine):
             return
 
     def _admit(self, pending: list[_Request], active: list[_Request]) -> None:
-        used = sum(r.reserved for r in active)
-        while pending and self._free_seqs:
+        while pending and self._idle:
             request = pending[0]
             if request.cancelled.is_set():
                 pending.pop(0)
                 continue
+            seq, reuse = self._best_idle(request)
+            cached = sum(len(tokens) for other, tokens in self._idle.items() if other != seq)
+            used = sum(r.reserved for r in active) + cached
+            if used + request.reserved > self._n_ctx:
+                self._evict_idle(keep=seq)
+                used -= cached
             if used + request.reserved > self._n_ctx and active:
                 break  # wait for KV cells to free up (first come, first served)
             pending.pop(0)
-            request.seq_id = self._free_seqs.pop(0)
+            self._idle.pop(seq)
+            if not self._ll.llama_memory_seq_rm(self._memory, seq, reuse, -1):
+                self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
+                reuse = 0
+            request.seq_id, request.n_past = seq, reuse
+            self.reused_tokens += reuse
             if request.params is not None:
                 request.sampler = self._make_sampler(request.params, request.prompt)
             active.append(request)
-            used += request.reserved
+
+    def _best_idle(self, request: _Request) -> tuple[int, int]:
+        """The idle sequence whose cached tokens share the longest prefix with the request's prompt."""
+        best, best_len = next(iter(self._idle)), -1
+        for seq, tokens in self._idle.items():
+            common = min(common_prefix_len(tokens, request.prompt), max(request.max_reuse, 0))
+            if common > best_len:
+                best, best_len = seq, common
+        return best, max(best_len, 0)
+
+    def _evict_idle(self, keep: int) -> None:
+        for seq in self._idle:
+            if seq != keep and self._idle[seq]:
+                self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
+                self._idle[seq] = []
 
     def _drop_if_cancelled(self, request: _Request) -> bool:
         if request.cancelled.is_set():
@@ -236,7 +280,7 @@ class LlamaCppEngine(BaseEngine):
         for request in active:
             if not request.prefilling and budget > 0:
                 pos = len(request.prompt) + request.n_generated - 1
-                outputs.append((request, self._add(request.last_token, pos, request.seq_id, True)))
+                outputs.append((request, self._add(request.generated[-1], pos, request.seq_id, True)))
                 budget -= 1
         for request in active:
             if request.prefilling and budget > 0:
@@ -284,8 +328,7 @@ class LlamaCppEngine(BaseEngine):
 
     def _sample(self, request: _Request, index: int) -> None:
         token = self._ll.llama_sampler_sample(request.sampler, self._ctx, index)
-        request.n_generated += 1
-        request.last_token = token
+        request.generated.append(token)
         if self._ll.llama_vocab_is_eog(self._vocab, token):
             self._finish(request)
             return
@@ -297,8 +340,11 @@ class LlamaCppEngine(BaseEngine):
 
     def _finish(self, request: _Request, result: Any = None, error: Exception | None = None) -> None:
         if request.seq_id >= 0:
-            self._ll.llama_memory_seq_rm(self._memory, request.seq_id, -1, -1)
-            self._free_seqs.append(request.seq_id)
+            if error is None:
+                self._idle[request.seq_id] = request.kv_tokens()
+            else:  # the cache may hold a partly decoded batch: start this sequence afresh
+                self._ll.llama_memory_seq_rm(self._memory, request.seq_id, -1, -1)
+                self._idle[request.seq_id] = []
             request.seq_id = -1
         if request.sampler is not None:
             self._ll.llama_sampler_free(request.sampler)

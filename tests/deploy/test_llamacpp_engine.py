@@ -60,13 +60,23 @@ def test_same_seed_same_sample_and_different_seeds_differ(smollm2):
 
 
 def test_closing_a_stream_early_frees_its_sequence(smollm2):
-    free_before = len(smollm2._free_seqs)
+    idle_before = len(smollm2._idle)
     stream = smollm2.chat(FRANCE, SamplingParams(temperature=0.8, max_tokens=200))
     next(stream)
     stream.close()
     result = collect(smollm2.chat(FRANCE, SamplingParams(temperature=0, max_tokens=8)))
     assert result.usage.completion_tokens > 0
-    assert len(smollm2._free_seqs) == free_before
+    assert len(smollm2._idle) == idle_before
+
+
+def test_next_chat_turn_reuses_the_cached_conversation_prefix(smollm2):
+    first = collect(smollm2.chat(FRANCE, SamplingParams(temperature=0, max_tokens=24)))
+    before = smollm2.reused_tokens
+    follow_up = [*FRANCE, {"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Italy?"}]
+    second = collect(smollm2.chat(follow_up, SamplingParams(temperature=0, max_tokens=24)))
+    # Everything up to the end of the first answer was still cached.
+    assert smollm2.reused_tokens - before >= len(smollm2.tokenize(smollm2.render_chat(FRANCE)))
+    assert "Rome" in second.text
 
 
 def test_token_logprobs_prefer_the_right_answer(smollm2):
