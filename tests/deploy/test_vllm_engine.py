@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,12 +17,14 @@ transformers = pytest.importorskip("transformers")
 
 from tandemlm.deploy.engine import collect  # noqa: E402
 from tandemlm.deploy.registry import get_backend  # noqa: E402
-from tandemlm.deploy.types import SamplingParams  # noqa: E402
+from tandemlm.deploy.types import EngineError, SamplingParams  # noqa: E402
 from tandemlm.models.resolve import resolve_model  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ["The quick brown fox", "Once upon a time", "def main():", "Paris is the capital of"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
+# As they were before any engine loaded (this module loads the first).
+ORIGINAL_SET_THREADS, ORIGINAL_PRELOAD = torch.set_num_threads, os.environ.get("LD_PRELOAD")
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +174,28 @@ def test_served_by_uvicorn_to_concurrent_openai_clients(engine, serve):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(ask, PROMPTS))
     assert answers == [collect(engine.generate(p, SamplingParams(temperature=0.0, max_tokens=8))).text for p in PROMPTS]
+
+
+def test_one_in_process_engine_at_a_time(engine, tiny_llama):
+    with pytest.raises(EngineError, match="another in-process vLLM engine is open"):
+        get_backend("vllm").load(resolve_model(str(tiny_llama)), dtype="float32", enforce_eager=True)
+    assert len(list(engine.stream_tokens(engine.tokenize(PROMPTS[0], True), GREEDY))) == 16
+
+
+def test_process_is_left_as_it_was(engine):
+    # vLLM's CPU worker patches torch.set_num_threads to a no-op and sets LD_PRELOAD; load undoes both.
+    assert torch.set_num_threads is ORIGINAL_SET_THREADS
+    assert os.environ.get("LD_PRELOAD") == ORIGINAL_PRELOAD
+
+
+# Keep last: it closes the module's engine (the fixture's own close is then a no-op).
+def test_close_fails_streams_in_flight_and_later_requests(engine):
+    ids = engine.tokenize(PROMPTS[0], True)
+    stream = engine.stream_tokens(ids, SamplingParams(temperature=0.0, max_tokens=400))
+    next(stream)
+    engine.close()
+    with pytest.raises(EngineError, match="closed"):
+        list(stream)
+    with pytest.raises(EngineError, match="closed"):
+        next(engine.stream_tokens(ids, GREEDY))
+    engine.close()  # a second close is harmless
