@@ -13,19 +13,26 @@ Cached layout, ``cache_dir()/llama.cpp-<version>/`` (the ``vendor/llama.cpp`` tr
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
+import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tandemlm.deploy.types import EngineError
 from tandemlm.models.builtin import cache_dir
+from tandemlm.models.resolve import WEIGHT_PATTERNS
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 PACKAGE = "llama-cpp-python"
 VENDOR_PREFIX = "vendor/llama.cpp/"
@@ -106,9 +113,27 @@ def chat_template(name: str, version: str | None = None) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def convert_hf_to_gguf(
-    hf_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], outtype: str = "f16"
-) -> Path:
+def supported_architectures(version: str | None = None) -> frozenset[str] | None:
+    """HF architecture names (``LlamaForCausalLM``, ...) llama.cpp's converter can convert to text GGUF.
+
+    Read from the converter's own registry without importing it (that would import torch);
+    ``None`` if a future layout of that file cannot be read.
+    """
+    path = llama_cpp_source(version) / "conversion" / "__init__.py"
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign | ast.Assign) and "TEXT_MODEL_MAP" in _assigned_names(node):
+            try:
+                return frozenset(ast.literal_eval(node.value))
+            except ValueError:
+                return None
+    return None
+
+
+def convert_hf_to_gguf(hf_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], outtype: str = "f16") -> Path:
     """Converts an HF checkpoint folder to one GGUF file with llama.cpp's ``convert_hf_to_gguf.py``.
 
     ``outtype`` is one of :data:`OUTTYPES`. The converter writes to a temp file beside
@@ -118,8 +143,11 @@ def convert_hf_to_gguf(
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if outtype not in OUTTYPES:
         raise ConversionError(f"unknown outtype {outtype!r}; known: {', '.join(OUTTYPES)}")
-    if not (hf_dir / "config.json").is_file():
-        raise ConversionError(f"{hf_dir} is not a Hugging Face model folder: config.json is missing")
+    _check_architecture(hf_dir)
+    if not any(any(hf_dir.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ConversionError(f"{hf_dir} has no weights (*.safetensors or pytorch_model*.bin) to convert")
+    if out_path.is_dir():
+        raise ConversionError(f"{out_path} is a folder; give the path of the .gguf file to write")
     source = llama_cpp_source()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
@@ -132,6 +160,7 @@ def convert_hf_to_gguf(
         if code != 0:
             raise ConversionError(_failure_message(hf_dir, lines, code))
         _check_gguf_written(tmp, hf_dir)
+        tmp.chmod(0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -170,7 +199,7 @@ def _extract(sdist: Path, staging: Path) -> None:
     found_converter = False
     with tarfile.open(sdist, "r:*") as tar:
         for member in tar:
-            top, _, rest = member.name.partition("/")
+            _, _, rest = member.name.partition("/")  # drop the sdist's top folder
             if not rest.startswith(VENDOR_PREFIX) or not member.isfile():
                 continue
             relative = rest[len(VENDOR_PREFIX) :]
@@ -198,6 +227,34 @@ def _publish(staging: Path, target: Path) -> None:
 # Running the converter
 
 
+def _check_architecture(hf_dir: Path) -> None:
+    """Fails fast, before the converter's seconds of imports, on an architecture it does not know."""
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{hf_dir} is not a Hugging Face model folder: config.json is missing")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{config_path} is not valid JSON: {exc}") from None
+    # The converter takes architectures[0], or text_config's for multimodal checkpoints.
+    names = [arch for cfg in (config, config.get("text_config") or {}) for arch in (cfg.get("architectures") or [])[:1]]
+    known = supported_architectures()
+    if names and known is not None and not known.intersection(names):
+        raise ConversionError(_unsupported_message(hf_dir, names[0]))
+
+
+def _assigned_names(node: ast.AnnAssign | ast.Assign) -> list[str]:
+    targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
+    return [t.id for t in targets if isinstance(t, ast.Name)]
+
+
+def _unsupported_message(hf_dir: Path, arch: str) -> str:
+    return (
+        f"{hf_dir}/config.json: architecture {arch} is not supported by llama.cpp's converter "
+        f"({PACKAGE} {llama_cpp_version()})"
+    )
+
+
 def _converter_env(source: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("NO_LOCAL_GGUF", None)  # the converter must use its bundled gguf-py, not PyPI's
@@ -212,30 +269,36 @@ def _run_with_status(command: list[str], env: dict[str, str] | None, title: str)
     from rich.console import Console
 
     console = Console(stderr=True)
+    width = console.width - 2  # the spinner and its space
     lines: list[str] = []
-    with console.status(title) as status:
+    with console.status(_status_text(title, "", width)) as status:
         process = subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
         )
-        assert process.stdout is not None
-        for line in _lines(process.stdout, lines.append):
-            status.update(f"{title}: [dim]{_shorten(line)}[/dim]")
-        code = process.wait()
-    return code, lines
+        try:
+            assert process.stdout is not None
+            for raw in process.stdout:
+                if line := raw.rstrip():
+                    lines.append(line)
+                    status.update(_status_text(title, line, width))
+            return process.wait(), lines
+        finally:
+            if process.poll() is None:  # interrupted: do not leave it writing behind our back
+                process.kill()
+                process.wait()
 
 
-def _lines(stream: Iterable[str], keep: Callable[[str], None]) -> Iterable[str]:
-    for raw in stream:
-        line = raw.rstrip()
-        if line:
-            keep(line)
-            yield line
+def _status_text(title: str, line: str, width: int) -> Text:
+    """One spinner line: the title, then the latest output line dimmed, cut to ``width``."""
+    from rich.text import Text
 
-
-def _shorten(line: str, width: int = 70) -> str:
-    line = line.split(":", 2)[-1] if line.startswith(("INFO:", "WARNING:")) else line
-    line = line.replace("[", r"\[")  # rich markup
-    return line if len(line) <= width else line[: width - 1] + "…"
+    if line.startswith(("INFO:", "WARNING:")):  # drop the logger prefix, e.g. INFO:hf-to-gguf:
+        line = line.split(":", 2)[-1]
+    text = Text(title)
+    if line:
+        text.append(": " + line, style="dim")
+    text.truncate(width, overflow="ellipsis")  # the spinner wraps long text onto new lines otherwise
+    return text
 
 
 def _last_error(lines: list[str]) -> str:
@@ -249,16 +312,21 @@ def _last_error(lines: list[str]) -> str:
 def _failure_message(hf_dir: Path, lines: list[str], code: int) -> str:
     for line in reversed(lines):
         if match := _UNSUPPORTED.search(line):
-            arch = match.group("arch") or match.group("arch2")
-            return (
-                f"{hf_dir}/config.json: architecture {arch} is not supported by llama.cpp's converter "
-                f"({PACKAGE} {llama_cpp_version()})"
-            )
+            return _unsupported_message(hf_dir, match.group("arch") or match.group("arch2"))
     return f"converting {hf_dir} to GGUF failed (exit {code}): {_last_error(lines)}"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _check_gguf_written(path: Path, hf_dir: Path) -> None:
+    """The converter exits 0 when it finds no weights, writing a GGUF with no tensors; refuse that."""
     with path.open("rb") as handle:
-        magic = handle.read(4)
-    if magic != b"GGUF":
+        header = handle.read(16)  # magic, u32 version, u64 tensor count
+    if header[:4] != b"GGUF" or len(header) < 16:
         raise ConversionError(f"converting {hf_dir} to GGUF produced no GGUF file ({path.stat().st_size} bytes)")
+    if struct.unpack("<Q", header[8:16])[0] == 0:
+        raise ConversionError(f"converting {hf_dir} to GGUF wrote no tensors: are its weights in a format it reads?")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
+import time
 
 import pytest
 
@@ -15,6 +17,7 @@ from tandemlm.quantize.llamacpp_tools import (
     chat_template,
     convert_hf_to_gguf,
     llama_cpp_source,
+    supported_architectures,
     vocab_gguf,
 )
 
@@ -64,13 +67,17 @@ def test_gguf_carries_the_chat_template(converted):
 @pytest.mark.parametrize("text", TEXTS)
 def test_same_text_gives_same_ids(converted, text):
     _, _, _, tokenizer, vocab = converted
-    assert vocab.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text, add_special_tokens=False)
+    assert vocab.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(
+        text, add_special_tokens=False
+    )
 
 
 def test_chat_prompt_gives_same_ids(converted):
     _, _, _, tokenizer, vocab = converted
     prompt = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
-    assert vocab.tokenize(prompt.encode(), add_bos=False, special=True) == tokenizer.encode(prompt, add_special_tokens=False)
+    assert vocab.tokenize(prompt.encode(), add_bos=False, special=True) == tokenizer.encode(
+        prompt, add_special_tokens=False
+    )
     assert vocab.token_eos() == tokenizer.eos_token_id
 
 
@@ -110,37 +117,84 @@ def test_convert_writes_atomically(tiny_llama_dir, tmp_path):
         llm.close()
 
 
-def test_unsupported_architecture_fails_with_one_line(tiny_llama_dir, tmp_path):
+def test_converter_knows_the_tiny_architectures():
+    assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "DeepseekV3ForCausalLM"} <= supported_architectures()
+
+
+def test_unsupported_architecture_fails_fast_with_one_line(tiny_llama_dir, tmp_path):
     folder = tmp_path / "bogus"
     folder.mkdir()
     config = json.loads((tiny_llama_dir / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BogusForCausalLM"]}))
     out = tmp_path / "out" / "bogus.gguf"
+    started = time.perf_counter()
     with pytest.raises(ConversionError) as caught:
         convert_hf_to_gguf(folder, out)
+    assert time.perf_counter() - started < 2  # refused before starting the converter
     message = str(caught.value)
-    assert "\n" not in message
-    assert "architecture BogusForCausalLM is not supported by llama.cpp's converter" in message
-    assert str(folder / "config.json") in message
-    assert list(out.parent.iterdir()) == []
+    assert message == (
+        f"{folder}/config.json: architecture BogusForCausalLM is not supported by llama.cpp's converter "
+        f"(llama-cpp-python {llamacpp_tools.llama_cpp_version()})"
+    )
+    assert not out.exists()
+
+
+def test_multimodal_checkpoint_passes_on_its_text_architecture(tmp_path):
+    config = {"architectures": ["SomeVisionModel"], "text_config": {"architectures": ["LlamaForCausalLM"]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    llamacpp_tools._check_architecture(tmp_path)  # no error: the converter decides
+
+
+def test_converter_output_is_boiled_down_to_one_line(tmp_path):
+    unsupported = ["INFO:hf-to-gguf:Loading model: x", "ERROR:hf-to-gguf:Model FooForCausalLM is not supported"]
+    assert "architecture FooForCausalLM is not supported" in llamacpp_tools._failure_message(tmp_path, unsupported, 1)
+    traceback = [
+        "INFO:hf-to-gguf:Loading model: x",
+        "Traceback (most recent call last):",
+        '  File "x.py"',
+        "KeyError: 'x'",
+    ]
+    assert llamacpp_tools._failure_message(tmp_path, traceback, 1).endswith("failed (exit 1): KeyError: 'x'")
+
+
+def _copy_of(folder, target):
+    target.mkdir()
+    for path in folder.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
 
 
 def test_broken_checkpoint_reports_the_converters_error(tiny_llama_dir, tmp_path):
-    folder = tmp_path / "no-weights"
-    folder.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((tiny_llama_dir / name).read_bytes())
-    out = tmp_path / "out.gguf"
-    with pytest.raises(ConversionError, match=r"^converting .*no-weights to GGUF failed \(exit \d+\): \S") as caught:
-        convert_hf_to_gguf(folder, out)
+    folder = _copy_of(tiny_llama_dir, tmp_path / "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    message = r"^converting .*truncated to GGUF failed \(exit 1\): ValueError: Could not read complete metadata"
+    with pytest.raises(ConversionError, match=message) as caught:
+        convert_hf_to_gguf(folder, tmp_path / "out.gguf")
     assert "\n" not in str(caught.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["truncated"]
+
+
+def test_folder_without_weights_is_refused(tiny_llama_dir, tmp_path):
+    folder = _copy_of(tiny_llama_dir, tmp_path / "no-weights")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ConversionError, match=r"no-weights has no weights \(\*\.safetensors"):
+        convert_hf_to_gguf(folder, tmp_path / "out.gguf")
     assert [p.name for p in tmp_path.iterdir()] == ["no-weights"]
+
+
+def test_gguf_without_tensors_is_refused(tmp_path):
+    # llama.cpp's converter exits 0 after writing such a file when it finds no weights it can read.
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    with pytest.raises(ConversionError, match="wrote no tensors"):
+        llamacpp_tools._check_gguf_written(empty, tmp_path)
 
 
 def test_bad_arguments_fail_before_running_anything(tmp_path):
     with pytest.raises(ConversionError, match="unknown outtype 'q4_k_m'; known: f32, f16, bf16, q8_0"):
         convert_hf_to_gguf(tmp_path, tmp_path / "x.gguf", outtype="q4_k_m")
-    with pytest.raises(EngineError, match="config.json is missing"):
+    with pytest.raises(EngineError, match=r"config\.json is missing"):
         convert_hf_to_gguf(tmp_path, tmp_path / "x.gguf")
 
 
