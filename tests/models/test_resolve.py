@@ -77,7 +77,7 @@ def test_hf_folder_without_tokenizer(tmp_path):
 
 
 def test_folder_without_config(tmp_path):
-    with pytest.raises(EngineError, match="config.json is missing"):
+    with pytest.raises(EngineError, match=r"config\.json is missing"):
         resolve_model(str(tmp_path))
 
 
