@@ -1,0 +1,118 @@
+"""The ``tandem ui`` app: a Models panel above four tabs (Chat, Compare, Runs), and its launch.
+
+Models load lazily (in the background at launch, or on first use), so a model that fails to load
+is an error line in the page, not a crash. Binds 127.0.0.1 with share off unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tandemlm.models.builtin import DEFAULT_MODEL
+from tandemlm.ui.engines import EnginePool, EngineSlot
+from tandemlm.ui.judges import Judges
+from tandemlm.ui.models_panel import warm_up
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class UIConfig:
+    """Settings of ``tandem ui``; each field mirrors a flag."""
+
+    policy: str = field(default=DEFAULT_MODEL, metadata={"help": "Policy model or alignment run folder."})
+    reference: str | None = field(default=None, metadata={"help": "Reference model (default: the built-in model)."})
+    policy_backend: str = field(default="auto", metadata={"help": "Backend for the policy."})
+    reference_backend: str = field(default="auto", metadata={"help": "Backend for the reference."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to bind; 0.0.0.0 exposes the app."})
+    port: int = field(default=7860, metadata={"help": "TCP port."})
+    auth: str | None = field(default=None, metadata={"help": "user:pass required to open the app."})
+    share: bool = field(default=False, metadata={"help": "Open a public Gradio share link."})
+    votes: Path = field(default=Path("preferences.jsonl"), metadata={"help": "JSONL file votes are appended to."})
+    runs_dir: Path = field(default=Path("runs"), metadata={"help": "Folder of alignment runs for the Runs tab."})
+    n_ctx: int | None = field(default=None, metadata={"help": "llama.cpp context size."})
+    n_threads: int | None = field(default=None, metadata={"help": "llama.cpp CPU threads (1 can beat all cores on a busy machine)."})
+
+    def __post_init__(self) -> None:
+        if not self.policy or not self.policy.strip():
+            raise ValueError("policy must name a model or run folder")
+        self.reference = self.reference or DEFAULT_MODEL
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be between 1 and 65535, got {self.port}")
+        if self.auth is not None:
+            user, sep, password = self.auth.partition(":")
+            if not sep or not user or not password:
+                raise ValueError("auth must be user:pass with both parts non-empty")
+        self.votes, self.runs_dir = Path(self.votes).expanduser(), Path(self.runs_dir).expanduser()
+        if self.votes.is_dir():
+            raise ValueError(f"votes must be a file, but {self.votes} is a folder")
+
+    def credentials(self) -> tuple[str, str] | None:
+        """``(user, password)`` from ``auth``, or None."""
+        if not self.auth:
+            return None
+        user, _, password = self.auth.partition(":")
+        return user, password
+
+
+def make_slots(config: UIConfig, pool: EnginePool) -> dict[str, EngineSlot]:
+    """The policy and reference slots (same model and backend share one engine through the pool)."""
+    return {
+        "policy": EngineSlot("policy", pool, config.policy, config.policy_backend),
+        "reference": EngineSlot("reference", pool, config.reference or DEFAULT_MODEL, config.reference_backend),
+    }
+
+
+def create_app(config: UIConfig, slots: dict[str, EngineSlot], judges: Judges | None = None) -> gr.Blocks:
+    """Builds the Blocks app around ``slots``; nothing is loaded here."""
+    import gradio as gr
+
+    from tandemlm.ui.chat_tab import build_chat_tab
+    from tandemlm.ui.compare_tab import build_compare_tab
+    from tandemlm.ui.models_panel import build_models_panel
+    from tandemlm.ui.runs_tab import build_runs_tab
+
+    with gr.Blocks(title="tandemlm", analytics_enabled=False) as demo:
+        gr.Markdown("## tandemlm: chat, compare policy vs reference, vote")
+        models = build_models_panel(slots)
+        with gr.Tabs(selected="chat") as tabs:
+            with gr.Tab("Chat", id="chat"):
+                build_chat_tab(slots)
+            with gr.Tab("Compare", id="compare"):
+                build_compare_tab(slots, judges or Judges(), str(config.votes))
+            with gr.Tab("Runs", id="runs"):
+                build_runs_tab(slots, str(config.runs_dir), models, tabs)
+        demo.load(lambda: warm_up(slots), outputs=models.status)
+    return demo
+
+
+def launch(config: UIConfig, judges: Judges | None = None) -> None:
+    """Starts loading the models in the background and serves the app until interrupted."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local tool
+    pool = EnginePool(n_ctx=config.n_ctx, n_threads=config.n_threads)
+    slots = make_slots(config, pool)
+    demo = create_app(config, slots, judges)
+    threading.Thread(target=warm_up, args=(slots,), name="tandem-ui-warm-up", daemon=True).start()
+    if config.host not in LOCAL_HOSTS and not config.auth:
+        print(f"warning: the app on {config.host} is open to the network with no --auth", file=sys.stderr)
+    allowed = [str(config.runs_dir.resolve())]  # run plots, also of runs that start after launch
+    try:
+        demo.queue(default_concurrency_limit=8).launch(
+            server_name=config.host,
+            server_port=config.port,
+            share=config.share,
+            auth=config.credentials(),
+            allowed_paths=allowed,
+            ssr_mode=False,
+            footer_links=["gradio", "settings"],
+        )
+    finally:
+        pool.close()

@@ -1,0 +1,131 @@
+"""Alignment run folders as the UI reads them: a tolerant, minimal contract.
+
+A run is a folder under the runs directory holding any of (``tandem align`` writes the first ones)::
+
+    config.yaml      the run's settings (shown as text)
+    run.json         method, base model, adapter or not (read if present)
+    metrics.jsonl    one JSON object per logged step (reward, kl, length, loss, ...)
+    *.png, plots/*.png
+    merged/, final/  the trained policy as an HF folder (merged/ = base + LoRA adapter)
+    policy/          or an HF folder / a folder with one .gguf under this name
+    policy.gguf      or one GGUF file
+
+A folder counts as a run when it has at least one of these. Missing or damaged pieces are shown
+as missing, never raised. Pure functions, no Gradio.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tandemlm.deploy.types import EngineError
+
+RUN_MARKERS = ("config.yaml", "run.json", "metrics.jsonl", "plots", "merged", "final", "policy", "policy.gguf")
+POLICY_FOLDERS = ("merged", "final", "policy")  # HF folders, most usable first
+
+
+@dataclass
+class RunInfo:
+    """What the Runs tab shows about one run folder."""
+
+    name: str
+    path: Path
+    plots: list[Path] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    config_text: str = ""
+    policy: Path | None = None
+
+
+def is_run_dir(path: Path) -> bool:
+    """True when ``path`` is a folder with at least one run marker or plot."""
+    return path.is_dir() and (any((path / m).exists() for m in RUN_MARKERS) or any(path.glob("*.png")))
+
+
+def list_runs(runs_dir: str | Path) -> list[RunInfo]:
+    """Runs under ``runs_dir`` (newest first); an absent folder simply has no runs."""
+    root = Path(runs_dir).expanduser()
+    if not root.is_dir():
+        return []
+    runs = [read_run(p) for p in root.iterdir() if is_run_dir(p)]
+    return sorted(runs, key=lambda r: r.path.stat().st_mtime, reverse=True)
+
+
+def read_run(path: Path) -> RunInfo:
+    """Reads one run folder, tolerating any missing or damaged file."""
+    plots = sorted(path.glob("*.png")) + sorted((path / "plots").glob("*.png"))
+    config = path / "config.yaml"
+    config_text = config.read_text(encoding="utf-8", errors="replace") if config.is_file() else ""
+    return RunInfo(
+        name=path.name,
+        path=path,
+        plots=plots,
+        metrics=read_metrics(path / "metrics.jsonl"),
+        config_text=config_text,
+        policy=find_policy(path),
+    )
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl; unreadable lines (e.g. one being written) are skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def find_policy(run_dir: Path) -> Path | None:
+    """The run's policy model (HF folder or .gguf file), or None when it has none (yet)."""
+    if run_info(run_dir).get("method") == "reward":
+        return None  # a reward model scores answers; it is not a policy to chat with
+    for name in POLICY_FOLDERS:
+        if (run_dir / name / "config.json").is_file():
+            return run_dir / name
+    ggufs = sorted((run_dir / "policy").glob("*.gguf"))
+    if ggufs:
+        return ggufs[0]
+    single = run_dir / "policy.gguf"
+    return single if single.is_file() else None
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """run.json as a dict ({} when absent or unreadable)."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def resolve_model_ref(ref: str) -> str:
+    """Turns a run folder into its policy model path; any other reference passes through unchanged."""
+    path = Path(ref).expanduser()
+    if not is_run_dir(path) or (path / "config.json").is_file():
+        return ref
+    policy = find_policy(path)
+    if policy is not None:
+        return str(policy)
+    if run_info(path).get("method") == "reward":
+        raise EngineError(f"run {path} trained a reward model, not a policy")
+    if any((path / name / "adapter_config.json").is_file() for name in POLICY_FOLDERS):
+        raise EngineError(f"run {path} trained a LoRA adapter; merge it first: tandem merge {path}")
+    raise EngineError(f"run {path} has no trained policy yet (merged/, final/, policy/ or policy.gguf)")
+
+
+def metrics_summary(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """``[name, first, last, min, max]`` for each numeric metric, for a small table."""
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                columns.setdefault(key, []).append(float(value))
+    return [[k, v[0], v[-1], min(v), max(v)] for k, v in columns.items()]

@@ -1,0 +1,94 @@
+"""The vote buttons under a comparison, the optional edit of the better answer, and the export.
+
+:func:`record_vote` and :func:`export_votes` are the handlers (no Gradio needed to test them);
+the records themselves are built and appended by :mod:`tandemlm.ui.votes`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tandemlm.deploy.types import Message, SamplingParams
+from tandemlm.ui.votes import Label, Side, append_record, preference_record
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+BUTTONS: dict[str, str] = {"left": "← Left is better", "right": "Right is better →", "tie": "Tie", "both_bad": "Both bad"}
+
+
+@dataclass
+class Comparison:
+    """A finished comparison waiting for a vote."""
+
+    prompt: list[Message]
+    left: Side
+    right: Side
+    params: SamplingParams
+    voted: str | None = None
+
+
+def record_vote(votes_path: str, comparison: Comparison | None, label: Label, edited: str = "") -> tuple[str, Comparison | None]:
+    """Appends the vote; returns (status line, comparison marked as voted). Never raises."""
+    if comparison is None:
+        return "Nothing to vote on yet: run a comparison first.", comparison
+    if comparison.voted:
+        return f"Already recorded ({comparison.voted}) for this comparison; run a new one to vote again.", comparison
+    if label in ("left", "right") and not getattr(comparison, label).response.strip() and not edited.strip():
+        return f"The {label} answer is empty; edit it below or vote tie / both bad.", comparison
+    record = preference_record(comparison.prompt, comparison.left, comparison.right, label, comparison.params, edited)
+    try:
+        append_record(votes_path, record)
+    except OSError as exc:
+        return f"⚠ could not write {votes_path}: {exc.strerror or exc}", comparison
+    comparison.voted = label
+    edited_note = " (edited answer as chosen)" if record["edited"] else ""
+    return f"Recorded **{label.replace('_', ' ')}**{edited_note} in `{votes_path}`.", comparison
+
+
+def export_votes(votes_path: str) -> tuple[str | None, str]:
+    """A snapshot copy of the votes file to download; returns (path or None, status line)."""
+    source = Path(votes_path)
+    if not source.is_file():
+        return None, f"No votes yet (`{votes_path}` does not exist)."
+    # A copy in a temp folder: Gradio serves files from there, and the download cannot tear mid-append.
+    target = Path(tempfile.mkdtemp(prefix="tandem-votes-")) / source.name
+    shutil.copyfile(source, target)
+    lines = sum(1 for line in target.read_text(encoding="utf-8").splitlines() if line.strip())
+    return str(target), f"{lines} records exported."
+
+
+def build_vote_panel(comparison: gr.State, votes_path: str) -> list[gr.components.Component]:
+    """Vote buttons, the edit box, and export; call inside the Compare tab.
+
+    Returns the edit box and the vote status, for the tab to clear when a new comparison starts.
+    """
+    import gradio as gr
+
+    with gr.Row():
+        buttons = {label: gr.Button(text, elem_id=f"vote-{label}") for label, text in BUTTONS.items()}
+    with gr.Accordion("Edit the better answer before voting (optional)", open=False):
+        edit = gr.Textbox(label="better answer, edited (used as chosen)", lines=4, elem_id="vote-edit")
+        with gr.Row():
+            from_left = gr.Button("start from left answer", size="sm")
+            from_right = gr.Button("start from right answer", size="sm")
+    vote_status = gr.Markdown(elem_id="vote-status")
+    with gr.Row():
+        export = gr.Button("Export votes (JSONL)", size="sm", elem_id="vote-export")
+        download = gr.File(label="votes file", interactive=False, height=90, elem_id="vote-file")
+
+    for label, button in buttons.items():
+        button.click(
+            lambda state, text, label=label: record_vote(votes_path, state, label, text or ""),
+            [comparison, edit],
+            [vote_status, comparison],
+            concurrency_limit=None,
+        )
+    from_left.click(lambda state: state.left.response if state else "", comparison, edit, queue=False)
+    from_right.click(lambda state: state.right.response if state else "", comparison, edit, queue=False)
+    export.click(lambda: export_votes(votes_path), outputs=[download, vote_status])
+    return [edit, vote_status]

@@ -1,0 +1,49 @@
+"""The app as a whole: config validation, the CLI flags, safe launch defaults, and that building loads nothing."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from tandemlm.cli.main import app as cli
+from tandemlm.ui import app as ui_app
+from tandemlm.ui.app import UIConfig, create_app
+
+
+def test_defaults_use_the_builtin_model_for_both_sides_on_localhost():
+    config = UIConfig()
+    assert (config.policy, config.reference, config.host, config.share, config.auth) == (
+        "smollm2", "smollm2", "127.0.0.1", False, None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "70000"], "error: --port must be between 1 and 65535, got 70000"),
+        (["--auth", "alice"], "error: --auth must be user:pass with both parts non-empty"),
+        (["--auth", "alice:"], "error: --auth must be user:pass with both parts non-empty"),
+        (["--policy", " "], "error: --policy must name a model or run folder"),
+        (["--votes", "."], "error: --votes must be a file, but . is a folder"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_naming_the_flag(flags, message):
+    result = CliRunner().invoke(cli, ["ui", *flags])
+    assert result.exit_code == 2 and result.output.strip() == message
+
+
+def test_launch_binds_localhost_without_share_and_passes_auth(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(ui_app, "warm_up", lambda slots: None)  # no model load in this test
+    ui_app.launch(UIConfig(auth="alice:s3cret", runs_dir=tmp_path))
+    assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
+    assert seen["auth"] == ("alice", "s3cret") and seen["allowed_paths"] == [str(tmp_path.resolve())]
+
+
+def test_building_the_app_loads_no_model(make_slots, tmp_path):
+    slots = make_slots()
+    demo = create_app(UIConfig(votes=tmp_path / "v.jsonl", runs_dir=tmp_path), slots)
+    ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert {"chat-input", "compare-input", "vote-left", "runs-pick", "model-status"} <= ids
+    assert not slots["policy"].loaded and not slots["reference"].loaded

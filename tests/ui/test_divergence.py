@@ -1,0 +1,64 @@
+"""Per-token log-ratios and sequence KL, checked on cases worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tandemlm.deploy.mock_engine import MockEngine
+from tandemlm.ui.divergence import TokenDiff, align_tokens, divergence_html, ratio_color, sequence_kl
+
+
+def test_same_tokenizer_pairs_tokens_and_sums_log_ratios():
+    diffs = align_tokens([("a", -1.0), ("b", -2.0)], [("a", -1.5), ("b", -1.0)])
+    assert [d.text for d in diffs] == ["a", "b"]
+    assert [d.log_ratio for d in diffs] == pytest.approx([0.5, -1.0])
+    assert sequence_kl(diffs) == pytest.approx(-0.5)
+
+
+def test_different_tokenizers_merge_to_shared_boundaries():
+    # policy cuts "ab|c", reference "a|bc": the only shared boundary is the end -> one span
+    diffs = align_tokens([("ab", -1.0), ("c", -2.0)], [("a", -0.5), ("bc", -1.0)])
+    assert diffs == [TokenDiff("abc", -3.0, -1.5)]
+    # policy "a|b|cd", reference "ab|c|d": shared boundaries after "ab" and at the end
+    diffs = align_tokens([("a", -1.0), ("b", -1.0), ("cd", -1.0)], [("ab", -1.5), ("c", -0.2), ("d", -0.3)])
+    assert [(d.text, d.policy_logprob, d.reference_logprob) for d in diffs] == [
+        ("ab", -2.0, -1.5),
+        ("cd", -1.0, pytest.approx(-0.5)),
+    ]
+
+
+def test_texts_that_disagree_are_one_span_from_the_first_difference():
+    # a multi-byte character decoded per token as two replacement characters on one side
+    diffs = align_tokens([("a", -1.0), ("\ufffd", -1.0), ("\ufffd", -1.0)], [("a", -1.0), ("é", -2.0)])
+    assert [(d.text, d.policy_logprob, d.reference_logprob) for d in diffs] == [
+        ("a", -1.0, -1.0),
+        ("\ufffd\ufffd", -2.0, -2.0),
+    ]
+    assert align_tokens([], []) == []
+
+
+def test_colour_is_blue_for_policy_red_for_reference_with_capped_opacity():
+    assert ratio_color(1.0, scale=2.0) == "rgba(37, 99, 235, 0.50)"
+    assert ratio_color(-3.0, scale=2.0) == "rgba(220, 38, 38, 1.00)"
+    assert ratio_color(0.0) == "rgba(37, 99, 235, 0.00)"
+
+
+def test_html_escapes_tokens_and_states_the_kl():
+    html = divergence_html([TokenDiff("<b>", -1.0, -2.0), TokenDiff(" x", -1.0, -1.0)], "policy answer")
+    assert "&lt;b&gt;" in html and "<b><" not in html
+    assert "+1.000</b> nats over 2 tokens" in html
+    assert "rgba(37, 99, 235, 0.50)" in html
+    assert "no tokens" in divergence_html([], "empty")
+
+
+def test_kl_from_two_mock_engines_matches_the_hand_computation():
+    policy, reference = MockEngine(reply="hello"), MockEngine(reply="world")
+    messages = [{"role": "user", "content": "hi"}]
+    diffs = align_tokens(policy.token_logprobs(messages, "hello"), reference.token_logprobs(messages, "hello"))
+    # The mock gives log 0.9 to the characters of its own reply and log 0.01 elsewhere; "hello" and
+    # "world" share only the 'l' at index 3, so four characters differ.
+    assert [d.text for d in diffs] == list("hello")
+    assert sequence_kl(diffs) == pytest.approx(4 * (math.log(0.9) - math.log(0.01)))
+    assert diffs[3].log_ratio == pytest.approx(0.0)

@@ -1,0 +1,98 @@
+"""Model slots: lazy loading, one shared engine for the same model, load errors kept as one line."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tandemlm.deploy.mock_engine import MockEngine
+from tandemlm.deploy.types import EngineError
+from tandemlm.ui.engines import EnginePool, EngineSlot
+
+
+class RecordingEngine(MockEngine):
+    """A mock engine that remembers the chats it was asked for and whether it was closed."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(model_id=model_id)
+        self.chats: list[list[dict]] = []
+        self.closed = False
+
+    def chat(self, messages, params):
+        self.chats.append(list(messages))
+        return super().chat(messages, params)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class CountingLoader:
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.calls: list[tuple[str, str, dict]] = []
+        self.engines: list[RecordingEngine] = []
+        self.fail = fail
+
+    def __call__(self, model: str, backend: str, **options: object) -> RecordingEngine:
+        self.calls.append((model, backend, options))
+        if self.fail:
+            raise self.fail
+        self.engines.append(RecordingEngine(model))
+        return self.engines[-1]
+
+
+def test_nothing_loads_until_first_use_and_the_same_model_is_loaded_once():
+    loader = CountingLoader()
+    pool = EnginePool(loader, n_ctx=1024, n_threads=None)
+    policy, reference = EngineSlot("policy", pool, "smollm2"), EngineSlot("reference", pool, "smollm2")
+    assert loader.calls == [] and "loads on first use" in policy.status()
+    engines = []
+    threads = [threading.Thread(target=lambda s=s: engines.append(s.get())) for s in (policy, reference) * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert loader.calls == [("smollm2", "auto", {"n_ctx": 1024})]  # None options are left to the backend
+    assert all(e is engines[0] for e in engines)
+    assert "`smollm2` loaded (mock, context 2048)" in policy.status()
+
+
+def test_loading_answers_one_message_so_the_first_real_one_is_fast():
+    loader = CountingLoader()
+    EngineSlot("policy", EnginePool(loader), "smollm2").get()
+    assert loader.engines[0].chats == [[{"role": "user", "content": "Hello"}]]
+
+
+def test_switching_a_slot_closes_the_engine_only_when_no_slot_uses_it():
+    loader = CountingLoader()
+    pool = EnginePool(loader)
+    policy, reference = EngineSlot("policy", pool, "a"), EngineSlot("reference", pool, "a")
+    shared = policy.get()
+    reference.get()
+    policy.set("b")
+    assert not shared.closed and policy.get() is not shared
+    reference.set("b")
+    assert shared.closed and reference.get() is policy.get()
+    pool.close()
+    assert all(e.closed for e in loader.engines)
+
+
+def test_a_failed_load_is_one_line_in_the_status_and_can_be_retried():
+    pool = EnginePool(CountingLoader(fail=ValueError("llama.cpp: failed to load model\nstack trace…")))
+    slot = EngineSlot("policy", pool, "/models/broken.gguf")
+    with pytest.raises(EngineError, match=r"^could not load /models/broken.gguf \(auto\): llama.cpp: failed to load model$"):
+        slot.get()
+    assert slot.status() == "**policy**: ⚠ could not load /models/broken.gguf (auto): llama.cpp: failed to load model"
+    slot.set("smollm2")
+    assert slot.error is None
+
+
+def test_the_real_registry_resolves_and_reports_bad_references():
+    slot = EngineSlot("reference", EnginePool(), "/no/such/model.gguf")
+    with pytest.raises(EngineError, match=r"model path /no/such/model\.gguf does not exist"):
+        slot.get()
+    slot.set("smollm2", "no-such-backend")
+    with pytest.raises(EngineError, match=r"unknown backend 'no-such-backend'; known backends: .*llama\.cpp"):
+        slot.get()
+    slot.set("smollm2", "mock")  # the mock backend through the real registry
+    assert slot.get().info.backend == "mock"
