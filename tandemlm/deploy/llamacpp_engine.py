@@ -100,7 +100,9 @@ class LlamaCppEngine(BaseEngine):
         except ValueError as exc:
             raise EngineError(f"llama.cpp could not load {model_path}: {exc}") from None
         n_ctx = min(n_ctx, self._model.n_ctx_train()) if n_ctx else self._model.n_ctx_train()
-        threads = n_threads or max(1, os.cpu_count() or 1)
+        # As llama-cpp-python: half the logical cores. All of them starves the Python threads that
+        # schedule, stream and serve, which costs more than the extra matmul thread gains.
+        threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = n_ctx
         ctx_params.n_batch = n_batch
@@ -128,6 +130,9 @@ class LlamaCppEngine(BaseEngine):
         self.info = EngineInfo(
             backend="llama.cpp", model_id=model_id, context_length=n_ctx, has_chat_template=bool(self.chat_template)
         )
+        if self.chat_template:
+            # Renders once now so the first request doesn't pay for importing the template engine.
+            render_chat_template(self.chat_template, [{"role": "user", "content": "hi"}], True, "", "")
         self._bos = self._special_text(self._model.token_bos())
         self._eos = self._special_text(self._model.token_eos())
         self._waiting: queue.Queue[_Request | None] = queue.Queue()

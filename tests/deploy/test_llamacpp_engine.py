@@ -34,7 +34,7 @@ def test_concurrent_requests_are_batched_without_crosstalk(smollm2):
         "What is the capital of France? Answer in one short sentence.": "Paris",
         "How many legs does a dog have?": "4",
         "What is 2+2?": "4",
-        "Reply with the word hello.": "ello",
+        "What is the capital of Italy? Answer in one short sentence.": "Rome",
     }
     answers: dict[str, str] = {}
 
