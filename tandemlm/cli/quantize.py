@@ -1,0 +1,238 @@
+"""``tandem quantize`` and ``tandem eval-quant``, and the quantize step of ``tandem serve --quantize``.
+
+Registered on the main app by :func:`register`; heavy libraries are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from tandemlm.cli import options as opt
+from tandemlm.cli.options import EngineOptions, fail
+
+if TYPE_CHECKING:
+    from tandemlm.deploy.engine import Engine
+    from tandemlm.quantize.report import QualityReport
+
+QuantModelArg = Annotated[
+    str | None, typer.Argument(help="HF folder, hub id, built-in name (smollm2), or an f32/f16/bf16 .gguf file.")
+]
+TypeOpt = Annotated[str, typer.Option("--type", "-t", help="Quant type, e.g. Q4_K_M, Q8_0, F16, bnb-4bit (see --list).")]
+Host = Annotated[str, typer.Option("--host", help="Address to bind with --serve; 0.0.0.0 exposes it to the network.")]
+Port = Annotated[int, typer.Option("--port", help="TCP port for --serve.")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY", help="Require this Bearer token (--serve).")]
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores to quantize, the idle ones to evaluate).")]
+EvalThreads = Annotated[int | None, typer.Option("--threads", help="llama.cpp threads (default: the cores not busy).")]
+Window = Annotated[int, typer.Option("--window", help="Tokens per perplexity window.")]
+Tokens = Annotated[int, typer.Option("--tokens", help="Most held-out tokens to score.")]
+Prompts = Annotated[int, typer.Option("--prompts", help="Chat prompts to decode greedily for agreement (0 skips).")]
+GreedyTokens = Annotated[int, typer.Option("--greedy-tokens", help="Greedy tokens per prompt.")]
+TextFile = Annotated[Path | None, typer.Option("--text", help="Held-out text file (default: the packaged one).")]
+
+
+def register(app: typer.Typer) -> None:
+    """Adds ``quantize`` and ``eval-quant`` to the ``tandem`` app."""
+    app.command("quantize")(quantize)
+    app.command("eval-quant")(eval_quant)
+
+
+def quantize(
+    model: QuantModelArg = None,
+    qtype: TypeOpt = "q4_k_m",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .gguf (default ./<model>-<TYPE>.gguf).")] = None,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter folder to merge into MODEL first.")] = None,
+    list_types: Annotated[bool, typer.Option("--list", help="List the quant types with their bits per weight.")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Measure quality vs the original; print a table, write JSON.")] = False,
+    report_json: Annotated[Path | None, typer.Option("--report-json", help="Where --report writes JSON (default <out>.report.json).")] = None,
+    report_against: Annotated[str, typer.Option("--report-against", help="Report's original: gguf (the f16 GGUF) or hf (transformers).")] = "gguf",
+    strict: Annotated[bool, typer.Option("--strict", help="Fail when tensors fall back from the k-quant type.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor keep cached intermediates and results.")] = False,
+    threads: Threads = None,
+    serve: Annotated[bool, typer.Option("--serve", help="Serve the result over the OpenAI API when done.")] = False,
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    api_key: ApiKey = None,
+    n_ctx: opt.NCtx = None,
+    n_parallel: opt.NParallel = 8,
+    trust_remote_code: opt.TrustRemoteCode = False,
+) -> None:
+    """Quantize MODEL to a GGUF: convert (llama.cpp's converter), quantize (llama.cpp's quantizer), verify."""
+    from tandemlm.deploy.types import EngineError
+
+    if list_types:
+        print_types()
+        return
+    if model is None:
+        fail("missing MODEL (an HF folder, hub id, built-in name or .gguf file); see tandem quantize --help")
+    assert model is not None
+    try:
+        from tandemlm.quantize.types import get_quant_type
+
+        row = get_quant_type(qtype)
+        if row.stage == "bitsandbytes":
+            _bitsandbytes(model, row, out, serve, _ServeOptions(host, port, api_key, n_ctx, n_parallel, trust_remote_code))
+            return
+        result = _run_pipeline(model, qtype, out, adapter, threads, strict, not no_cache, report, report_against, trust_remote_code)
+    except (EngineError, OSError) as exc:
+        fail(str(exc))
+        return
+    typer.echo(str(result.path))
+    if report and result.report is not None:
+        _print_and_save(result.report, report_json or result.path.with_suffix(".report.json"), result.fallback_line())
+    if serve:
+        engine = _load_gguf(result.path, EngineOptions("llama.cpp", n_ctx, threads, None, n_parallel, None, False))
+        serve_engine(engine, _ServeOptions(host, port, api_key, n_ctx, n_parallel, trust_remote_code))
+
+
+def eval_quant(
+    original: Annotated[str, typer.Argument(help="The original: HF folder, .gguf file or built-in name.")],
+    quantized: Annotated[str, typer.Argument(help="The quantized model: .gguf file (or HF folder).")],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Where to write the JSON report (default ./<B>.report.json).")] = None,
+    window: Window = 512,
+    tokens: Tokens = 2048,
+    prompts: Prompts = 8,
+    greedy_tokens: GreedyTokens = 32,
+    text: TextFile = None,
+    threads: EvalThreads = None,
+) -> None:
+    """Compare quantized model B with original A: size, perplexity, KL divergence, top-token and greedy agreement."""
+    from rich.console import Console
+
+    from tandemlm.deploy.types import EngineError
+    from tandemlm.quantize.report import ReportSettings, compare_models
+
+    console = Console(stderr=True)
+    try:
+        settings = ReportSettings(window, tokens, prompts, greedy_tokens, text, threads)
+        with console.status("comparing …") as status:
+            report = compare_models(original, quantized, settings, status=lambda msg: status.update(msg))
+    except (EngineError, OSError, RuntimeError) as exc:
+        fail(str(exc))
+        return
+    _print_and_save(report, json_path or Path.cwd() / f"{Path(quantized).stem}.report.json")
+
+
+def print_types() -> None:
+    """The quant type table, as ``tandem quantize --list`` prints it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tandemlm.quantize.types import QUANT_TYPES
+
+    table = Table(title="quant types (tandem quantize MODEL --type TYPE)", title_justify="left")
+    for column, justify in (("type", "left"), ("bits/weight", "right"), ("made by", "left"), ("", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    made_by = {"convert": "llama.cpp converter", "quantize": "llama.cpp quantizer", "bitsandbytes": "bitsandbytes (GPU)"}
+    for row in QUANT_TYPES.values():
+        table.add_row(row.label, f"{row.bits:.2f}", made_by[row.stage], row.description)
+    Console().print(table)
+
+
+def quantized_engine(model: str, quant: str, options: EngineOptions) -> Engine:
+    """``tandem serve MODEL --quantize TYPE``: quantize (or load with bitsandbytes), verify, then load the engine."""
+    from tandemlm.deploy.types import EngineError
+    from tandemlm.quantize.types import get_quant_type
+
+    try:
+        row = get_quant_type(quant)
+        if row.stage == "bitsandbytes":
+            return _load_bitsandbytes(model, row, options)
+        if options.backend not in ("auto", "llama.cpp"):
+            fail(f"--quantize {row.label} makes a GGUF file, which the llama.cpp backend serves; drop --backend {options.backend}")
+        result = _run_pipeline(model, quant, None, None, options.n_threads, False, True, False, "gguf", options.trust_remote_code, publish=False)
+    except (EngineError, OSError) as exc:
+        fail(str(exc))
+        raise  # unreachable: fail exits
+    typer.secho(f"serving the verified {row.label} GGUF {result.path}", err=True)
+    return _load_gguf(result.path, EngineOptions("llama.cpp", options.n_ctx, options.n_threads, options.n_gpu_layers, options.n_parallel))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+class _ServeOptions:
+    def __init__(self, host: str, port: int, api_key: str | None, n_ctx: int | None, n_parallel: int | None, trust_remote_code: bool) -> None:
+        self.host, self.port, self.api_key = host, port, api_key
+        self.n_ctx, self.n_parallel, self.trust_remote_code = n_ctx, n_parallel or 8, trust_remote_code
+
+
+def _run_pipeline(
+    model: str, qtype: str, out: Path | None, adapter: Path | None, threads: int | None, strict: bool,
+    use_cache: bool, report: bool, report_against: str, trust_remote_code: bool, publish: bool = True,
+) -> Any:
+    from tandemlm.quantize.pipeline import QuantizeConfig, quantize_model
+    from tandemlm.quantize.report import ReportSettings
+
+    config = QuantizeConfig(
+        model=model, qtype=qtype, out=out, adapter=adapter, threads=threads, strict=strict, use_cache=use_cache,
+        report=ReportSettings(n_threads=threads) if report else None, report_against=report_against,
+        trust_remote_code=trust_remote_code, publish=publish,
+    )
+    return quantize_model(config)  # prints stage progress, k-quant fallbacks and the verification to stderr
+
+
+def _print_and_save(report: QualityReport, json_path: Path, *notes: str) -> None:
+    from tandemlm.quantize.report import print_report
+
+    print_report(report, [n for n in notes if n])
+    report.write_json(json_path)
+    typer.secho(f"report written to {json_path}", err=True)
+
+
+def _load_gguf(path: Path, options: EngineOptions) -> Engine:
+    """Loads a just-verified GGUF with the llama.cpp backend (skipping a second header check)."""
+    from tandemlm.deploy.registry import load_engine
+    from tandemlm.deploy.types import EngineError
+    from tandemlm.models.resolve import ModelSource
+
+    source = ModelSource(model_id=path.stem, kind="gguf", path=path.resolve())
+    try:
+        return load_engine(source, "llama.cpp", **options.load_kwargs())
+    except (EngineError, RuntimeError) as exc:
+        fail(str(exc))
+        raise
+
+
+def _load_bitsandbytes(model: str, row: Any, options: EngineOptions) -> Engine:
+    from tandemlm.deploy.registry import load_engine
+    from tandemlm.quantize.bnb import require_bnb
+
+    if options.backend not in ("auto", "transformers"):
+        fail(f"--quantize {row.name} is a bitsandbytes load for the transformers backend; drop --backend {options.backend}")
+    require_bnb(row)
+    return load_engine(model, "transformers", **{**options.load_kwargs(), "load_in_bits": row.load_in_bits})
+
+
+def _bitsandbytes(model: str, row: Any, out: Path | None, serve: bool, serving: _ServeOptions) -> None:
+    """--type bnb-4bit/bnb-8bit: serve the bitsandbytes load, or save it as an HF folder with --out."""
+    from tandemlm.models.resolve import resolve_model
+    from tandemlm.quantize.bnb import require_bnb, save_bnb_checkpoint
+    from tandemlm.quantize.types import QuantizeError
+
+    require_bnb(row)
+    if serve:
+        options = EngineOptions("transformers", serving.n_ctx, None, None, serving.n_parallel, None, serving.trust_remote_code)
+        serve_engine(_load_bitsandbytes(model, row, options), serving)
+        return
+    if out is None:
+        raise QuantizeError(f"type {row.name} makes no GGUF: add --serve, or --out DIR to save the quantized HF checkpoint")
+    folder = resolve_model(model, trust_remote_code=serving.trust_remote_code).hf_folder()
+    typer.echo(str(save_bnb_checkpoint(folder, row, out, trust_remote_code=serving.trust_remote_code)))
+
+
+def serve_engine(engine: Engine, serving: _ServeOptions) -> None:
+    """Serves ``engine`` with the deploy server until interrupted."""
+    import uvicorn
+
+    from tandemlm.deploy.server.app import create_app
+
+    app = create_app(engine, api_key=serving.api_key, max_concurrency=serving.n_parallel)
+    typer.secho(f"serving {engine.info.model_id} ({engine.info.backend}) on http://{serving.host}:{serving.port}/v1", err=True)
+    try:
+        uvicorn.run(app, host=serving.host, port=serving.port, log_level="warning")
+    finally:
+        engine.close()

@@ -1,0 +1,145 @@
+"""Content-addressed cache of conversions and quantizations, and atomic file publishing.
+
+A model's *content key* hashes every file of its HF folder (weights, config, tokenizer, chat
+template), the adapter's files when one is merged, the llama.cpp version and :data:`RECIPE`;
+one folder per key holds the f16 intermediate and each verified quant type::
+
+    cache_dir()/quantize/<key>/
+        source.json          what the key was made from (for people reading the cache)
+        f16.gguf             stage 1 output, reused by every quant type of this model
+        Q4_K_M.gguf          verified result, published only after the verify stage
+        Q4_K_M.json          its verification record (fallbacks, checks); written before the GGUF
+
+File digests are remembered by (path, size, mtime), so asking again for a multi-GB checkpoint does
+not re-read it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tandemlm.models.builtin import cache_dir
+
+RECIPE = 1  # bump when a stage changes its output for the same input
+SKIP_FILES = ("README.md", ".gitattributes")  # top-level files that do not shape the GGUF
+DIGESTS_FILE = "digests.json"
+
+
+def quantize_cache_root() -> Path:
+    """``cache_dir()/quantize``: where intermediates and verified results live."""
+    root = cache_dir() / "quantize"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and contents of a model folder's top-level files (hidden files skipped)."""
+    memo = _DigestMemo(quantize_cache_root() / DIGESTS_FILE)
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.name in SKIP_FILES:
+            continue
+        digest.update(f"{path.name}\0{memo.file_digest(path)}\n".encode())
+    memo.save()
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of one file, remembered by (path, size, mtime)."""
+    memo = _DigestMemo(quantize_cache_root() / DIGESTS_FILE)
+    value = memo.file_digest(path)
+    memo.save()
+    return value
+
+
+def content_key(parts: dict[str, Any]) -> str:
+    """Short key of everything that shapes a result (digests, llama.cpp version, recipe)."""
+    payload = json.dumps({"recipe": RECIPE, **parts}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+class _DigestMemo:
+    """A JSON map (path, size, mtime_ns) → sha256 so unchanged files are not re-read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.changed = False
+        try:
+            self.entries: dict[str, str] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def file_digest(self, path: Path) -> str:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in self.entries:
+            with path.open("rb") as handle:
+                self.entries[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+            self.changed = True
+        return self.entries[key]
+
+    def save(self) -> None:
+        if self.changed:
+            write_text_atomic(self.path, json.dumps(self.entries, indent=0))
+            self.changed = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def temp_path_for(final: Path, suffix: str = ".partial") -> Path:
+    """A fresh hidden temp file beside ``final`` (same filesystem, so renaming it is atomic)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yields a temp path beside ``final``; renamed to ``final`` if the block succeeds, else removed."""
+    tmp = temp_path_for(final)
+    try:
+        yield tmp
+        make_world_readable(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temp file and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def publish_copy(source: Path, final: Path) -> Path:
+    """Puts ``source``'s bytes at ``final`` atomically: a hard link when possible, else a copy."""
+    if final.exists() and final.resolve() == source.resolve():
+        return final
+    with atomic_path(final) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)  # same filesystem: no second copy of a multi-GB file
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise
+            shutil.copyfile(source, tmp)
+    return final
+
+
+def make_world_readable(path: Path) -> None:
+    """mkstemp makes 0600 files; give results the usual umask-based mode instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -1,0 +1,167 @@
+"""Stage 2: llama.cpp's quantizer (``llama_model_quantize``) from an f16/bf16/f32 GGUF to one type.
+
+k-quant blocks hold 256 weights, so a tensor whose rows are not a multiple of 256 cannot take a
+k-quant type; llama.cpp then quantizes that tensor with a fallback type (q5_0 for q4_K, q5_1 for
+q5_K, q8_0 for q6_K, iq4_nl for q2_K/q3_K) and only logs a warning. :func:`find_fallbacks` reads the
+result back and names each such tensor and the type it got, so the user is told in one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandemlm.quantize.gguf_info import read_gguf_info
+from tandemlm.quantize.types import QuantizeError, QuantType
+
+K_BLOCK = 256  # weights per k-quant block (ggml's QK_K)
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+_PROGRESS = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")  # llama.cpp logs "[  12/ 272] blk.0.attn_q.weight ..."
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A tensor that could not take the requested k-quant type and what llama.cpp stored instead."""
+
+    tensor: str
+    row_length: int
+    stored_as: str  # ggml type name, lower case (q5_0, q8_0, ...)
+
+
+def quantize_gguf(
+    source: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    qtype: QuantType,
+    nthread: int | None = None,
+    progress: ProgressFn | None = None,
+) -> list[Fallback]:
+    """Quantizes ``source`` to ``qtype`` at ``out_path`` (temp file + rename); returns the k-quant fallbacks.
+
+    ``progress(done, total)`` is called per tensor. Nothing is left at ``out_path`` on failure or
+    interruption (Ctrl-C waits for the C call to return, then cleans up).
+    """
+    source, out_path = Path(source), Path(out_path)
+    if qtype.stage != "quantize":
+        raise QuantizeError(f"{qtype.name} is not made by llama.cpp's quantizer (stage {qtype.stage})")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _run_quantizer(source, tmp, qtype, nthread or os.cpu_count() or 1, progress)
+        fallbacks = find_fallbacks(tmp, qtype)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return fallbacks
+
+
+def find_fallbacks(path: str | os.PathLike[str], qtype: QuantType) -> list[Fallback]:
+    """Tensors of a ``qtype`` file whose rows are not multiples of 256 and got a non-k-quant type instead."""
+    if not qtype.is_k_quant:
+        return []
+    found = []
+    for tensor in read_gguf_info(path).tensors:
+        row = tensor.shape[0] if tensor.shape else 0
+        is_matrix = len(tensor.shape) >= 2
+        if is_matrix and row % K_BLOCK and tensor.type_name not in FLOAT_TYPES and not tensor.type_name.endswith("_K"):
+            found.append(Fallback(tensor.name, row, tensor.type_name.lower()))
+    return found
+
+
+def describe_fallbacks(fallbacks: list[Fallback], qtype: QuantType, n_tensors: int | None = None, limit: int = 3) -> str:
+    """One line: how many tensors fell back to which types, naming the first few."""
+    if not fallbacks:
+        return ""
+    by_type = Counter(f.stored_as for f in fallbacks)
+    kinds = ", ".join(f"{count} as {name}" for name, count in by_type.most_common())
+    names = ", ".join(f.tensor for f in fallbacks[:limit]) + (", …" if len(fallbacks) > limit else "")
+    of = f" of {n_tensors}" if n_tensors else ""
+    return (
+        f"{qtype.label}: {len(fallbacks)}{of} tensors have rows not a multiple of {K_BLOCK} and were "
+        f"stored with llama.cpp's fallback types ({kinds}): {names}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running llama_model_quantize
+
+
+def _run_quantizer(source: Path, dest: Path, qtype: QuantType, nthread: int, progress: ProgressFn | None) -> None:
+    """Calls ``llama_model_quantize`` in a worker thread (so Ctrl-C reaches Python) with our log hook."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = qtype.ftype
+    params.nthread = nthread
+    log = _QuantizerLog(progress)
+    outcome: dict[str, int | BaseException] = {}
+
+    def work() -> None:
+        try:
+            outcome["rc"] = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+            outcome["error"] = exc
+
+    with log:
+        worker = threading.Thread(target=work, name="llama-quantize", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(timeout=0.2)
+        except KeyboardInterrupt:
+            worker.join()  # the C call cannot be cancelled; let it finish writing before cleaning up
+            raise
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    if outcome.get("rc", 1) != 0:
+        raise _failure(source, dest, log.last_error())
+
+
+def _failure(source: Path, dest: Path, detail: str) -> Exception:
+    if "No space left" in detail or "ENOSPC" in detail:
+        return OSError(errno.ENOSPC, f"No space left on device while writing {dest.name}", str(dest))
+    return QuantizeError(f"llama.cpp could not quantize {source}: {detail or 'no error message'}")
+
+
+class _QuantizerLog:
+    """Temporarily routes llama.cpp's log through Python: tensor progress, last error, no console spam."""
+
+    def __init__(self, progress: ProgressFn | None) -> None:
+        self.progress = progress
+        self.errors: list[str] = []
+        self._callback = None
+
+    def __enter__(self) -> _QuantizerLog:
+        import llama_cpp
+
+        def on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+            line = text.decode("utf-8", "replace").strip()
+            if match := _PROGRESS.match(line):
+                if self.progress is not None:
+                    self.progress(int(match.group(1)), int(match.group(2)))
+            elif level == 3 or "failed" in line or "error" in line.lower():  # GGML_LOG_LEVEL_ERROR
+                self.errors.append(line)
+
+        self._callback = llama_cpp.llama_log_callback(on_log)  # kept referenced while installed
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        import llama_cpp
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))  # llama-cpp-python's own
+
+    def last_error(self) -> str:
+        return self.errors[-1] if self.errors else ""
