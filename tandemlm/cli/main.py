@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tandemlm.cli import options as opt
+from tandemlm.cli.align import app as align_app
+from tandemlm.cli.align import merge_command
 from tandemlm.cli.options import DEFAULTS, EngineOptions, fail, sampling_from_flags
+from tandemlm.cli.quantize import register as register_quantize
+
+if TYPE_CHECKING:
+    from tandemlm.deploy.engine import Engine
 
 app = typer.Typer(
     name="tandem",
@@ -18,7 +24,7 @@ app = typer.Typer(
 )
 
 
-def _load(model: str, engine_options: EngineOptions):  # noqa: ANN202 - returns the Engine protocol
+def _load(model: str, engine_options: EngineOptions) -> Engine:
     from rich.console import Console
 
     from tandemlm.deploy.registry import load_engine
@@ -123,6 +129,7 @@ def serve(
     n_gpu_layers: opt.NGpuLayers = None,
     dtype: opt.Dtype = None,
     trust_remote_code: opt.TrustRemoteCode = False,
+    quantize: Annotated[str | None, typer.Option("--quantize", help="Quantize an HF MODEL to this type first (Q4_K_M, Q8_0, bnb-4bit, …), verify, then serve.")] = None,
 ) -> None:
     """Serve MODEL over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     import uvicorn
@@ -131,13 +138,59 @@ def serve(
 
     if n_parallel is not None and n_parallel < 1:
         fail("--n-parallel must be at least 1")
-    engine = _load(model, EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, n_parallel, dtype, trust_remote_code))
+    engine_options = EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, n_parallel, dtype, trust_remote_code)
+    if quantize:
+        from tandemlm.cli.quantize import quantized_engine
+
+        engine = quantized_engine(model, quantize, engine_options)
+    else:
+        engine = _load(model, engine_options)
     app_ = create_app(engine, api_key=api_key, max_concurrency=n_parallel or 8, max_queue=max_queue)
     typer.secho(f"serving {engine.info.model_id} ({engine.info.backend}) on http://{host}:{port}/v1", err=True)
     try:
         uvicorn.run(app_, host=host, port=port, log_level="warning")
     finally:
         engine.close()
+
+
+@app.command()
+def ui(
+    policy: Annotated[str, typer.Option("--policy", help="Policy: a model (name, folder, .gguf, hub id) or an alignment run folder.")] = opt.DEFAULT,
+    reference: Annotated[str | None, typer.Option("--reference", help="Reference model (default: the built-in model).")] = None,
+    policy_backend: Annotated[str, typer.Option("--policy-backend", help="Backend for the policy (auto, llama.cpp, transformers, vllm).")] = "auto",
+    reference_backend: Annotated[str, typer.Option("--reference-backend", help="Backend for the reference.")] = "auto",
+    host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 7860,
+    auth: Annotated[str | None, typer.Option("--auth", envvar="TANDEM_UI_AUTH", help="Require this user:pass login.")] = None,
+    share: Annotated[bool, typer.Option("--share/--no-share", help="Open a public Gradio share link (off by default).")] = False,
+    votes: Annotated[str, typer.Option("--votes", help="JSONL file that votes are appended to (DPO/reward data).")] = "preferences.jsonl",
+    runs_dir: Annotated[str, typer.Option("--runs-dir", help="Folder of alignment runs shown in the Runs tab.")] = "runs",
+    n_ctx: opt.NCtx = None,
+    n_threads: opt.NThreads = None,
+) -> None:
+    """Open the web app: chat, compare policy vs reference (with where they diverge), vote, browse runs."""
+    from pathlib import Path
+
+    from tandemlm.ui.app import UIConfig, launch
+
+    try:
+        config = UIConfig(
+            policy=policy, reference=reference, policy_backend=policy_backend, reference_backend=reference_backend,
+            host=host, port=port, auth=auth, share=share, votes=Path(votes), runs_dir=Path(runs_dir), n_ctx=n_ctx,
+            n_threads=n_threads,
+        )
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        fail(f"--{field.replace('_', '-')} {rest}")
+    try:
+        launch(config)
+    except OSError as exc:  # e.g. the port is taken
+        fail(str(exc))
+
+
+app.add_typer(align_app, name="align")
+app.command("merge")(merge_command)
+register_quantize(app)
 
 
 def main() -> None:

@@ -1,0 +1,177 @@
+"""Reward functions for GRPO (and eval): the rule-based verifier and a trained reward model.
+
+``rewards`` in a GRPO config names them with weights, ``verifier:1,reward_model:0.5``; TRL sums
+the weighted rewards per completion (``reward_weights``) and logs each one as
+``rewards/<name>/mean``. Reward functions register by name; an unknown one lists the known ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tandemlm.align.config import ConfigError
+
+if TYPE_CHECKING:
+    from tandemlm.align.config import GRPORunConfig
+
+# name -> builder(config) -> (reward function or model, its tokenizer or None)
+_REWARDS: dict[str, Callable[[GRPORunConfig], tuple[Any, Any]]] = {}
+
+
+def register_reward(name: str) -> Callable[[Callable[..., tuple[Any, Any]]], Callable[..., tuple[Any, Any]]]:
+    """Decorator for a reward builder."""
+
+    def wrap(builder: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
+        _REWARDS[name] = builder
+        return builder
+
+    return wrap
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """``"verifier:1,reward_model:0.5"`` -> ``[("verifier", 1.0), ("reward_model", 0.5)]`` (weight defaults to 1)."""
+    parsed = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        if name not in _REWARDS:
+            raise ConfigError(f"rewards: unknown reward {name!r}; known rewards: {', '.join(sorted(_REWARDS))}")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ConfigError(f"rewards: weight of {name!r} must be a number, got {weight!r}") from None
+        parsed.append((name, value))
+    if not parsed:
+        raise ConfigError("rewards must name at least one reward function (e.g. verifier)")
+    return parsed
+
+
+def build_rewards(config: GRPORunConfig) -> tuple[list[Any], list[float], list[Any]]:
+    """(reward functions or models, weights, processing classes) in the order of ``config.rewards``."""
+    funcs, weights, tokenizers = [], [], []
+    for name, weight in parse_reward_spec(config.rewards):
+        func, tokenizer = _REWARDS[name](config)
+        funcs.append(func)
+        weights.append(weight)
+        tokenizers.append(tokenizer)
+    return funcs, weights, tokenizers
+
+
+# ---------------------------------------------------------------------------------------------
+# The verifier
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a plain string, or the assistant messages of a conversational one."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content", "") for m in completion if m.get("role", "assistant") == "assistant")
+
+
+def verifier(
+    prompts: Sequence[Any], completions: Sequence[Any], task: Sequence[str | None] | None = None,
+    answer: Sequence[str | None] | None = None, **_: Any,
+) -> list[float | None]:
+    """1.0 when the row's ``task`` checker accepts the completion, else 0.0; None for rows without a task."""
+    from tandemlm.align.tasks import verify
+
+    tasks = task or [None] * len(completions)
+    answers = answer or [None] * len(completions)
+    return [
+        None if t is None or a is None else float(verify(t, completion_text(c), a))
+        for c, t, a in zip(completions, tasks, answers, strict=True)
+    ]
+
+
+@register_reward("verifier")
+def _verifier_reward(config: GRPORunConfig) -> tuple[Any, Any]:
+    return verifier, None
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained reward model
+
+
+@register_reward("reward_model")
+def _reward_model_reward(config: GRPORunConfig) -> tuple[Any, Any]:
+    if not config.reward_model:
+        raise ConfigError("rewards uses reward_model but reward_model (a reward run folder) is not set")
+    import torch
+
+    model, tokenizer = load_reward_model(config.reward_model, torch.bfloat16 if config.bf16 else torch.float32)
+    model.name_or_path = "reward_model"  # TRL names the metric after it: rewards/reward_model/mean
+    model.config.name_or_path = "reward_model"
+    return model, tokenizer
+
+
+def load_reward_model(ref: str | Path, dtype: Any = None) -> tuple[Any, Any]:
+    """A reward model (eval mode) and its tokenizer from a reward run or an HF folder.
+
+    A LoRA reward run is loaded as base + adapter and merged in memory: scoring needs no adapter
+    switching, and TRL treats it as a plain ``PreTrainedModel``.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tandemlm.align.model import load_tokenizer
+    from tandemlm.align.run import RUN_FILE, open_run
+
+    dtype = dtype or torch.float32
+    path = Path(ref).expanduser()
+    if (path / RUN_FILE).is_file():
+        run = open_run(path)
+        if run.config.method != "reward":
+            raise ConfigError(f"reward_model: {path} is a {run.config.method} run, not a reward run")
+        if run.is_adapter and not run.merged.is_dir():
+            from peft import PeftModel
+
+            with quiet_transformers():  # the base has no score head yet; the adapter brings it, so no "MISSING" report
+                base = AutoModelForSequenceClassification.from_pretrained(run.base_model, num_labels=1, dtype=dtype)
+            model = PeftModel.from_pretrained(base, run.final).merge_and_unload()
+            tokenizer = load_tokenizer(run.final)
+        else:
+            folder = run.model_folder()
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype)
+            tokenizer = load_tokenizer(folder)
+    elif (path / "config.json").is_file():
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        tokenizer = load_tokenizer(path)
+    else:
+        raise ConfigError(f"reward_model: {path} is neither a reward run folder nor an HF model folder")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silences transformers below errors for a block (load reports that would only confuse)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def score_conversations(
+    model: Any, tokenizer: Any, conversations: Sequence[list[dict[str, str]]], batch_size: int = 16, progress: Any = None
+) -> list[float]:
+    """Reward-model scores of whole conversations, tokenized as TRL's RewardTrainer and GRPOTrainer do."""
+    import torch
+
+    scores: list[float] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(conversations), batch_size):
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[start : start + batch_size]]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False).to(device)
+        with torch.inference_mode():
+            scores.extend(model(**batch).logits[:, 0].float().tolist())
+        if progress:
+            progress(len(texts))
+    return scores

@@ -1,0 +1,199 @@
+"""``tandem align ...``: one command per registered method, built from its config dataclass.
+
+Each config field becomes a flag with the field's help string (``lora_layers`` -> ``--lora-layers``,
+booleans as ``--x/--no-x``). Flags default to "not given", so precedence stays
+defaults < ``--preset`` < ``--config`` YAML < flags. Heavy libraries load inside the commands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tandemlm.cli.options import fail
+
+app = typer.Typer(
+    name="align",
+    help="Align models with TRL: sft, reward, dpo, kto, grpo; then eval, merge.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Recipe YAML (fields of this method).")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="Built-in partial config, e.g. cpu-demo.")]
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from tandemlm.align.config import ConfigError
+    from tandemlm.align.data import DataError
+    from tandemlm.deploy.types import EngineError
+
+    return (ConfigError, DataError, EngineError, KeyError)
+
+
+def _flag_annotation(name: str, hint: Any, help_text: str) -> Any:
+    """``Annotated[T | None, typer.Option(...)]`` for one config field."""
+    flag = "--" + name.replace("_", "-")
+    base = hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        base = next(a for a in typing.get_args(hint) if a is not type(None))
+    if base is bool:
+        return Annotated[bool | None, typer.Option(f"{flag}/--no-{name.replace('_', '-')}", help=help_text)]
+    return Annotated[base | None, typer.Option(flag, help=help_text)]  # type: ignore[valid-type]
+
+
+def _method_command(name: str) -> Any:
+    """A Typer command whose options mirror ``name``'s config dataclass."""
+    from tandemlm.align.config import field_types
+    from tandemlm.align.registry import get_method
+
+    method = get_method(name)
+    hints = field_types(method.config_cls)
+    params = [
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt),
+        inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=PresetOpt),
+    ]
+    fields = [f for f in dataclasses.fields(method.config_cls) if typing.get_origin(hints[f.name]) is not dict]
+    for f in fields:
+        annotation = _flag_annotation(f.name, hints[f.name], f.metadata.get("help", ""))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+
+    def command(**kwargs: Any) -> None:
+        config_file, preset = kwargs.pop("config"), kwargs.pop("preset")
+        _run_method(name, config_file, preset, kwargs)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = f"{method.description} Flags override --config, which overrides --preset."
+    command.__name__ = name
+    return command
+
+
+def _run_method(name: str, config_file: Path | None, preset: str | None, overrides: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    from tandemlm.align.config import build_config
+    from tandemlm.align.registry import get_method
+
+    method = get_method(name)
+    try:
+        config = build_config(method.config_cls, config_file, preset, overrides)
+        run = method.run(config)
+    except _user_errors() as exc:
+        fail(str(exc).strip("'\""))
+        return
+    from tandemlm.align.run import is_main_process
+
+    if not is_main_process():
+        return  # under accelerate launch one summary is enough
+    info = run.info()
+    console = Console(stderr=True)
+    console.print(
+        f"[bold green]done[/] {name}: {info.get('global_step')} steps in {info.get('wall_time_s')} s -> {run.final}"
+    )
+    if run.is_adapter:
+        console.print(f"next: tandem align eval {run.dir}   |   tandem merge {run.dir}")
+    else:
+        console.print(f"next: tandem align eval {run.dir}")
+
+
+def _register_methods() -> None:
+    from tandemlm.align.registry import methods
+
+    for name, method in methods().items():
+        app.command(name, help=method.description)(_method_command(name))
+
+
+_register_methods()
+
+
+@app.command("eval")
+def eval_command(
+    run: Annotated[Path, typer.Argument(help="A run folder (tandem align ...).")],
+    dataset: Annotated[list[str] | None, typer.Option("--dataset", help="Held-out data (repeatable); default: the run's eval_dataset.")] = None,
+    reward_model: Annotated[str | None, typer.Option("--reward-model", help="A reward run to score and judge responses.")] = None,
+    prompts: Annotated[int | None, typer.Option("--prompts", help="Held-out prompts to use (default: the run's eval_prompts).")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Responses sampled per prompt from policy and reference.")] = 1,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Tokens per response (default: the run's eval_max_new_tokens).")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (0 = default).")] = 0,
+) -> None:
+    """Policy vs reference on held-out data: verifier accuracy, reward-model score, KL, win-rate, margins."""
+    from tandemlm.align.evaluate import EvalOptions, evaluate_run, print_report
+
+    options = EvalOptions(
+        datasets=dataset or [], reward_model=reward_model, prompts=prompts, samples=samples,
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, threads=threads,
+    )
+    try:
+        report = evaluate_run(run, options)
+    except (*_user_errors(), ValueError) as exc:
+        fail(str(exc).strip("'\""))
+        return
+    print_report(report)
+
+
+def merge_command(
+    run: Annotated[Path, typer.Argument(help="A finished LoRA run folder.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write the merged model (default: RUN/merged).")] = None,
+) -> None:
+    """Merge a run's LoRA adapter into its base model: a plain safetensors folder for tandem quantize."""
+    from tandemlm.align.merge import merge_run
+
+    try:
+        folder = merge_run(run, out)
+    except _user_errors() as exc:
+        fail(str(exc).strip("'\""))
+        return
+    typer.echo(str(folder))
+
+
+app.command("merge")(merge_command)
+
+
+@app.command("make-data")
+def make_data_command(
+    out: Annotated[Path, typer.Argument(help="Folder to write the JSONL files into.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed (0 with the defaults reproduces the shipped files).")] = 0,
+    per_country: Annotated[int, typer.Option("--per-country", help="Questions per country (1-5).")] = 2,
+    arithmetic: Annotated[int, typer.Option("--arithmetic", help="Arithmetic training prompts.")] = 200,
+) -> None:
+    """Generate SFT, preference and verifiable-prompt data sets like the built-in ones."""
+    from tandemlm.align.datagen import QUESTIONS, make_builtin_data
+
+    if not 1 <= per_country <= len(QUESTIONS):
+        fail(f"--per-country must be between 1 and {len(QUESTIONS)}")
+    if arithmetic < 1:
+        fail("--arithmetic must be a positive integer")
+    for path in make_builtin_data(out, seed=seed, per_country=per_country, n_arithmetic=arithmetic):
+        typer.echo(f"{path}\t{sum(1 for _ in path.open())} rows")
+
+
+@app.command("list")
+def list_command() -> None:
+    """Methods, their presets, reward functions, verifiable tasks and built-in data sets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tandemlm.align.data import builtin_datasets
+    from tandemlm.align.presets import PRESETS
+    from tandemlm.align.registry import methods
+    from tandemlm.align.rewards import _REWARDS
+    from tandemlm.align.tasks import TASKS
+
+    table = Table("method", "presets", "description")
+    for name, method in sorted(methods().items()):
+        table.add_row(name, ", ".join(PRESETS.get(name, {})) or "-", method.description)
+    console = Console()
+    console.print(table)
+    console.print(f"rewards (grpo --rewards): {', '.join(sorted(_REWARDS))}")
+    console.print("tasks (verifier): " + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()))
+    console.print(f"built-in datasets (builtin:NAME): {', '.join(builtin_datasets())}")

@@ -1,0 +1,96 @@
+"""Fixtures for the align tests: the tiny Llama (SmolLM2's tokenizer and template), tiny-run settings,
+and one reward run shared by the tests that need a reward model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Nothing here may reach a hub: TRL's telemetry ping and any download attempt stay off.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# Small and fast: a couple of optimizer steps on short rows, one torch thread (the suite shares 2 cores).
+TINY: dict[str, Any] = {
+    "max_steps": 2,
+    "batch_size": 2,
+    "max_length": 64,
+    "threads": 1,
+    "save_steps": 50,
+    "logging_steps": 1,
+    "learning_rate": 1e-3,
+    "lr_scheduler": "constant",
+}
+
+
+def tiny_config(method: str, model: Path, output_dir: Path, **overrides: Any) -> Any:
+    """A config for ``method`` on the tiny model with :data:`TINY` settings plus ``overrides``."""
+    from tandemlm.align.config import build_config
+    from tandemlm.align.registry import get_method
+
+    values = {**TINY, "model": str(model), "output_dir": str(output_dir), **overrides}
+    return build_config(get_method(method).config_cls, overrides=values)
+
+
+def train_tiny(method: str, model: Path, output_dir: Path, **overrides: Any) -> Any:
+    """Runs ``method`` on the tiny model; returns the Run."""
+    from tandemlm.align.registry import run_method
+
+    return run_method(method, tiny_config(method, model, output_dir, **overrides))
+
+
+def state_dict_of(folder: Path) -> dict[str, Any]:
+    """Tensors of a saved safetensors folder (model or adapter)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"no safetensors in {folder}"
+    tensors: dict[str, Any] = {}
+    for file in files:
+        tensors.update(load_file(file))
+    return tensors
+
+
+def changed_tensors(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Names present in both whose values differ."""
+    import torch
+
+    return [k for k in before if k in after and not torch.equal(before[k].float(), after[k].float())]
+
+
+def chat_once(folder: Path) -> str:
+    """One short greedy reply from ``folder`` through the deploy engines' transformers backend."""
+    from tandemlm.deploy.engine import collect
+    from tandemlm.deploy.registry import load_engine
+    from tandemlm.deploy.types import SamplingParams
+
+    engine = load_engine(str(folder), backend="transformers")
+    try:
+        reply = collect(engine.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=5, temperature=0)))
+    finally:
+        engine.close()
+    assert reply.usage.completion_tokens > 0
+    return reply.text
+
+
+def metric_values(run: Any, key: str) -> list[float]:
+    from tandemlm.align.callbacks import read_metrics
+
+    return [r[key] for r in read_metrics(run.metrics) if key in r]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Path:
+    from tandemlm.models.fixtures import tiny_model
+
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def reward_run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny LoRA reward model trained once for the session (reward, grpo and eval tests read it)."""
+    out = tmp_path_factory.mktemp("reward") / "run"
+    return train_tiny("reward", tiny_llama, out, dataset="builtin:prefs_train", lora=True, lora_layers=1)

@@ -1,0 +1,112 @@
+"""Configs: precedence defaults < preset < YAML < flags, errors that name the field, hardware auto-fill."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandemlm.align.config import (
+    ConfigError,
+    DPORunConfig,
+    GRPORunConfig,
+    SFTRunConfig,
+    build_config,
+    resolve_auto,
+)
+
+
+def test_precedence_defaults_preset_yaml_flags(tmp_path):
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text("method: dpo\nbeta: 0.3\nmax_steps: 7\nlearning_rate: 1e-4\n")
+    config = build_config(DPORunConfig, recipe, preset="cpu-demo", overrides={"max_steps": 9, "beta": None})
+    assert config.max_steps == 9  # flag beats YAML
+    assert config.beta == 0.3  # YAML beats preset; an unset flag (None) changes nothing
+    assert config.lora_layers == 8  # preset beats default
+    assert config.precompute_ref_log_probs is False and config.seed == 0  # defaults
+    assert isinstance(config.learning_rate, float) and config.learning_rate == 1e-4
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"max_steps": 0}, "max_steps must be a positive integer or -1"),
+        ({"batch_size": "4"}, "batch_size must be an integer"),
+        ({"learning_rate": -1.0}, "learning_rate must be positive"),
+        ({"lora": "yes"}, "lora must be true or false or null"),
+        ({"beta": 0}, "beta must be positive"),
+        ({"lora_layers": 0}, "lora_layers must be at least 1"),
+    ],
+)
+def test_bad_values_name_the_field(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(DPORunConfig, overrides=values)
+
+
+def test_yaml_errors_name_file_and_key(tmp_path):
+    bad_key = tmp_path / "a.yaml"
+    bad_key.write_text("lerning_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: unknown field 'lerning_rate'; known: .*learning_rate"):
+        build_config(SFTRunConfig, bad_key)
+    wrong_method = tmp_path / "b.yaml"
+    wrong_method.write_text("method: grpo\n")
+    with pytest.raises(ConfigError, match="recipe is for method 'grpo', not 'sft'"):
+        build_config(SFTRunConfig, wrong_method)
+    broken = tmp_path / "c.yaml"
+    broken.write_text("beta: [1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml line \d+: not valid YAML"):
+        build_config(DPORunConfig, broken)
+    with pytest.raises(KeyError, match="unknown preset 'gpu-demo' for dpo; known presets: cpu-demo"):
+        build_config(DPORunConfig, preset="gpu-demo")
+
+
+def test_grpo_checks_group_size_and_rewards():
+    with pytest.raises(ConfigError, match=r"batch_size \* grad_accum \(6\) must be a multiple of num_generations \(4\)"):
+        build_config(GRPORunConfig, overrides={"batch_size": 6, "num_generations": 4})
+    with pytest.raises(ConfigError, match="rewards: unknown reward 'judge'; known rewards: reward_model, verifier"):
+        build_config(GRPORunConfig, overrides={"rewards": "judge:1"})
+    with pytest.raises(ConfigError, match=r"reward_model .* is not set"):
+        build_config(GRPORunConfig, overrides={"rewards": "verifier:1,reward_model:0.5"})
+
+
+def test_auto_fields_follow_the_hardware():
+    gpu = resolve_auto(DPORunConfig(), cuda=True)
+    assert gpu.lora and gpu.gradient_checkpointing  # one-GPU memory discipline by default
+    cpu = resolve_auto(DPORunConfig(), cuda=False)
+    assert cpu.lora is False and cpu.gradient_checkpointing is False and cpu.bf16 is False
+    assert resolve_auto(DPORunConfig(lora=True), cuda=False).lora is True  # explicit choices stay
+    with pytest.raises(ConfigError, match="qlora needs a CUDA GPU"):
+        resolve_auto(DPORunConfig(qlora=True), cuda=False)
+
+
+def test_every_field_has_help():
+    import dataclasses
+
+    from tandemlm.align.registry import methods
+
+    for method in methods().values():
+        for f in dataclasses.fields(method.config_cls):
+            assert f.metadata.get("help"), f"{method.name}.{f.name} has no help string"
+
+
+def test_recipes_load_as_their_method():
+    from pathlib import Path
+
+    from tandemlm.align.registry import get_method
+
+    recipes = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"sft", "reward", "dpo", "grpo", "kto"}
+    for recipe in recipes:
+        config = build_config(get_method(recipe.stem).config_cls, recipe)
+        assert config.lora is True and config.model  # one-GPU recipes train adapters
+
+
+@pytest.mark.gpu
+def test_qlora_loads_4bit_under_lora(tiny_llama):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("bitsandbytes")
+    from tandemlm.align.model import load_model
+
+    config = resolve_auto(DPORunConfig(model=str(tiny_llama), qlora=True))
+    model = load_model(tiny_llama, config)
+    assert getattr(model, "is_loaded_in_4bit", False)
