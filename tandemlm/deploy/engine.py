@@ -9,8 +9,10 @@ the same. The CLI, server and UI only ever see the :class:`Engine` protocol.
 from __future__ import annotations
 
 import abc
+import queue
+import threading
 from collections.abc import Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tandemlm.deploy.textstream import ReasoningSplitter, StopStringFilter, prompt_opens_reasoning
 from tandemlm.deploy.types import (
@@ -206,6 +208,23 @@ def collect(stream: Iterator[Delta]) -> Completion:
         if delta.usage:
             usage = delta.usage
     return Completion("".join(text), "".join(reasoning), finish, usage)  # type: ignore[arg-type]
+
+
+def drain_tokens(out: queue.Queue[Any], cancelled: threading.Event) -> Iterator[GeneratedToken]:
+    """Yields tokens a scheduler thread puts on ``out`` until ``None``; an exception put there is raised.
+
+    Closing the iterator early sets ``cancelled``, which tells the scheduler to drop the request.
+    """
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandemlm.deploy.engine import BaseEngine
+from tandemlm.deploy.engine import BaseEngine, drain_tokens
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
 from tandemlm.models.resolve import ModelSource
@@ -66,7 +66,9 @@ class HFEngine(BaseEngine):
             "trust_remote_code": trust_remote_code,
         }
         if load_in_bits:
-            kwargs["quantization_config"] = _bitsandbytes_config(load_in_bits)
+            from tandemlm.quantize.bnb import bnb_config
+
+            kwargs["quantization_config"] = bnb_config(load_in_bits)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
         self.device = next(self.model.parameters()).device
@@ -122,16 +124,7 @@ class HFEngine(BaseEngine):
         if not self._running:
             raise EngineError("engine is closed")
         self._waiting.put(row)
-        try:
-            while True:
-                item = row.out.get()
-                if item is None:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            row.cancelled.set()
+        return drain_tokens(row.out, row.cancelled)
 
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
         torch = self._torch
@@ -267,16 +260,6 @@ class _RowSampler:
             return int(scores.argmax(-1).item())
         probs = torch.softmax(scores, dim=-1).cpu()
         return int(torch.multinomial(probs, 1, generator=self.generator).item())
-
-
-def _bitsandbytes_config(bits: int) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    if bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16")
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    raise EngineError(f"load_in_bits must be 4 or 8, got {bits}")
 
 
 def _available() -> str | None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from tandemlm.deploy.chat_template import render_chat_template
-from tandemlm.deploy.engine import BaseEngine, common_prefix_len
+from tandemlm.deploy.engine import BaseEngine, common_prefix_len, drain_tokens
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
 from tandemlm.models.resolve import ModelSource
@@ -165,16 +165,7 @@ class LlamaCppEngine(BaseEngine):
     def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
         request = _Request(prompt=list(prompt_ids), params=params)
         self._submit(request)
-        try:
-            while True:
-                item = request.out.get()
-                if item is None:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            request.cancelled.set()
+        return drain_tokens(request.out, request.cancelled)
 
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
         request = _Request(prompt=list(prompt_ids) + list(target_ids), params=None, score_targets=list(target_ids))
