@@ -10,15 +10,16 @@
 # Usage: bash scripts/demo_align.sh [OUT_DIR]      (about 50 min on 2 busy cores; see below)
 #        CHECK_ONLY=1 bash scripts/demo_align.sh OUT_DIR    (re-check finished runs' eval.json)
 #
-# Recorded here (2 shared CPU cores, load average 4-8 from other engineers' jobs, 2026-11-22):
-#   run            train*     eval    result (held-out: 30 countries never trained on)
-#   reward 40 st.  645 s      87 s    pairwise accuracy 0.950 (57/60; wrong-capital pairs 0.906)
-#   dpo    30 st.  578 s     396 s    margin 0.011 -> 0.341 in training, held-out 0.252 (80% > 0);
-#                                     win-rate 0.728 by reward model (109 W/44 T/27 L), 0.556 by
-#                                     verifier (24 W/4 L); verifier accuracy 0.361 vs 0.250
-#   grpo   30 st.  826 s     275 s    verifier accuracy 0.567 vs 0.250 (+0.317), KL 0.186 nats/token;
-#                                     win-rate 0.794 by reward model, 0.658 by verifier
-#   * trainer wall time from run.json; with start-up (loading SmolLM2, data checks) 683, 588, 838 s.
+# Recorded by one run of this script (2 shared CPU cores, load average about 2 from other jobs,
+# 2026-11-22; 30 min in all; under load 5-8 the same runs took 50 min). Held-out = 30 countries
+# never trained on; DPO and GRPO step losses matched an earlier run exactly (seeded, 1 thread).
+#   run              wall (train / eval)   result
+#   reward 40 steps  151 s / 25 s          pairwise accuracy 0.950 (57/60; wrong-capital pairs 0.906)
+#   dpo    30 steps  374 s / 343 s         training margin 0.011 -> 0.341; held-out margin 0.252 (80% > 0);
+#                                          win-rate 0.711 by reward model (106 W/44 T/30 L), 0.556 by
+#                                          verifier (24 W/152 T/4 L); verifier accuracy 0.361 vs 0.250
+#   grpo   30 steps  604 s / 290 s         verifier accuracy 0.567 vs 0.250 (+0.317) at KL 0.186 nats/token
+#                                          (2.5 per response); win-rate 0.789 by reward model, 0.658 by verifier
 set -euo pipefail
 
 OUT=${1:-runs/demo}
