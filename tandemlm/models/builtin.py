@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tandemlm.deploy.types import EngineError
+from tandemlm.models.atomic import save_hf_folder
 
 
 @dataclass(frozen=True)
@@ -88,15 +87,4 @@ def materialise_hf_from_gguf(gguf_path: Path, target: Path) -> Path:
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        fresh.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return save_hf_folder(fresh, tokenizer, target)

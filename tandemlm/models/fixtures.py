@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandemlm.deploy.types import EngineError
+from tandemlm.models.atomic import publish_folder
 from tandemlm.models.builtin import builtin_gguf, cache_dir
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ def tiny_model(arch: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _build(spec, staging)
-        _publish(staging, target)
+        publish_folder(staging, target, SPEC_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -332,14 +333,3 @@ def _set_config_dtype(path: Path, dtype: str) -> None:
     config = json.loads(path.read_text())
     config["dtype"] = dtype
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Renames the finished ``staging`` folder to ``target``; a concurrent builder may win."""
-    if target.exists() and not (target / SPEC_FILE).is_file():
-        shutil.rmtree(target, ignore_errors=True)  # an interrupted, unmarked leftover
-    try:
-        staging.rename(target)
-    except OSError:
-        if not (target / SPEC_FILE).is_file():
-            raise

@@ -8,11 +8,10 @@ reloads without re-quantizing (temp folder + rename).
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from tandemlm.models.atomic import save_hf_folder
 from tandemlm.quantize.types import QuantizeError, QuantType
 
 
@@ -55,14 +54,4 @@ def save_bnb_checkpoint(hf_folder: Path, qtype: QuantType, out: Path, trust_remo
         hf_folder, quantization_config=bnb_config(qtype.load_in_bits), device_map="auto", trust_remote_code=trust_remote_code
     )
     tokenizer = AutoTokenizer.from_pretrained(hf_folder, trust_remote_code=trust_remote_code)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return save_hf_folder(model, tokenizer, out)

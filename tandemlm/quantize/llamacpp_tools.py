@@ -18,7 +18,6 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tandemlm.deploy.types import EngineError
+from tandemlm.models.atomic import publish_folder
 from tandemlm.models.builtin import cache_dir
 from tandemlm.models.resolve import WEIGHT_PATTERNS
 
@@ -89,7 +89,7 @@ def llama_cpp_source(version: str | None = None) -> Path:
         staging = Path(tmp) / "staging"
         _extract(sdist, staging)
         (staging / MARKER).write_text(f"{PACKAGE}=={version}\n{sdist.name}\n")
-        _publish(staging, target)
+        publish_folder(staging, target, MARKER)
     return target
 
 
@@ -210,17 +210,6 @@ def _extract(sdist: Path, staging: Path) -> None:
             found_converter |= relative == "convert_hf_to_gguf.py"
     if not found_converter:
         raise ConversionError(f"{sdist.name} has no {VENDOR_PREFIX}convert_hf_to_gguf.py")
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Renames ``staging`` to ``target``; a stale or concurrently made ``target`` is handled."""
-    if target.exists() and not (target / MARKER).is_file():
-        shutil.rmtree(target, ignore_errors=True)  # left by an older, interrupted layout
-    try:
-        staging.rename(target)
-    except OSError:
-        if not (target / MARKER).is_file():  # someone else finished first: theirs is as good
-            raise
 
 
 # ---------------------------------------------------------------------------------------------
