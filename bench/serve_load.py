@@ -1,6 +1,6 @@
 """Concurrent streaming load: `tandem serve` vs `python -m llama_cpp.server` on the same GGUF.
 
-Starts both servers on loopback (one at a time, so they don't share the CPU), sends 1, 4 and 8
+Starts each server on loopback (one at a time, so they don't share the CPU), sends 1, 4 and 8
 concurrent streaming chat requests, and prints aggregate tokens/s, time to first token (p50/p95)
 and tandem's ratio over llama-cpp-python's server (interrupts off, so it serves requests in turn).
 
@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import httpx
 
+from tandemlm.hardware import physical_cores
 from tandemlm.models.resolve import resolve_model
 
 PROMPTS = [
@@ -118,37 +119,55 @@ async def load(url: str, clients: int, max_tokens: int, rounds: int) -> dict[str
     }
 
 
+def raw_default_threads() -> int:
+    """llama_cpp.server's own default for --n_threads (half the logical CPUs)."""
+    return max((os.cpu_count() or 2) // 2, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", default="1,4,8")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="tandem's threads (default: its own default, one per physical core)")
     args = parser.parse_args()
     gguf = str(resolve_model(args.model).gguf_file())
     levels = [int(x) for x in args.concurrency.split(",")]
     port = free_port()
-    commands = {
-        "tandem": [sys.executable, "-m", "tandemlm.cli.main", "serve", gguf, "--port", str(port),
-                   "--n-ctx", "4096", "--n-parallel", str(max(levels)), "--n-threads", str(args.threads)],
-        "llama_cpp.server": [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
-                             "--n_ctx", "4096", "--n_threads", str(args.threads), "--interrupt_requests", "False"],
-    }
+    threads = args.threads or physical_cores()
+    tandem = [sys.executable, "-m", "tandemlm.cli.main", "serve", gguf, "--port", str(port),
+              "--n-ctx", "4096", "--n-parallel", str(max(levels))]
+    raw = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
+           "--n_ctx", "4096", "--interrupt_requests", "False"]
+    # Both as they ship (each picks its own thread count), and llama_cpp.server given tandem's
+    # thread count, so the batching gain is shown apart from the thread-count default.
+    commands = {f"tandem ({threads} thr)": tandem + (["--n-threads", str(args.threads)] if args.threads else [])}
+    baselines = [f"llama_cpp.server ({raw_default_threads()} thr, default)"]
+    commands[baselines[0]] = raw
+    if threads != raw_default_threads():
+        baselines.append(f"llama_cpp.server ({threads} thr)")
+        commands[baselines[1]] = [*raw, "--n_threads", str(threads)]
     results: dict[str, dict[int, dict[str, float]]] = {}
     for name, command in commands.items():
         with server(command, port) as url:
             asyncio.run(load(url, 1, 8, 1))  # warm-up
             results[name] = {n: asyncio.run(load(url, n, args.max_tokens, args.rounds)) for n in levels}
-    print(f"model {args.model} ({gguf}), {args.max_tokens} tokens per request, {args.rounds} rounds, {args.threads} threads")
-    print(f"{'clients':>7} | {'server':<17} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p95':>8}")
+    ours_name = next(iter(commands))
+    width = max(len(name) for name in commands) + 8
+    print(f"model {args.model} ({gguf}), {args.max_tokens} tokens per request, {args.rounds} rounds, {os.cpu_count()} CPUs")
+    print(f"{'clients':>7} | {'server':<{width}} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p95':>8}")
     for n in levels:
         for name in commands:
             r = results[name][n]
-            print(f"{n:>7} | {name:<17} | {r['tokens_per_s']:7.1f} | {r['ttft_p50']:7.2f}s | {r['ttft_p95']:7.2f}s")
-        ours, theirs = results["tandem"][n], results["llama_cpp.server"][n]
-        print(f"{n:>7} | {'ratio tandem/raw':<17} | {ours['tokens_per_s'] / theirs['tokens_per_s']:6.2f}x | "
-              f"{ours['ttft_p50'] / theirs['ttft_p50']:7.2f}x | {ours['ttft_p95'] / theirs['ttft_p95']:7.2f}x")
+            print(f"{n:>7} | {name:<{width}} | {r['tokens_per_s']:7.1f} | {r['ttft_p50']:7.2f}s | {r['ttft_p95']:7.2f}s")
+        ours = results[ours_name][n]
+        for name in baselines:
+            theirs = results[name][n]
+            label = "ratio vs " + name.split(" ", 1)[1]
+            print(f"{n:>7} | {label:<{width}} | {ours['tokens_per_s'] / theirs['tokens_per_s']:6.2f}x | "
+                  f"{ours['ttft_p50'] / theirs['ttft_p50']:7.2f}x | {ours['ttft_p95'] / theirs['ttft_p95']:7.2f}x")
 
 
 if __name__ == "__main__":

@@ -32,11 +32,12 @@ def _gpu() -> str:
 
 def print_env() -> None:
     from tandemlm.deploy.registry import backends
+    from tandemlm.hardware import physical_cores
     from tandemlm.models.builtin import BUILTIN_MODELS, builtin_gguf
 
     console = Console()
     console.print(f"[bold]tandemlm[/] {_version('tandemlm')}  python {platform.python_version()}  {platform.machine()}")
-    console.print(f"CPU cores: {os.cpu_count()}   GPU: {_gpu()}")
+    console.print(f"CPU: {os.cpu_count()} logical, {physical_cores()} physical cores usable   GPU: {_gpu()}")
     versions = Table("package", "version", title="packages")
     for name in PACKAGES:
         versions.add_row(name, _version(name))

@@ -20,7 +20,7 @@ Seed = Annotated[int | None, typer.Option("--seed", help="Random seed for reprod
 RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", help="Above 1 discourages repeats.")]
 Backend = Annotated[str, typer.Option("--backend", help="transformers, llama.cpp, vllm or auto.")]
 NCtx = Annotated[int | None, typer.Option("--n-ctx", help="llama.cpp: context size in tokens (shared by parallel requests).")]
-NThreads = Annotated[int | None, typer.Option("--n-threads", help="llama.cpp: CPU threads.")]
+NThreads = Annotated[int | None, typer.Option("--n-threads", help="llama.cpp: CPU threads (default: one per physical core).")]
 NGpuLayers = Annotated[int | None, typer.Option("--n-gpu-layers", help="llama.cpp: layers to offload to the GPU.")]
 NParallel = Annotated[int | None, typer.Option("--n-parallel", help="Most requests decoded together in one batch.")]
 Dtype = Annotated[str | None, typer.Option("--dtype", help="transformers/vllm: auto, float32, bfloat16, float16.")]

@@ -24,6 +24,7 @@ from tandemlm.deploy.chat_template import render_chat_template
 from tandemlm.deploy.engine import BaseEngine, common_prefix_len, drain_tokens
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
+from tandemlm.hardware import physical_cores
 from tandemlm.models.resolve import ModelSource
 
 PENALTY_LAST_N = 64
@@ -100,9 +101,9 @@ class LlamaCppEngine(BaseEngine):
         except ValueError as exc:
             raise EngineError(f"llama.cpp could not load {model_path}: {exc}") from None
         n_ctx = min(n_ctx, self._model.n_ctx_train()) if n_ctx else self._model.n_ctx_train()
-        # As llama-cpp-python: half the logical cores. All of them starves the Python threads that
-        # schedule, stream and serve, which costs more than the extra matmul thread gains.
-        threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
+        # One thread per physical core, as llama.cpp's own tools (llama-cpp-python takes half the
+        # logical CPUs, which on a machine without hyperthreads leaves half the cores idle).
+        threads = n_threads or physical_cores()
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = n_ctx
         ctx_params.n_batch = n_batch

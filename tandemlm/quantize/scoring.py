@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tandemlm.deploy.types import Message
+from tandemlm.hardware import usable_cpus
 from tandemlm.quantize.types import QuantizeError
 
 
@@ -74,7 +75,7 @@ def default_threads() -> int:
     waits for threads the OS has parked. Measured here: the same report took 35 s with 2 threads
     on 2 busy cores and 4 s with 1.
     """
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     try:
         busy = os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average on this platform

@@ -74,6 +74,15 @@ def test_wrong_api_key_is_rejected_in_openai_shape(mock_server):
     assert info.value.body["code"] == "invalid_api_key"
 
 
+def test_missing_api_key_is_rejected_before_the_body_is_read(mock_server):
+    url, _ = mock_server
+    base = url.removesuffix("/v1")
+    response = httpx.post(f"{url}/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{base}/health").status_code == 200  # only /v1 needs the key
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
