@@ -1,8 +1,10 @@
 """Concurrent streaming load: `tandem serve` vs `python -m llama_cpp.server` on the same GGUF.
 
-Starts each server on loopback (one at a time, so they don't share the CPU), sends 1, 4 and 8
-concurrent streaming chat requests, and prints aggregate tokens/s, time to first token (p50/p95)
-and tandem's ratio over llama-cpp-python's server (interrupts off, so it serves requests in turn).
+Starts each server on loopback (one at a time, so they don't share the CPU), runs 1, 4 and 8
+concurrent streaming chat clients (each sends --rounds requests back to back), and prints
+aggregate tokens/s, time to first token (p50/p95) and tandem's ratio over llama-cpp-python's
+server (interrupts off, so it serves requests in turn). llama_cpp.server runs twice: at its own
+default thread count, as users get it, and at tandem's, so the batching gain shows on its own.
 
     .venv/bin/python bench/serve_load.py [--model smollm2] [--max-tokens 64] [--rounds 2]
 """
@@ -79,7 +81,10 @@ async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_token
         "model": "m",
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
+        # Spelled out so both servers sample alike (llama_cpp.server's own defaults are these).
         "temperature": 0.8,
+        "top_p": 0.95,
+        "top_k": 40,
         "seed": 1,
         "stream": True,
     }
@@ -100,17 +105,19 @@ async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_token
 
 
 async def load(url: str, clients: int, max_tokens: int, rounds: int) -> dict[str, float]:
-    ttfts: list[float] = []
-    total_tokens = 0
-    started = time.perf_counter()
-    async with httpx.AsyncClient() as client:
+    """``clients`` concurrent clients, each sending ``rounds`` requests back to back."""
+    results: list[tuple[float, int, float]] = []
+
+    async def client_loop(client: httpx.AsyncClient, index: int) -> None:
         for r in range(rounds):
-            prompts = [PROMPTS[(i + r) % len(PROMPTS)] for i in range(clients)]
-            results = await asyncio.gather(*(one_stream(client, url, p, max_tokens) for p in prompts))
-            ttfts += [ttft for ttft, _, _ in results]
-            total_tokens += sum(n for _, n, _ in results)
+            results.append(await one_stream(client, url, PROMPTS[(index + r) % len(PROMPTS)], max_tokens))
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients)) as client:
+        await asyncio.gather(*(client_loop(client, i) for i in range(clients)))
     elapsed = time.perf_counter() - started
-    ttfts.sort()
+    ttfts = sorted(ttft for ttft, _, _ in results)
+    total_tokens = sum(n for _, n, _ in results)
     return {
         "tokens_per_s": total_tokens / elapsed,
         "ttft_p50": statistics.median(ttfts),
@@ -157,11 +164,11 @@ def main() -> None:
     ours_name = next(iter(commands))
     width = max(len(name) for name in commands) + 8
     print(f"model {args.model} ({gguf}), {args.max_tokens} tokens per request, {args.rounds} rounds, {os.cpu_count()} CPUs")
-    print(f"{'clients':>7} | {'server':<{width}} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p95':>8}")
+    print(f"{'clients':>7} | {'server':<{width}} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p95':>8} | {'tokens':>6}")
     for n in levels:
         for name in commands:
             r = results[name][n]
-            print(f"{n:>7} | {name:<{width}} | {r['tokens_per_s']:7.1f} | {r['ttft_p50']:7.2f}s | {r['ttft_p95']:7.2f}s")
+            print(f"{n:>7} | {name:<{width}} | {r['tokens_per_s']:7.1f} | {r['ttft_p50']:7.2f}s | {r['ttft_p95']:7.2f}s | {r['tokens']:6.0f}")
         ours = results[ours_name][n]
         for name in baselines:
             theirs = results[name][n]
