@@ -120,6 +120,7 @@ class LlamaCppEngine(BaseEngine):
         self._vocab = self._model.vocab
         self._n_vocab = self._model.n_vocab()
         self._n_batch = n_batch
+        self.n_threads = threads
         self._n_ctx = n_ctx
         # Idle sequences keep their tokens' cache, so a request that shares a prefix with an
         # earlier one (every turn of a chat re-sends the conversation) skips re-decoding it.
