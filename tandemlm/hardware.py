@@ -23,5 +23,6 @@ def physical_cores() -> int:
 
     physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     logical = psutil.cpu_count(logical=True) or physical
+    allowed = usable_cpus()
     # Scale to the affinity mask: a container given half the logical CPUs gets about half the cores.
-    return max(1, min(usable_cpus(), round(physical * usable_cpus() / logical)))
+    return max(1, min(allowed, round(physical * allowed / logical)))
