@@ -57,9 +57,9 @@ def model_folder(name: str) -> Path:
 
 def run_tandem(folder: Path, steps: int, lora: bool, out: Path) -> tuple[float, float]:
     """(step time, end-to-end seconds) of tandem's run_dpo: the code path of `tandem align dpo`."""
-    from tandemlm.align.callbacks import read_metrics
-    from tandemlm.align.config import DPORunConfig, build_config
-    from tandemlm.align.dpo import run_dpo
+    from tandemlm.align.config import build_config
+    from tandemlm.align.dpo import DPORunConfig, run_dpo
+    from tandemlm.align.metrics import read_metrics
 
     values = {**SETTINGS, "model": str(folder), "dataset": "builtin:prefs_train", "max_steps": steps, "lora": lora,
               "save_steps": 10_000, "output_dir": str(out), "lr_scheduler": "constant", "logging_steps": 1}

@@ -6,7 +6,6 @@ TRL's or our own PPO loop, and write only on the main process.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -14,10 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from tandemlm.align.metrics import append_jsonl, truncate_metrics
+from tandemlm.align.plots import plot_metrics
+
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-    from tandemlm.align.run import Run
+    from tandemlm.align.run_folder import RunFolder
 
 # Mean completion length, and the task score to hold it against (the verifier when there is one).
 LENGTH_KEYS = ("completions/mean_length",)
@@ -33,7 +35,7 @@ def _numbers(logs: dict[str, Any]) -> dict[str, float]:
 class MetricsLogger(TrainerCallback):
     """Appends every log to metrics.jsonl and redraws the plots at each checkpoint and at the end."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: RunFolder) -> None:
         self.run = run
         self.started = time.monotonic()
 
@@ -55,50 +57,7 @@ class MetricsLogger(TrainerCallback):
 
     def _plot(self, state: Any) -> None:
         if state.is_world_process_zero:
-            from tandemlm.align.plots import plot_metrics
-
             plot_metrics(self.run.metrics, self.run.plots)
-
-
-def append_jsonl(path: Any, record: dict[str, Any]) -> None:
-    """Appends one JSON line (a kill -9 loses at most the line being written)."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def truncate_metrics(path: Any, step: int) -> None:
-    """Drops lines past ``step`` (a resumed run redoes those steps) and any torn last line."""
-    from pathlib import Path
-
-    from tandemlm.align.run import atomic_write_text
-
-    path = Path(path)
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-
-def read_metrics(path: Any) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (torn lines skipped)."""
-    records = []
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except FileNotFoundError:
-        return []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +93,7 @@ def _mean(values: list[float]) -> float:
 class HackingWatch(TrainerCallback):
     """Warns once (console, metrics.jsonl, run.json) when :func:`hacking_signature` fires."""
 
-    def __init__(self, run: Run, window: int = 5) -> None:
+    def __init__(self, run: RunFolder, window: int = 5) -> None:
         self.run = run
         self.window = window
         self.lengths: list[float] = []

@@ -1,4 +1,8 @@
-"""Run configurations: one typed dataclass per method, mirrored to YAML and CLI flags.
+"""Run configurations: the fields every method shares, mirrored to YAML and CLI flags.
+
+Each method module subclasses :class:`AlignConfig` with its own knobs (``sft.SFTRunConfig``,
+``grpo.GRPORunConfig``, ...) using :func:`help_field`, :func:`check_types`, :func:`positive`;
+nothing here knows a method. Defaults suit a 1.5B-7B model on one 24 GB GPU; presets and recipes adapt.
 
 Precedence: field defaults < ``--preset NAME`` < ``--config FILE.yaml`` < flags. Every field has a
 help string (shown by ``tandem align METHOD --help``); ``__post_init__`` checks types and ranges and
@@ -15,17 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tandemlm.align.errors import ConfigError
 from tandemlm.models.builtin import DEFAULT_MODEL
 
 C = TypeVar("C", bound="AlignConfig")
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message is one line naming the field, file or flag."""
-
-
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with an immutable default, carrying its help string (the CLI reads it)."""
+def help_field(default: Any, help: str) -> Any:
+    """A config field with an immutable default, carrying its help string (CLI flags and ``--help`` read it)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -34,41 +35,41 @@ class AlignConfig:
     """Fields every method shares. Subclasses add the method's own knobs."""
 
     # ---- what to train on ---------------------------------------------------------------------
-    model: str = _f(DEFAULT_MODEL, "Base model: a built-in name (smollm2), an HF folder, or a hub id.")
-    dataset: str = _f("", "Training data: .jsonl/.json/.parquet file, a `datasets` folder, or builtin:NAME.")
-    eval_dataset: str | None = _f(None, "Held-out data (same formats) for eval during training and `align eval`.")
-    output_dir: str | None = _f(None, "Run folder; default runs/<method>-<timestamp>.")
+    model: str = help_field(DEFAULT_MODEL, "Base model: a built-in name (smollm2), an HF folder, or a hub id.")
+    dataset: str = help_field("", "Training data: .jsonl/.json/.parquet file, a `datasets` folder, or builtin:NAME.")
+    eval_dataset: str | None = help_field(None, "Held-out data (same formats) for eval during training and `align eval`.")
+    output_dir: str | None = help_field(None, "Run folder; default runs/<method>-<timestamp>.")
     # ---- schedule -----------------------------------------------------------------------------
-    max_steps: int = _f(100, "Optimizer steps to train for; -1 trains for `epochs` instead.")
-    epochs: float = _f(1.0, "Passes over the data when max_steps is -1.")
-    learning_rate: float = _f(1e-5, "Peak learning rate.")
-    lr_scheduler: str = _f("cosine", "Learning-rate schedule: constant, linear, cosine, ... (transformers names).")
-    warmup_steps: int = _f(0, "Linear warm-up steps.")
-    batch_size: int = _f(4, "Examples per device per step (preference pairs count once).")
-    grad_accum: int = _f(1, "Gradient accumulation steps (effective batch = batch_size * grad_accum * processes).")
-    max_length: int = _f(1024, "Longest tokenized example (prompt + response); longer ones are truncated.")
-    seed: int = _f(0, "Random seed (data order, LoRA init, sampling).")
+    max_steps: int = help_field(100, "Optimizer steps to train for; -1 trains for `epochs` instead.")
+    epochs: float = help_field(1.0, "Passes over the data when max_steps is -1.")
+    learning_rate: float = help_field(1e-5, "Peak learning rate.")
+    lr_scheduler: str = help_field("cosine", "Learning-rate schedule: constant, linear, cosine, ... (transformers names).")
+    warmup_steps: int = help_field(0, "Linear warm-up steps.")
+    batch_size: int = help_field(4, "Examples per device per step (preference pairs count once).")
+    grad_accum: int = help_field(1, "Gradient accumulation steps (effective batch = batch_size * grad_accum * processes).")
+    max_length: int = help_field(1024, "Longest tokenized example (prompt + response); longer ones are truncated.")
+    seed: int = help_field(0, "Random seed (data order, LoRA init, sampling).")
     # ---- memory discipline (None = auto for the hardware) ---------------------------------------
-    lora: bool | None = _f(None, "Train LoRA adapters instead of all weights (auto: on with a GPU, off on CPU).")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
-    lora_target: str = _f("all-linear", "Modules that get adapters: all-linear or a comma list (q_proj,v_proj).")
-    lora_layers: int | None = _f(None, "Adapt only the last N transformer layers (backward stops there: cheap on CPU).")
-    qlora: bool = _f(False, "Load the base in 4-bit (bitsandbytes NF4) under the LoRA adapters; needs a CUDA GPU.")
-    gradient_checkpointing: bool | None = _f(None, "Recompute activations in backward to save memory (auto: on with a GPU).")
-    bf16: bool | None = _f(None, "bfloat16 mixed precision (auto: on with a GPU that supports it).")
-    threads: int = _f(0, "CPU threads for torch (0 = torch's default). 1 is faster on a busy machine.")
-    trust_remote_code: bool = _f(False, "Run custom model code from the checkpoint.")
+    lora: bool | None = help_field(None, "Train LoRA adapters instead of all weights (auto: on with a GPU, off on CPU).")
+    lora_r: int = help_field(16, "LoRA rank.")
+    lora_alpha: int = help_field(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = help_field(0.0, "Dropout on the LoRA path.")
+    lora_target: str = help_field("all-linear", "Modules that get adapters: all-linear or a comma list (q_proj,v_proj).")
+    lora_layers: int | None = help_field(None, "Adapt only the last N transformer layers (backward stops there: cheap on CPU).")
+    qlora: bool = help_field(False, "Load the base in 4-bit (bitsandbytes NF4) under the LoRA adapters; needs a CUDA GPU.")
+    gradient_checkpointing: bool | None = help_field(None, "Recompute activations in backward to save memory (auto: on with a GPU).")
+    bf16: bool | None = help_field(None, "bfloat16 mixed precision (auto: on with a GPU that supports it).")
+    threads: int = help_field(0, "CPU threads for torch (0 = torch's default). 1 is faster on a busy machine.")
+    trust_remote_code: bool = help_field(False, "Run custom model code from the checkpoint.")
     # ---- checkpoints, logging, eval ---------------------------------------------------------------
-    save_steps: int = _f(50, "Checkpoint every N steps; a crash loses at most this many steps.")
-    save_total_limit: int = _f(2, "Checkpoints kept (older ones are deleted once a newer one is complete).")
-    logging_steps: int = _f(1, "Log metrics every N steps (metrics.jsonl, plots, progress bar).")
-    eval_steps: int = _f(0, "Evaluate on eval_dataset every N steps during training (0 = never; see tandem align eval).")
-    eval_prompts: int = _f(64, "Held-out prompts used by `tandem align eval`.")
-    eval_max_new_tokens: int = _f(64, "Tokens generated per held-out prompt by `tandem align eval`.")
-    resume: bool = _f(False, "Continue the run in output_dir from its last complete checkpoint.")
-    report_to: str = _f("none", "Extra loggers for transformers (none, tensorboard, wandb, ...).")
+    save_steps: int = help_field(50, "Checkpoint every N steps; a crash loses at most this many steps.")
+    save_total_limit: int = help_field(2, "Checkpoints kept (older ones are deleted once a newer one is complete).")
+    logging_steps: int = help_field(1, "Log metrics every N steps (metrics.jsonl, plots, progress bar).")
+    eval_steps: int = help_field(0, "Evaluate on eval_dataset every N steps during training (0 = never; see tandem align eval).")
+    eval_prompts: int = help_field(64, "Held-out prompts used by `tandem align eval`.")
+    eval_max_new_tokens: int = help_field(64, "Tokens generated per held-out prompt by `tandem align eval`.")
+    resume: bool = help_field(False, "Continue the run in output_dir from its last complete checkpoint.")
+    report_to: str = help_field("none", "Extra loggers for transformers (none, tensorboard, wandb, ...).")
     trl_args: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "YAML only: extra fields for the TRL config class, passed through as is."}
     )
@@ -77,9 +78,9 @@ class AlignConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        _positive(self, "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "save_steps")
-        _positive(self, "save_total_limit", "logging_steps", "eval_prompts", "eval_max_new_tokens")
-        _non_negative(self, "warmup_steps", "eval_steps", "threads")
+        positive(self, "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "save_steps")
+        positive(self, "save_total_limit", "logging_steps", "eval_prompts", "eval_max_new_tokens")
+        non_negative(self, "warmup_steps", "eval_steps", "threads")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps must be a positive integer or -1 (use epochs), got {self.max_steps}")
         if self.epochs <= 0:
@@ -101,13 +102,15 @@ class AlignConfig:
         return bool(self.lora or self.qlora)
 
 
-def _positive(config: AlignConfig, *names: str) -> None:
+def positive(config: AlignConfig, *names: str) -> None:
+    """Raises ConfigError naming the first of ``names`` that is below 1."""
     for name in names:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be a positive integer, got {getattr(config, name)}")
 
 
-def _non_negative(config: AlignConfig, *names: str) -> None:
+def non_negative(config: AlignConfig, *names: str) -> None:
+    """Raises ConfigError naming the first of ``names`` that is negative."""
     for name in names:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be zero or more, got {getattr(config, name)}")
@@ -275,111 +278,3 @@ def _bf16_supported() -> bool:
     import torch
 
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-
-
-# ---------------------------------------------------------------------------------------------
-# One config per method. Defaults suit a 1.5B-7B model on one 24 GB GPU; presets and recipes adapt.
-
-
-@dataclass
-class SFTRunConfig(AlignConfig):
-    """Supervised fine-tuning on conversations (``messages``) or prompt/completion pairs."""
-
-    method: typing.ClassVar[str] = "sft"
-    learning_rate: float = _f(2e-5, "Peak learning rate.")
-    completion_only_loss: bool = _f(True, "Prompt/completion data: train only on the completion tokens.")
-    packing: bool = _f(False, "Pack several short examples into each max_length row.")
-
-
-@dataclass
-class RewardRunConfig(AlignConfig):
-    """A Bradley-Terry reward model (a scalar head on the base) from chosen/rejected pairs."""
-
-    method: typing.ClassVar[str] = "reward"
-    learning_rate: float = _f(1e-4, "Peak learning rate.")
-    center_rewards_coefficient: float | None = _f(None, "Pulls mean reward toward 0 (1e-2 is typical; unset = off).")
-
-
-@dataclass
-class DPORunConfig(AlignConfig):
-    """Direct preference optimisation from chosen/rejected pairs against a frozen reference."""
-
-    method: typing.ClassVar[str] = "dpo"
-    learning_rate: float = _f(5e-6, "Peak learning rate.")
-    beta: float = _f(0.1, "Strength of the pull toward the reference (higher = stay closer).")
-    loss_type: str = _f("sigmoid", "DPO loss(es), comma list: sigmoid (the paper), ipo, hinge, sft (NLL of chosen), ...")
-    loss_weights: str | None = _f(None, "Weights of the losses in loss_type, comma list (default 1 each); sigmoid,sft = RPO.")
-    precompute_ref_log_probs: bool = _f(False, "Score the data with the reference once up front (saves memory).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.beta > 0:
-            raise ConfigError(f"beta must be positive, got {self.beta}")
-        if self.loss_weights is not None and len(self.loss_weight_list) != len(self.loss_types):
-            raise ConfigError(f"loss_weights needs one weight per loss in loss_type ({', '.join(self.loss_types)})")
-
-    @property
-    def loss_types(self) -> list[str]:
-        return [name.strip() for name in self.loss_type.split(",") if name.strip()]
-
-    @property
-    def loss_weight_list(self) -> list[float] | None:
-        if self.loss_weights is None:
-            return None
-        try:
-            return [float(w) for w in self.loss_weights.split(",")]
-        except ValueError:
-            raise ConfigError(f"loss_weights must be numbers separated by commas, got {self.loss_weights!r}") from None
-
-
-@dataclass
-class KTORunConfig(AlignConfig):
-    """Kahneman-Tversky optimisation from thumbs-up/down examples (pairs are split into both)."""
-
-    method: typing.ClassVar[str] = "kto"
-    learning_rate: float = _f(5e-6, "Peak learning rate.")
-    beta: float = _f(0.1, "Strength of the pull toward the reference.")
-    desirable_weight: float = _f(1.0, "Loss weight of desirable (chosen) examples.")
-    undesirable_weight: float = _f(1.0, "Loss weight of undesirable (rejected) examples.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.beta > 0:
-            raise ConfigError(f"beta must be positive, got {self.beta}")
-
-
-@dataclass
-class GRPORunConfig(AlignConfig):
-    """Group-relative policy optimisation: sample a group per prompt, reward it, push above-average ones."""
-
-    method: typing.ClassVar[str] = "grpo"
-    learning_rate: float = _f(1e-6, "Peak learning rate.")
-    batch_size: int = _f(8, "Completions per device per step (a multiple of num_generations with grad_accum).")
-    rewards: str = _f("verifier", "Reward functions with weights, e.g. verifier or verifier:1,reward_model:0.5.")
-    reward_model: str | None = _f(None, "A reward run folder (tandem align reward) for the reward_model reward.")
-    num_generations: int = _f(8, "Completions sampled per prompt (the group).")
-    max_completion_length: int = _f(256, "Most tokens per sampled completion.")
-    temperature: float = _f(1.0, "Sampling temperature for the group.")
-    top_k: int = _f(0, "Sample among the k likeliest tokens (0 = all).")
-    beta: float = _f(0.04, "KL penalty toward the reference (0 disables the reference and the KL metric).")
-    num_iterations: int = _f(1, "Optimisation passes over each generated batch.")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_generations < 2:
-            raise ConfigError(f"num_generations must be at least 2, got {self.num_generations}")
-        _positive(self, "max_completion_length", "num_iterations")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be positive, got {self.temperature}")
-        if self.beta < 0:
-            raise ConfigError(f"beta must be zero or more, got {self.beta}")
-        if (self.batch_size * self.grad_accum) % self.num_generations:
-            raise ConfigError(
-                f"batch_size * grad_accum ({self.batch_size * self.grad_accum}) must be a multiple of "
-                f"num_generations ({self.num_generations}): for grpo, batch_size counts completions"
-            )
-        from tandemlm.align.rewards import parse_reward_spec
-
-        specs = parse_reward_spec(self.rewards)  # raises ConfigError naming `rewards`
-        if any(name == "reward_model" for name, _ in specs) and not self.reward_model:
-            raise ConfigError("rewards uses reward_model but reward_model (a reward run folder) is not set")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from tandemlm.align.tasks import capitals
+from tandemlm.models.atomic import atomic_write_text
 
 TEST_COUNTRIES = 30
 SPLIT_SEED = 0
@@ -139,16 +139,7 @@ def arithmetic_prompts(n: int, rng: random.Random, max_operand: int = 99) -> lis
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Writes rows as JSON lines through a temp file and a rename (never a half-written file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return path
 
 

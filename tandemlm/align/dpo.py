@@ -7,13 +7,47 @@ loads a second, frozen copy from the base folder.
 
 from __future__ import annotations
 
-from tandemlm.align.config import DPORunConfig
+from dataclasses import dataclass
+from typing import ClassVar
+
+from tandemlm.align.config import AlignConfig, help_field
+from tandemlm.align.errors import ConfigError
 from tandemlm.align.prepare import prepare
-from tandemlm.align.registry import register_method
-from tandemlm.align.run import Run, train, trainer_args
+from tandemlm.align.run import Method, Run, train, trainer_args
 
 
-@register_method(DPORunConfig, "Direct preference optimisation from chosen/rejected pairs.")
+@dataclass
+class DPORunConfig(AlignConfig):
+    """Direct preference optimisation from chosen/rejected pairs against a frozen reference."""
+
+    method: ClassVar[str] = "dpo"
+    learning_rate: float = help_field(5e-6, "Peak learning rate.")
+    beta: float = help_field(0.1, "Strength of the pull toward the reference (higher = stay closer).")
+    loss_type: str = help_field("sigmoid", "DPO loss(es), comma list: sigmoid (the paper), ipo, hinge, sft (NLL of chosen), ...")
+    loss_weights: str | None = help_field(None, "Weights of the losses in loss_type, comma list (default 1 each); sigmoid,sft = RPO.")
+    precompute_ref_log_probs: bool = help_field(False, "Score the data with the reference once up front (saves memory).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
+        if self.loss_weights is not None and len(self.loss_weight_list) != len(self.loss_types):
+            raise ConfigError(f"loss_weights needs one weight per loss in loss_type ({', '.join(self.loss_types)})")
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [name.strip() for name in self.loss_type.split(",") if name.strip()]
+
+    @property
+    def loss_weight_list(self) -> list[float] | None:
+        if self.loss_weights is None:
+            return None
+        try:
+            return [float(w) for w in self.loss_weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"loss_weights must be numbers separated by commas, got {self.loss_weights!r}") from None
+
+
 def run_dpo(config: DPORunConfig) -> Run:
     """Trains ``config.model`` with DPO on ``config.dataset`` (preference pairs) and saves the run."""
     from trl import DPOConfig, DPOTrainer
@@ -30,3 +64,6 @@ def run_dpo(config: DPORunConfig) -> Run:
         processing_class=p.tokenizer, peft_config=p.peft_config,
     )
     return train(trainer, p.run)
+
+
+METHOD = Method(DPORunConfig, run_dpo, "Direct preference optimisation from chosen/rejected pairs.")

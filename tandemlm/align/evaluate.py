@@ -21,9 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandemlm.align.config import ConfigError
 from tandemlm.align.data import load_rows
-from tandemlm.align.run import Run, atomic_write_text, open_run
+from tandemlm.align.errors import ConfigError
+from tandemlm.align.model import load_tokenizer, set_threads
+from tandemlm.align.prepare import quiet_libraries
+from tandemlm.align.registry import open_run
+from tandemlm.align.rewards import load_reward_model, score_conversations, verifier
+from tandemlm.align.run import Run
+from tandemlm.align.sampling import conversation_logprob, generate, response_logprobs
+from tandemlm.models.atomic import atomic_write_text
 
 EXAMPLES = 3  # prompt/policy/reference triples kept in the report for a human to read
 
@@ -51,8 +57,6 @@ class EvalOptions:
 
 def evaluate_run(run_dir: str | Path, options: EvalOptions | None = None) -> dict[str, Any]:
     """Evaluates a run on held-out data (read and checked before any model loads); writes eval.json."""
-    from tandemlm.align.model import set_threads
-    from tandemlm.align.prepare import quiet_libraries
 
     quiet_libraries()
     options = options or EvalOptions()
@@ -84,7 +88,6 @@ def _split_rows(refs: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, A
 
 
 def _eval_reward_run(run: Run, pairs: list[dict[str, Any]], options: EvalOptions) -> dict[str, Any]:
-    from tandemlm.align.rewards import load_reward_model, score_conversations
 
     if not pairs:
         raise ConfigError("a reward run is evaluated on preference pairs (prompt/chosen/rejected); pass --dataset")
@@ -147,7 +150,6 @@ class ModelPair:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from tandemlm.align.model import load_tokenizer
 
         self.tokenizer = load_tokenizer(run.final if run.final.is_dir() else run.base_model)
         base = AutoModelForCausalLM.from_pretrained(run.base_model, dtype=torch.float32).eval()
@@ -174,7 +176,6 @@ class ModelPair:
 
 
 def _eval_policy_run(run: Run, prompt_rows: list[dict[str, Any]], pairs: list[dict[str, Any]], options: EvalOptions) -> dict[str, Any]:
-    from tandemlm.align.sampling import generate, response_logprobs
 
     if not prompt_rows:
         prompt_rows = _prompts_of(pairs)
@@ -247,7 +248,6 @@ def _kl(policy: list[list[float]], reference: list[list[float]], temperature: fl
 
 
 def _verifier_scores(rows: list[dict[str, Any]], texts: dict[str, list[str]]) -> dict[str, dict[str, list[float | None]]]:
-    from tandemlm.align.rewards import verifier
 
     if not any("task" in row for row in rows):
         return {}
@@ -256,7 +256,6 @@ def _verifier_scores(rows: list[dict[str, Any]], texts: dict[str, list[str]]) ->
 
 
 def _reward_scores(ref: str, prompts: list[Any], texts: dict[str, list[str]], batch_size: int) -> dict[str, list[float | None]]:
-    from tandemlm.align.rewards import load_reward_model, score_conversations
 
     model, tokenizer = load_reward_model(ref)
     return {
@@ -276,7 +275,6 @@ def _win_rate(policy: list[float | None], reference: list[float | None]) -> dict
 
 
 def _pair_margins(pair: ModelPair, rows: list[dict[str, Any]], beta: float, progress: Any = None) -> dict[str, Any]:
-    from tandemlm.align.sampling import conversation_logprob
 
     prompts = [r.get("prompt", []) for r in rows]
     logp: dict[str, dict[str, list[float]]] = {}

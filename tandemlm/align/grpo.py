@@ -8,14 +8,51 @@ LoRA), which TRL logs as ``kl``.
 
 from __future__ import annotations
 
-from tandemlm.align.config import GRPORunConfig
+from dataclasses import dataclass
+from typing import ClassVar
+
+from tandemlm.align.config import AlignConfig, help_field, positive
+from tandemlm.align.errors import ConfigError
 from tandemlm.align.prepare import prepare
-from tandemlm.align.registry import register_method
-from tandemlm.align.rewards import build_rewards
-from tandemlm.align.run import Run, train, trainer_args
+from tandemlm.align.rewards import build_rewards, parse_reward_spec
+from tandemlm.align.run import Method, Run, train, trainer_args
 
 
-@register_method(GRPORunConfig, "Group-relative policy optimisation with verifier and/or reward-model rewards.")
+@dataclass
+class GRPORunConfig(AlignConfig):
+    """Group-relative policy optimisation: sample a group per prompt, reward it, push above-average ones."""
+
+    method: ClassVar[str] = "grpo"
+    learning_rate: float = help_field(1e-6, "Peak learning rate.")
+    batch_size: int = help_field(8, "Completions per device per step (a multiple of num_generations with grad_accum).")
+    rewards: str = help_field("verifier", "Reward functions with weights, e.g. verifier or verifier:1,reward_model:0.5.")
+    reward_model: str | None = help_field(None, "A reward run folder (tandem align reward) for the reward_model reward.")
+    num_generations: int = help_field(8, "Completions sampled per prompt (the group).")
+    max_completion_length: int = help_field(256, "Most tokens per sampled completion.")
+    temperature: float = help_field(1.0, "Sampling temperature for the group.")
+    top_k: int = help_field(0, "Sample among the k likeliest tokens (0 = all).")
+    beta: float = help_field(0.04, "KL penalty toward the reference (0 disables the reference and the KL metric).")
+    num_iterations: int = help_field(1, "Optimisation passes over each generated batch.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be at least 2, got {self.num_generations}")
+        positive(self, "max_completion_length", "num_iterations")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.beta < 0:
+            raise ConfigError(f"beta must be zero or more, got {self.beta}")
+        if (self.batch_size * self.grad_accum) % self.num_generations:
+            raise ConfigError(
+                f"batch_size * grad_accum ({self.batch_size * self.grad_accum}) must be a multiple of "
+                f"num_generations ({self.num_generations}): for grpo, batch_size counts completions"
+            )
+        specs = parse_reward_spec(self.rewards)  # raises ConfigError naming `rewards`
+        if any(name == "reward_model" for name, _ in specs) and not self.reward_model:
+            raise ConfigError("rewards uses reward_model but reward_model (a reward run folder) is not set")
+
+
 def run_grpo(config: GRPORunConfig) -> Run:
     """Trains ``config.model`` with GRPO on the prompts of ``config.dataset`` and saves the run."""
     from trl import GRPOConfig, GRPOTrainer
@@ -34,3 +71,6 @@ def run_grpo(config: GRPORunConfig) -> Run:
         processing_class=p.tokenizer, reward_processing_classes=reward_tokenizers, peft_config=p.peft_config,
     )
     return train(trainer, p.run)
+
+
+METHOD = Method(GRPORunConfig, run_grpo, "Group-relative policy optimisation with verifier and/or reward-model rewards.")

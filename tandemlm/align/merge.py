@@ -9,8 +9,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tandemlm.align.config import ConfigError
-from tandemlm.align.run import open_run, replace_dir
+from tandemlm.align.errors import ConfigError
+from tandemlm.align.model import load_tokenizer, quiet_transformers
+from tandemlm.align.prepare import quiet_libraries
+from tandemlm.align.run_folder import read_run_folder
+from tandemlm.models.atomic import replace_dir
 
 
 def merge_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -22,19 +25,15 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tandemlm.align.model import load_tokenizer
-    from tandemlm.align.prepare import quiet_libraries
-    from tandemlm.align.rewards import quiet_transformers
-
     quiet_libraries()
-    run = open_run(run_dir)
+    run = read_run_folder(run_dir)
     if not run.final.is_dir():
         raise ConfigError(f"run {run.dir} has no final/ model yet; finish it (or --resume it) first")
     if not run.is_adapter:
         return run.final
     target = Path(out).expanduser().resolve() if out else run.merged
-    auto = AutoModelForSequenceClassification if run.config.method == "reward" else AutoModelForCausalLM
-    kwargs = {"num_labels": 1} if run.config.method == "reward" else {}
+    auto = AutoModelForSequenceClassification if run.method == "reward" else AutoModelForCausalLM
+    kwargs = {"num_labels": 1} if run.method == "reward" else {}
     # fp32 for the merge: adding a low-rank product to bf16 weights rounds it away on small models.
     with quiet_transformers():  # a reward base lacks the score head the adapter brings: no "MISSING" report
         base = auto.from_pretrained(run.base_model, dtype=torch.float32, **kwargs)

@@ -6,10 +6,14 @@ A ``model`` reference may be a built-in name, an HF folder, a hub id, or a finis
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tandemlm.align.config import AlignConfig, ConfigError
+from tandemlm.align.config import AlignConfig
+from tandemlm.align.errors import ConfigError
+from tandemlm.align.run_folder import is_run_folder, read_run_folder
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -30,12 +34,11 @@ def set_threads(threads: int) -> None:
 
 def base_folder(ref: str, trust_remote_code: bool = False) -> Path:
     """A local HF folder for ``ref``: a run's trained weights, a built-in, a folder or a hub id."""
-    from tandemlm.align.run import RUN_FILE, open_run
     from tandemlm.models.resolve import resolve_model
 
     path = Path(ref).expanduser()
-    if (path / RUN_FILE).is_file():
-        return open_run(path).model_folder()
+    if is_run_folder(path):
+        return read_run_folder(path).model_folder()
     return resolve_model(ref, trust_remote_code=trust_remote_code).hf_folder()
 
 
@@ -49,6 +52,19 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> PreTr
     if not tokenizer.chat_template:
         raise ConfigError(f"model {folder} has no chat template; the align methods train on conversations")
     return tokenizer
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silences transformers below errors for a block (load reports that would only confuse)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def load_model(folder: str | Path, config: AlignConfig, head: str = "causal") -> PreTrainedModel:

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tandemlm.align.metrics import read_metrics
+
 # One row per figure: file name -> (title, y label, metric keys; a key ending in /* matches a prefix).
 PLOTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "loss": ("Training loss", "loss", ("loss", "eval_loss")),
@@ -40,8 +42,6 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_dir: str | os.PathLik
 
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
-
-    from tandemlm.align.callbacks import read_metrics
 
     records = [r for r in read_metrics(metrics_path) if "warning" not in r]
     out = Path(out_dir)

@@ -1,65 +1,45 @@
-"""Alignment methods register here by name; the CLI builds one command per method from this table.
+"""The alignment methods by name, and reading a run back with its method's config class.
 
-Method modules import TRL inside their ``run_<method>``, so importing them (and listing methods)
-costs nothing.
+This is the only module that imports every method module; the CLI builds one command per method
+from :func:`methods`. Each method module declares ``METHOD = Method(ConfigClass, run_<method>,
+description)`` and imports TRL inside ``run_<method>``, so importing them costs nothing. A new
+method (PPO) adds its ``METHOD`` to :data:`_BUILTIN`.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import os
+from typing import Any
 
-if TYPE_CHECKING:
-    from tandemlm.align.config import AlignConfig
-    from tandemlm.align.run import Run
+from tandemlm.align import dpo, grpo, kto, reward, sft
+from tandemlm.align.config import make_config, read_yaml
+from tandemlm.align.run import Method, Run
+from tandemlm.align.run_folder import CONFIG_FILE, read_run_folder
 
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    config_cls: type[AlignConfig]
-    run: Callable[..., Run]
-    description: str
-
-
-_METHODS: dict[str, Method] = {}
-# Modules that register the built-in methods when imported (PPO adds its own line).
-_BUILTIN_MODULES = (
-    "tandemlm.align.sft",
-    "tandemlm.align.reward",
-    "tandemlm.align.dpo",
-    "tandemlm.align.kto",
-    "tandemlm.align.grpo",
-)
-
-
-def register_method(config_cls: type[AlignConfig], description: str) -> Callable[[Callable[..., Run]], Callable[..., Run]]:
-    """Decorator for a method's ``run_<method>(config) -> Run``; the name is ``config_cls.method``."""
-
-    def wrap(run: Callable[..., Run]) -> Callable[..., Run]:
-        _METHODS[config_cls.method] = Method(config_cls.method, config_cls, run, description)
-        return run
-
-    return wrap
+_BUILTIN: tuple[Method, ...] = (sft.METHOD, reward.METHOD, dpo.METHOD, kto.METHOD, grpo.METHOD)
+_METHODS: dict[str, Method] = {method.name: method for method in _BUILTIN}
 
 
 def methods() -> dict[str, Method]:
     """Every registered method, by name."""
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
     return dict(_METHODS)
 
 
 def get_method(name: str) -> Method:
     """The method called ``name``; an unknown name lists the known ones."""
-    known = methods()
-    if name not in known:
-        raise KeyError(f"unknown alignment method {name!r}; known methods: {', '.join(sorted(known))}")
-    return known[name]
+    if name not in _METHODS:
+        raise KeyError(f"unknown alignment method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
 
 
 def run_method(name: str, config: Any) -> Run:
     """Runs method ``name`` with ``config`` (an instance of its config class)."""
     return get_method(name).run(config)
+
+
+def open_run(path: str | os.PathLike[str]) -> Run:
+    """A finished (or interrupted) run folder, with its config read as its method's config class."""
+    folder = read_run_folder(path)
+    values = read_yaml(folder.dir / CONFIG_FILE)
+    config_cls = get_method(folder.method).config_cls
+    return Run(folder.dir, make_config(config_cls, values, source=str(folder.dir / CONFIG_FILE)))

@@ -6,13 +6,23 @@ the loss is ``-log sigmoid(r(chosen) - r(rejected))``.
 
 from __future__ import annotations
 
-from tandemlm.align.config import RewardRunConfig
+from dataclasses import dataclass
+from typing import ClassVar
+
+from tandemlm.align.config import AlignConfig, help_field
 from tandemlm.align.prepare import prepare
-from tandemlm.align.registry import register_method
-from tandemlm.align.run import Run, train, trainer_args
+from tandemlm.align.run import Method, Run, train, trainer_args
 
 
-@register_method(RewardRunConfig, "Bradley-Terry reward model from chosen/rejected pairs.")
+@dataclass
+class RewardRunConfig(AlignConfig):
+    """A Bradley-Terry reward model (a scalar head on the base) from chosen/rejected pairs."""
+
+    method: ClassVar[str] = "reward"
+    learning_rate: float = help_field(1e-4, "Peak learning rate.")
+    center_rewards_coefficient: float | None = help_field(None, "Pulls mean reward toward 0 (1e-2 is typical; unset = off).")
+
+
 def run_reward(config: RewardRunConfig) -> Run:
     """Trains a reward model on ``config.dataset`` (preference pairs) and saves the run."""
     from trl import RewardConfig, RewardTrainer
@@ -27,3 +37,6 @@ def run_reward(config: RewardRunConfig) -> Run:
         peft_config=p.peft_config,
     )
     return train(trainer, p.run)
+
+
+METHOD = Method(RewardRunConfig, run_reward, "Bradley-Terry reward model from chosen/rejected pairs.")

@@ -1,24 +1,25 @@
-"""Reward functions for GRPO (and eval): the rule-based verifier and a trained reward model.
+"""Reward functions for GRPO, PPO and eval: the rule-based verifier and a trained reward model.
 
-``rewards`` in a GRPO config names them with weights, ``verifier:1,reward_model:0.5``; TRL sums
-the weighted rewards per completion (``reward_weights``) and logs each one as
-``rewards/<name>/mean``. Reward functions register by name; an unknown one lists the known ones.
+``rewards`` in a GRPO (or PPO) config names them with weights, ``verifier:1,reward_model:0.5``;
+TRL sums the weighted rewards per completion (``reward_weights``) and logs each one as
+``rewards/<name>/mean``. Reward builders register by name (:func:`register_reward`, which a method
+module may call to add its own); an unknown name lists the known ones. A builder gets the method's
+config and reads the fields it needs (``reward_model``, ``bf16``, ...); nothing here knows a method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tandemlm.align.config import ConfigError
-
-if TYPE_CHECKING:
-    from tandemlm.align.config import GRPORunConfig
+from tandemlm.align.errors import ConfigError
+from tandemlm.align.model import load_tokenizer, quiet_transformers
+from tandemlm.align.run_folder import is_run_folder, read_run_folder
+from tandemlm.align.tasks import verify
 
 # name -> builder(config) -> (reward function or model, its tokenizer or None)
-_REWARDS: dict[str, Callable[[GRPORunConfig], tuple[Any, Any]]] = {}
+_REWARDS: dict[str, Callable[[Any], tuple[Any, Any]]] = {}
 
 
 def register_reward(name: str) -> Callable[[Callable[..., tuple[Any, Any]]], Callable[..., tuple[Any, Any]]]:
@@ -29,6 +30,11 @@ def register_reward(name: str) -> Callable[[Callable[..., tuple[Any, Any]]], Cal
         return builder
 
     return wrap
+
+
+def reward_names() -> list[str]:
+    """The registered reward names, sorted."""
+    return sorted(_REWARDS)
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
@@ -50,8 +56,11 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     return parsed
 
 
-def build_rewards(config: GRPORunConfig) -> tuple[list[Any], list[float], list[Any]]:
-    """(reward functions or models, weights, processing classes) in the order of ``config.rewards``."""
+def build_rewards(config: Any) -> tuple[list[Any], list[float], list[Any]]:
+    """(reward functions or models, weights, processing classes) in the order of ``config.rewards``.
+
+    ``config`` is any method's config with a ``rewards`` spec and the fields its rewards read.
+    """
     funcs, weights, tokenizers = [], [], []
     for name, weight in parse_reward_spec(config.rewards):
         func, tokenizer = _REWARDS[name](config)
@@ -77,8 +86,6 @@ def verifier(
     answer: Sequence[str | None] | None = None, **_: Any,
 ) -> list[float | None]:
     """1.0 when the row's ``task`` checker accepts the completion, else 0.0; None for rows without a task."""
-    from tandemlm.align.tasks import verify
-
     tasks = task or [None] * len(completions)
     answers = answer or [None] * len(completions)
     return [
@@ -88,7 +95,7 @@ def verifier(
 
 
 @register_reward("verifier")
-def _verifier_reward(config: GRPORunConfig) -> tuple[Any, Any]:
+def _verifier_reward(config: Any) -> tuple[Any, Any]:
     return verifier, None
 
 
@@ -97,7 +104,7 @@ def _verifier_reward(config: GRPORunConfig) -> tuple[Any, Any]:
 
 
 @register_reward("reward_model")
-def _reward_model_reward(config: GRPORunConfig) -> tuple[Any, Any]:
+def _reward_model_reward(config: Any) -> tuple[Any, Any]:
     if not config.reward_model:
         raise ConfigError("rewards uses reward_model but reward_model (a reward run folder) is not set")
     import torch
@@ -117,15 +124,12 @@ def load_reward_model(ref: str | Path, dtype: Any = None) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from tandemlm.align.model import load_tokenizer
-    from tandemlm.align.run import RUN_FILE, open_run
-
     dtype = dtype or torch.float32
     path = Path(ref).expanduser()
-    if (path / RUN_FILE).is_file():
-        run = open_run(path)
-        if run.config.method != "reward":
-            raise ConfigError(f"reward_model: {path} is a {run.config.method} run, not a reward run")
+    if is_run_folder(path):
+        run = read_run_folder(path)
+        if run.method != "reward":
+            raise ConfigError(f"reward_model: {path} is a {run.method} run, not a reward run")
         if run.is_adapter and not run.merged.is_dir():
             from peft import PeftModel
 
@@ -144,19 +148,6 @@ def load_reward_model(ref: str | Path, dtype: Any = None) -> tuple[Any, Any]:
         raise ConfigError(f"reward_model: {path} is neither a reward run folder nor an HF model folder")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silences transformers below errors for a block (load reports that would only confuse)."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
 
 
 def score_conversations(

@@ -1,127 +1,63 @@
-"""The run machinery every method shares (PPO included): run folder, checkpoints, resume, final save.
+"""Starting, resuming and finishing a training run: the part of the run machinery that needs its config.
 
-A run folder holds::
-
-    config.yaml       the resolved config (auto fields filled in), written before training starts
-    run.json          method, base model, adapter or full weights, status, wall time per session
-    metrics.jsonl     one line per log step (see callbacks.py), cut back to the checkpoint on resume
-    plots/*.png       loss, reward, KL, chosen/rejected margins, response length
-    checkpoints/      the trainer's checkpoint-N folders
-    final/            the trained model (LoRA adapter or full weights) with its tokenizer
-    merged/           base + adapter merged (``tandem merge``), a plain HF folder
-
-Checkpoints: the trainer writes ``trainer_state.json`` last, so a checkpoint counts as complete
-only when that file parses; ``--resume`` deletes incomplete ones (a kill -9 mid-save) and continues
-from the newest complete one, losing at most ``save_steps`` steps. Final weights and every small
-file are written to a temp name and renamed.
+:class:`Run` is a :class:`~tandemlm.align.run_folder.RunFolder` (the files) with the resolved config.
+:func:`prepare_run` writes config.yaml and run.json before training, refuses to overwrite a run and
+checks that a resumed one trains the same model on the same data; :func:`train` runs a
+transformers ``Trainer`` with the shared callbacks, resumes from the newest complete checkpoint
+(losing at most ``save_steps`` steps), saves final/ atomically and records the session.
+:class:`Method` is what each method module declares (``METHOD``) for ``registry`` to list.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tandemlm.align.config import AlignConfig, ConfigError, make_config, read_yaml, resolve_auto, to_dict
+from tandemlm.align.config import AlignConfig, read_yaml, resolve_auto, to_dict
+from tandemlm.align.errors import ConfigError
+from tandemlm.align.run_folder import (
+    CONFIG_FILE,
+    RUN_FILE,
+    RunFolder,
+    is_main_process,
+    latest_checkpoint,
+    num_processes,
+    same_on_all_processes,
+    save_final,
+    wait_for_everyone,
+)
+from tandemlm.models.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from transformers import Trainer
 
-RUN_FILE = "run.json"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_PREFIX = "checkpoint-"
 DEFAULT_RUNS_DIR = "runs"
 # Fields that must match when resuming: anything else (max_steps, save_steps, ...) may change.
 IDENTITY_FIELDS = ("model", "dataset", "lora", "qlora", "lora_r", "lora_target", "lora_layers")
 
 
 @dataclass
-class Run:
+class Run(RunFolder):
     """One run folder and its resolved config."""
 
-    dir: Path
     config: AlignConfig
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.dir / "checkpoints"
+
+@dataclass(frozen=True)
+class Method:
+    """An alignment method: its config class, ``run(config) -> Run`` and a one-line description."""
+
+    config_cls: type[AlignConfig]
+    run: Callable[..., Run]
+    description: str
 
     @property
-    def final(self) -> Path:
-        return self.dir / "final"
-
-    @property
-    def merged(self) -> Path:
-        return self.dir / "merged"
-
-    @property
-    def metrics(self) -> Path:
-        return self.dir / METRICS_FILE
-
-    @property
-    def plots(self) -> Path:
-        return self.dir / "plots"
-
-    def info(self) -> dict[str, Any]:
-        """The contents of run.json ({} before it is written)."""
-        path = self.dir / RUN_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    def update_info(self, **values: Any) -> None:
-        if is_main_process():
-            atomic_write_text(self.dir / RUN_FILE, json.dumps({**self.info(), **values}, indent=2) + "\n")
-
-    @property
-    def base_model(self) -> Path:
-        """The HF folder the run started from (the reference model of DPO/GRPO/KTO)."""
-        return Path(self.info()["base_model"])
-
-    @property
-    def is_adapter(self) -> bool:
-        return bool(self.info().get("adapter"))
-
-    def model_folder(self) -> Path:
-        """A plain HF folder with the trained weights: merged/ for LoRA runs, final/ otherwise."""
-        if not (self.final.is_dir() or self.merged.is_dir()):
-            raise ConfigError(f"run {self.dir} has no trained model yet (final/ is missing); finish or --resume it")
-        if self.is_adapter:
-            if not self.merged.is_dir():
-                raise ConfigError(f"run {self.dir} trained a LoRA adapter; merge it first: tandem merge {self.dir}")
-            return self.merged
-        return self.final
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes: under `accelerate launch` only the main process writes run files.
-
-
-def is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
-def wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
-
-
-def _same_on_all_processes(value: Any) -> Any:
-    """The main process's ``value`` on every process (a timestamped run name must not differ)."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    if PartialState().num_processes == 1:
-        return value
-    return broadcast_object_list([value], from_process=0)[0]
+    def name(self) -> str:
+        return self.config_cls.method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +102,7 @@ def _run_folder(config: AlignConfig) -> Path:
         if not latest:
             raise ConfigError(f"--resume: no {config.method} runs under {runs}; pass --output-dir RUN")
         return latest[-1]
-    name = _same_on_all_processes(f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = same_on_all_processes(f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     return runs / name
 
 
@@ -178,54 +114,8 @@ def _check_resumable(config: AlignConfig, saved: dict[str, Any], path: Path) -> 
             )
 
 
-def open_run(path: str | os.PathLike[str]) -> Run:
-    """A finished (or interrupted) run folder, with its config."""
-    from tandemlm.align.registry import get_method
-
-    folder = Path(path).expanduser().resolve()
-    if not (folder / RUN_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
-        raise ConfigError(f"{folder} is not a run folder ({RUN_FILE} or {CONFIG_FILE} is missing)")
-    values = read_yaml(folder / CONFIG_FILE)
-    method = json.loads((folder / RUN_FILE).read_text())["method"]
-    return Run(folder, make_config(get_method(method).config_cls, values, source=str(folder / CONFIG_FILE)))
-
-
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints whose trainer_state.json (written last) parses, oldest first."""
-    found = []
-    for path in folder.glob(f"{CHECKPOINT_PREFIX}*"):
-        step = path.name[len(CHECKPOINT_PREFIX) :]
-        if step.isdigit() and _state_step(path) is not None:
-            found.append((int(step), path))
-    return [path for _, path in sorted(found)]
-
-
-def _state_step(checkpoint: Path) -> int | None:
-    try:
-        return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def latest_checkpoint(run: Run) -> Path | None:
-    """The newest complete checkpoint, after removing any a crash left half-written."""
-    if not run.checkpoints.is_dir():
-        return None
-    complete = complete_checkpoints(run.checkpoints)
-    if is_main_process():
-        for path in run.checkpoints.glob(f"{CHECKPOINT_PREFIX}*"):
-            if path not in complete:
-                shutil.rmtree(path, ignore_errors=True)
-    wait_for_everyone()
-    return complete[-1] if complete else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Trainer arguments, training, final save
+# Trainer arguments and training
 
 
 def trainer_args(config_cls: type, run: Run, has_eval: bool, **method_fields: Any) -> Any:
@@ -274,7 +164,7 @@ def train(trainer: Trainer, run: Run) -> Run:
     """Trains (resuming if asked), saves final/ atomically and records the session in run.json."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from tandemlm.align.callbacks import HackingWatch, MetricsLogger, RichProgress
+    from tandemlm.align.callbacks import HackingWatch, MetricsLogger, RichProgress  # imports transformers
 
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
@@ -287,7 +177,7 @@ def train(trainer: Trainer, run: Run) -> Run:
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_final(trainer, run)
-    if _num_processes() > 1:
+    if num_processes() > 1:
         run.update_info(rank_digests=rank_digests(trainer.model))
     _record_session(run, finished=_now(), seconds=round(time.monotonic() - started, 1), steps=trainer.state.global_step)
     run.update_info(status="finished", global_step=trainer.state.global_step)
@@ -313,44 +203,6 @@ def rank_digests(model: Any) -> list[str]:
     return gather_object([digest.hexdigest()[:16]])
 
 
-def _num_processes() -> int:
-    from accelerate import PartialState
-
-    return PartialState().num_processes
-
-
-def save_final(trainer: Trainer, run: Run) -> Path:
-    """Saves the model and tokenizer to final/ through a temp folder (every process joins the save)."""
-    staging = run.dir / ".final.partial"
-    if is_main_process():
-        shutil.rmtree(staging, ignore_errors=True)
-    wait_for_everyone()
-    trainer.save_model(str(staging))
-    wait_for_everyone()
-    if is_main_process():
-        _drop_trainer_files(staging)
-        replace_dir(staging, run.final)
-    wait_for_everyone()
-    return run.final
-
-
-def _drop_trainer_files(folder: Path) -> None:
-    """training_args.bin is a pickle; final/ keeps only safetensors, JSON and tokenizer files."""
-    (folder / "training_args.bin").unlink(missing_ok=True)
-
-
-def replace_dir(staging: Path, target: Path) -> None:
-    """Moves a finished ``staging`` folder to ``target``, replacing any old one."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
-
-
 def _record_session(run: Run, **values: Any) -> None:
     sessions = run.info().get("sessions") or [{}]
     sessions[-1] = {**sessions[-1], **values}
@@ -359,20 +211,7 @@ def _record_session(run: Run, **values: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Small atomic writers
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` via a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+# Small writers
 
 
 def _write_yaml(path: Path, values: dict[str, Any]) -> None:

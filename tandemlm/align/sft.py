@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from tandemlm.align.config import SFTRunConfig
+from dataclasses import dataclass
+from typing import ClassVar
+
+from tandemlm.align.config import AlignConfig, help_field
 from tandemlm.align.prepare import prepare
-from tandemlm.align.registry import register_method
-from tandemlm.align.run import Run, train, trainer_args
+from tandemlm.align.run import Method, Run, train, trainer_args
 
 
-@register_method(SFTRunConfig, "Supervised fine-tuning on conversations or prompt/completion pairs.")
+@dataclass
+class SFTRunConfig(AlignConfig):
+    """Supervised fine-tuning on conversations (``messages``) or prompt/completion pairs."""
+
+    method: ClassVar[str] = "sft"
+    learning_rate: float = help_field(2e-5, "Peak learning rate.")
+    completion_only_loss: bool = help_field(True, "Prompt/completion data: train only on the completion tokens.")
+    packing: bool = help_field(False, "Pack several short examples into each max_length row.")
+
+
 def run_sft(config: SFTRunConfig) -> Run:
-    """Fine-tunes ``config.model`` on ``config.dataset`` and saves the run (see run.py for the layout)."""
+    """Fine-tunes ``config.model`` on ``config.dataset`` and saves the run (see run_folder.py for the layout)."""
     from trl import SFTConfig, SFTTrainer
 
     p = prepare(config)
@@ -23,3 +34,6 @@ def run_sft(config: SFTRunConfig) -> Run:
         peft_config=p.peft_config,
     )
     return train(trainer, p.run)
+
+
+METHOD = Method(SFTRunConfig, run_sft, "Supervised fine-tuning on conversations or prompt/completion pairs.")

@@ -31,8 +31,8 @@ PresetOpt = Annotated[str | None, typer.Option("--preset", help="Built-in partia
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from tandemlm.align.config import ConfigError
     from tandemlm.align.data import DataError
+    from tandemlm.align.errors import ConfigError
     from tandemlm.deploy.types import EngineError
 
     return (ConfigError, DataError, EngineError, KeyError)
@@ -89,7 +89,7 @@ def _run_method(name: str, config_file: Path | None, preset: str | None, overrid
     except _user_errors() as exc:
         fail(str(exc).strip("'\""))
         return
-    from tandemlm.align.run import is_main_process
+    from tandemlm.align.run_folder import is_main_process
 
     if not is_main_process():
         return  # under accelerate launch one summary is enough
@@ -186,7 +186,7 @@ def list_command() -> None:
     from tandemlm.align.data import builtin_datasets
     from tandemlm.align.presets import PRESETS
     from tandemlm.align.registry import methods
-    from tandemlm.align.rewards import _REWARDS
+    from tandemlm.align.rewards import reward_names
     from tandemlm.align.tasks import TASKS
 
     table = Table("method", "presets", "description")
@@ -194,6 +194,6 @@ def list_command() -> None:
         table.add_row(name, ", ".join(PRESETS.get(name, {})) or "-", method.description)
     console = Console()
     console.print(table)
-    console.print(f"rewards (grpo --rewards): {', '.join(sorted(_REWARDS))}")
+    console.print(f"rewards (grpo --rewards): {', '.join(reward_names())}")
     console.print("tasks (verifier): " + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()))
     console.print(f"built-in datasets (builtin:NAME): {', '.join(builtin_datasets())}")

@@ -77,7 +77,7 @@ def chat_once(folder: Path) -> str:
 
 
 def metric_values(run: Any, key: str) -> list[float]:
-    from tandemlm.align.callbacks import read_metrics
+    from tandemlm.align.metrics import read_metrics
 
     return [r[key] for r in read_metrics(run.metrics) if key in r]
 

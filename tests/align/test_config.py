@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tandemlm.align.config import (
-    ConfigError,
-    DPORunConfig,
-    GRPORunConfig,
-    SFTRunConfig,
-    build_config,
-    resolve_auto,
-)
+from tandemlm.align.config import build_config, resolve_auto
+from tandemlm.align.dpo import DPORunConfig
+from tandemlm.align.errors import ConfigError
+from tandemlm.align.grpo import GRPORunConfig
+from tandemlm.align.sft import SFTRunConfig
 
 
 def test_precedence_defaults_preset_yaml_flags(tmp_path):

@@ -13,9 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from tandemlm.align.callbacks import HackingWatch, hacking_signature, read_metrics, truncate_metrics
-from tandemlm.align.config import ConfigError, SFTRunConfig
-from tandemlm.align.run import Run, complete_checkpoints, prepare_run
+from tandemlm.align.callbacks import HackingWatch, hacking_signature
+from tandemlm.align.errors import ConfigError
+from tandemlm.align.metrics import read_metrics, truncate_metrics
+from tandemlm.align.run import Run, prepare_run
+from tandemlm.align.run_folder import complete_checkpoints
+from tandemlm.align.sft import SFTRunConfig
 
 
 def _sft_command(model: Path, out: Path, *extra: str) -> list[str]:

@@ -1,0 +1,7 @@
+"""Errors the align layers share; this module imports nothing, so every layer can raise them."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the field, file or flag."""

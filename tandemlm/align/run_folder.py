@@ -1,0 +1,204 @@
+"""A run folder as files, without its config: paths, run.json, checkpoints, the final save.
+
+A run folder holds::
+
+    config.yaml       the resolved config (auto fields filled in), written before training starts
+    run.json          method, base model, adapter or full weights, status, wall time per session
+    metrics.jsonl     one line per log step (see metrics.py), cut back to the checkpoint on resume
+    plots/*.png       loss, reward, KL, chosen/rejected margins, response length
+    checkpoints/      the trainer's checkpoint-N folders
+    final/            the trained model (LoRA adapter or full weights) with its tokenizer
+    merged/           base + adapter merged (``tandem merge``), a plain HF folder
+
+:class:`RunFolder` reads everything but the config from run.json, so loading a run's weights
+(``model.base_folder``, ``rewards.load_reward_model``, ``merge``) needs no method's config class;
+``run.Run`` adds the config, and ``registry.open_run`` reads it back with the method's class.
+
+Checkpoints: the trainer writes ``trainer_state.json`` last, so a checkpoint counts as complete
+only when that file parses; ``--resume`` deletes incomplete ones (a kill -9 mid-save) and continues
+from the newest complete one. Final weights and every small file are written to a temp name and
+renamed. Under ``accelerate launch`` only the main process writes run files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tandemlm.align.errors import ConfigError
+from tandemlm.models.atomic import atomic_write_text, replace_dir
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class RunFolder:
+    """One run folder; what it holds is described by run.json."""
+
+    dir: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.dir / "final"
+
+    @property
+    def merged(self) -> Path:
+        return self.dir / "merged"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / METRICS_FILE
+
+    @property
+    def plots(self) -> Path:
+        return self.dir / "plots"
+
+    def info(self) -> dict[str, Any]:
+        """The contents of run.json ({} before it is written)."""
+        path = self.dir / RUN_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def update_info(self, **values: Any) -> None:
+        if is_main_process():
+            atomic_write_text(self.dir / RUN_FILE, json.dumps({**self.info(), **values}, indent=2) + "\n")
+
+    @property
+    def method(self) -> str:
+        """The method that trained the run, as recorded in run.json."""
+        return str(self.info()["method"])
+
+    @property
+    def base_model(self) -> Path:
+        """The HF folder the run started from (the reference model of DPO/GRPO/KTO)."""
+        return Path(self.info()["base_model"])
+
+    @property
+    def is_adapter(self) -> bool:
+        return bool(self.info().get("adapter"))
+
+    def model_folder(self) -> Path:
+        """A plain HF folder with the trained weights: merged/ for LoRA runs, final/ otherwise."""
+        if not (self.final.is_dir() or self.merged.is_dir()):
+            raise ConfigError(f"run {self.dir} has no trained model yet (final/ is missing); finish or --resume it")
+        if self.is_adapter:
+            if not self.merged.is_dir():
+                raise ConfigError(f"run {self.dir} trained a LoRA adapter; merge it first: tandem merge {self.dir}")
+            return self.merged
+        return self.final
+
+
+def read_run_folder(path: str | os.PathLike[str]) -> RunFolder:
+    """A finished (or interrupted) run folder; its config is not read (see ``registry.open_run``)."""
+    folder = Path(path).expanduser().resolve()
+    if not (folder / RUN_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+        raise ConfigError(f"{folder} is not a run folder ({RUN_FILE} or {CONFIG_FILE} is missing)")
+    return RunFolder(folder)
+
+
+def is_run_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a run.json (a model reference may be a run folder)."""
+    return (Path(path).expanduser() / RUN_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: under `accelerate launch` only the main process writes run files.
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def num_processes() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def same_on_all_processes(value: Any) -> Any:
+    """The main process's ``value`` on every process (a timestamped run name must not differ)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    if PartialState().num_processes == 1:
+        return value
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints whose trainer_state.json (written last) parses, oldest first."""
+    found = []
+    for path in folder.glob(f"{CHECKPOINT_PREFIX}*"):
+        step = path.name[len(CHECKPOINT_PREFIX) :]
+        if step.isdigit() and _state_step(path) is not None:
+            found.append((int(step), path))
+    return [path for _, path in sorted(found)]
+
+
+def _state_step(checkpoint: Path) -> int | None:
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def latest_checkpoint(run: RunFolder) -> Path | None:
+    """The newest complete checkpoint, after removing any a crash left half-written."""
+    if not run.checkpoints.is_dir():
+        return None
+    complete = complete_checkpoints(run.checkpoints)
+    if is_main_process():
+        for path in run.checkpoints.glob(f"{CHECKPOINT_PREFIX}*"):
+            if path not in complete:
+                shutil.rmtree(path, ignore_errors=True)
+    wait_for_everyone()
+    return complete[-1] if complete else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The final save
+
+
+def save_final(trainer: Trainer, run: RunFolder) -> Path:
+    """Saves the model and tokenizer to final/ through a temp folder (every process joins the save)."""
+    staging = run.dir / ".final.partial"
+    if is_main_process():
+        shutil.rmtree(staging, ignore_errors=True)
+    wait_for_everyone()
+    trainer.save_model(str(staging))
+    wait_for_everyone()
+    if is_main_process():
+        _drop_trainer_files(staging)
+        replace_dir(staging, run.final)
+    wait_for_everyone()
+    return run.final
+
+
+def _drop_trainer_files(folder: Path) -> None:
+    """training_args.bin is a pickle; final/ keeps only safetensors, JSON and tokenizer files."""
+    (folder / "training_args.bin").unlink(missing_ok=True)
