@@ -25,8 +25,9 @@ class GRPORunConfig(AlignConfig):
     method: ClassVar[str] = "grpo"
     learning_rate: float = help_field(1e-6, "Peak learning rate.")
     batch_size: int = help_field(8, "Completions per device per step (a multiple of num_generations with grad_accum).")
-    rewards: str = help_field("verifier", "Reward functions with weights, e.g. verifier or verifier:1,reward_model:0.5.")
+    rewards: str = help_field("verifier", "Reward functions with weights: verifier, reward_model, http (e.g. verifier:1,reward_model:0.5).")
     reward_model: str | None = help_field(None, "A reward run folder (tandem align reward) for the reward_model reward.")
+    reward_url: str | None = help_field(None, "HTTP endpoint for the http reward: POST {prompts, responses} -> {scores}.")
     num_generations: int = help_field(8, "Completions sampled per prompt (the group).")
     max_completion_length: int = help_field(256, "Most tokens per sampled completion.")
     temperature: float = help_field(1.0, "Sampling temperature for the group.")
@@ -51,6 +52,8 @@ class GRPORunConfig(AlignConfig):
         specs = parse_reward_spec(self.rewards)  # raises ConfigError naming `rewards`
         if any(name == "reward_model" for name, _ in specs) and not self.reward_model:
             raise ConfigError("rewards uses reward_model but reward_model (a reward run folder) is not set")
+        if any(name == "http" for name, _ in specs) and not self.reward_url:
+            raise ConfigError("rewards uses http but reward_url is not set")
 
 
 def run_grpo(config: GRPORunConfig) -> Run:

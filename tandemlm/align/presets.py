@@ -50,6 +50,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "max_steps": 30, "batch_size": 8, "learning_rate": 1e-4, "beta": 0.1,
         },
     },
+    "ppo": {
+        "cpu-demo": {
+            **_CPU_DEMO, "dataset": "builtin:capitals_train", "eval_dataset": "builtin:capitals_test",
+            # 16 prompts x 1 sample per step for 30 steps: the same 480 generated samples as grpo's cpu-demo.
+            "max_steps": 30, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 2, "max_completion_length": 24,
+            "temperature": 1.0, "learning_rate": 1e-3, "critic_learning_rate": 2e-3, "beta": 0.05, "rewards": "verifier",
+        },
+    },
     "grpo": {
         "cpu-demo": {
             **_CPU_DEMO, "dataset": "builtin:capitals_train", "eval_dataset": "builtin:capitals_test",

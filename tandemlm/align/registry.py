@@ -3,7 +3,7 @@
 This is the only module that imports every method module; the CLI builds one command per method
 from :func:`methods`. Each method module declares ``METHOD = Method(ConfigClass, run_<method>,
 description)`` and imports TRL inside ``run_<method>``, so importing them costs nothing. A new
-method (PPO) adds its ``METHOD`` to :data:`_BUILTIN`.
+method adds its ``METHOD`` to :data:`_BUILTIN`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tandemlm.align import dpo, grpo, kto, reward, sft
+from tandemlm.align import dpo, grpo, kto, ppo, reward, sft
 from tandemlm.align.config import make_config, read_yaml
 from tandemlm.align.run import Method, Run
 from tandemlm.align.run_folder import CONFIG_FILE, read_run_folder
 
-_BUILTIN: tuple[Method, ...] = (sft.METHOD, reward.METHOD, dpo.METHOD, kto.METHOD, grpo.METHOD)
+_BUILTIN: tuple[Method, ...] = (sft.METHOD, reward.METHOD, dpo.METHOD, kto.METHOD, grpo.METHOD, ppo.METHOD)
 _METHODS: dict[str, Method] = {method.name: method for method in _BUILTIN}
 
 

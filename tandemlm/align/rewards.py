@@ -9,6 +9,9 @@ config and reads the fields it needs (``reward_model``, ``bf16``, ...); nothing 
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,3 +169,48 @@ def score_conversations(
         if progress:
             progress(len(texts))
     return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# A scoring endpoint of the user's
+
+
+class HttpReward:
+    """Scores through an HTTP endpoint: ``POST {"prompts": [[messages]], "responses": [text]}`` -> ``{"scores": [...]}``.
+
+    A score may be null (the endpoint abstains). Any failure is one line naming the URL. Callable
+    as a TRL reward function (GRPO) and through :meth:`score` (PPO).
+    """
+
+    __name__ = "http"  # TRL names the metric after it: rewards/http/mean
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        self.url, self.timeout = url, timeout
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float | None]:
+        return self.score(list(prompts), [completion_text(c) for c in completions])
+
+    def score(self, prompts: list[Any], responses: list[str]) -> list[float | None]:
+        """The endpoint's scores of ``responses`` to ``prompts`` (conversations), one per response."""
+        body = json.dumps({"prompts": prompts, "responses": responses}).encode()
+        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                answer = json.loads(reply.read())
+        except json.JSONDecodeError:
+            raise ConfigError(f"reward_url {self.url}: the answer is not JSON") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise ConfigError(f"reward_url {self.url}: request failed ({getattr(exc, 'reason', exc)})") from None
+        scores = answer.get("scores") if isinstance(answer, dict) else None
+        if not isinstance(scores, list) or not all(s is None or isinstance(s, (int, float)) for s in scores):
+            raise ConfigError(f'reward_url {self.url}: expected {{"scores": [numbers]}}, got {str(answer)[:80]}')
+        if len(scores) != len(responses):
+            raise ConfigError(f"reward_url {self.url}: {len(scores)} scores for {len(responses)} responses")
+        return [None if s is None else float(s) for s in scores]
+
+
+@register_reward("http")
+def _http_reward(config: Any) -> tuple[Any, Any]:
+    if not getattr(config, "reward_url", None):
+        raise ConfigError("rewards uses http but reward_url is not set")
+    return HttpReward(config.reward_url), None

@@ -173,19 +173,25 @@ def train(trainer: Trainer, run: Run) -> Run:
     trainer.add_callback(RichProgress(run.config.method))
     resume_from = latest_checkpoint(run) if run.config.resume else None
     if resume_from is not None:
-        _record_session(run, resumed_from=resume_from.name)
+        record_session(run, resumed_from=resume_from.name)
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_final(trainer, run)
-    if num_processes() > 1:
-        run.update_info(rank_digests=rank_digests(trainer.model))
-    _record_session(run, finished=_now(), seconds=round(time.monotonic() - started, 1), steps=trainer.state.global_step)
-    run.update_info(status="finished", global_step=trainer.state.global_step)
+    trained = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
+    finish_run(run, started, trainer.state.global_step, trained)
     return run
 
 
-def rank_digests(model: Any) -> list[str]:
-    """A digest of the trainable weights from every process (data-parallel ranks must agree).
+def finish_run(run: Run, started: float, steps: int, trained: list[tuple[str, Any]]) -> None:
+    """Records the finished session (and, with several processes, each rank's digest of ``trained``) in run.json."""
+    if num_processes() > 1:
+        run.update_info(rank_digests=rank_digests(trained))
+    record_session(run, finished=_now(), seconds=round(time.monotonic() - started, 1), steps=steps)
+    run.update_info(status="finished", global_step=steps)
+
+
+def rank_digests(trained: list[tuple[str, Any]]) -> list[str]:
+    """A digest of the named trained tensors from every process (data-parallel ranks must agree).
 
     Recorded in run.json for multi-process runs: a cheap check that every rank took the same steps.
 
@@ -196,14 +202,14 @@ def rank_digests(model: Any) -> list[str]:
     from accelerate.utils import gather_object
 
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().numpy().tobytes())
+    for name, param in sorted(trained, key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
     return gather_object([digest.hexdigest()[:16]])
 
 
-def _record_session(run: Run, **values: Any) -> None:
+def record_session(run: Run, **values: Any) -> None:
+    """Merges ``values`` into the current session's entry in run.json and updates the total wall time."""
     sessions = run.info().get("sessions") or [{}]
     sessions[-1] = {**sessions[-1], **values}
     wall = sum(s.get("seconds", 0) for s in sessions)

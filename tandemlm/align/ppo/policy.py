@@ -1,0 +1,168 @@
+"""The four PPO roles on one resident base model.
+
+- actor: a LoRA adapter (``policy``) on the base;
+- critic: a second LoRA adapter (``critic``) on the same base plus :class:`ValueHead`, a scalar per token;
+- reference: the same base with every adapter disabled;
+- reward model (optional): a third, frozen adapter (``reward``) with the reward run's score head,
+  when the reward run is a LoRA run on the same base (see scoring.py).
+
+Only one copy of the base weights is ever in memory. A full fine-tune (``lora: false``) keeps a
+trainable actor, a separate trainable critic backbone and a frozen reference copy instead.
+Every forward pass takes ``position_ids`` from the attention mask, as ``generate`` does, so the
+trainer's log-probs of a left-padded rollout equal the ones the sampler saw.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from tandemlm.align.ppo.maths import entropy_from_logits
+
+POLICY, CRITIC, REWARD = "policy", "critic", "reward"
+
+
+class ValueHead(nn.Module):
+    """hidden state -> scalar value, in fp32 whatever the base's dtype (values feed GAE sums)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.weight)  # a cold critic predicts 0 rather than noise
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.float()).squeeze(-1)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (what ``generate`` uses)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def backbone(model: Any) -> nn.Module:
+    """The decoder stack under a causal-LM head (``model.model`` for Llama/Qwen2/DeepSeek)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, model.base_model_prefix)
+
+
+class ActorCritic:
+    """Actor, critic and reference over one base; switch roles with :meth:`actor`, :meth:`critic`, :meth:`reference`."""
+
+    def __init__(self, model: Any, actor_lora: Any, critic_lora: Any, hidden_size: int) -> None:
+        """``model`` is the causal LM; ``*_lora`` are peft ``LoraConfig`` (both None: full fine-tune)."""
+        self.lora = actor_lora is not None
+        if self.lora:
+            from peft import get_peft_model
+
+            self.model = get_peft_model(model, actor_lora, adapter_name=POLICY)
+            self.model.add_adapter(CRITIC, critic_lora)
+            self.model.set_adapter(POLICY)
+            self.critic_model = self.model
+            self.reference_model = None
+        else:
+            self.model = model
+            self.critic_model = copy.deepcopy(backbone(model))
+            self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        device = next(model.parameters()).device
+        self.value_head = ValueHead(hidden_size).to(device)
+
+    # ---- parameters -------------------------------------------------------------------------------
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        if not self.lora:
+            return [p for p in self.model.parameters()]
+        return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        head = list(self.value_head.parameters())
+        if not self.lora:
+            return [*self.critic_model.parameters(), *head]
+        return [*(p for n, p in self.model.named_parameters() if f".{CRITIC}." in n), *head]
+
+    def trained(self) -> list[tuple[str, nn.Parameter]]:
+        """Every trained tensor by name: both adapters (or the full actor and critic) and the value head."""
+        named = [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
+        if not self.lora:
+            named += [(f"actor.{n}", p) for n, p in self.model.named_parameters()]
+            return named + [(f"critic.{n}", p) for n, p in self.critic_model.named_parameters()]
+        return named + [(n, p) for n, p in self.model.named_parameters() if f".{POLICY}." in n or f".{CRITIC}." in n]
+
+    # ---- roles ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def adapter(self, name: str) -> Iterator[Any]:
+        """The peft model with adapter ``name`` active; the actor's adapter is active again afterwards."""
+        self.model.set_adapter(name)
+        try:
+            yield self.model
+        finally:
+            self.model.set_adapter(POLICY)
+
+    @contextmanager
+    def actor(self) -> Iterator[Any]:
+        """The policy model (causal LM) with the actor adapter active."""
+        if self.lora:
+            self.model.set_adapter(POLICY)
+            self._trainable(self.actor_parameters())
+        yield self.model
+
+    @contextmanager
+    def reference(self) -> Iterator[Any]:
+        """The frozen reference: adapters disabled (LoRA) or the separate copy (full fine-tune)."""
+        if self.reference_model is not None:
+            yield self.reference_model
+            return
+        with self.model.disable_adapter():
+            yield self.model
+
+    @contextmanager
+    def critic(self) -> Iterator[nn.Module]:
+        """The critic's backbone (decoder stack) with the critic adapter active."""
+        if not self.lora:
+            yield self.critic_model
+            return
+        with self.adapter(CRITIC):
+            self._trainable(self.critic_parameters())
+            yield backbone(self.model.get_base_model())
+
+    @staticmethod
+    def _trainable(params: list[nn.Parameter]) -> None:
+        # peft's set_adapter freezes the inactive adapter; the active role's weights must train.
+        for p in params:
+            p.requires_grad_(True)
+
+    # ---- forward passes ---------------------------------------------------------------------------
+
+    def logprobs(
+        self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, temperature: float,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (at ``temperature``) of the last ``response_len`` tokens, and optionally the entropy there.
+
+        Only the logits of the response positions are computed (``logits_to_keep``): the [rows,
+        tokens, vocab] tensor is the peak of an RLHF step on small models.
+        """
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+            logits_to_keep=response_len + 1, use_cache=False,
+        )
+        logits = out.logits[:, :-1].float() / temperature
+        targets = input_ids[:, -response_len:]
+        logps = torch.log_softmax(logits, dim=-1)
+        chosen = logps.gather(-1, targets[..., None])[..., 0]
+        entropy = None
+        if with_entropy:
+            entropy = entropy_from_logits(logits)
+        return chosen, entropy
+
+    def values(self, decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+        """V(s_t) for each response token: the value of the state that token was sampled in."""
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask), use_cache=False
+        ).last_hidden_state
+        return self.value_head(hidden[:, -response_len - 1 : -1])

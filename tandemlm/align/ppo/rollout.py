@@ -1,0 +1,122 @@
+"""Rollouts: one batched, KV-cached sampling pass, then the no-grad scoring passes PPO needs.
+
+A rollout row is ``[left-padded prompt | response, right-padded]``. The response runs through
+its first end-of-sequence token; later positions are padding (``response_mask`` 0). The sampler's
+own log-probs of the chosen tokens are kept, so the trainer can check that its forward pass sees
+the same distribution the sampler drew from (a stale or broken weight sync cannot go unnoticed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tandemlm.align.sampling import Conversation, eos_ids, render_prompts
+
+
+@dataclass
+class Rollout:
+    """The tensors of one rollout batch (``B`` rows, ``T`` response positions)."""
+
+    rows: list[dict[str, Any]]
+    input_ids: torch.Tensor  # [B, P + T]
+    attention_mask: torch.Tensor  # [B, P + T]
+    response_mask: torch.Tensor  # [B, T] float, 1 on real response tokens (through EOS)
+    ended: torch.Tensor  # [B] bool: the response stopped on EOS (not at the length limit)
+    texts: list[str]
+    sampler_logprobs: torch.Tensor  # [B, T] from the sampler's own logits
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # filled by the trainer
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def take(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors of rows ``index`` (input ids, masks and every extra), for a minibatch."""
+        picked = {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+                  "response_mask": self.response_mask[index]}
+        picked.update({k: v[index] for k, v in self.extras.items() if v.dim() and v.shape[0] == len(self)})
+        return picked
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[Conversation]) -> list[list[int]]:
+    """Each prompt through the chat template (generation prompt added) as token ids."""
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in render_prompts(tokenizer, prompts)]
+
+
+def left_pad(rows: Sequence[list[int]], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows left-padded to the longest: (ids, attention mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def response_mask_from(tokens: torch.Tensor, stops: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask through the first stop token of each row, whether the row stopped) for [B, T] sampled tokens."""
+    is_stop = torch.isin(tokens, torch.tensor(stops, device=tokens.device))
+    seen_before = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # a stop strictly earlier in the row
+    return (~seen_before).float(), is_stop.any(-1)
+
+
+@torch.no_grad()
+def sample(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], prompt_ids: list[list[int]], max_new_tokens: int,
+    temperature: float, top_k: int,
+) -> Rollout:
+    """Samples one response per prompt with ``model.generate`` (batched, left-padded, KV cache)."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    stops = eos_ids(model, tokenizer)
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k or None, top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, output_logits=True, return_dict_in_generate=True,
+    )
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    tokens = out.sequences[:, ids.shape[1] :]
+    response_mask, ended = response_mask_from(tokens, stops)
+    tokens = torch.where(response_mask.bool(), tokens, torch.full_like(tokens, tokenizer.pad_token_id))
+    logits = torch.stack(out.logits, dim=1).float() / temperature  # raw (unprocessed) logits per step
+    sampler_logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0] * response_mask
+    texts = [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True) for row, m in zip(tokens, response_mask, strict=True)]
+    return Rollout(
+        rows=rows, input_ids=torch.cat([ids, tokens], dim=1), attention_mask=torch.cat([mask, response_mask.long()], dim=1),
+        response_mask=response_mask, ended=ended, texts=texts, sampler_logprobs=sampler_logprobs,
+    )
+
+
+class Sampler:
+    """Where rollouts come from. ``sync`` is called after every update with the trained weights.
+
+    The transformers sampler samples with the very module being trained, so there is nothing to
+    push; a separate engine (``vllm_rollout.VLLMSampler``) must load the new actor adapter there.
+    """
+
+    def sync(self, ac: Any, step: int) -> None:
+        """Makes the sampler run the actor's current weights."""
+
+    def __call__(self, ac: Any, rows: list[dict[str, Any]], prompt_ids: list[list[int]]) -> Rollout:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Frees the sampler's resources."""
+
+
+class TransformersSampler(Sampler):
+    """``model.generate`` on the actor itself (adapter on), batched with a KV cache."""
+
+    def __init__(self, tokenizer: Any, max_new_tokens: int, temperature: float, top_k: int) -> None:
+        self.tokenizer, self.max_new_tokens, self.temperature, self.top_k = tokenizer, max_new_tokens, temperature, top_k
+
+    def __call__(self, ac: Any, rows: list[dict[str, Any]], prompt_ids: list[list[int]]) -> Rollout:
+        with ac.actor() as model:
+            model.eval()
+            return sample(model, self.tokenizer, rows, prompt_ids, self.max_new_tokens, self.temperature, self.top_k)

@@ -1,0 +1,223 @@
+"""PPO on the tiny Llama: it trains, resumes exactly after kill -9, stops itself on trouble, and refuses what it cannot do."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import changed_tensors, chat_once, state_dict_of, tiny_config, train_tiny
+
+from tandemlm.align.errors import ConfigError
+from tandemlm.align.metrics import read_metrics
+from tandemlm.align.run_folder import complete_checkpoints
+
+# Small PPO: 4 prompts per step in minibatches of 2, two passes, 6-token responses.
+PPO_TINY: dict[str, Any] = {
+    "dataset": "builtin:capitals_train", "lora": True, "batch_size": 4, "minibatch_size": 2, "ppo_epochs": 2,
+    "max_completion_length": 6, "max_length": 96,
+}
+# Every logged quantity the issue asks for (the reward-hacking watch reads the length and the reward).
+PPO_METRICS = (
+    "score", "reward", "kl", "non_score_reward", "beta", "policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
+    "completions/mean_length", "eos_rate", "rollout_s", "update_s", "tokens_per_s", "peak_memory_mb", "rollout_logprob_diff",
+)
+# Deterministic quantities a resumed run must reproduce (timings and memory are not).
+REPRODUCIBLE = ("score", "kl", "non_score_reward", "beta", "policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "completions/mean_length")
+
+
+@pytest.fixture
+def score_server() -> Iterator[Callable[[Callable[[int, list[str]], list[float]]], str]]:
+    """Starts an HTTP scorer answering ``{"scores": score(call_number, responses)}``; yields a starter returning its URL."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(score: Callable[[int, list[str]], list[float]]) -> str:
+        calls = [0]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                calls[0] += 1
+                answer = json.dumps({"scores": score(calls[0], body["responses"])}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/score"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_ppo_trains_actor_and_critic_on_one_base_and_logs_everything(tiny_llama, reward_run, tmp_path):
+    run = train_tiny(
+        "ppo", tiny_llama, tmp_path / "run", **PPO_TINY, max_steps=3, rewards="reward_model:1,verifier:0.5",
+        reward_model=str(reward_run.dir),
+    )
+    records = [r for r in read_metrics(run.metrics) if "score" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in (*PPO_METRICS, "rewards/reward_model/mean", "rewards/verifier/mean"):
+        assert key in records[-1], key
+    assert max(r["rollout_logprob_diff"] for r in records) < 1e-3  # the sampler ran the weights being trained
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # fresh adapters: the policy is the reference
+    assert records[-1]["kl"] != 0.0 and records[-1]["policy_loss"] != records[0]["policy_loss"]
+    adapter = state_dict_of(run.final)
+    assert any("lora_B" in name and t.abs().sum() > 0 for name, t in adapter.items())  # the actor moved
+    critic = state_dict_of(run.final / "critic")
+    assert any("lora_B" in name and t.abs().sum() > 0 for name, t in critic.items())  # so did the critic
+    assert run.info()["status"] == "finished" and run.info()["global_step"] == 3
+    for plot in ("reward", "kl", "length"):
+        assert (run.plots / f"{plot}.png").is_file()
+
+    from tandemlm.align.merge import merge_run
+
+    chat_once(merge_run(run.dir))  # final/ is a plain PEFT adapter: merge and chat work unchanged
+
+
+def test_shared_base_reward_adapter_scores_like_the_reward_model(tiny_llama, reward_run):
+    """The reward run attached as a frozen adapter on the PPO base scores as the merged reward model does."""
+    from tandemlm.align.model import load_tokenizer
+    from tandemlm.align.ppo.method import build_actor_critic
+    from tandemlm.align.ppo.scoring import SeparateRewardModel, SharedBaseRewardModel
+
+    config = tiny_config("ppo", tiny_llama, tiny_llama / "unused", **PPO_TINY, rewards="reward_model", reward_model=str(reward_run.dir))
+    config.lora, config.gradient_checkpointing, config.bf16 = True, False, False
+    ac = build_actor_critic(config, tiny_llama)
+    tokenizer = load_tokenizer(tiny_llama)
+    rows = [{"prompt": [{"role": "user", "content": f"What is the capital of {c}?"}]} for c in ("France", "Peru", "Chad")]
+    texts = ["Paris.", "The capital is Lima, a city.", "N'Djamena"]
+    shared = SharedBaseRewardModel(reward_run.dir, ac, tokenizer)(rows, texts)
+    separate = SeparateRewardModel(reward_run.dir, None)(rows, texts)
+    assert shared == pytest.approx(separate, abs=1e-4)
+    assert max(separate) - min(separate) > 1e-3  # the scores differ, so the comparison means something
+    # The critic starts as the reward model (auto: a LoRA reward run on the same base): V at the last token = score.
+    import torch
+
+    from tandemlm.align.ppo.rollout import left_pad
+
+    chat = tokenizer.apply_chat_template([*rows[0]["prompt"], {"role": "assistant", "content": texts[0]}], tokenize=False)
+    ids, mask = left_pad([tokenizer(chat, add_special_tokens=False)["input_ids"]], tokenizer.pad_token_id, "cpu")
+    with torch.no_grad(), ac.critic() as decoder:
+        values = ac.values(decoder, torch.cat([ids, ids[:, -1:]], 1), torch.cat([mask, mask[:, -1:]], 1), 1)
+    assert values[0, 0].item() == pytest.approx(shared[0], abs=1e-4)
+
+
+def _ppo_command(model: Path, out: Path, url: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "tandemlm.cli.main", "align", "ppo", "--model", str(model), "--dataset", "builtin:capitals_train",
+        "--lora", "--batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "2", "--max-completion-length", "6",
+        "--max-length", "96", "--threads", "1", "--learning-rate", "1e-3", "--lr-scheduler", "cosine", "--save-steps", "2",
+        "--rewards", "http", "--reward-url", url, "--output-dir", str(out), *extra,
+    ]
+
+
+def _length_score(call: int, responses: list[str]) -> list[float]:
+    return [len(r) / 10 for r in responses]
+
+
+def test_resume_after_kill_9_logs_the_same_metrics_as_an_unbroken_run(tiny_llama, tmp_path, score_server):
+    url = score_server(_length_score)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    steps = 8
+    whole = subprocess.run(_ppo_command(tiny_llama, tmp_path / "whole", url, "--max-steps", str(steps)), env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out = tmp_path / "broken"
+    process = subprocess.Popen(_ppo_command(tiny_llama, out, url, "--max-steps", str(steps)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while not complete_checkpoints(out / "checkpoints") if (out / "checkpoints").is_dir() else True:
+            assert process.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    (out / "checkpoints" / ".checkpoint-6.partial").mkdir(exist_ok=True)  # what a kill mid-save leaves
+    resumed_from = int(complete_checkpoints(out / "checkpoints")[-1].name.split("-")[1])
+    assert resumed_from < steps
+    again = subprocess.run(_ppo_command(tiny_llama, out, url, "--max-steps", str(steps), "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    expected = {r["step"]: r for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")}
+    got = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    assert sorted(got) == list(range(1, steps + 1))  # redone steps replaced, not duplicated
+    for step in range(resumed_from + 1, steps + 1):
+        for key in REPRODUCIBLE:
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert json.loads((out / "run.json").read_text())["resumed_from"] == f"checkpoint-{resumed_from}"
+    assert not (out / "checkpoints" / ".checkpoint-6.partial").exists()
+    assert state_dict_of(out / "final").keys() == state_dict_of(tmp_path / "whole" / "final").keys()
+    assert not changed_tensors(state_dict_of(out / "final"), state_dict_of(tmp_path / "whole" / "final"))
+
+
+def test_exploding_value_loss_stops_naming_step_and_keeps_the_last_checkpoint(tiny_llama, tmp_path, score_server):
+    url = score_server(lambda call, responses: [1e6 if call >= 2 else 0.5] * len(responses))
+    with pytest.raises(ConfigError, match=r"^step 2: value_loss .* exceeds max_value_loss 1000"):
+        train_tiny("ppo", tiny_llama, tmp_path / "run", **PPO_TINY, max_steps=4, save_steps=1, rewards="http",
+                   reward_url=url, reward_clip=0.0, max_value_loss=1000.0)
+    run_dir = tmp_path / "run"
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["checkpoint-1"]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped"
+    assert not (run_dir / "final").exists()
+
+
+def test_a_sampler_on_stale_weights_is_caught(tiny_llama, tmp_path, monkeypatch, score_server):
+    """Rollouts drawn from weights other than the trained ones (a failed sync) stop the run."""
+    from tandemlm.align.ppo import rollout as rollout_module
+
+    real_sample = rollout_module.sample
+
+    def stale_sample(model: Any, *args: Any, **kwargs: Any) -> Any:
+        with model.disable_adapter():  # the initial policy, as if the update never reached the sampler
+            return real_sample(model, *args, **kwargs)
+
+    monkeypatch.setattr(rollout_module, "sample", stale_sample)
+    url = score_server(_length_score)
+    with pytest.raises(ConfigError, match=r"^step 2: rollout log-probs differ from the trainer's by"):
+        train_tiny("ppo", tiny_llama, tmp_path / "run", **PPO_TINY, max_steps=3, rewards="http", reward_url=url, logprob_tolerance=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 6, "minibatch_size": 4}, "batch_size (6) must be a multiple of minibatch_size (4)"),
+        ({"eval_steps": 5}, "eval_steps: ppo does not evaluate during training"),
+        ({"trl_args": {"x": 1}}, "trl_args: ppo is tandemlm's own trainer"),
+        ({"report_to": "wandb"}, "report_to: ppo writes metrics.jsonl and plots only"),
+        ({"rewards": "http"}, "rewards uses http but reward_url is not set"),
+        ({"rewards": "judge"}, "rewards: unknown reward 'judge'; known rewards: http, reward_model, verifier"),
+        ({"kl_estimator": "k2"}, "kl_estimator must be one of k1, k3"),
+        ({"dual_clip": 0.5}, "dual_clip must be greater than 1"),
+    ],
+)
+def test_bad_settings_fail_naming_the_field(tiny_llama, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config("ppo", tiny_llama, tmp_path / "run", **{**PPO_TINY, **overrides})
+
+
+def test_prompt_too_long_and_verifier_rows_without_task_fail_before_loading(tiny_llama, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ConfigError, match=rf"{data} row 1: the verifier reward needs 'task' and 'answer'"):
+        train_tiny("ppo", tmp_path / "no-model", tmp_path / "run", **{**PPO_TINY, "dataset": str(data)})
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"row 1: the prompt is \d+ tokens, more than max_length - max_completion_length = 4"):
+        train_tiny("ppo", tiny_llama, tmp_path / "run2", **{**PPO_TINY, "max_length": 10})
