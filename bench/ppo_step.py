@@ -115,15 +115,78 @@ def run_ours(
     ppo_epochs: int = 1,
     threads: int = 1,
     seed: int = 0,
+    timeout: float = 1800.0,
 ) -> dict[str, Any]:
-    """OUR PPO STEP, measured like :func:`run_trl_baseline`: same arguments, a dict with :data:`RESULT_KEYS`.
+    """Our PPO step, measured like :func:`run_trl_baseline` (same arguments), in a fresh process of this venv.
 
-    To be written with the trainer: run it in a fresh process (peak memory is per process), on the prompts of
-    ``ppo_trl_baseline.fixed_length_prompts`` (exactly ``prompt_length`` tokens), with responses of exactly
-    ``response_length`` tokens (TRL's default ``stop_token=None`` never stops early), and time the rollout
-    (sampling + scoring + advantages) apart from the update (all PPO epochs and optimizer steps).
+    The worker (:func:`ours_worker`) drives ``PPOTrainer`` directly on the prompts of
+    ``ppo_trl_baseline.fixed_length_prompts`` (exactly ``prompt_length`` tokens) with a reward model loaded from
+    the same folder (a separate copy, as TRL's), and times the rollout (sampling, scoring, advantages) apart from
+    the update (all PPO epochs and optimizer steps): the split TRL's side uses.
     """
-    raise NotImplementedError("filled in when the PPO trainer lands")
+    settings = {
+        "model_dir": str(model_dir), "batch_size": batch_size, "prompt_length": prompt_length,
+        "response_length": response_length, "steps": steps, "lora": lora, "minibatch_size": minibatch_size or batch_size,
+        "ppo_epochs": ppo_epochs, "threads": threads, "seed": seed,
+    }
+    command = [sys.executable, str(Path(__file__).resolve()), "--ours-worker", json.dumps(settings)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"our PPO step failed (exit {done.returncode}):\n" + "\n".join(done.stderr.splitlines()[-15:]))
+    return json.loads(lines[-1])
+
+
+def ours_worker(settings: dict[str, Any]) -> dict[str, Any]:
+    """Runs ``steps`` PPO steps in this process and returns the measurements (see :func:`run_ours`)."""
+    import resource
+    import sys as _sys
+
+    import torch
+
+    from tandemlm.align.model import load_tokenizer
+    from tandemlm.align.ppo.config import PPORunConfig
+    from tandemlm.align.ppo.method import build_actor_critic, build_sampler
+    from tandemlm.align.ppo.scoring import RewardMix, SeparateRewardModel
+    from tandemlm.align.ppo.trainer import Distributed, PPOTrainer
+    from tandemlm.align.tasks import DATA_DIR
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ppo_trl_baseline import fixed_length_prompts
+
+    s = settings
+    torch.set_num_threads(s["threads"])
+    folder = Path(s["model_dir"])
+    config = PPORunConfig(
+        model=str(folder), dataset="builtin:capitals_train", lora=s["lora"], batch_size=s["batch_size"],
+        minibatch_size=s["minibatch_size"], ppo_epochs=s["ppo_epochs"], max_completion_length=s["response_length"],
+        max_length=s["prompt_length"] + s["response_length"], seed=s["seed"], gradient_checkpointing=False, bf16=False,
+        rewards="reward_model", reward_model=str(folder), lr_scheduler="constant",
+    )
+    tokenizer = load_tokenizer(folder)
+    data = DATA_DIR / "capitals_train.jsonl"
+    prompt_ids = [[t for t in ids if t != tokenizer.pad_token_id] for ids in fixed_length_prompts(tokenizer, data, s["prompt_length"])]
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    torch.manual_seed(s["seed"])
+    ac = build_actor_critic(config, folder)
+    reward = RewardMix([("reward_model", 1.0, SeparateRewardModel(folder, torch.float32))])
+    trainer = PPOTrainer(
+        config, ac, tokenizer, rows, prompt_ids, reward, Distributed(), s["steps"],
+        build_sampler(config, ac, tokenizer, folder),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    per_step = [trainer.train_step() for _ in range(s["steps"])]
+    samples = s["batch_size"] * s["steps"]
+    rollout, update = sum(p["rollout_s"] for p in per_step), sum(p["update_s"] for p in per_step)
+    return {
+        "rollout_s_per_sample": rollout / samples, "update_s_per_sample": update / samples,
+        "seconds_per_sample": (rollout + update) / samples,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "samples": samples, "mean_response_length": sum(p["completions/mean_length"] for p in per_step) / len(per_step),
+    }
 
 
 # ---- the plan, the table -----------------------------------------------------------------------------------------
@@ -190,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lora", action="store_true")
     p.add_argument("--json", action="store_true", help="print both raw results as one JSON line too")
+    p.add_argument("--ours-worker", default=None, help=argparse.SUPPRESS)  # internal: one side in a fresh process
     args = p.parse_args(argv)
+    if args.ours_worker:
+        print(json.dumps(ours_worker(json.loads(args.ours_worker))))
+        return 0
     if args.model is None:
         from tandemlm.models.fixtures import tiny_model
 
@@ -205,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     for side, runner in (("ours", run_ours), ("trl", run_trl_baseline)):
         try:
             results[side] = runner(**common)
-        except (NotImplementedError, BaselineUnavailable) as exc:
+        except (RuntimeError, BaselineUnavailable) as exc:
             missing.append(f"{side}: not measured: {exc}")
     plan = plan_estimate(
         args.model, args.batch_size, args.prompt_length, args.response_length, args.lora,

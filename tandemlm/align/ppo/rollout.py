@@ -65,6 +65,35 @@ def response_mask_from(tokens: torch.Tensor, stops: list[int]) -> tuple[torch.Te
     return (~seen_before).float(), is_stop.any(-1)
 
 
+class ChosenLogprobs:
+    """A logits processor that records each sampled token's log-prob under the raw logits / temperature.
+
+    Custom processors run before generate's temperature and top-k warpers, so it sees the model's
+    own logits. It keeps one step's log-softmax at a time and reads the chosen token at the next
+    call (``output_logits`` would hold every step's [rows, vocab] logits: gigabytes for long replies).
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.chosen: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.chosen.append(self.previous.gather(-1, tokens[:, None])[:, 0])
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[rows, steps] log-probs once generation returned ``sequences`` (its last column is the last choice)."""
+        self._take(sequences[:, -1])
+        self.previous = None
+        return torch.stack(self.chosen, dim=1)
+
+
 @torch.no_grad()
 def sample(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], prompt_ids: list[list[int]], max_new_tokens: int,
@@ -78,14 +107,15 @@ def sample(
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k or None, top_p=1.0,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, output_logits=True, return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
     )
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    tokens = out.sequences[:, ids.shape[1] :]
+    recorder = ChosenLogprobs(temperature)
+    sequences = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=[recorder])
+    tokens = sequences[:, ids.shape[1] :]
+    sampler_logprobs = recorder.finish(sequences)
     response_mask, ended = response_mask_from(tokens, stops)
     tokens = torch.where(response_mask.bool(), tokens, torch.full_like(tokens, tokenizer.pad_token_id))
-    logits = torch.stack(out.logits, dim=1).float() / temperature  # raw (unprocessed) logits per step
-    sampler_logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0] * response_mask
+    sampler_logprobs = sampler_logprobs * response_mask
     texts = [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True) for row, m in zip(tokens, response_mask, strict=True)]
     return Rollout(
         rows=rows, input_ids=torch.cat([ids, tokens], dim=1), attention_mask=torch.cat([mask, response_mask.long()], dim=1),
@@ -98,7 +128,11 @@ class Sampler:
 
     The transformers sampler samples with the very module being trained, so there is nothing to
     push; a separate engine (``vllm_rollout.VLLMSampler``) must load the new actor adapter there.
+    ``same_weights`` says the sampler's log-probs are the trainer's own (only their arithmetic path
+    differs), so the trainer may take them as the rollout's old log-probs after checking them once.
     """
+
+    same_weights = False
 
     def sync(self, ac: Any, step: int) -> None:
         """Makes the sampler run the actor's current weights."""
@@ -112,6 +146,8 @@ class Sampler:
 
 class TransformersSampler(Sampler):
     """``model.generate`` on the actor itself (adapter on), batched with a KV cache."""
+
+    same_weights = True
 
     def __init__(self, tokenizer: Any, max_new_tokens: int, temperature: float, top_k: int) -> None:
         self.tokenizer, self.max_new_tokens, self.temperature, self.top_k = tokenizer, max_new_tokens, temperature, top_k

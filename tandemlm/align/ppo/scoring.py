@@ -24,7 +24,7 @@ import torch
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.ppo.policy import REWARD, ActorCritic, backbone, positions
 from tandemlm.align.rewards import HttpReward, parse_reward_spec, verifier
-from tandemlm.align.run_folder import read_run_folder
+from tandemlm.align.run_folder import is_run_folder, read_run_folder
 from tandemlm.align.sampling import Conversation
 
 Source = Callable[[list[dict[str, Any]], list[str]], list[float | None]]
@@ -111,6 +111,8 @@ def reward_adapter(run_dir: str | Path) -> tuple[Any, dict[str, torch.Tensor], t
 
 def shares_base(run_dir: str | Path, base_folder: Path) -> bool:
     """Whether ``run_dir`` is a LoRA reward run trained on ``base_folder`` (so it can ride on our base)."""
+    if not is_run_folder(run_dir):
+        return False  # an HF folder: a reward model of its own
     run = read_run_folder(run_dir)
     if run.method != "reward":
         raise ConfigError(f"reward_model: {run.dir} is a {run.method} run, not a reward run")
@@ -166,7 +168,7 @@ class SeparateRewardModel:
 
 def reward_model_source(ref: str, ac: ActorCritic, tokenizer: Any, base_folder: Path) -> Source:
     """The cheapest way to score with reward run ``ref``: an adapter on our base when it can be one."""
-    if ac.lora and Path(ref, "run.json").is_file() and shares_base(ref, base_folder):
+    if ac.lora and shares_base(ref, base_folder):
         return SharedBaseRewardModel(ref, ac, tokenizer)
     dtype = next(ac.model.parameters()).dtype
     return SeparateRewardModel(ref, dtype)

@@ -162,10 +162,12 @@ class PPOTrainer:
         c, ac = self.config, self.ac
         rollout = self.sampler(ac, [self.rows[i] for i in batch], [self.prompt_ids[i] for i in batch])
         mask, length = rollout.response_mask, rollout.response_len
-        logprobs = self._chunked(rollout, ac.actor, lambda m, ids, am: ac.logprobs(m, ids, am, length, c.temperature)[0])
-        ref_logprobs = self._chunked(rollout, ac.reference, lambda m, ids, am: ac.logprobs(m, ids, am, length, c.temperature)[0])
-        values = self._chunked(rollout, ac.critic, lambda m, ids, am: ac.values(m, ids, am, length))
-        mismatch = float(((logprobs - rollout.sampler_logprobs).abs() * mask).sum() / mask.sum())
+        prefix = self._chunked(rollout, ac.actor, lambda m, ids, am, _: ac.prefix(ids, am))
+        if prefix is not None:
+            rollout.extras["prefix"] = prefix
+        ref_logprobs = self._chunked(rollout, ac.reference, lambda m, ids, am, p: ac.logprobs(m, ids, am, length, c.temperature, prefix=p)[0])
+        values = self._chunked(rollout, ac.critic, lambda m, ids, am, p: ac.values(m, ids, am, length, prefix=p))
+        logprobs, mismatch = self._old_logprobs(rollout)
         scores, source_means = self.reward(rollout.rows, rollout.texts)
         scores = scores.to(mask.device)
         if c.missing_eos_penalty is not None:
@@ -184,25 +186,44 @@ class PPOTrainer:
             "kl": kl_per_response, "kl_per_token": float((kl * mask).sum() / mask.sum()),
             "non_score_reward": (non_score * mask).sum(-1).mean().item(), "beta": self.kl_ctl.value,
             "completions/mean_length": lengths.mean().item(), "eos_rate": rollout.ended.float().mean().item(),
-            "rollout_logprob_diff": mismatch, "_generated_tokens": lengths.sum().item(),
+            "_generated_tokens": lengths.sum().item(),
         }
+        if mismatch is not None:
+            stats["rollout_logprob_diff"] = mismatch
+        self.kl_ctl.update(self.dist.mean(kl_per_response), c.batch_size * self.dist.world)
+        return rollout, stats
+
+    def _old_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, float | None]:
+        """The actor's log-probs of the rollout, and how far the sampler's differ (None when not re-computed).
+
+        A sampler on other weights (vLLM) is checked every step: a sync that failed would otherwise train on
+        samples of a stale policy. The transformers sampler runs the trained module itself: its log-probs are
+        checked on the first step (cache and padding paths agree) and then used as they are.
+        """
+        c, ac, mask = self.config, self.ac, rollout.response_mask
+        if self.sampler.same_weights and self.step > 0:
+            return rollout.sampler_logprobs, None
+        length = rollout.response_len
+        logprobs = self._chunked(rollout, ac.actor, lambda m, ids, am, p: ac.logprobs(m, ids, am, length, c.temperature, prefix=p)[0])
+        mismatch = float(((logprobs - rollout.sampler_logprobs).abs() * mask).sum() / mask.sum())
         if mismatch > c.logprob_tolerance:
             raise TrainingStopped(
                 f"step {self.step + 1}: rollout log-probs differ from the trainer's by {mismatch:.4f} nats/token "
                 f"(> logprob_tolerance {c.logprob_tolerance}): the sampler is not running the weights being trained"
             )
-        self.kl_ctl.update(self.dist.mean(kl_per_response), c.batch_size * self.dist.world)
-        return rollout, stats
+        return logprobs, mismatch
 
-    def _chunked(self, rollout: Rollout, role: Any, forward: Any) -> torch.Tensor:
-        """``forward(model, ids, mask)`` over the rollout in minibatch-sized chunks under ``role`` (bounded memory)."""
-        size = self.config.minibatch_size
+    def _chunked(self, rollout: Rollout, role: Any, forward: Any) -> Any:
+        """``forward(model, ids, mask, prefix)`` over the rollout in minibatch-sized chunks under ``role`` (bounded memory)."""
+        size, prefix = self.config.minibatch_size, rollout.extras.get("prefix")
         with role() as model:
             model.eval()
-            return torch.cat([
-                forward(model, rollout.input_ids[i : i + size], rollout.attention_mask[i : i + size])
+            parts = [
+                forward(model, rollout.input_ids[i : i + size], rollout.attention_mask[i : i + size],
+                        None if prefix is None else prefix[i : i + size])
                 for i in range(0, len(rollout), size)
-            ])
+            ]
+        return None if parts[0] is None else torch.cat(parts)
 
     # ---- the update ---------------------------------------------------------------------------------
 
@@ -244,7 +265,10 @@ class PPOTrainer:
             model.train()
             for part, share in self._micro(batch):
                 mask = part["response_mask"]
-                logprobs, entropy = ac.logprobs(model, part["input_ids"], part["attention_mask"], mask.shape[1], c.temperature, with_entropy=True)
+                logprobs, entropy = ac.logprobs(
+                    model, part["input_ids"], part["attention_mask"], mask.shape[1], c.temperature,
+                    with_entropy=True, entropy_grad=c.entropy_coef != 0, prefix=part.get("prefix"),
+                )
                 loss, pg = maths.policy_loss(logprobs, part["logprobs"], part["advantages"], mask, c.cliprange, c.dual_clip)
                 mean_entropy = maths.masked_mean(entropy, mask)
                 ((loss - c.entropy_coef * mean_entropy) * share).backward()
@@ -259,7 +283,7 @@ class PPOTrainer:
             decoder.train()
             for part, share in self._micro(batch):
                 mask = part["response_mask"]
-                values = ac.values(decoder, part["input_ids"], part["attention_mask"], mask.shape[1])
+                values = ac.values(decoder, part["input_ids"], part["attention_mask"], mask.shape[1], prefix=part.get("prefix"))
                 loss, vf = maths.value_loss(values, part["values"], part["returns"], mask, c.cliprange_value or None)
                 (loss * share).backward()
                 _accumulate(stats, {"value_loss": loss.item(), **vf}, share)
