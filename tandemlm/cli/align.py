@@ -20,7 +20,7 @@ from tandemlm.cli.options import fail
 
 app = typer.Typer(
     name="align",
-    help="Align models with TRL: sft, reward, dpo, kto, grpo; then eval, merge.",
+    help="Align models: sft, reward, dpo, kto, grpo (TRL trainers) and ppo (our own); then eval, merge.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -91,8 +91,8 @@ def _run_method(name: str, config_file: Path | None, preset: str | None, overrid
         return
     from tandemlm.align.run_folder import is_main_process
 
-    if not is_main_process():
-        return  # under accelerate launch one summary is enough
+    if run is None or not is_main_process():
+        return  # nothing trained (ppo --plan), or another process of accelerate launch: one summary is enough
     info = run.info()
     console = Console(stderr=True)
     console.print(

@@ -95,7 +95,7 @@ def test_kv_cache_and_lora_counts_by_hand() -> None:
     assert plan.gradients == (3 * per_layer + 65) * 4  # one role at a time
     assert plan.weights == inputs.n_params * 2
     assert plan.rollout_kv_cache == 12288
-    assert plan.rollout_logits == 2 * 6 * 1000 * BYTES["rollout_logit"]
+    assert plan.rollout_logits == 2 * 1000 * BYTES["rollout_logit"]  # one decode step at a time
     assert plan.update_logits == 2 * 7 * 1000 * BYTES["update_logit"]  # logits_to_keep = response + 1
     assert plan.total == plan.static + max(plan.rollout_phase, plan.update_phase)
     assert plan.static == sum(size for label, size, _ in plan.parts()[:7])

@@ -32,8 +32,8 @@ BYTES: dict[str, float] = {
     "adam_states": 8.0,  # AdamW exp_avg + exp_avg_sq, fp32 each
     "master": 4.0,  # fp32 master copy of bf16 weights in a full fine-tune (none for fp32 weights or fp32 adapters)
     "lora_input_cast": 4.0,  # bf16 base: each adapted linear saves an fp32 copy of its input (x.to(lora_A.dtype))
-    # Per rollout logit (batch x response x vocab): generate's fp32 per-step logits (output_logits) + the stacked
-    # /temperature copy + log_softmax, alive with the KV cache (rollout.sample). Measured 12.1.
+    # Per rollout logit of ONE decode step (batch x vocab): the step's fp32 logits, the /temperature copy and the
+    # log-softmax that rollout.ChosenLogprobs keeps until the next step, alive with the KV cache.
     "rollout_logit": 12.0,
     # Per scoring logit (minibatch x (response+1) x vocab, no grad, logits_to_keep): lm_head output (dtype bytes,
     # added separately) + fp32 /temperature copy + log_softmax (policy.logprobs). Measured 12.2 fp32, 10.0 bf16.
@@ -264,7 +264,7 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
     kept = rows * (response + 1) * inputs.vocab_size  # logits_to_keep = response + 1
     scored = min(inputs.minibatch_size, inputs.batch_size) * (response + 1) * inputs.vocab_size
     notes["rollout KV cache"] = f"batch {inputs.batch_size} x {seq} tokens"
-    notes["rollout logits"] = f"batch {inputs.batch_size} x {response} steps x {inputs.vocab_size} vocab"
+    notes["rollout logits"] = f"one decode step: batch {inputs.batch_size} x {inputs.vocab_size} vocab"
     notes["scoring logits"] = f"chunks of {inputs.minibatch_size} rows, no grad"
     notes["update logits"] = f"{rows} rows x {response + 1} positions x {inputs.vocab_size} vocab"
     notes["reward model"] = "separate reward model" if inputs.reward_model_params else ""
@@ -273,7 +273,8 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
         reward_model=inputs.reward_model_params * b, adapters=int(adapters),
         value_head=int(head_params * BYTES["value_head"]), optimizer=int(optimizer), gradients=int(gradients),
         runtime=int(RUNTIME_BYTES), rollout_kv_cache=kv_cache_bytes(inputs),
-        rollout_logits=int(inputs.batch_size * response * inputs.vocab_size * BYTES["rollout_logit"]),
+        # rollout.ChosenLogprobs keeps one step's log-softmax, never every step's logits
+        rollout_logits=int(inputs.batch_size * inputs.vocab_size * BYTES["rollout_logit"]),
         scoring_logits=int(scored * (b + BYTES["score_logit_fp32"])),
         update_activations=int(ACTIVATION["update_graphs"] * graph),
         update_logits=int(kept * BYTES["update_logit"]),
