@@ -80,6 +80,7 @@ def prepare_run(config: AlignConfig, base_model: Path) -> Run:
         _check_resumable(config, read_yaml(saved), saved)
     elif saved.is_file() or (folder / RUN_FILE).is_file():
         raise ConfigError(f"output_dir {folder} already holds a run; pass --resume to continue it or pick another --output-dir")
+    wait_for_everyone()  # every process has checked the folder before the main one writes into it
     if is_main_process():
         folder.mkdir(parents=True, exist_ok=True)
         _write_yaml(saved, to_dict(config))

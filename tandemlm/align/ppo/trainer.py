@@ -55,7 +55,8 @@ class Distributed:
     def __init__(self) -> None:
         from accelerate import PartialState
 
-        self.state = PartialState()
+        # cpu=True makes a torchrun-launched CPU process join the gloo world (as Trainer's use_cpu does).
+        self.state = PartialState(cpu=not torch.cuda.is_available())
         self.rank, self.world = self.state.process_index, self.state.num_processes
 
     @property
