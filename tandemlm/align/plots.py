@@ -20,6 +20,9 @@ PLOTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "accuracy": ("Preference accuracy", "fraction", ("rewards/accuracies", "accuracy", "eval_rewards/accuracies", "eval_accuracy")),
     "length": ("Mean response length", "tokens", ("completions/mean_length", "eval_completions/mean_length")),
+    # PPO's own health: the two losses, and how far each update moved the policy and how well the critic predicts.
+    "ppo_losses": ("PPO losses", "loss", ("policy_loss", "value_loss")),
+    "ppo_update": ("PPO update", "value", ("clipfrac", "approx_kl", "explained_variance", "entropy", "eos_rate")),
 }
 
 

@@ -61,13 +61,13 @@ def changed_tensors(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return [k for k in before if k in after and not torch.equal(before[k].float(), after[k].float())]
 
 
-def chat_once(folder: Path) -> str:
-    """One short greedy reply from ``folder`` through the deploy engines' transformers backend."""
+def chat_once(folder: Path, backend: str = "transformers") -> str:
+    """One short greedy reply from ``folder`` (an HF folder, or a GGUF with ``backend="llama.cpp"``) through the deploy engines."""
     from tandemlm.deploy.engine import collect
     from tandemlm.deploy.registry import load_engine
     from tandemlm.deploy.types import SamplingParams
 
-    engine = load_engine(str(folder), backend="transformers")
+    engine = load_engine(str(folder), backend=backend)
     try:
         reply = collect(engine.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=5, temperature=0)))
     finally:

@@ -84,12 +84,34 @@ def test_ppo_trains_actor_and_critic_on_one_base_and_logs_everything(tiny_llama,
     critic = state_dict_of(run.final / "critic")
     assert any("lora_B" in name and t.abs().sum() > 0 for name, t in critic.items())  # so did the critic
     assert run.info()["status"] == "finished" and run.info()["global_step"] == 3
-    for plot in ("reward", "kl", "length"):
+    for plot in ("reward", "kl", "length", "ppo_losses", "ppo_update"):
         assert (run.plots / f"{plot}.png").is_file()
 
-    from tandemlm.align.merge import merge_run
+    _check_downstream(run, tmp_path)
 
-    chat_once(merge_run(run.dir))  # final/ is a plain PEFT adapter: merge and chat work unchanged
+
+def _check_downstream(run: Any, tmp_path: Path) -> None:
+    """A finished PPO run merges, quantizes to a GGUF that chats, shows in the Runs tab and loads into Compare."""
+    from tandemlm.align.merge import merge_run
+    from tandemlm.quantize.pipeline import QuantizeConfig, quantize_model
+    from tandemlm.ui.engines import EnginePool, EngineSlot
+    from tandemlm.ui.runs_tab import load_run_policy, show_run
+
+    merged = merge_run(run.dir)  # final/ is a plain PEFT adapter: merge works unchanged
+    gguf = quantize_model(QuantizeConfig(model=str(merged), qtype="q8_0", out=tmp_path / "ppo-q8_0.gguf", use_cache=False)).path
+    chat_once(gguf, backend="llama.cpp")
+    plots, summary, config_text, status = show_run(str(run.dir.parent), run.dir.name)
+    assert {caption for _, caption in plots} >= {"reward", "kl", "ppo_losses", "ppo_update"}
+    assert {row[0] for row in summary} >= {"score", "kl", "value_loss", "clipfrac"} and "method: ppo" in config_text
+    assert "policy: `" in status
+    pool = EnginePool()
+    slots = {"policy": EngineSlot("policy", pool, "smollm2"), "reference": EngineSlot("reference", pool, "smollm2")}
+    try:
+        policy_box, reference_box, _, note = load_run_policy(slots, str(run.dir.parent), run.dir.name)
+        assert note.startswith("Loaded") and policy_box == str(run.dir) and reference_box == str(run.base_model)
+        assert slots["policy"].loaded and slots["reference"].loaded
+    finally:
+        pool.close()
 
 
 def test_shared_base_reward_adapter_scores_like_the_reward_model(tiny_llama, reward_run):

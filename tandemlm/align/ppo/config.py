@@ -48,7 +48,7 @@ class PPORunConfig(AlignConfig):
     )
     # ---- the algorithm ---------------------------------------------------------------------------
     beta: float = help_field(0.05, "KL penalty coefficient (initial value when target_kl is set).")
-    target_kl: float | None = help_field(None, "Adapt beta towards this KL per response (Ziegler et al.); null = fixed beta.")
+    target_kl: float | None = help_field(None, "Adapt beta towards this KL per response, in nats (Ziegler et al.); unset = fixed beta.")
     kl_horizon: int = help_field(10000, "Horizon (in samples) of the adaptive KL controller.")
     kl_estimator: str = help_field("k1", "Per-token KL estimate in the reward: k1 (log-ratio) or k3 (always >= 0).")
     gamma: float = help_field(1.0, "Discount over response tokens.")

@@ -184,7 +184,7 @@ class PPOTrainer:
         kl_per_response = (kl * mask).sum(-1).mean().item()
         stats = {
             "score": scores.mean().item(), "reward": scores.mean().item(), **source_means,
-            "kl": kl_per_response, "kl_per_token": float((kl * mask).sum() / mask.sum()),
+            "kl": float((kl * mask).sum() / mask.sum()), "kl_per_response": kl_per_response,
             "non_score_reward": (non_score * mask).sum(-1).mean().item(), "beta": self.kl_ctl.value,
             "completions/mean_length": lengths.mean().item(), "eos_rate": rollout.ended.float().mean().item(),
             "_generated_tokens": lengths.sum().item(),
