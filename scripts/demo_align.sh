@@ -6,6 +6,7 @@
 #   DPO:          held-out chosen-vs-rejected margin > 0 and rising in training; win-rate of policy over
 #                 reference > 0.5 judged by the reward model (and by the verifier)
 #   GRPO:         verifier accuracy above the reference's by >= 0.10 at per-token KL < 0.5
+#   PPO:          verifier accuracy above the reference's by >= 0.15 at per-token KL <= 0.2
 # Policy and reference sample 3 responses per held-out prompt at temperature 1 (same seed).
 # Usage: bash scripts/demo_align.sh [OUT_DIR]      (about 50 min on 2 busy cores; see below)
 #        CHECK_ONLY=1 bash scripts/demo_align.sh OUT_DIR    (re-check finished runs' eval.json)
@@ -45,6 +46,9 @@ timed dpo-eval "$TANDEM" align eval "$OUT/dpo" --dataset builtin:capitals_test -
 
 [ -f "$OUT/grpo/final/adapter_config.json" ] || timed grpo "$TANDEM" align grpo --preset cpu-demo --output-dir "$OUT/grpo"
 timed grpo-eval "$TANDEM" align eval "$OUT/grpo" --dataset builtin:capitals_test --reward-model "$OUT/reward" --temperature 1.0 --samples 3
+
+[ -f "$OUT/ppo/final/adapter_config.json" ] || timed ppo "$TANDEM" align ppo --preset cpu-demo --output-dir "$OUT/ppo"
+timed ppo-eval "$TANDEM" align eval "$OUT/ppo" --dataset builtin:capitals_test --reward-model "$OUT/reward" --temperature 1.0 --samples 3
 fi
 
 "$PYTHON" - "$OUT" <<'EOF'
@@ -54,10 +58,10 @@ import sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-report = {name: json.loads((out / name / "eval.json").read_text()) for name in ("reward", "dpo", "grpo")}
+report = {name: json.loads((out / name / "eval.json").read_text()) for name in ("reward", "dpo", "grpo", "ppo")}
 metrics = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
 margins = [m["rewards/margins"] for m in metrics if "rewards/margins" in m]
-rm, dpo, grpo = report["reward"], report["dpo"], report["grpo"]
+rm, dpo, grpo, ppo = report["reward"], report["dpo"], report["grpo"], report["ppo"]
 checks = [
     ("reward: held-out pairwise accuracy >= 0.90", rm["pairs"]["accuracy"], rm["pairs"]["accuracy"] >= 0.90),
     ("dpo: held-out implicit-reward margin > 0", dpo["pairs"]["mean_margin"], dpo["pairs"]["mean_margin"] > 0),
@@ -70,12 +74,18 @@ checks = [
      grpo["policy"]["verifier_accuracy"] - grpo["reference"]["verifier_accuracy"],
      grpo["policy"]["verifier_accuracy"] - grpo["reference"]["verifier_accuracy"] >= 0.10),
     ("grpo: KL to reference per token < 0.5", grpo["kl"]["per_token"], grpo["kl"]["per_token"] < 0.5),
+    ("ppo: verifier accuracy gain over reference >= 0.15",
+     ppo["policy"]["verifier_accuracy"] - ppo["reference"]["verifier_accuracy"],
+     ppo["policy"]["verifier_accuracy"] - ppo["reference"]["verifier_accuracy"] >= 0.15),
+    ("ppo: KL to reference per token <= 0.2", ppo["kl"]["per_token"], ppo["kl"]["per_token"] <= 0.2),
 ]
 times_file = out / "times.txt"
 times = dict(line.split() for line in times_file.read_text().splitlines()) if times_file.is_file() else {}
 for label, value, ok in checks:
     print(f"{'PASS' if ok else 'FAIL'}  {label}: {value:.3f}")
-print(f"grpo verifier accuracy: policy {grpo['policy']['verifier_accuracy']:.3f} vs reference {grpo['reference']['verifier_accuracy']:.3f}")
+for name in ("grpo", "ppo"):
+    r = report[name]
+    print(f"{name} verifier accuracy: policy {r['policy']['verifier_accuracy']:.3f} vs reference {r['reference']['verifier_accuracy']:.3f}")
 print("wall times (s): " + ", ".join(f"{k} {v}" for k, v in times.items()))
 sys.exit(0 if all(ok for _, _, ok in checks) else 1)
 EOF

@@ -282,3 +282,39 @@ def test_frozen_prefix_gives_the_same_logprobs_and_values_as_a_full_forward(arch
         assert not torch.allclose(full[ac.actor], full[ac.reference], atol=1e-3)  # the adapters matter
         with ac.critic() as decoder:
             assert torch.allclose(ac.values(decoder, ids, mask, 4), ac.values(decoder, ids, mask, 4, prefix=prefix), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_qlora_ppo_on_a_gpu_trains_adapters_over_a_4bit_base(tiny_llama, tmp_path, score_server):
+    """One 4-bit base under both adapters, bf16 compute, checkpointing on: the one-GPU configuration."""
+    pytest.importorskip("bitsandbytes")
+    url = score_server(_length_score)
+    run = train_tiny(
+        "ppo", tiny_llama, tmp_path / "run", **PPO_TINY, max_steps=2, qlora=True, rewards="http", reward_url=url,
+    )
+    config = run.config
+    assert config.qlora and config.bf16 and config.gradient_checkpointing  # resolved for the GPU
+    records = [r for r in read_metrics(run.metrics) if "score" in r]
+    assert len(records) == 2 and records[0]["rollout_logprob_diff"] < 5e-2  # bf16 cache vs forward: looser
+    assert records[-1]["peak_memory_mb"] > 0
+    adapter = state_dict_of(run.final)
+    assert any("lora_B" in name and t.abs().sum() > 0 for name, t in adapter.items())
+
+
+def test_full_fine_tune_trains_a_separate_critic_and_resumes(tiny_llama, tmp_path, score_server):
+    """``lora: false``: all actor weights train, the critic is its own copy, the reference stays the base."""
+    url = score_server(_length_score)
+    settings = {**PPO_TINY, "lora": False, "rewards": "http", "reward_url": url, "save_steps": 1}
+    train_tiny("ppo", tiny_llama, tmp_path / "run", **settings, max_steps=1)
+    run = train_tiny("ppo", tiny_llama, tmp_path / "run", **settings, max_steps=2, resume=True)
+    assert run.info()["resumed_from"] == "checkpoint-1" and not run.is_adapter
+    base, trained = state_dict_of(tiny_llama), state_dict_of(run.final)
+    assert changed_tensors(base, trained)  # the actor's own weights moved
+    from safetensors.torch import load_file
+
+    critic = load_file(run.final / "critic" / "critic.safetensors")
+    assert (run.final / "critic" / "value_head.safetensors").is_file()
+    backbone = {k.removeprefix("model."): v for k, v in base.items()}
+    assert set(critic) <= set(backbone) and changed_tensors(backbone, critic)  # a trained copy of the backbone
+    records = [r for r in read_metrics(run.metrics) if "score" in r]
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["kl"] != 0.0

@@ -214,3 +214,20 @@ def test_moe_and_mla_configs_count_on_the_meta_device() -> None:
     inputs = inputs_from_config(config.to_dict())
     assert inputs.n_params == real
     assert inputs.num_kv_heads == inputs.num_attention_heads  # MLA caches per-head keys and values
+
+
+def test_plan_from_the_cli_loads_nothing_and_prints_every_part(tiny_llama_dir):
+    """``tandem align ppo --plan`` reads config.json only and says whether the run fits."""
+    from typer.testing import CliRunner
+
+    from tandemlm.cli.main import app
+
+    result = CliRunner().invoke(
+        app, ["align", "ppo", "--plan", "--model", str(tiny_llama_dir), "--dataset", "builtin:capitals_train", "--lora"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    for part in ("weights", "adapters", "optimizer", "rollout KV cache", "update activations", "= peak"):
+        assert part in result.output
+    assert "fits in" in result.output or "does not fit" in result.output
+    assert "done" not in result.output  # nothing trained

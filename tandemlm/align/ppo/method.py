@@ -190,7 +190,7 @@ def _loop(run: Run, trainer: PPOTrainer, total: int, dist: Distributed) -> None:
                 callback.on_step_end(None, state, None)
                 if trainer.step % c.logging_steps == 0 or trainer.step == total:
                     callback.on_log(None, state, None, logs=stats)
-            if trainer.step % c.save_steps == 0 and trainer.step < total:
+            if trainer.step % c.save_steps == 0:  # the last step too: a finished run can be extended
                 checkpoint.save_checkpoint(
                     run.checkpoints, trainer.step, trainer.ac, trainer.training_state(), trainer.progress_state(),
                     dist.rank, dist.is_main, dist.barrier, c.save_total_limit,
@@ -226,7 +226,6 @@ def save_final(run: Run, ac: ActorCritic, tokenizer: Any, dist: Distributed) -> 
         (staging / "critic").mkdir()
         checkpoint.save_weights(ac, staging / "critic")
         (staging / "critic" / "actor.safetensors").unlink()  # the actor is final/ itself
-        save_file(ac.value_head.state_dict(), str(staging / "critic" / "value_head.safetensors"))
         replace_dir(staging, run.final)
     dist.barrier()
     return run.final
