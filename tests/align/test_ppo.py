@@ -202,6 +202,14 @@ def test_exploding_value_loss_stops_naming_step_and_keeps_the_last_checkpoint(ti
     assert not (run_dir / "final").exists()
 
 
+def test_a_nan_score_stops_naming_the_step_and_source(tiny_llama, tmp_path, score_server):
+    url = score_server(lambda call, responses: [float("nan") if call == 3 else 0.5] * len(responses))
+    with pytest.raises(ConfigError, match=r"^step 3: rewards: http returned a non-finite score; stopped"):
+        train_tiny("ppo", tiny_llama, tmp_path / "run", **PPO_TINY, max_steps=4, save_steps=2, rewards="http", reward_url=url)
+    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-2"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "stopped"
+
+
 def test_a_sampler_on_stale_weights_is_caught(tiny_llama, tmp_path, monkeypatch, score_server):
     """Rollouts drawn from weights other than the trained ones (a sync that failed) stop the run."""
     from tandemlm.align.ppo import method

@@ -81,12 +81,13 @@ def build_sampler(c: PPORunConfig, ac: ActorCritic, tokenizer: Any, folder: Path
 
 
 def print_plan(config: PPORunConfig) -> None:
-    """``--plan``: the memory estimate from the model's config.json alone (no weights load)."""
-    from tandemlm.align.ppo.plan import available_memory, estimate, format_plan, inputs_from_config
-
-    folder = base_folder(config.model, config.trust_remote_code)
+    """``--plan``: the memory estimate from the model's config.json alone (no weights load, none needed)."""
     from transformers import AutoConfig
 
+    from tandemlm.align.ppo.plan import available_memory, estimate, format_plan, inputs_from_config
+
+    local = Path(config.model).expanduser()
+    folder = local if (local / "config.json").is_file() else base_folder(config.model, config.trust_remote_code)
     inputs = inputs_from_config(AutoConfig.from_pretrained(folder, trust_remote_code=config.trust_remote_code), config)
     print(format_plan(estimate(inputs), available_memory()))
 

@@ -262,10 +262,10 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
         graph = layer * grad_layers
         notes["update activations"] = f"{rows} rows x {seq} tokens x {grad_layers} layers"
     kept = rows * (response + 1) * inputs.vocab_size  # logits_to_keep = response + 1
-    scored = min(inputs.minibatch_size, inputs.batch_size) * (response + 1) * inputs.vocab_size
+    scored = min(inputs.micro_batch, inputs.batch_size) * (response + 1) * inputs.vocab_size
     notes["rollout KV cache"] = f"batch {inputs.batch_size} x {seq} tokens"
     notes["rollout logits"] = f"one decode step: batch {inputs.batch_size} x {inputs.vocab_size} vocab"
-    notes["scoring logits"] = f"chunks of {inputs.minibatch_size} rows, no grad"
+    notes["scoring logits"] = f"chunks of {inputs.micro_batch} rows, no grad"
     notes["update logits"] = f"{rows} rows x {response + 1} positions x {inputs.vocab_size} vocab"
     notes["reward model"] = "separate reward model" if inputs.reward_model_params else ""
     return MemoryPlan(

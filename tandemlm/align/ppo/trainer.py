@@ -169,7 +169,10 @@ class PPOTrainer:
         ref_logprobs = self._chunked(rollout, ac.reference, lambda m, ids, am, p: ac.logprobs(m, ids, am, length, c.temperature, prefix=p)[0])
         values = self._chunked(rollout, ac.critic, lambda m, ids, am, p: ac.values(m, ids, am, length, prefix=p))
         logprobs, mismatch = self._old_logprobs(rollout)
-        scores, source_means = self.reward(rollout.rows, rollout.texts)
+        try:
+            scores, source_means = self.reward(rollout.rows, rollout.texts)
+        except ConfigError as exc:  # a reward source failed or answered NaN: name the step it happened at
+            raise TrainingStopped(f"step {self.step + 1}: {exc}; stopped (the last checkpoint is kept)") from None
         scores = scores.to(mask.device)
         if c.missing_eos_penalty is not None:
             scores = scores - c.missing_eos_penalty * (~rollout.ended).float()
@@ -215,8 +218,8 @@ class PPOTrainer:
         return logprobs, mismatch
 
     def _chunked(self, rollout: Rollout, role: Any, forward: Any) -> Any:
-        """``forward(model, ids, mask, prefix)`` over the rollout in minibatch-sized chunks under ``role`` (bounded memory)."""
-        size, prefix = self.config.minibatch_size, rollout.extras.get("prefix")
+        """``forward(model, ids, mask, prefix)`` over the rollout in micro-batch chunks under ``role`` (bounded memory)."""
+        size, prefix = max(1, self.config.minibatch_size // self.config.grad_accum), rollout.extras.get("prefix")
         with role() as model:
             model.eval()
             parts = [
