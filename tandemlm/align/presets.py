@@ -54,8 +54,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "cpu-demo": {
             **_CPU_DEMO, "dataset": "builtin:capitals_train", "eval_dataset": "builtin:capitals_test",
             # 16 prompts x 1 sample per step for 30 steps: the same 480 generated samples as grpo's cpu-demo.
+            # With a cold critic, lambda 1 gives the early tokens ("The capital of ...") the full credit; at
+            # lr 1e-3 with 4 PPO epochs the policy drifted to 0.66 nats/token of KL in 15 steps, at lr 5e-4,
+            # 2 epochs and beta 0.05 to 0.24; beta 0.1 held it at 0.16 with a +0.28 verifier gain.
             "max_steps": 30, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 2, "max_completion_length": 24,
-            "temperature": 1.0, "learning_rate": 1e-3, "critic_learning_rate": 2e-3, "beta": 0.05, "rewards": "verifier",
+            "temperature": 1.0, "learning_rate": 5e-4, "critic_learning_rate": 2e-3, "beta": 0.1, "lam": 1.0,
+            "rewards": "verifier",
         },
     },
     "grpo": {
