@@ -326,3 +326,21 @@ def test_full_fine_tune_trains_a_separate_critic_and_resumes(tiny_llama, tmp_pat
     assert set(critic) <= set(backbone) and changed_tensors(backbone, critic)  # a trained copy of the backbone
     records = [r for r in read_metrics(run.metrics) if "score" in r]
     assert [r["step"] for r in records] == [1, 2] and records[-1]["kl"] != 0.0
+
+
+def test_critic_warmup_holds_the_actor_and_the_kl_controller_adapts_beta(tiny_llama, tmp_path, score_server):
+    url = score_server(_length_score)
+    run = train_tiny(
+        "ppo", tiny_llama, tmp_path / "run", **PPO_TINY, max_steps=2, rewards="http", reward_url=url,
+        critic_warmup_steps=2, beta=0.05, target_kl=1.0, kl_horizon=10,
+    )
+    records = [r for r in read_metrics(run.metrics) if "score" in r]
+    assert [r["critic_warmup"] for r in records] == [1.0, 1.0] and "policy_loss" not in records[0]
+    actor = state_dict_of(run.final)
+    assert all(t.abs().sum() == 0 for name, t in actor.items() if "lora_B" in name)  # the actor never stepped
+    from safetensors.torch import load_file
+
+    critic = load_file(run.final / "critic" / "critic.safetensors")
+    assert any("lora_B" in name and t.abs().sum() > 0 for name, t in critic.items())  # the critic did
+    # Step 1's KL is 0 (actor = reference), so the error clips to -0.2: beta *= 1 - 0.2 * 4 samples / 10.
+    assert records[0]["beta"] == pytest.approx(0.05) and records[1]["beta"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 10))
