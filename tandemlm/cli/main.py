@@ -119,9 +119,11 @@ def chat(
 def serve(
     model: opt.ModelArg = opt.DEFAULT,
     host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
-    api_key: Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY", help="Require this Bearer token.")] = None,
-    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a slot before 503s.")] = 64,
+    port: Annotated[int, typer.Option("--port", help="TCP port (1-65535).")] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY", help="Require this Bearer token on every path but /health.")] = None,
+    max_queue: opt.MaxQueue = 64,
+    max_body_mb: opt.MaxBodyMb = 8.0,
+    allowed_hosts: opt.AllowedHosts = None,
     backend: opt.Backend = "auto",
     n_ctx: opt.NCtx = None,
     n_parallel: opt.NParallel = 8,
@@ -132,25 +134,21 @@ def serve(
     quantize: Annotated[str | None, typer.Option("--quantize", help="Quantize an HF MODEL to this type first (Q4_K_M, Q8_0, bnb-4bit, …), verify, then serve.")] = None,
 ) -> None:
     """Serve MODEL over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    import uvicorn
+    from tandemlm.deploy.server.app import run_server
 
-    from tandemlm.deploy.server.app import create_app
-
-    if n_parallel is not None and n_parallel < 1:
-        fail("--n-parallel must be at least 1")
-    engine_options = EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, n_parallel, dtype, trust_remote_code)
+    # Checked before anything loads, so a bad flag costs no model load.
+    config = opt.server_config(
+        host=host, port=port, api_key=api_key, n_parallel=8 if n_parallel is None else n_parallel,
+        max_queue=max_queue, max_body_mb=max_body_mb, allowed_hosts=allowed_hosts,
+    )
+    engine_options = EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, config.n_parallel, dtype, trust_remote_code)
     if quantize:
         from tandemlm.cli.quantize import quantized_engine
 
         engine = quantized_engine(model, quantize, engine_options)
     else:
         engine = _load(model, engine_options)
-    app_ = create_app(engine, api_key=api_key, max_concurrency=n_parallel or 8, max_queue=max_queue)
-    typer.secho(f"serving {engine.info.model_id} ({engine.info.backend}) on http://{host}:{port}/v1", err=True)
-    try:
-        uvicorn.run(app_, host=host, port=port, log_level="warning")
-    finally:
-        engine.close()
+    run_server(engine, config)
 
 
 @app.command()

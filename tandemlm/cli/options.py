@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from tandemlm.deploy.types import SamplingParams
 from tandemlm.models.builtin import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from tandemlm.deploy.server.config import ServerConfig
 
 ModelArg = Annotated[str, typer.Argument(help="A built-in name (smollm2), an HF folder, a .gguf file or a hub id.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")]
@@ -25,6 +28,12 @@ NGpuLayers = Annotated[int | None, typer.Option("--n-gpu-layers", help="llama.cp
 NParallel = Annotated[int | None, typer.Option("--n-parallel", help="Most requests decoded together in one batch.")]
 Dtype = Annotated[str | None, typer.Option("--dtype", help="transformers/vllm: auto, float32, bfloat16, float16.")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run custom model code from the checkpoint.")]
+MaxQueue = Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a slot before 503s (0: none wait).")]
+MaxBodyMb = Annotated[float, typer.Option("--max-body-mb", help="Largest request body in MiB; larger ones get 413.")]
+AllowedHosts = Annotated[
+    list[str] | None,
+    typer.Option("--allowed-hosts", help="Host header names to answer besides localhost and the bind address (comma-separated or repeated; * for any)."),
+]
 
 DEFAULTS = SamplingParams()
 DEFAULT = DEFAULT_MODEL
@@ -63,6 +72,19 @@ def sampling_from_flags(**values: Any) -> SamplingParams:
         return SamplingParams(**values)
     except ValueError as exc:
         fail(flag_error(str(exc)))
+        raise  # unreachable
+
+
+def server_config(**values: Any) -> ServerConfig:
+    """Builds the server's settings; a bad value exits with a one-line error naming the flag."""
+    from tandemlm.deploy.server.config import ServerConfig
+
+    values["allowed_hosts"] = values.get("allowed_hosts") or []
+    try:
+        return ServerConfig(**values)
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        fail(f"--{field.replace('_', '-')} {rest}")
         raise  # unreachable
 
 

@@ -15,6 +15,7 @@ from tandemlm.cli.options import EngineOptions, fail
 
 if TYPE_CHECKING:
     from tandemlm.deploy.engine import Engine
+    from tandemlm.deploy.server.config import ServerConfig
     from tandemlm.quantize.report import QualityReport
 
 QuantModelArg = Annotated[
@@ -22,7 +23,7 @@ QuantModelArg = Annotated[
 ]
 TypeOpt = Annotated[str, typer.Option("--type", "-t", help="Quant type, e.g. Q4_K_M, Q8_0, F16, bnb-4bit (see --list).")]
 Host = Annotated[str, typer.Option("--host", help="Address to bind with --serve; 0.0.0.0 exposes it to the network.")]
-Port = Annotated[int, typer.Option("--port", help="TCP port for --serve.")]
+Port = Annotated[int, typer.Option("--port", help="TCP port for --serve (1-65535).")]
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY", help="Require this Bearer token (--serve).")]
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores to quantize, the idle ones to evaluate).")]
 EvalThreads = Annotated[int | None, typer.Option("--threads", help="llama.cpp threads (default: the cores not busy).")]
@@ -57,6 +58,9 @@ def quantize(
     api_key: ApiKey = None,
     n_ctx: opt.NCtx = None,
     n_parallel: opt.NParallel = 8,
+    max_queue: opt.MaxQueue = 64,
+    max_body_mb: opt.MaxBodyMb = 8.0,
+    allowed_hosts: opt.AllowedHosts = None,
     trust_remote_code: opt.TrustRemoteCode = False,
 ) -> None:
     """Quantize MODEL to a GGUF: convert (llama.cpp's converter), quantize (llama.cpp's quantizer), verify."""
@@ -68,12 +72,18 @@ def quantize(
     if model is None:
         fail("missing MODEL (an HF folder, hub id, built-in name or .gguf file); see tandem quantize --help")
     assert model is not None
+    # --serve's flags are checked before the (long) quantization, not after it.
+    server = opt.server_config(
+        host=host, port=port, api_key=api_key, n_parallel=8 if n_parallel is None else n_parallel,
+        max_queue=max_queue, max_body_mb=max_body_mb, allowed_hosts=allowed_hosts,
+    )
+    serving = _ServeOptions(server, n_ctx, trust_remote_code)
     try:
         from tandemlm.quantize.types import get_quant_type
 
         row = get_quant_type(qtype)
         if row.stage == "bitsandbytes":
-            _bitsandbytes(model, row, out, serve, _ServeOptions(host, port, api_key, n_ctx, n_parallel, trust_remote_code))
+            _bitsandbytes(model, row, out, serve, serving)
             return
         result = _run_pipeline(model, qtype, out, adapter, threads, strict, not no_cache, report, report_against, trust_remote_code)
     except (EngineError, OSError) as exc:
@@ -83,8 +93,8 @@ def quantize(
     if report and result.report is not None:
         _print_and_save(result.report, report_json or result.path.with_suffix(".report.json"), result.fallback_line())
     if serve:
-        engine = _load_gguf(result.path, EngineOptions("llama.cpp", n_ctx, threads, None, n_parallel, None, False))
-        serve_engine(engine, _ServeOptions(host, port, api_key, n_ctx, n_parallel, trust_remote_code))
+        engine = _load_gguf(result.path, EngineOptions("llama.cpp", n_ctx, threads, None, server.n_parallel, None, False))
+        serve_engine(engine, serving)
 
 
 def eval_quant(
@@ -155,9 +165,9 @@ def quantized_engine(model: str, quant: str, options: EngineOptions) -> Engine:
 
 
 class _ServeOptions:
-    def __init__(self, host: str, port: int, api_key: str | None, n_ctx: int | None, n_parallel: int | None, trust_remote_code: bool) -> None:
-        self.host, self.port, self.api_key = host, port, api_key
-        self.n_ctx, self.n_parallel, self.trust_remote_code = n_ctx, n_parallel or 8, trust_remote_code
+    def __init__(self, server: ServerConfig, n_ctx: int | None, trust_remote_code: bool) -> None:
+        self.server, self.n_ctx, self.trust_remote_code = server, n_ctx, trust_remote_code
+        self.n_parallel = server.n_parallel
 
 
 def _run_pipeline(
@@ -226,13 +236,6 @@ def _bitsandbytes(model: str, row: Any, out: Path | None, serve: bool, serving: 
 
 def serve_engine(engine: Engine, serving: _ServeOptions) -> None:
     """Serves ``engine`` with the deploy server until interrupted."""
-    import uvicorn
+    from tandemlm.deploy.server.app import run_server
 
-    from tandemlm.deploy.server.app import create_app
-
-    app = create_app(engine, api_key=serving.api_key, max_concurrency=serving.n_parallel)
-    typer.secho(f"serving {engine.info.model_id} ({engine.info.backend}) on http://{serving.host}:{serving.port}/v1", err=True)
-    try:
-        uvicorn.run(app, host=serving.host, port=serving.port, log_level="warning")
-    finally:
-        engine.close()
+    run_server(engine, serving.server)

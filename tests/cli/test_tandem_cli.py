@@ -81,3 +81,48 @@ def test_env_reports_backends_and_the_builtin_model():
     assert result.exit_code == 0, result.output
     assert "llama.cpp" in result.output and "transformers" in result.output
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in result.output.replace("\n", "").replace(" ", "") or "smollm2" in result.output
+
+
+@pytest.fixture
+def uvicorn_calls(monkeypatch):
+    """``tandem serve`` on a mock engine that records ``uvicorn.run`` instead of listening."""
+    import uvicorn
+
+    import tandemlm.cli.main as cli_main
+    from tandemlm.deploy.mock_engine import MockEngine
+
+    calls: list[dict] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+    monkeypatch.setattr(cli_main, "_load", lambda model, options: MockEngine(model_id=model))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+        (["--port", "0"], "--port must be between 1 and 65535, got 0"),
+        (["--max-queue", "-1"], "--max-queue must be 0 (no waiting room) or more, got -1"),
+        (["--n-parallel", "0"], "--n-parallel must be at least 1, got 0"),
+        (["--max-body-mb", "0"], "--max-body-mb must be a positive number of MiB, got 0.0"),
+        (["--allowed-hosts", "a,,b"], "--allowed-hosts has an empty name: 'a,,b'"),
+    ],
+)
+def test_bad_serve_flags_are_one_line_errors_before_anything_loads(uvicorn_calls, flags, message):
+    result = runner.invoke(app, ["serve", "smollm2", *flags])
+    assert (result.exit_code, result.output.strip()) == (2, f"error: {message}")
+    assert not uvicorn_calls
+
+
+def test_quantize_serve_checks_its_port_before_quantizing(uvicorn_calls, tmp_path):
+    result = runner.invoke(app, ["quantize", str(tmp_path / "absent"), "--serve", "--port", "70000"])
+    assert (result.exit_code, result.output.strip()) == (2, "error: --port must be between 1 and 65535, got 70000")
+
+
+def test_serve_passes_port_queue_and_hosts_through(uvicorn_calls):
+    flags = ["--port", "8123", "--max-queue", "0", "--max-body-mb", "0.5", "--allowed-hosts", "box.lan"]
+    result = runner.invoke(app, ["serve", "smollm2", "--host", "0.0.0.0", *flags])
+    assert result.exit_code == 0, result.output
+    [call] = uvicorn_calls
+    assert (call["host"], call["port"], call["app"].state.admission.max_queue) == ("0.0.0.0", 8123, 0)
+    assert "box.lan" in result.output and "--allowed-hosts" in result.output  # a wildcard bind names the Host names it answers

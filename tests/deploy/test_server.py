@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
+import socket
 import time
 
 import httpx
@@ -11,6 +13,7 @@ import openai
 import pytest
 
 from tandemlm.deploy.mock_engine import MockEngine
+from tandemlm.deploy.server.config import ServerConfig
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +144,164 @@ def test_queue_beyond_its_bound_gets_503_and_queued_requests_wait_their_turn(ser
     assert codes.count(200) >= 2
     assert set(codes) <= {200, 503}
     assert 503 in codes
+
+
+async def _burst(url: str, n: int) -> list[str]:
+    """Fires ``n`` streaming chats at once; each ends as "done" (a whole stream), "503" or "broken: …"."""
+    import asyncio
+
+    async def one(client: httpx.AsyncClient) -> str:
+        body = {"messages": [{"role": "user", "content": "q"}], "stream": True}
+        try:
+            async with client.stream("POST", f"{url}/chat/completions", json=body) as response:
+                if response.status_code == 503:
+                    error = json.loads(await response.aread())["error"]
+                    assert error["code"] == "server_busy" and "busy" in error["message"]
+                    return "503"
+                assert response.status_code == 200
+                lines = [line async for line in response.aiter_lines() if line.strip()]
+                return "done" if lines and lines[-1] == "data: [DONE]" else f"broken: ended with {lines[-1:]}"
+        except httpx.HTTPError as exc:
+            return f"broken: {exc!r}"
+
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        return list(await asyncio.gather(*(one(client) for _ in range(n))))
+
+
+def test_a_streaming_burst_past_the_queue_gets_only_whole_streams_and_503s(serve):
+    import asyncio
+
+    engine = MockEngine(reply="z" * 40, delay=0.01)
+    with serve(engine, max_concurrency=2, max_queue=2) as url:
+        for _ in range(3):
+            outcomes = asyncio.run(_burst(url, 12))
+            assert not [o for o in outcomes if o.startswith("broken")], outcomes
+            assert outcomes.count("done") >= 4 and "503" in outcomes, outcomes
+        assert httpx.get(url.removesuffix("/v1") + "/health").json()["running"] == 0
+
+
+def test_max_queue_zero_means_no_waiting_room_not_refusing_everything(serve):
+    engine = MockEngine(reply="w" * 30, delay=0.02)
+    with serve(engine, max_concurrency=1, max_queue=0) as url:
+        body = {"messages": [{"role": "user", "content": "q"}]}
+        assert httpx.post(f"{url}/chat/completions", json=body, timeout=30).status_code == 200  # idle server
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            codes = list(pool.map(lambda _: httpx.post(f"{url}/chat/completions", json=body, timeout=30).status_code, range(3)))
+    assert sorted(codes) == [200, 503, 503]
+
+
+@pytest.mark.parametrize(("options", "message"), [({"max_queue": -1}, "max_queue"), ({"max_concurrency": 0}, "max_concurrency")])
+def test_admission_refuses_impossible_limits(options, message):
+    from tandemlm.deploy.server.app import create_app
+
+    with pytest.raises(ValueError, match=message):
+        create_app(MockEngine(), **options)
+
+
+def test_a_20_mb_body_gets_413_before_parsing_while_health_keeps_answering(serve):
+    huge = json.dumps({"messages": [{"role": "user", "content": "x" * 20_000_000}]}).encode()
+    with serve(MockEngine(), api_key="k") as url:
+        base = url.removesuffix("/v1")
+        headers = {"Authorization": "Bearer k", "Content-Type": "application/json"}
+        slowest = 0.0
+
+        def post() -> httpx.Response:
+            return httpx.post(f"{url}/chat/completions", content=huge, headers=headers, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(post)
+            while not future.done():
+                started = time.perf_counter()
+                assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+                slowest = max(slowest, time.perf_counter() - started)
+                time.sleep(0.02)
+            response = future.result()
+        assert response.status_code == 413
+        error = response.json()["error"]
+        assert "8 MiB" in error["message"] and "--max-body-mb" in error["message"]
+        assert slowest < 1.0
+
+        # A chunked body (no Content-Length) is cut off at the limit too.
+        def chunks():
+            for _ in range(20):
+                yield b"x" * 1_000_000
+
+        response = httpx.post(f"{url}/chat/completions", content=chunks(), headers=headers, timeout=60)
+        assert response.status_code == 413
+        assert response.json()["error"]["type"] == "invalid_request_error"
+        assert client(url, key="k").models.list().data
+
+
+def test_with_an_api_key_only_health_is_open_and_it_shows_only_liveness(mock_server):
+    url, _ = mock_server
+    base = url.removesuffix("/v1")
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+    for path in ("/docs", "/redoc", "/openapi.json", "/v1/models", "/nowhere"):
+        response = httpx.get(f"{base}{path}")
+        assert response.status_code == 401, path
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{base}/openapi.json", headers={"Authorization": "Bearer sekret"}).status_code == 200
+    assert "running" in httpx.get(f"{base}/health", headers={"Authorization": "Bearer sekret"}).json()
+
+
+@pytest.mark.parametrize("header", ["sekret", "Basic sekret", "Bearer", "Bearer  wrong", "Bearersekret"])
+def test_the_api_key_must_come_as_a_bearer_token(mock_server, header):
+    url, _ = mock_server
+    assert httpx.get(f"{url}/models", headers={"Authorization": header}).status_code == 401
+    assert httpx.get(f"{url}/models", headers={"Authorization": "bearer sekret"}).status_code == 200
+
+
+def test_a_foreign_host_header_gets_400_against_dns_rebinding(serve):
+    with serve(MockEngine(), **ServerConfig(allowed_hosts=["api.example"]).app_options()) as url:
+        port = url.split(":")[2].split("/")[0]
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", ""):
+            response = httpx.get(f"{url}/models", headers={"Host": host})
+            assert response.status_code == 400, host
+            assert "Host" in response.json()["error"]["message"] and "--allowed-hosts" in response.json()["error"]["message"]
+        for host in (f"localhost:{port}", "127.0.0.1", f"[::1]:{port}", "API.example", "api.example:80"):
+            assert httpx.get(f"{url}/models", headers={"Host": host}).status_code == 200, host
+    with serve(MockEngine(), **ServerConfig(allowed_hosts=["*"]).app_options()) as url:
+        assert httpx.get(f"{url}/models", headers={"Host": "anything.example"}).status_code == 200
+
+
+def test_the_bind_address_and_listed_names_are_accepted_hosts():
+    assert ServerConfig(host="10.1.2.3", allowed_hosts=["a.example,B.example", "[fd00::1]"]).accepted_hosts() == [
+        "localhost", "127.0.0.1", "::1", "10.1.2.3", "a.example", "b.example", "fd00::1"
+    ]
+    assert socket.gethostname().lower() in ServerConfig(host="0.0.0.0").accepted_hosts()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"port": 70000}, "port must be between 1 and 65535, got 70000"),
+        ({"port": 0}, "port must be between 1 and 65535"),
+        ({"n_parallel": 0}, "n_parallel must be at least 1"),
+        ({"max_queue": -1}, "max_queue must be 0 (no waiting room) or more"),
+        ({"max_body_mb": 0}, "max_body_mb must be a positive number"),
+        ({"api_key": " "}, "api_key must not be empty"),
+        ({"allowed_hosts": ["a,,b"]}, "allowed_hosts has an empty name"),
+    ],
+)
+def test_server_config_refuses_bad_values_naming_the_field(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServerConfig(**options)
+
+
+def test_a_queued_stream_whose_client_leaves_gives_its_place_back(serve):
+    engine = MockEngine(reply="v" * 300, delay=0.01)
+    body = {"messages": [{"role": "user", "content": "q"}], "stream": True, "max_tokens": 300}
+    with serve(engine, max_concurrency=1, max_queue=1) as url:
+        health = url.removesuffix("/v1") + "/health"
+        with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=30) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)
+            with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=30) as queued:
+                assert queued.status_code == 200
+                assert httpx.get(health).json()["queued"] == 1
+            deadline = time.time() + 5
+            while httpx.get(health).json()["queued"] and time.time() < deadline:
+                time.sleep(0.05)
+            assert httpx.get(health).json() == {"status": "ok", "running": 1, "queued": 0}

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from tandemlm.deploy.engine import Engine
+from tandemlm.deploy.server.config import WILDCARD_BINDS, ServerConfig
+from tandemlm.deploy.server.guards import LOCAL_HOSTS, ApiKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware
 from tandemlm.deploy.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
-from tandemlm.deploy.server.service import Admission, ChatChunks, ServerBusy, TextChunks, iterate_in_thread
+from tandemlm.deploy.server.service import Admission, ChatChunks, ServerBusy, TextChunks, Ticket, iterate_in_thread
 from tandemlm.deploy.types import ContextLengthError, Delta, EngineError, SamplingParams, Usage
 
 
@@ -28,39 +29,44 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-class ApiKeyMiddleware:
-    """Rejects ``/v1`` requests without ``Authorization: Bearer <api_key>``.
+class _AdmittedStream(StreamingResponse):
+    """A streamed response that gives back its admission ticket however it ends, started or not."""
 
-    Plain ASGI rather than ``@app.middleware("http")``: that one relays every streamed chunk
-    through an extra task and memory stream, which costs tokens/s under concurrent streams.
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.api_key = api_key.encode()
+    def __init__(self, ticket: Ticket, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.ticket = ticket
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            given = header.removeprefix(b"Bearer ").strip()
-            if not secrets.compare_digest(given, self.api_key):
-                message = "invalid or missing API key (send 'Authorization: Bearer <key>')"
-                response = _error(401, message, "authentication_error", code="invalid_api_key")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int = 8, max_queue: int = 64) -> FastAPI:
-    """An OpenAI-compatible app serving ``engine``; ``api_key`` (optional) is checked as a Bearer token."""
+def create_app(
+    engine: Engine,
+    api_key: str | None = None,
+    max_concurrency: int = 8,
+    max_queue: int = 64,
+    max_body_bytes: int = 8 * 2**20,
+    allowed_hosts: Sequence[str] = LOCAL_HOSTS,
+) -> FastAPI:
+    """An OpenAI-compatible app serving ``engine``.
+
+    ``api_key`` (optional) is checked as a Bearer token on every path but ``/health``; bodies over
+    ``max_body_bytes`` get 413; Host headers outside ``allowed_hosts`` (``"*"``: any) get 400.
+    """
     app = FastAPI(title="tandemlm", version="0.1.0")
     admission = Admission(max_concurrency, max_queue)
     app.state.admission = admission
     app.state.engine = engine
     defaults = SamplingParams()
 
+    # Added last runs first: Host check, then the key (no body read without it), then the body size.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -74,10 +80,14 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "invalid_request_error")
+        code = "request_too_large" if exc.status_code == 413 else None
+        return _error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "invalid_request_error", code=code)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        # Without the key (when one is set) only liveness: load figures are nobody else's business.
+        if not request.scope.get("state", {}).get("authorized", True):
+            return {"status": "ok"}
         return {"status": "ok", "running": admission.running, "queued": admission.waiting}
 
     @app.get("/v1/models")
@@ -90,24 +100,32 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         return SamplingParams(**values)
 
     async def respond(body: ChatCompletionRequest | CompletionRequest, make: Any, chunks: ChatChunks) -> Any:
-        if admission.waiting >= admission.max_queue:
-            raise ServerBusy(f"server busy: {admission.running} running and {admission.waiting} queued requests")
-        params = sampling(body)
-        stream: Iterator[Delta] = make(params)  # validates (context length, template) before any output
+        # Admitted, queued or 503, decided before any work and before the response starts.
+        ticket = admission.claim()
+        try:
+            params = sampling(body)
+            stream: Iterator[Delta] = make(params)  # validates (context length, template) before any output
+        except BaseException:
+            ticket.release()
+            raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return StreamingResponse(_stream(stream, chunks, include_usage), media_type="text/event-stream")
+            return _AdmittedStream(ticket, _stream(ticket, stream, chunks, include_usage))
         text, reasoning, finish, usage = [], [], "stop", Usage()
-        async with admission.slot():
+        try:
+            await ticket.admitted()
             async for delta in iterate_in_thread(stream):
                 text.append(delta.text)
                 reasoning.append(delta.reasoning)
                 finish = delta.finish_reason or finish
                 usage = delta.usage or usage
+        finally:
+            ticket.release()
         return chunks.full("".join(text), "".join(reasoning), finish, usage)
 
-    async def _stream(stream: Iterator[Delta], chunks: ChatChunks, include_usage: bool) -> AsyncIterator[str]:
-        async with admission.slot():
+    async def _stream(ticket: Ticket, stream: Iterator[Delta], chunks: ChatChunks, include_usage: bool) -> AsyncIterator[str]:
+        try:
+            await ticket.admitted()  # a queued request waits here; its place is already claimed
             if not isinstance(chunks, TextChunks):
                 yield _sse(chunks.role_chunk())
             try:
@@ -117,6 +135,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
                         yield _sse(chunks.usage_chunk(delta.usage))
             except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band and end cleanly
                 yield _sse(error_body(f"generation failed: {exc}", "server_error"))
+        finally:
+            ticket.release()
         yield _sse("[DONE]")
 
     async def guarded(fn: Any) -> Any:
@@ -139,3 +159,19 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         return await guarded(lambda: respond(body, lambda p: engine.generate(body.prompt_text(), p), TextChunks(engine.info.model_id)))
 
     return app
+
+
+def run_server(engine: Engine, config: ServerConfig) -> None:
+    """Serves ``engine`` with ``config`` until interrupted, then closes the engine."""
+    import typer
+    import uvicorn
+
+    app = create_app(engine, **config.app_options())
+    typer.secho(f"serving {engine.info.model_id} ({engine.info.backend}) on http://{config.host}:{config.port}/v1", err=True)
+    if config.host in WILDCARD_BINDS and "*" not in config.allowed_hosts:
+        hosts = ", ".join(config.accepted_hosts())
+        typer.secho(f"answering Host names {hosts}; add the names clients use with --allowed-hosts", err=True)
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    finally:
+        engine.close()

@@ -12,6 +12,7 @@ import contextlib
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -22,34 +23,90 @@ _DONE = object()
 
 
 class ServerBusy(Exception):
-    """The wait queue is full."""
+    """Every slot is taken and the wait queue is full."""
 
 
 class Admission:
-    """At most ``max_concurrency`` generations run at once; up to ``max_queue`` more wait their turn."""
+    """At most ``max_concurrency`` generations run at once; up to ``max_queue`` more wait their turn.
+
+    A request :meth:`claim`s its place before its response starts, so the answer is decided up
+    front: admitted, queued, or :class:`ServerBusy` (a 503), never a 200 that breaks off later.
+    ``max_queue=0`` means no waiting room: a request is admitted while a slot is free.
+    """
 
     def __init__(self, max_concurrency: int, max_queue: int) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be 0 (no waiting room) or more, got {max_queue}")
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
-        self._slots = asyncio.Semaphore(max_concurrency)
-        self.waiting = 0
         self.running = 0
+        self._queue: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def claim(self) -> Ticket:
+        """A running slot or a place in the queue, taken at once (no await); ServerBusy if neither is free."""
+        if self.running < self.max_concurrency and not self._queue:
+            self.running += 1
+            return Ticket(self, None)
+        if len(self._queue) >= self.max_queue:
+            raise ServerBusy(f"server busy: {self.running} running and {self.waiting} queued requests; retry later")
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(turn)
+        return Ticket(self, turn)
+
+    def _free_slot(self) -> None:
+        # Hand the slot straight to the first request still waiting, so no newcomer can jump the queue.
+        while self._queue:
+            turn = self._queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.running -= 1
+
+    def _leave_queue(self, turn: asyncio.Future[None]) -> None:
+        turn.cancel()
+        with contextlib.suppress(ValueError):
+            self._queue.remove(turn)
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self._slots.locked() and self.waiting >= self.max_queue:
-            raise ServerBusy(f"server busy: {self.running} running and {self.waiting} queued requests")
-        self.waiting += 1
+        """Claims, waits for its turn, and releases on exit (for callers that need no early decision)."""
+        ticket = self.claim()
         try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
-        try:
+            await ticket.admitted()
             yield
         finally:
-            self.running -= 1
-            self._slots.release()
+            ticket.release()
+
+
+class Ticket:
+    """One request's claim on :class:`Admission`: a slot, or a queue place until :meth:`admitted`."""
+
+    def __init__(self, admission: Admission, turn: asyncio.Future[None] | None) -> None:
+        self._admission = admission
+        self._turn = turn
+        self._released = False
+
+    async def admitted(self) -> None:
+        """Waits until the request holds a slot (at once if it got one when claimed)."""
+        if self._turn is not None:
+            await self._turn
+
+    def release(self) -> None:
+        """Frees the slot or the queue place; safe to call more than once, and before :meth:`admitted`."""
+        if self._released:
+            return
+        self._released = True
+        turn = self._turn
+        if turn is None or (turn.done() and not turn.cancelled()):
+            self._admission._free_slot()
+        else:
+            self._admission._leave_queue(turn)
 
 
 async def iterate_in_thread(stream: Iterator[Delta]) -> AsyncIterator[Delta]:
