@@ -21,6 +21,10 @@
 #                                          verifier (24 W/152 T/4 L); verifier accuracy 0.361 vs 0.250
 #   grpo   30 steps  604 s / 290 s         verifier accuracy 0.567 vs 0.250 (+0.317) at KL 0.186 nats/token
 #                                          (2.5 per response); win-rate 0.789 by reward model, 0.658 by verifier
+# PPO, recorded 2026-12-01 (2 cores, ppo and grpo cpu-demo running side by side, one thread each; grpo
+# reproduced its numbers above exactly, 504 s / 193 s):
+#   ppo    30 steps  595 s / 195 s         verifier accuracy 0.533 vs 0.250 (+0.283) at KL 0.156 nats/token
+#                                          (2.2 per response); win-rate 0.642 by verifier (57 W/117 T/6 L)
 set -euo pipefail
 
 OUT=${1:-runs/demo}
