@@ -344,3 +344,12 @@ def test_critic_warmup_holds_the_actor_and_the_kl_controller_adapts_beta(tiny_ll
     assert any("lora_B" in name and t.abs().sum() > 0 for name, t in critic.items())  # the critic did
     # Step 1's KL is 0 (actor = reference), so the error clips to -0.2: beta *= 1 - 0.2 * 4 samples / 10.
     assert records[0]["beta"] == pytest.approx(0.05) and records[1]["beta"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 10))
+
+
+def test_missing_eos_penalty_lowers_the_score_of_cut_off_responses(tiny_llama, tmp_path, score_server):
+    """The tiny random model never samples EOS in 6 tokens: every response pays the penalty."""
+    url = score_server(lambda call, responses: [0.5] * len(responses))
+    run = train_tiny("ppo", tiny_llama, tmp_path / "run", **PPO_TINY, max_steps=1, rewards="http", reward_url=url, missing_eos_penalty=2.0)
+    record = next(r for r in read_metrics(run.metrics) if "score" in r)
+    assert record["eos_rate"] == 0.0 and record["rewards/http/mean"] == 0.5
+    assert record["score"] == pytest.approx(0.5 - 2.0)
