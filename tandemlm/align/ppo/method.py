@@ -7,6 +7,7 @@ and critic adapters, the reward mix, and the loop with checkpoints every ``save_
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -159,8 +160,6 @@ def _maybe_resume(run: Run, trainer: PPOTrainer, dist: Distributed) -> str | Non
         return None
     for leftover in run.checkpoints.glob(".checkpoint-*.partial"):  # a save that a kill interrupted
         if dist.is_main:
-            import shutil
-
             shutil.rmtree(leftover, ignore_errors=True)
     found = latest_checkpoint(run)
     if found is None:
@@ -207,8 +206,6 @@ def save_final(run: Run, ac: ActorCritic, tokenizer: Any, dist: Distributed) -> 
     """final/: the actor as a PEFT adapter (or full weights) with the tokenizer; final/critic/ holds the critic."""
     staging = run.dir / ".final.partial"
     if dist.is_main:
-        import shutil
-
         from safetensors.torch import save_file
 
         shutil.rmtree(staging, ignore_errors=True)

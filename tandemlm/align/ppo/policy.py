@@ -124,7 +124,7 @@ class ActorCritic:
 
     def actor_parameters(self) -> list[nn.Parameter]:
         if not self.lora:
-            return [p for p in self.model.parameters()]
+            return list(self.model.parameters())
         return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n]
 
     def critic_parameters(self) -> list[nn.Parameter]:
