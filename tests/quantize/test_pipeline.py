@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,9 +42,7 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> Counter[str]:
 def test_same_input_and_type_reuses_the_verified_result(quantized, quant_cache, tmp_path, monkeypatch):
     first = quantized("llama", "q8_0")
     calls = _count_calls(monkeypatch, "convert_hf_to_gguf", "quantize_gguf", "verify_gguf")
-    start = time.perf_counter()
     again = quantize_model(_config(quant_cache, tmp_path / "again.gguf", "Q8_0"))
-    assert time.perf_counter() - start < 5
     assert calls == Counter()  # no stage ran
     assert again.cached and again.path == tmp_path / "again.gguf"
     assert again.path.read_bytes() == first.path.read_bytes()
