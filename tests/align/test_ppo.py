@@ -353,3 +353,21 @@ def test_missing_eos_penalty_lowers_the_score_of_cut_off_responses(tiny_llama, t
     record = next(r for r in read_metrics(run.metrics) if "score" in r)
     assert record["eos_rate"] == 0.0 and record["rewards/http/mean"] == 0.5
     assert record["score"] == pytest.approx(0.5 - 2.0)
+
+
+def test_http_reward_serves_grpo_shaped_calls_and_fails_in_one_line(score_server):
+    """The same endpoint scores GRPO's conversational completions; a dead or wrong endpoint is one line naming it."""
+    from tandemlm.align.grpo import GRPORunConfig
+    from tandemlm.align.rewards import HttpReward
+
+    url = score_server(lambda call, responses: [float(len(r)) for r in responses])
+    prompts = [[{"role": "user", "content": "Capital of Peru?"}]] * 2
+    completions = [[{"role": "assistant", "content": "Lima"}], [{"role": "assistant", "content": "It is Lima."}]]
+    assert HttpReward(url)(prompts, completions) == [4.0, 11.0]
+    with pytest.raises(ConfigError, match=r"^reward_url http://127\.0\.0\.1:1/: request failed"):
+        HttpReward("http://127.0.0.1:1/", timeout=5)(prompts, completions)
+    short = score_server(lambda call, responses: [1.0])
+    with pytest.raises(ConfigError, match=r"1 scores for 2 responses"):
+        HttpReward(short)(prompts, completions)
+    with pytest.raises(ConfigError, match="rewards uses http but reward_url is not set"):
+        GRPORunConfig(dataset="builtin:capitals_train", rewards="verifier,http")
