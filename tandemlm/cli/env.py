@@ -30,6 +30,17 @@ def _gpu() -> str:
     return ", ".join(names)
 
 
+def _precision() -> str:
+    """The device, dtype and attention an HF model loads with here by default (``--dtype auto``)."""
+    try:
+        from tandemlm.hardware import inference_precision
+
+        chosen = inference_precision()
+    except Exception as exc:  # noqa: BLE001 - report, don't fail
+        return f"unknown ({exc})"
+    return f"{chosen.device}, {chosen.dtype}, attention {chosen.attention} (16-bit checkpoints keep their dtype on a GPU)"
+
+
 def print_env() -> None:
     from tandemlm.deploy.registry import backends
     from tandemlm.hardware import physical_cores
@@ -42,6 +53,7 @@ def print_env() -> None:
     for name in PACKAGES:
         versions.add_row(name, _version(name))
     console.print(versions)
+    console.print(f"inference: {_precision()}")
     table = Table("backend", "usable", "notes", title="backends")
     for name, backend in sorted(backends().items()):
         reason = backend.available()

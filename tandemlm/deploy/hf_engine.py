@@ -18,6 +18,7 @@ from typing import Any
 from tandemlm.deploy.engine import BaseEngine, drain_tokens
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
+from tandemlm.hardware import inference_precision
 from tandemlm.models.resolve import ModelSource
 
 
@@ -30,13 +31,6 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     emitted_text: str = ""
     done: bool = False
-
-
-def pick_attention(device: str) -> str:
-    """FlashAttention-2 on a CUDA GPU when installed, else PyTorch SDPA (works everywhere)."""
-    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
 
 
 class HFEngine(BaseEngine):
@@ -57,12 +51,15 @@ class HFEngine(BaseEngine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self._torch = torch
-        cuda = torch.cuda.is_available()
-        device_map = device_map or ("auto" if cuda else "cpu")
+        try:
+            precision = inference_precision("auto", dtype, checkpoint=folder)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        cuda = precision.device.startswith("cuda")
         kwargs: dict[str, Any] = {
-            "dtype": self._resolve_dtype(dtype, cuda),
-            "device_map": device_map,
-            "attn_implementation": attn_implementation or pick_attention("cuda" if cuda else "cpu"),
+            "dtype": precision.torch_dtype(),
+            "device_map": device_map or ("auto" if cuda else "cpu"),
+            "attn_implementation": attn_implementation or precision.attention,
             "trust_remote_code": trust_remote_code,
         }
         if load_in_bits:
@@ -87,15 +84,6 @@ class HFEngine(BaseEngine):
         self._running = True
         self._worker = threading.Thread(target=self._loop, name="hf-scheduler", daemon=True)
         self._worker.start()
-
-    @staticmethod
-    def _resolve_dtype(dtype: str, cuda: bool) -> Any:
-        import torch
-
-        if dtype != "auto":
-            return getattr(torch, dtype)
-        # The checkpoint's own dtype on GPU; on CPU half-precision matmuls are slow or missing, so fp32.
-        return "auto" if cuda else torch.float32
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -83,6 +83,14 @@ def test_env_reports_backends_and_the_builtin_model():
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in result.output.replace("\n", "").replace(" ", "") or "smollm2" in result.output
 
 
+def test_env_prints_the_inference_device_dtype_and_attention():
+    from tandemlm.hardware import inference_precision
+
+    result = runner.invoke(app, ["env"])
+    chosen = inference_precision()
+    assert f"inference: {chosen.device}, {chosen.dtype}, attention {chosen.attention}" in " ".join(result.output.split())
+
+
 @pytest.fixture
 def uvicorn_calls(monkeypatch):
     """``tandem serve`` on a mock engine that records ``uvicorn.run`` instead of listening."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 
 import pytest
 import torch
 
 from tandemlm.deploy.engine import collect
-from tandemlm.deploy.hf_engine import _RowSampler, pick_attention
+from tandemlm.deploy.hf_engine import _RowSampler
 from tandemlm.deploy.registry import load_engine
 from tandemlm.deploy.types import SamplingParams
 
@@ -82,8 +83,28 @@ def test_r1_template_reasoning_is_split_from_the_answer(tiny_qwen2_dir):
         engine.close()
 
 
-def test_sdpa_on_cpu_and_flash_attention_only_on_gpu():
-    assert pick_attention("cpu") == "sdpa"
+def test_cpu_load_is_fp32_with_sdpa_even_for_a_bf16_request_left_auto(tiny_llama_dir):
+    engine = load_engine(str(tiny_llama_dir), backend="transformers")
+    try:
+        assert engine.model.dtype == torch.float32
+        assert engine.model.config._attn_implementation == "sdpa"
+    finally:
+        engine.close()
+
+
+@pytest.mark.gpu
+def test_auto_dtype_on_gpu_is_16_bit_for_an_fp32_checkpoint(tiny_llama_dir):
+    """The fixture's config.json says float32: "auto" must not hand FlashAttention-2 an fp32 model."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    engine = load_engine(str(tiny_llama_dir), backend="transformers")
+    try:
+        assert engine.model.dtype in (torch.bfloat16, torch.float16)
+        flash = importlib.util.find_spec("flash_attn") is not None
+        assert engine.model.config._attn_implementation == ("flash_attention_2" if flash else "sdpa")
+        assert ask(engine, "hi", SamplingParams(temperature=0, max_tokens=4)).usage.completion_tokens > 0
+    finally:
+        engine.close()
 
 
 @pytest.mark.gpu
