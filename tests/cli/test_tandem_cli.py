@@ -77,10 +77,13 @@ def test_unknown_backend_lists_known_ones():
 
 
 def test_env_reports_backends_and_the_builtin_model():
-    result = runner.invoke(app, ["env"])
+    from tandemlm.models.builtin import builtin_gguf
+
+    result = runner.invoke(app, ["env"], env={"COLUMNS": "400"})  # wide enough that rich cuts no path short
     assert result.exit_code == 0, result.output
     assert "llama.cpp" in result.output and "transformers" in result.output
-    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in result.output.replace("\n", "").replace(" ", "") or "smollm2" in result.output
+    rows = [line.strip("│ ").split() for line in result.output.splitlines() if line.startswith("│ smollm2 ")]
+    assert rows == [["smollm2", "│", str(builtin_gguf("smollm2"))]]
 
 
 def test_env_prints_the_inference_device_dtype_and_attention():
