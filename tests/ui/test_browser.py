@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +25,6 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-SCREENSHOT_COPY = Path("/tmp/ui-screenshot.png")
 WATCH_ANSWER_LENGTHS = """() => {
   window.answerLengths = [];
   new MutationObserver(() => {
@@ -103,13 +101,13 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_gguf: Path) -
 
 
 @pytest.fixture(scope="module")
-def page(ui_server: tuple[str, Path, Path]) -> Iterator[object]:
+def page(ui_server: tuple[str, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
-    profile = tempfile.mkdtemp(prefix="tandem-chromium-")
+    profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
             viewport={"width": 1400, "height": 1000},
         )
         page = context.new_page()
@@ -196,9 +194,9 @@ def test_compare_shows_both_answers_their_divergence_and_records_a_vote(page, ui
 
     page.click("#vote-export")
     _wait_for_text(page, "#vote-status", "1 records exported")
-    screenshot = work / "compare.png"
+    screenshot = work / "compare.png"  # kept in pytest's tmp folder (the last runs are kept) for a look
     page.screenshot(path=str(screenshot), full_page=True)
-    shutil.copyfile(screenshot, SCREENSHOT_COPY)
+    assert screenshot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_runs_tab_lists_the_run_with_its_plot(page):
