@@ -281,11 +281,20 @@ def _pair_margins(pair: ModelPair, rows: list[dict[str, Any]], beta: float, prog
     for which in ("policy", "reference"):
         with pair.use(which) as model:
             logp[which] = {k: conversation_logprob(model, pair.tokenizer, prompts, [r[k] for r in rows], progress) for k in ("chosen", "rejected")}
+    return pair_margin_report(logp["policy"], logp["reference"], beta)
+
+
+def pair_margin_report(policy: dict[str, list[float]], reference: dict[str, list[float]], beta: float) -> dict[str, Any]:
+    """DPO's implicit-reward margin per pair from summed log-probs (``chosen``/``rejected`` lists per model).
+
+    ``beta * ((policy chosen - reference chosen) - (policy rejected - reference rejected))``, its mean,
+    and the fraction of pairs where it is positive.
+    """
     margins = [
         beta * ((pc - rc) - (pr - rr))
-        for pc, rc, pr, rr in zip(logp["policy"]["chosen"], logp["reference"]["chosen"], logp["policy"]["rejected"], logp["reference"]["rejected"], strict=True)
+        for pc, rc, pr, rr in zip(policy["chosen"], reference["chosen"], policy["rejected"], reference["rejected"], strict=True)
     ]
-    return {"n": len(rows), "beta": beta, "mean_margin": statistics.fmean(margins), "accuracy": _fraction(m > 0 for m in margins)}
+    return {"n": len(margins), "beta": beta, "mean_margin": statistics.fmean(margins), "accuracy": _fraction(m > 0 for m in margins)}
 
 
 def _fraction(flags: Any) -> float:
