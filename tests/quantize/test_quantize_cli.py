@@ -31,7 +31,7 @@ def captured_server(monkeypatch):
 
     def run(app_, host, port, **_):
         seen["where"] = (host, port)
-        with TestClient(app_) as client:
+        with TestClient(app_, base_url=f"http://{host}:{port}") as client:  # a Host the server accepts
             seen["reply"] = client.post("/v1/chat/completions", json=CHAT, headers=seen.get("headers", {}))
 
     monkeypatch.setattr(uvicorn, "run", run)
