@@ -29,6 +29,7 @@ from tandemlm.align.registry import open_run
 from tandemlm.align.rewards import load_reward_model, score_conversations, verifier
 from tandemlm.align.run import Run
 from tandemlm.align.sampling import conversation_logprob, generate, response_logprobs
+from tandemlm.hardware import inference_precision
 from tandemlm.models.atomic import atomic_write_text
 
 EXAMPLES = 3  # prompt/policy/reference triples kept in the report for a human to read
@@ -45,6 +46,7 @@ class EvalOptions:
     seed: int = 0
     threads: int = 0
     batch_size: int = 16
+    device: str = "auto"  # auto, cpu or cuda: hardware.inference_precision picks the dtype for it
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -65,6 +67,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions | None = None) -> dic
     if not refs:
         raise ConfigError(f"run {run.dir} has no eval_dataset; pass --dataset FILE")
     prompt_rows, pair_rows = _split_rows(refs)
+    inference_precision(options.device)  # a bad or unusable --device fails before any model loads
     set_threads(options.threads or run.config.threads)
     if run.config.method == "reward":
         report = _eval_reward_run(run, pair_rows, options)
@@ -92,7 +95,7 @@ def _eval_reward_run(run: Run, pairs: list[dict[str, Any]], options: EvalOptions
     if not pairs:
         raise ConfigError("a reward run is evaluated on preference pairs (prompt/chosen/rejected); pass --dataset")
     pairs = pairs[: options.prompts] if options.prompts else pairs
-    model, tokenizer = load_reward_model(run.dir)
+    model, tokenizer = load_reward_model(run.dir, device=options.device)
     bar = EvalProgress(2 * len(pairs))
     bar.stage(f"reward model: scoring {len(pairs)} held-out pairs")
     chosen = score_conversations(model, tokenizer, [r.get("prompt", []) + r["chosen"] for r in pairs], options.batch_size, bar.advance)
@@ -146,20 +149,21 @@ class EvalProgress:
 class ModelPair:
     """The trained policy and its reference, sharing weights when the run trained an adapter."""
 
-    def __init__(self, run: Run) -> None:
-        import torch
+    def __init__(self, run: Run, device: str = "auto") -> None:
         from transformers import AutoModelForCausalLM
 
+        precision = inference_precision(device, checkpoint=run.base_model)
+        kwargs = {"dtype": precision.torch_dtype(), "device_map": precision.device, "attn_implementation": precision.attention}
 
         self.tokenizer = load_tokenizer(run.final if run.final.is_dir() else run.base_model)
-        base = AutoModelForCausalLM.from_pretrained(run.base_model, dtype=torch.float32).eval()
+        base = AutoModelForCausalLM.from_pretrained(run.base_model, **kwargs).eval()
         if run.is_adapter:
             from peft import PeftModel
 
             self.policy = PeftModel.from_pretrained(base, run.final).eval()
             self.reference = None  # the policy with the adapter disabled
         else:
-            self.policy = AutoModelForCausalLM.from_pretrained(run.model_folder(), dtype=torch.float32).eval()
+            self.policy = AutoModelForCausalLM.from_pretrained(run.model_folder(), **kwargs).eval()
             self.reference = base
 
     @contextmanager
@@ -183,7 +187,7 @@ def _eval_policy_run(run: Run, prompt_rows: list[dict[str, Any]], pairs: list[di
     rows = [row for row in prompt_rows[:limit] for _ in range(options.samples)]
     prompts = [row["prompt"] for row in rows]
     max_new = options.max_new_tokens or run.config.eval_max_new_tokens
-    pair = ModelPair(run)
+    pair = ModelPair(run, options.device)
     samples, logps = {}, {}
     rm_ref = options.reward_model or getattr(run.config, "reward_model", None)
     n_pairs = len(pairs[: options.prompts or len(pairs)])
@@ -205,7 +209,7 @@ def _eval_policy_run(run: Run, prompt_rows: list[dict[str, Any]], pairs: list[di
     judges = _verifier_scores(rows, texts)
     if rm_ref:
         bar.stage("reward model: scoring responses")
-        judges["reward_model"] = _reward_scores(rm_ref, prompts, texts, options.batch_size)
+        judges["reward_model"] = _reward_scores(rm_ref, prompts, texts, options.batch_size, options.device)
         bar.advance(2 * len(rows))
     for judge, scores in judges.items():
         for which in ("policy", "reference"):
@@ -255,9 +259,11 @@ def _verifier_scores(rows: list[dict[str, Any]], texts: dict[str, list[str]]) ->
     return {"verifier": {w: verifier([], t, task=tasks, answer=answers) for w, t in texts.items()}}
 
 
-def _reward_scores(ref: str, prompts: list[Any], texts: dict[str, list[str]], batch_size: int) -> dict[str, list[float | None]]:
+def _reward_scores(
+    ref: str, prompts: list[Any], texts: dict[str, list[str]], batch_size: int, device: str = "auto"
+) -> dict[str, list[float | None]]:
 
-    model, tokenizer = load_reward_model(ref)
+    model, tokenizer = load_reward_model(ref, device=device)
     return {
         which: list(score_conversations(model, tokenizer, [[*p, {"role": "assistant", "content": t}] for p, t in zip(prompts, ts, strict=True)], batch_size))
         for which, ts in texts.items()

@@ -13,12 +13,14 @@ from tandemlm.align.errors import ConfigError
 from tandemlm.align.model import load_tokenizer, quiet_transformers
 from tandemlm.align.prepare import quiet_libraries
 from tandemlm.align.run_folder import read_run_folder
+from tandemlm.hardware import SIXTEEN_BIT, checkpoint_dtype, inference_precision
 from tandemlm.models.atomic import replace_dir
 
 
-def merge_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def merge_run(run_dir: str | Path, out: str | Path | None = None, device: str = "cpu") -> Path:
     """Merges ``run_dir``'s final adapter into its base model; returns the merged folder.
 
+    ``device`` is "cpu", "cuda" or "auto" (the GPU when the fp32 base fits in its free memory).
     A full fine-tune has nothing to merge: its ``final/`` is returned as is.
     """
     import torch
@@ -31,12 +33,13 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise ConfigError(f"run {run.dir} has no final/ model yet; finish it (or --resume it) first")
     if not run.is_adapter:
         return run.final
+    device = _merge_device(device, run.base_model)
     target = Path(out).expanduser().resolve() if out else run.merged
     auto = AutoModelForSequenceClassification if run.method == "reward" else AutoModelForCausalLM
     kwargs = {"num_labels": 1} if run.method == "reward" else {}
     # fp32 for the merge: adding a low-rank product to bf16 weights rounds it away on small models.
     with quiet_transformers():  # a reward base lacks the score head the adapter brings: no "MISSING" report
-        base = auto.from_pretrained(run.base_model, dtype=torch.float32, **kwargs)
+        base = auto.from_pretrained(run.base_model, dtype=torch.float32, device_map=device, **kwargs)
     merged = PeftModel.from_pretrained(base, run.final).merge_and_unload()
     saved_dtype = getattr(AutoConfig.from_pretrained(run.base_model), "dtype", None)
     if isinstance(saved_dtype, torch.dtype) and saved_dtype != torch.float32:
@@ -51,3 +54,18 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _merge_device(device: str, base: str | Path) -> str:
+    """The device for an fp32 merge: ``hardware.inference_precision``'s, unless "auto" finds the GPU too small."""
+    import torch
+
+    chosen = inference_precision(device).device
+    if device != "auto" or chosen == "cpu":
+        return chosen
+    weights = sum(f.stat().st_size for f in Path(base).glob("*.safetensors")) if Path(base).is_dir() else 0
+    stored = checkpoint_dtype(base) if Path(base).is_dir() else None
+    fp32_bytes = weights * (2 if stored in SIXTEEN_BIT else 1)
+    free, _ = torch.cuda.mem_get_info()
+    # Base + adapter + the merged copy's transient tensors: keep a margin, else merge on the CPU.
+    return chosen if 0 < fp32_bytes < 0.8 * free else "cpu"

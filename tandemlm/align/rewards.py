@@ -20,6 +20,7 @@ from tandemlm.align.errors import ConfigError
 from tandemlm.align.model import load_tokenizer, quiet_transformers
 from tandemlm.align.run_folder import is_run_folder, read_run_folder
 from tandemlm.align.tasks import verify
+from tandemlm.hardware import inference_precision
 
 # name -> builder(config) -> (reward function or model, its tokenizer or None)
 _REWARDS: dict[str, Callable[[Any], tuple[Any, Any]]] = {}
@@ -118,16 +119,20 @@ def _reward_model_reward(config: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def load_reward_model(ref: str | Path, dtype: Any = None) -> tuple[Any, Any]:
+def load_reward_model(ref: str | Path, dtype: Any = None, device: str | None = None) -> tuple[Any, Any]:
     """A reward model (eval mode) and its tokenizer from a reward run or an HF folder.
 
-    A LoRA reward run is loaded as base + adapter and merged in memory: scoring needs no adapter
-    switching, and TRL treats it as a plain ``PreTrainedModel``.
+    Without ``dtype`` it is placed for inference on this machine (``hardware.inference_precision``:
+    cuda + bf16/fp16 on a GPU, fp32 on CPU; ``device`` "auto", "cpu" or "cuda"); with a ``dtype``
+    (a trainer's) it loads on ``device`` or the CPU and the trainer places it. A LoRA reward run is
+    loaded as base + adapter and merged in memory: scoring needs no adapter switching, and TRL
+    treats it as a plain ``PreTrainedModel``.
     """
-    import torch
     from transformers import AutoModelForSequenceClassification
 
-    dtype = dtype or torch.float32
+    if dtype is None:
+        precision = inference_precision(device or "auto")
+        dtype, device = precision.torch_dtype(), precision.device
     path = Path(ref).expanduser()
     if is_run_folder(path):
         run = read_run_folder(path)
@@ -150,7 +155,7 @@ def load_reward_model(ref: str | Path, dtype: Any = None) -> tuple[Any, Any]:
     else:
         raise ConfigError(f"reward_model: {path} is neither a reward run folder nor an HF model folder")
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
+    return (model.to(device) if device else model).eval(), tokenizer
 
 
 def score_conversations(

@@ -125,13 +125,14 @@ def eval_command(
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (0 = default).")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto (a CUDA GPU when there is one, bf16/fp16), cpu (fp32) or cuda.")] = "auto",
 ) -> None:
     """Policy vs reference on held-out data: verifier accuracy, reward-model score, KL, win-rate, margins."""
     from tandemlm.align.evaluate import EvalOptions, evaluate_run, print_report
 
     options = EvalOptions(
         datasets=dataset or [], reward_model=reward_model, prompts=prompts, samples=samples,
-        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, threads=threads,
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, threads=threads, device=device,
     )
     try:
         report = evaluate_run(run, options)
@@ -144,13 +145,14 @@ def eval_command(
 def merge_command(
     run: Annotated[Path, typer.Argument(help="A finished LoRA run folder.")],
     out: Annotated[Path | None, typer.Option("--out", help="Where to write the merged model (default: RUN/merged).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (the GPU when the fp32 base fits in its free memory), cpu or cuda.")] = "auto",
 ) -> None:
     """Merge a run's LoRA adapter into its base model: a plain safetensors folder for tandem quantize."""
     from tandemlm.align.merge import merge_run
 
     try:
-        folder = merge_run(run, out)
-    except _user_errors() as exc:
+        folder = merge_run(run, out, device)
+    except (*_user_errors(), ValueError) as exc:
         fail(str(exc).strip("'\""))
         return
     typer.echo(str(folder))

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tandemlm.deploy.types import Message
-from tandemlm.hardware import usable_cpus
+from tandemlm.hardware import inference_precision, usable_cpus
 from tandemlm.quantize.types import QuantizeError
 
 
@@ -149,7 +149,10 @@ class GGUFScorer:
 
 
 class HFScorer:
-    """An HF checkpoint through transformers (fp32 on CPU)."""
+    """An HF checkpoint through transformers, placed by ``hardware.inference_precision``.
+
+    fp32 on CPU; on a GPU cuda + bf16/fp16, so a report there measures B against a 16-bit A.
+    """
 
     kind = "hf"
 
@@ -160,11 +163,16 @@ class HFScorer:
         self.path = Path(folder)
         self.name = self.path.name
         self._torch = torch
-        kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+        precision = inference_precision("auto", checkpoint=folder)
+        kwargs: dict[str, Any] = {
+            "dtype": precision.torch_dtype(), "device_map": precision.device,
+            "attn_implementation": precision.attention, "trust_remote_code": trust_remote_code,
+        }
         if load_in_bits:
             from tandemlm.quantize.bnb import bnb_config
 
-            kwargs.update(dtype="auto", device_map="auto", quantization_config=bnb_config(load_in_bits))
+            # 16-bit unquantized parts (not the checkpoint's fp32): FlashAttention-2 may be the attention.
+            kwargs.update(device_map="auto", quantization_config=bnb_config(load_in_bits))
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs).eval()
         self.device = next(self.model.parameters()).device
