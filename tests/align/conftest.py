@@ -76,6 +76,19 @@ def chat_once(folder: Path, backend: str = "transformers") -> str:
     return reply.text
 
 
+def one_batch(ref: str, rows: int, folder: Path) -> str:
+    """The first ``rows`` rows of ``ref`` as a JSONL file: with ``batch_size == rows`` every step sees the same
+    batch, so the logged loss of the last step against the first shows whether training moved the model."""
+    import json
+
+    from tandemlm.align.data import read_rows, resolve_data_path
+
+    path = folder / f"{ref.replace(':', '_')}-{rows}.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in read_rows(resolve_data_path(ref))[:rows]))
+    return str(path)
+
+
 def metric_values(run: Any, key: str) -> list[float]:
     from tandemlm.align.metrics import read_metrics
 
@@ -92,5 +105,6 @@ def tiny_llama() -> Path:
 @pytest.fixture(scope="session")
 def reward_run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A tiny LoRA reward model trained once for the session (reward, grpo and eval tests read it)."""
-    out = tmp_path_factory.mktemp("reward") / "run"
-    return train_tiny("reward", tiny_llama, out, dataset="builtin:prefs_train", lora=True, lora_layers=1)
+    out = tmp_path_factory.mktemp("reward")
+    data = one_batch("builtin:prefs_train", 2, out / "data")  # batch_size 2: both steps see these 2 pairs
+    return train_tiny("reward", tiny_llama, out / "run", dataset=data, lora=True, lora_layers=1)

@@ -7,18 +7,22 @@ import math
 
 import pytest
 import torch
-from conftest import chat_once, metric_values, state_dict_of, train_tiny
+from conftest import chat_once, metric_values, one_batch, state_dict_of, train_tiny
 
 
 @pytest.fixture(scope="module")
 def dpo_run(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dpo") / "run"
-    return train_tiny("dpo", tiny_llama, out, dataset="builtin:prefs_train", eval_dataset="builtin:prefs_test", lora=True, max_steps=3)
+    out = tmp_path_factory.mktemp("dpo")
+    data = one_batch("builtin:prefs_train", 2, out / "data")  # batch_size 2: every step trains on these 2 pairs
+    return train_tiny("dpo", tiny_llama, out / "run", dataset=data, eval_dataset="builtin:prefs_test", lora=True, max_steps=3)
 
 
 def test_dpo_logs_margins_and_trains_the_adapter(dpo_run):
-    assert len(metric_values(dpo_run, "loss")) == 3
-    assert len(metric_values(dpo_run, "rewards/margins")) == 3
+    losses, margins = metric_values(dpo_run, "loss"), metric_values(dpo_run, "rewards/margins")
+    # Step 1: LoRA B is zero, so policy == reference: margin 0 and loss -log sigmoid(0) = ln 2.
+    assert len(losses) == 3 and losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert len(margins) == 3 and margins[0] == pytest.approx(0.0, abs=1e-4)
+    assert losses[-1] < losses[0] - 0.05 and margins[-1] > 0.05, f"loss {losses}, margins {margins} on a repeated batch"
     adapter = state_dict_of(dpo_run.final)
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # LoRA B starts at zero: non-zero means it trained
