@@ -87,6 +87,23 @@ def test_identical_models_agree_perfectly_and_a_shifted_one_does_not():
     assert other.kl_mean > 0.1 and other.same_top_rate < 1 and math.isfinite(other.kl_p99)
 
 
+def test_agreement_is_kl_original_to_quantized_per_position_on_hand_worked_numbers():
+    # Two scored positions over a 2-token vocabulary, logits shifted by constants (log-softmax removes them).
+    p1, q1 = [0.4, 0.6], [0.9, 0.1]  # the models disagree here
+    p2 = q2 = [0.25, 0.75]  # and agree here
+    original = np.log([p1, p2]) + np.array([[3.0], [-1.0]])
+    quantized = np.log([q1, q2]) + np.array([[0.5], [2.0]])
+    agreement = Agreement()
+    agreement.add_window(original.astype(np.float32), quantized.astype(np.float32), [1, 0, 1])  # targets 0, then 1
+    kl_1 = 0.4 * math.log(0.4 / 0.9) + 0.6 * math.log(0.6 / 0.1)  # KL(P_original || P_quantized) = 0.7507
+    assert kl_1 == pytest.approx(0.750684, abs=1e-6)  # the hand computation; KL(Q || P) would be 0.5507
+    assert agreement.kl_mean == pytest.approx(kl_1 / 2, abs=1e-6)  # averaged over 2 positions, not summed
+    assert agreement.kl_values == pytest.approx([kl_1, 0.0], abs=1e-6)
+    assert agreement.same_top_rate == 0.5  # position 1: original picks token 1, quantized token 0
+    assert agreement.perplexity_original == pytest.approx((0.4 * 0.75) ** -0.5, rel=1e-6)  # exp(mean NLL of targets)
+    assert agreement.perplexity_quantized == pytest.approx((0.9 * 0.75) ** -0.5, rel=1e-6)
+
+
 def test_greedy_agreement_counts_the_shared_prefix():
     assert greedy_agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 4], [5, 6]]) == (pytest.approx((0.5 + 1) / 2), 0.5)
     assert greedy_agreement([], []) == (1.0, 1.0)
