@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from tandemlm.deploy.mock_engine import MockEngine
 from tandemlm.ui.divergence import TokenDiff, align_tokens, divergence_html, ratio_color, sequence_kl
 
 
@@ -53,12 +50,22 @@ def test_html_escapes_tokens_and_states_the_kl():
     assert "no tokens" in divergence_html([], "empty")
 
 
-def test_kl_from_two_mock_engines_matches_the_hand_computation():
-    policy, reference = MockEngine(reply="hello"), MockEngine(reply="world")
-    messages = [{"role": "user", "content": "hi"}]
-    diffs = align_tokens(policy.token_logprobs(messages, "hello"), reference.token_logprobs(messages, "hello"))
-    # The mock gives log 0.9 to the characters of its own reply and log 0.01 elsewhere; "hello" and
-    # "world" share only the 'l' at index 3, so four characters differ.
-    assert [d.text for d in diffs] == list("hello")
-    assert sequence_kl(diffs) == pytest.approx(4 * (math.log(0.9) - math.log(0.01)))
-    assert diffs[3].log_ratio == pytest.approx(0.0)
+def test_compare_divergence_is_policy_minus_reference_with_a_per_token_mean():
+    """Through the Compare tab's scoring: the policy slot's log-probs minus the reference slot's, on numbers by hand."""
+    from types import SimpleNamespace
+
+    from tandemlm.ui.compare_tab import SideRun, _divergence
+
+    def slot(logprobs):
+        engine = SimpleNamespace(token_logprobs=lambda messages, text: logprobs)
+        return SimpleNamespace(get=lambda: engine)
+
+    policy = [("Par", -0.1), ("is", -1.2), ("!", -0.7)]
+    reference = [("Par", -2.3), ("is", -0.2), ("!", -0.7)]
+    html = _divergence({"policy": slot(policy), "reference": slot(reference)}, [], SideRun("policy", "m", text="Paris!"))
+    # (-0.1 + 2.3) + (-1.2 + 0.2) + 0 = 2.2 - 1.0 = +1.2 nats; mean over the 3 tokens +0.4
+    assert "<b>+1.200</b> nats over 3 tokens (mean +0.400)" in html
+    assert "log π/π_ref = +2.200" in html and "log π/π_ref = -1.000" in html
+    assert ratio_color(2.2) in html and ratio_color(-1.0) in html  # blue where the policy is more sure, red otherwise
+    swapped = _divergence({"policy": slot(reference), "reference": slot(policy)}, [], SideRun("policy", "m", text="Paris!"))
+    assert "<b>-1.200</b> nats over 3 tokens (mean -0.400)" in swapped
