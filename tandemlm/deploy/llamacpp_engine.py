@@ -126,6 +126,9 @@ class LlamaCppEngine(BaseEngine):
         # earlier one (every turn of a chat re-sends the conversation) skips re-decoding it.
         self._idle: dict[int, list[int]] = {seq: [] for seq in range(n_parallel + 1)}
         self.reused_tokens = 0  # prompt tokens served from a cached prefix instead of decoded
+        # Observability (cheap counters the tests read): tokens sampled, and the most sequences one decode sampled for.
+        self.sampled_tokens = 0
+        self.max_sequences_per_step = 0
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.metadata = self._model.metadata()
         self.chat_template = self.metadata.get("tokenizer.chat_template")
@@ -297,6 +300,8 @@ class LlamaCppEngine(BaseEngine):
         status = self._ll.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
+        sampling = sum(1 for request, _ in outputs if request.params is not None)
+        self.max_sequences_per_step = max(self.max_sequences_per_step, sampling)
         for request, index in outputs:
             if request.params is None:
                 self._record_score(request, index)
@@ -326,6 +331,7 @@ class LlamaCppEngine(BaseEngine):
 
     def _sample(self, request: _Request, index: int) -> None:
         token = self._ll.llama_sampler_sample(request.sampler, self._ctx, index)
+        self.sampled_tokens += 1
         request.generated.append(token)
         if self._ll.llama_vocab_is_eog(self._vocab, token):
             self._finish(request)

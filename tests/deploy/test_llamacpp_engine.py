@@ -37,6 +37,7 @@ def test_concurrent_requests_are_batched_without_crosstalk(smollm2):
         "What is the capital of Italy? Answer in one short sentence.": "Rome",
     }
     answers: dict[str, str] = {}
+    smollm2.max_sequences_per_step = 0
 
     def ask(question: str) -> None:
         params = SamplingParams(temperature=0, max_tokens=24)
@@ -49,6 +50,7 @@ def test_concurrent_requests_are_batched_without_crosstalk(smollm2):
         thread.join()
     for question, keyword in asks.items():
         assert keyword in answers[question], (question, answers[question])
+    assert smollm2.max_sequences_per_step >= 2  # requests shared decode steps, not one after another
 
 
 def test_same_seed_same_sample_and_different_seeds_differ(smollm2):
@@ -59,14 +61,21 @@ def test_same_seed_same_sample_and_different_seeds_differ(smollm2):
     assert len({sample(s) for s in range(4)}) > 1
 
 
-def test_closing_a_stream_early_frees_its_sequence(smollm2):
-    idle_before = len(smollm2._idle)
-    stream = smollm2.chat(FRANCE, SamplingParams(temperature=0.8, max_tokens=200))
+COUNT = [{"role": "user", "content": "Write the numbers from 1 to 300, separated by commas."}]
+
+
+def test_closing_a_stream_early_stops_its_generation_and_frees_its_sequence(smollm2):
+    long_run = collect(smollm2.chat(COUNT, SamplingParams(temperature=0, max_tokens=120)))
+    assert long_run.usage.completion_tokens == 120  # left alone, this prompt runs to the limit
+    idle_before, sampled_before = len(smollm2._idle), smollm2.sampled_tokens
+    stream = smollm2.chat(COUNT, SamplingParams(temperature=0, max_tokens=120))
     next(stream)
     stream.close()
     result = collect(smollm2.chat(FRANCE, SamplingParams(temperature=0, max_tokens=8)))
     assert result.usage.completion_tokens > 0
     assert len(smollm2._idle) == idle_before
+    # The closed stream stopped within a few steps, far short of the 120 it would have run to.
+    assert smollm2.sampled_tokens - sampled_before - result.usage.completion_tokens < 30
 
 
 def test_next_chat_turn_reuses_the_cached_conversation_prefix(smollm2):
