@@ -80,6 +80,7 @@ class HFEngine(BaseEngine):
         self._eos = self._eos_ids()
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos, default=0)
         self._max_batch = max_batch_size
+        self.max_batch_rows = 0  # the most requests one batch decoded together (tests read it)
         self._waiting: queue.Queue[_Row | None] = queue.Queue()
         self._running = True
         self._worker = threading.Thread(target=self._loop, name="hf-scheduler", daemon=True)
@@ -160,6 +161,7 @@ class HFEngine(BaseEngine):
 
     def _run_batch(self, rows: list[_Row]) -> None:
         torch = self._torch
+        self.max_batch_rows = max(self.max_batch_rows, len(rows))
         from transformers import DynamicCache
 
         width = max(len(r.prompt) for r in rows)

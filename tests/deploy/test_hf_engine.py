@@ -31,6 +31,7 @@ def test_concurrent_requests_share_a_batch_and_match_solo_runs(llama):
     solo = [ask(llama, p, params).text for p in prompts]
     batched: dict[int, str] = {}
     barrier = threading.Barrier(len(prompts))
+    llama.max_batch_rows = 0
 
     def run(i: int) -> None:
         barrier.wait()
@@ -42,6 +43,7 @@ def test_concurrent_requests_share_a_batch_and_match_solo_runs(llama):
     for thread in threads:
         thread.join()
     assert [batched[i] for i in range(len(prompts))] == solo
+    assert llama.max_batch_rows >= 2  # they were decoded together, not one after another
 
 
 def test_seeded_sampling_is_reproducible(llama):
