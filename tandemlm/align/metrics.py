@@ -30,21 +30,26 @@ def truncate_metrics(path: Any, step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("step", 0) <= step:
+        if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def read_metrics(path: Any) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (torn lines skipped)."""
-    records = []
+    """The records of a metrics.jsonl: [] when it is absent; torn, undecodable or non-object lines skipped.
+
+    The UI reads files a run is still writing, so nothing here may raise on a half-written line.
+    """
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except FileNotFoundError:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return []
-    for line in lines:
+    records = []
+    for line in text.splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records

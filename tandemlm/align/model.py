@@ -144,8 +144,3 @@ def _block_linear_names(model: Any) -> list[str]:
         {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and ".layers." in name}
     )
 
-
-def count_trainable(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())

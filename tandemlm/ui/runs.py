@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tandemlm.align.metrics import read_metrics
 from tandemlm.deploy.types import EngineError
 
 RUN_MARKERS = ("config.yaml", "run.json", "metrics.jsonl", "plots", "merged", "final", "policy", "policy.gguf")
@@ -66,21 +67,6 @@ def read_run(path: Path) -> RunInfo:
         config_text=config_text,
         policy=find_policy(path),
     )
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl; unreadable lines (e.g. one being written) are skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def find_policy(run_dir: Path) -> Path | None:

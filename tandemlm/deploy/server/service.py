@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from tandemlm.deploy.engine import Engine
 from tandemlm.deploy.types import Delta, Usage
 
 _DONE = object()
@@ -218,6 +217,3 @@ class TextChunks(ChatChunks):
             "usage": usage_json(usage),
         }
 
-
-def engine_model_id(engine: Engine) -> str:
-    return engine.info.model_id
