@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -138,9 +139,17 @@ SPECS: dict[str, TinySpec] = {
 def tiny_model(arch: str) -> Path:
     """HF folder of the tiny ``arch`` model (``llama``, ``qwen2``, ``deepseek_v3``), built once and cached.
 
-    A cache hit costs a hash and a stat: no torch or transformers import.
+    A cache hit costs a hash and a stat: no torch or transformers import. With ``$TANDEM_FIXTURES`` set, the
+    folder ``$TANDEM_FIXTURES/tiny-<arch>`` is used as it is, built elsewhere (``scripts/gpu_check.sh --prepare``
+    carries one to a machine that lacks the libraries that build it).
     """
     spec = _spec(arch)
+    prebuilt = os.environ.get("TANDEM_FIXTURES")
+    if prebuilt:
+        folder = Path(prebuilt) / spec.name
+        if not (folder / SPEC_FILE).is_file():
+            raise EngineError(f"TANDEM_FIXTURES: no prebuilt {spec.name} in {prebuilt} (no {SPEC_FILE} there)")
+        return folder
     target = cache_dir() / "fixtures" / f"{spec.name}-{spec_hash(spec)}"
     if (target / SPEC_FILE).is_file():
         return target
