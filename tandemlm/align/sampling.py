@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tandemlm.models.stops import stop_ids
+
 Conversation = list[dict[str, str]]
 Progress = Callable[[int], None] | None  # called with the rows each batch finished
 
@@ -29,10 +31,7 @@ def render_prompts(tokenizer: Any, prompts: Sequence[Conversation]) -> list[str]
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     """Every token id that ends a reply (the generation config may list several)."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if isinstance(i, int))
+    return sorted(stop_ids(tokenizer, model.generation_config))
 
 
 def generate(

@@ -20,6 +20,7 @@ from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
 from tandemlm.hardware import inference_precision
 from tandemlm.models.resolve import ModelSource
+from tandemlm.models.stops import stop_ids
 
 
 @dataclass
@@ -77,7 +78,7 @@ class HFEngine(BaseEngine):
             context_length=int(min(limit, 1 << 20)),
             has_chat_template=bool(self.tokenizer.chat_template),
         )
-        self._eos = self._eos_ids()
+        self._eos = stop_ids(self.tokenizer, self.model.generation_config)
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos, default=0)
         self._max_batch = max_batch_size
         self.max_batch_rows = 0  # the most requests one batch decoded together (tests read it)
@@ -85,15 +86,6 @@ class HFEngine(BaseEngine):
         self._running = True
         self._worker = threading.Thread(target=self._loop, name="hf-scheduler", daemon=True)
         self._worker.start()
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for value in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, list):
-                ids.update(v for v in value if isinstance(v, int))
-        return ids
 
     # ---- tokenizer and template --------------------------------------------------------------
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:

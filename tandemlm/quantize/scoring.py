@@ -23,6 +23,7 @@ import numpy as np
 
 from tandemlm.deploy.types import Message
 from tandemlm.hardware import inference_precision, usable_cpus
+from tandemlm.models.stops import stop_ids
 from tandemlm.quantize.types import QuantizeError
 
 
@@ -177,7 +178,7 @@ class HFScorer:
         self.model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs).eval()
         self.device = next(self.model.parameters()).device
         self.footprint = Footprint(_weights_bytes(self.path), int(self.model.num_parameters()))
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.eos_ids = stop_ids(self.tokenizer, self.model.generation_config)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -233,14 +234,3 @@ def open_scorer(ref: str | os.PathLike[str], n_ctx: int = 512, n_threads: int | 
 def _weights_bytes(folder: Path) -> int:
     patterns = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
     return sum(p.stat().st_size for pattern in patterns for p in folder.glob(pattern))
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """The ids transformers stops at: generation config's eos ids plus the tokenizer's eos (as the HF engine)."""
-    ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from tandemlm.models.stops import stop_ids
 from tandemlm.quantize.gguf_info import GGUFInfo, read_gguf_info
 from tandemlm.quantize.types import QuantizeError, QuantType
 
@@ -127,7 +128,7 @@ def _check_against_hf(
             raise QuantizeError(f"{path}: {kind} token id is {stored} but {hf_folder}'s tokenizer says {expected}")
         result.special_ids[kind] = stored
     result.special_ids["eot"] = info.token_id("eot")
-    stops = _hf_stop_ids(tokenizer, GenerationConfig.from_pretrained(hf_folder) if (hf_folder / "generation_config.json").is_file() else None)
+    stops = stop_ids(tokenizer, GenerationConfig.from_pretrained(hf_folder) if (hf_folder / "generation_config.json").is_file() else None)
     if template:
         _check_prompt_tokens(path, scorer, tokenizer, result)
         result.end_of_turn_id = end_of_turn_id(tokenizer)
@@ -145,13 +146,6 @@ def _check_prompt_tokens(path: Path, scorer: Any, tokenizer: Any, result: Verifi
     result.prompt_tokens_identical = gguf_prompt == hf_prompt and scorer.tokenize(gguf_prompt) == list(hf_ids)
     if not result.prompt_tokens_identical:
         raise QuantizeError(f"{path}: the same conversation gives different prompt tokens in llama.cpp and transformers")
-
-
-def _hf_stop_ids(tokenizer: Any, generation_config: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    value = getattr(generation_config, "eos_token_id", None)
-    ids.update([value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)])
-    return ids
 
 
 def end_of_turn_id(tokenizer: Any) -> int | None:
