@@ -85,9 +85,8 @@ def measure_size(size: str, settings: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tandemlm.align.model import lora_config
+    from tandemlm.align.ppo.method import actor_critic_from_model
     from tandemlm.align.ppo.plan import MIB, estimate, inputs_from_config
-    from tandemlm.align.ppo.policy import ActorCritic
     from tandemlm.align.ppo.rollout import TransformersSampler
     from tandemlm.align.ppo.scoring import RewardMix
     from tandemlm.align.ppo.trainer import Distributed, PPOTrainer, peak_memory_mb
@@ -104,10 +103,7 @@ def measure_size(size: str, settings: dict[str, Any]) -> dict[str, Any]:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if c.bf16 else torch.float32,
                                                  attn_implementation="sdpa")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    if c.gradient_checkpointing:  # as method.build_actor_critic does
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = lora_config(c, model)
-    ac = ActorCritic(model, lora, lora, config.hidden_size)
+    ac = actor_critic_from_model(c, model)
     built = time.monotonic() - started
     generator = torch.Generator().manual_seed(c.seed)
     rows_count = c.batch_size * settings["steps"]

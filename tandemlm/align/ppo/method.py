@@ -96,13 +96,21 @@ def print_plan(config: PPORunConfig) -> None:
 def build_actor_critic(c: PPORunConfig, folder: Path) -> ActorCritic:
     """The base (loaded once), actor and critic adapters (same seed on every process), value head."""
     torch.manual_seed(c.seed)
-    model = load_model(folder, c)
+    return actor_critic_from_model(c, load_model(folder, c), _critic_from_reward(c, folder))
+
+
+def actor_critic_from_model(
+    c: PPORunConfig, model: Any, critic_init: tuple[Any, dict[str, torch.Tensor], torch.Tensor] | None = None,
+) -> ActorCritic:
+    """Actor and critic on an already built ``model``: dropout off, checkpointing as configured, adapters from ``c``.
+
+    ``critic_init`` (a reward run's LoRA config, weights and head) starts the critic as that reward model.
+    """
     _disable_dropout(model)
     if c.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hidden = int(model.config.get_text_config().hidden_size)
     actor_lora = lora_config(c, model)
-    critic_init = _critic_from_reward(c, folder)
     critic_lora = critic_init[0] if critic_init else actor_lora
     ac = ActorCritic(model, actor_lora, critic_lora, hidden)
     if critic_init:
