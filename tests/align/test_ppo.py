@@ -84,6 +84,9 @@ def test_ppo_trains_actor_and_critic_on_one_base_and_logs_everything(tiny_llama,
     critic = state_dict_of(run.final / "critic")
     assert any("lora_B" in name and t.abs().sum() > 0 for name, t in critic.items())  # so did the critic
     assert run.info()["status"] == "finished" and run.info()["global_step"] == 3
+    samples = [json.loads(line) for line in (run.dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 2, 3] and len(samples[0]["samples"]) == 2
+    assert "capital" in samples[0]["samples"][0]["prompt"] and isinstance(samples[-1]["samples"][0]["score"], float)
     for plot in ("reward", "kl", "length", "ppo_losses", "ppo_update"):
         assert (run.plots / f"{plot}.png").is_file()
 
@@ -182,6 +185,8 @@ def test_resume_after_kill_9_logs_the_same_metrics_as_an_unbroken_run(tiny_llama
     expected = {r["step"]: r for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")}
     got = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
     assert sorted(got) == list(range(1, steps + 1))  # redone steps replaced, not duplicated
+    sampled = [json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sampled == list(range(1, steps + 1))  # samples.jsonl is cut back on resume too
     for step in range(resumed_from + 1, steps + 1):
         for key in REPRODUCIBLE:
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)

@@ -17,6 +17,7 @@ import torch
 from tandemlm.align.callbacks import HackingWatch, MetricsLogger, RichProgress
 from tandemlm.align.data import load_rows
 from tandemlm.align.errors import ConfigError
+from tandemlm.align.metrics import append_jsonl, truncate_metrics
 from tandemlm.align.model import base_folder, load_model, load_tokenizer, lora_config, set_threads
 from tandemlm.align.ppo import checkpoint
 from tandemlm.align.ppo.config import PPORunConfig
@@ -28,6 +29,8 @@ from tandemlm.align.prepare import quiet_libraries
 from tandemlm.align.run import Run, finish_run, prepare_run, record_session
 from tandemlm.align.run_folder import latest_checkpoint
 from tandemlm.models.atomic import replace_dir
+
+SAMPLES_FILE = "samples.jsonl"  # a few prompts, responses and scores per logged step
 
 
 def run_ppo(config: PPORunConfig) -> Run | None:
@@ -186,6 +189,9 @@ def _loop(run: Run, trainer: PPOTrainer, total: int, dist: Distributed) -> None:
     callbacks = [MetricsLogger(run), HackingWatch(run), RichProgress(c.method)]
     for callback in callbacks:
         callback.on_train_begin(None, state, None)
+    samples = run.dir / SAMPLES_FILE
+    if dist.is_main:
+        truncate_metrics(samples, trainer.step)  # a resumed run redoes the steps past its checkpoint
     try:
         while trainer.step < total:
             try:
@@ -198,6 +204,8 @@ def _loop(run: Run, trainer: PPOTrainer, total: int, dist: Distributed) -> None:
                 callback.on_step_end(None, state, None)
                 if trainer.step % c.logging_steps == 0 or trainer.step == total:
                     callback.on_log(None, state, None, logs=stats)
+            if dist.is_main and (trainer.step % c.logging_steps == 0 or trainer.step == total):
+                append_jsonl(samples, {"step": trainer.step, "samples": trainer.last_samples})
             if trainer.step % c.save_steps == 0:  # the last step too: a finished run can be extended
                 checkpoint.save_checkpoint(
                     run.checkpoints, trainer.step, trainer.ac, trainer.training_state(), trainer.progress_state(),

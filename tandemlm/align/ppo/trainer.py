@@ -33,6 +33,7 @@ from tandemlm.align.ppo.policy import ActorCritic
 from tandemlm.align.ppo.rollout import Rollout, Sampler
 from tandemlm.align.ppo.scoring import RewardMix
 
+SAMPLES_KEPT = 2  # responses per logged step written to samples.jsonl, for a person to read
 # Undefined rather than broken: explained variance when every return is equal (e.g. all scores 0).
 MAY_BE_NAN = ("explained_variance",)
 
@@ -106,6 +107,7 @@ class PPOTrainer:
         )
         self.cursor = Cursor()
         self.step = 0
+        self.last_samples: list[dict[str, Any]] = []  # a few (prompt, response, score) of the last rollout
 
     # ---- state for checkpoints ----------------------------------------------------------------------
 
@@ -176,6 +178,10 @@ class PPOTrainer:
         scores = scores.to(mask.device)
         if c.missing_eos_penalty is not None:
             scores = scores - c.missing_eos_penalty * (~rollout.ended).float()
+        self.last_samples = [
+            {"prompt": row["prompt"][-1]["content"], "response": text, "score": round(float(score), 4)}
+            for row, text, score in zip(rollout.rows[:SAMPLES_KEPT], rollout.texts, scores.tolist(), strict=False)
+        ]
         rewards, kl, non_score = maths.kl_rewards(
             logprobs, ref_logprobs, scores, mask, self.kl_ctl.value, c.reward_clip or None, c.kl_estimator
         )
