@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -131,6 +132,15 @@ def raw_default_threads() -> int:
     return max((os.cpu_count() or 2) // 2, 1)
 
 
+# Modules `python -m llama_cpp.server` imports that llama-cpp-python's [server] extra provides.
+RAW_SERVER_MODULES = {"starlette_context": "starlette-context", "sse_starlette": "sse-starlette", "pydantic_settings": "pydantic-settings"}
+
+
+def missing_raw_server_packages() -> list[str]:
+    """The [server]-extra packages llama_cpp.server needs that are not installed here."""
+    return [package for module, package in RAW_SERVER_MODULES.items() if importlib.util.find_spec(module) is None]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -140,6 +150,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="tandem's threads (default: its own default, one per physical core)")
     args = parser.parse_args()
+    missing = missing_raw_server_packages()
+    if missing:  # one line, not llama_cpp.server's traceback from inside a child process
+        sys.exit(f"llama_cpp.server needs {' '.join(missing)} (llama-cpp-python's [server] extra): "
+                 f"run `bash scripts/setup.sh --dev` or `{sys.executable} -m pip install {' '.join(missing)}`")
     gguf = str(resolve_model(args.model).gguf_file())
     levels = [int(x) for x in args.concurrency.split(",")]
     port = free_port()

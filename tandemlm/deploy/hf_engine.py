@@ -84,6 +84,7 @@ class HFEngine(BaseEngine):
         self.max_batch_rows = 0  # the most requests one batch decoded together (tests read it)
         self._waiting: queue.Queue[_Row | None] = queue.Queue()
         self._running = True
+        self._submit_lock = threading.Lock()
         self._worker = threading.Thread(target=self._loop, name="hf-scheduler", daemon=True)
         self._worker.start()
 
@@ -102,12 +103,16 @@ class HFEngine(BaseEngine):
     # ---- primitives --------------------------------------------------------------------------
     def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
         row = _Row(prompt=list(prompt_ids), params=params)
-        if not self._running:
-            raise EngineError("engine is closed")
-        self._waiting.put(row)
+        # Under the lock so no request can slip in after close() has drained the queue.
+        with self._submit_lock:
+            if not self._running:
+                raise EngineError("engine closed")
+            self._waiting.put(row)
         return drain_tokens(row.out, row.cancelled)
 
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
+        if not self._running:
+            raise EngineError("engine closed")
         torch = self._torch
         ids = torch.tensor([prompt_ids + target_ids], device=self.device)
         with torch.inference_mode():
@@ -117,10 +122,27 @@ class HFEngine(BaseEngine):
         return logprobs.gather(1, targets[:, None])[:, 0].tolist()
 
     def close(self) -> None:
-        if self._running:
+        """Stops the scheduler, then fails every queued and running request; later requests fail at once."""
+        with self._submit_lock:
+            if not self._running:
+                return
             self._running = False
-            self._waiting.put(None)
-            self._worker.join(timeout=30)
+            self._waiting.put(None)  # wakes a scheduler blocked waiting for work
+        # Waits out at most one forward pass: a running batch checks _running between steps.
+        self._worker.join()
+        while True:
+            try:
+                row = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if row is not None:
+                self._fail(row, EngineError("engine closed"))
+
+    @staticmethod
+    def _fail(row: _Row, error: EngineError) -> None:
+        if not row.done:
+            row.done = True
+            row.out.put(error)
 
     # ---- scheduler ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -144,8 +166,7 @@ class HFEngine(BaseEngine):
                 self._run_batch(rows)
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving
                 for row in rows:
-                    if not row.done:
-                        row.out.put(EngineError(f"generation failed: {exc}"))
+                    self._fail(row, EngineError(f"generation failed: {exc}"))
             for row in rows:
                 if not row.done:
                     row.done = True
@@ -169,6 +190,10 @@ class HFEngine(BaseEngine):
         next_input = input_ids
         with torch.inference_mode():
             for _ in range(steps):
+                if not self._running:  # close(): answer every row now instead of decoding on
+                    for row in rows:
+                        self._fail(row, EngineError("engine closed"))
+                    return
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -next_input.shape[1] :]
                 out = self.model(input_ids=next_input, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
                 logits = out.logits[:, -1, :].float()

@@ -142,6 +142,7 @@ class LlamaCppEngine(BaseEngine):
         self._eos = self._special_text(self._model.token_eos())
         self._waiting: queue.Queue[_Request | None] = queue.Queue()
         self._running = True
+        self._submit_lock = threading.Lock()
         self._worker = threading.Thread(target=self._loop, name="llama.cpp-scheduler", daemon=True)
         self._worker.start()
 
@@ -181,21 +182,38 @@ class LlamaCppEngine(BaseEngine):
         return result
 
     def close(self) -> None:
-        if not self._running:
-            return
-        self._running = False
-        self._waiting.put(None)
-        self._worker.join(timeout=30)
+        """Stops the scheduler, fails every queued and running request, then frees the context.
+
+        The scheduler is joined before anything is freed, so no decode can run on a freed context;
+        requests made afterwards fail at once.
+        """
+        with self._submit_lock:
+            if not self._running:
+                return
+            self._running = False
+            self._waiting.put(None)  # wakes a scheduler blocked waiting for work
+        # Waits out at most one decode step: the loop checks _running between steps.
+        self._worker.join()
+        # Requests submitted but never taken by the scheduler (its own lists it failed on exit).
+        while True:
+            try:
+                item = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item.out.put(EngineError("engine closed"))
         self._ll.llama_batch_free(self._batch)
         self._ll.llama_free(self._ctx)
         self._model.close()
 
     def _submit(self, request: _Request) -> None:
-        if not self._running:
-            raise EngineError("engine is closed")
         if request.reserved > self._n_ctx:
             raise EngineError(f"request needs {request.reserved} tokens but the context holds {self._n_ctx}")
-        self._waiting.put(request)
+        # Under the lock so no request can slip in after close() has drained the queue.
+        with self._submit_lock:
+            if not self._running:
+                raise EngineError("engine closed")
+            self._waiting.put(request)
 
     # ---- scheduler thread --------------------------------------------------------------------
     def _loop(self) -> None:

@@ -12,18 +12,30 @@ from collections.abc import Iterator, Sequence
 
 from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.registry import register_backend
-from tandemlm.deploy.types import EngineInfo, GeneratedToken, Message, SamplingParams
+from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
 
 EOS_ID = 0
 
 
 class MockEngine(BaseEngine):
-    """Replies ``reply`` (default: the reversed last user message) one character per token."""
+    """Replies ``reply`` (default: the reversed last user message) one character per token.
 
-    def __init__(self, model_id: str = "mock", reply: str | None = None, delay: float = 0.0, context_length: int = 2048) -> None:
+    With ``fail`` set, generation raises ``EngineError(fail)`` after its first token, as a backend
+    that breaks mid-generation (after the request was validated) would.
+    """
+
+    def __init__(
+        self,
+        model_id: str = "mock",
+        reply: str | None = None,
+        delay: float = 0.0,
+        context_length: int = 2048,
+        fail: str | None = None,
+    ) -> None:
         self.info = EngineInfo(backend="mock", model_id=model_id, context_length=context_length)
         self.reply = reply
         self.delay = delay
+        self.fail = fail
         self.cancelled = 0
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
@@ -51,6 +63,8 @@ class MockEngine(BaseEngine):
                     time.sleep(self.delay)
                 emitted += 1
                 yield GeneratedToken(ord(char), char)
+                if self.fail is not None:
+                    raise EngineError(self.fail)
         finally:
             if emitted < min(len(reply), params.max_tokens):
                 self.cancelled += 1

@@ -305,3 +305,22 @@ def test_a_queued_stream_whose_client_leaves_gives_its_place_back(serve):
             while httpx.get(health).json()["queued"] and time.time() < deadline:
                 time.sleep(0.05)
             assert httpx.get(health).json() == {"status": "ok", "running": 1, "queued": 0}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_generation_failure_is_a_500_server_error_not_the_clients_fault(serve, stream):
+    """A request that passed validation and then failed in the engine is our failure (5xx), not a 400."""
+    engine = MockEngine(model_id="m", reply="Hello", fail="llama.cpp decode failed: llama_decode returned -3")
+    with serve(engine) as url:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+        response = httpx.post(f"{url}/chat/completions", json=body, timeout=20)
+        if stream:  # headers are already sent: the error comes in-band, then [DONE]
+            assert response.status_code == 200
+            events = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
+            assert json.loads(events[-2])["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+        else:
+            assert response.status_code == 500
+            error = response.json()["error"]
+            assert error["type"] == "server_error" and "decode failed" in error["message"]
+        bad = httpx.post(f"{url}/chat/completions", json={"model": "m", "messages": []}, timeout=20)
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"  # still the client's

@@ -119,6 +119,8 @@ def create_app(
                 reasoning.append(delta.reasoning)
                 finish = delta.finish_reason or finish
                 usage = delta.usage or usage
+        except Exception as exc:  # noqa: BLE001 - the request was validated above: a failure now is ours (5xx)
+            return _error(500, f"generation failed: {exc}", "server_error")
         finally:
             ticket.release()
         return chunks.full("".join(text), "".join(reasoning), finish, usage)
@@ -148,6 +150,8 @@ def create_app(
             return _error(400, str(exc))
         except ServerBusy as exc:
             return _error(503, str(exc), "server_busy", code="server_busy")
+        except Exception as exc:  # noqa: BLE001 - anything else is our failure, not the client's: 5xx
+            return _error(500, f"internal error: {exc}", "server_error")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
