@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--sizes: unknown {', '.join(unknown)}; known: {', '.join(SIZES)}")
     tokenizer = args.tokenizer
     if tokenizer is None:
-        from tandemlm.models.fixtures import tiny_model
+        from tandemlm.fixtures import tiny_model
 
         tokenizer = str(tiny_model("qwen2"))
     settings = {

@@ -64,7 +64,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tandemlm.models.fixtures import tiny_model
+from tandemlm.fixtures import tiny_model
 
 target = Path(sys.argv[1])
 shutil.copytree(tiny_model("llama"), target / "fixtures" / "tiny-llama")

@@ -13,6 +13,15 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def has_cuda() -> bool:
+    """True when torch sees a CUDA GPU (without importing torch when it is absent)."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def usable_cpus() -> int:
     """Logical CPUs this process may run on (its affinity mask, e.g. a container's CPU set)."""
     try:

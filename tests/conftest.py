@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tandemlm.models.fixtures import fixture_gguf, tiny_model
+from tandemlm.fixtures import fixture_gguf, tiny_model
 
 
 @pytest.fixture(scope="session")

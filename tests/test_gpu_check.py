@@ -59,8 +59,8 @@ def test_bench_refuses_an_unknown_size() -> None:
 
 
 def test_prebuilt_fixture_folder_is_used_as_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tandemlm.deploy.types import EngineError
-    from tandemlm.models.fixtures import SPEC_FILE, tiny_model
+    from tandemlm.errors import EngineError
+    from tandemlm.fixtures import SPEC_FILE, tiny_model
 
     monkeypatch.setenv("TANDEM_FIXTURES", str(tmp_path))
     with pytest.raises(EngineError, match=f"no prebuilt tiny-llama in {tmp_path}"):

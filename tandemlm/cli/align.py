@@ -33,7 +33,7 @@ PresetOpt = Annotated[str | None, typer.Option("--preset", help="Built-in partia
 def _user_errors() -> tuple[type[Exception], ...]:
     from tandemlm.align.data import DataError
     from tandemlm.align.errors import ConfigError
-    from tandemlm.deploy.types import EngineError
+    from tandemlm.errors import EngineError
 
     return (ConfigError, DataError, EngineError, KeyError)
 

@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from rich.console import Console
 
 from tandemlm.deploy.engine import Engine
-from tandemlm.deploy.types import Delta, EngineError, Message, SamplingParams, Usage
+from tandemlm.deploy.types import Delta, SamplingParams, Usage
+from tandemlm.errors import EngineError
+from tandemlm.models.chat_template import Message
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 

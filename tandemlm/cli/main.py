@@ -28,7 +28,7 @@ def _load(model: str, engine_options: EngineOptions) -> Engine:
     from rich.console import Console
 
     from tandemlm.deploy.registry import load_engine
-    from tandemlm.deploy.types import EngineError
+    from tandemlm.errors import EngineError
 
     console = Console(stderr=True)
     try:
@@ -67,7 +67,7 @@ def generate(
 ) -> None:
     """Generate a completion of PROMPT and stream it to stdout."""
     from tandemlm.cli.chat import stream_to_terminal
-    from tandemlm.deploy.types import EngineError
+    from tandemlm.errors import EngineError
 
     params = sampling_from_flags(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,

@@ -64,7 +64,7 @@ def quantize(
     trust_remote_code: opt.TrustRemoteCode = False,
 ) -> None:
     """Quantize MODEL to a GGUF: convert (llama.cpp's converter), quantize (llama.cpp's quantizer), verify."""
-    from tandemlm.deploy.types import EngineError
+    from tandemlm.errors import EngineError
 
     if list_types:
         print_types()
@@ -111,7 +111,7 @@ def eval_quant(
     """Compare quantized model B with original A: size, perplexity, KL divergence, top-token and greedy agreement."""
     from rich.console import Console
 
-    from tandemlm.deploy.types import EngineError
+    from tandemlm.errors import EngineError
     from tandemlm.quantize.report import ReportSettings, compare_models
 
     console = Console(stderr=True)
@@ -143,7 +143,7 @@ def print_types() -> None:
 
 def quantized_engine(model: str, quant: str, options: EngineOptions) -> Engine:
     """``tandem serve MODEL --quantize TYPE``: quantize (or load with bitsandbytes), verify, then load the engine."""
-    from tandemlm.deploy.types import EngineError
+    from tandemlm.errors import EngineError
     from tandemlm.quantize.types import get_quant_type
 
     try:
@@ -196,7 +196,7 @@ def _print_and_save(report: QualityReport, json_path: Path, *notes: str) -> None
 def _load_gguf(path: Path, options: EngineOptions) -> Engine:
     """Loads a just-verified GGUF with the llama.cpp backend (skipping a second header check)."""
     from tandemlm.deploy.registry import load_engine
-    from tandemlm.deploy.types import EngineError
+    from tandemlm.errors import EngineError
     from tandemlm.models.resolve import ModelSource
 
     source = ModelSource(model_id=path.stem, kind="gguf", path=path.resolve())
@@ -219,9 +219,9 @@ def _load_bitsandbytes(model: str, row: Any, options: EngineOptions) -> Engine:
 
 def _bitsandbytes(model: str, row: Any, out: Path | None, serve: bool, serving: _ServeOptions) -> None:
     """--type bnb-4bit/bnb-8bit: serve the bitsandbytes load, or save it as an HF folder with --out."""
+    from tandemlm.errors import QuantizeError
     from tandemlm.models.resolve import resolve_model
     from tandemlm.quantize.bnb import require_bnb, save_bnb_checkpoint
-    from tandemlm.quantize.types import QuantizeError
 
     require_bnb(row)
     if serve:

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from tandemlm.hardware import has_cuda
 from tandemlm.models.resolve import ModelSource
-
-
-def has_cuda() -> bool:
-    """True when torch sees a CUDA GPU (without importing torch when it is absent)."""
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def choose_backend(source: ModelSource) -> str:

@@ -19,13 +19,13 @@ from tandemlm.deploy.types import (
     Completion,
     ContextLengthError,
     Delta,
-    EngineError,
     EngineInfo,
     GeneratedToken,
-    Message,
     SamplingParams,
     Usage,
 )
+from tandemlm.errors import EngineError
+from tandemlm.models.chat_template import Message
 
 
 @runtime_checkable

@@ -17,8 +17,10 @@ from typing import Any
 
 from tandemlm.deploy.engine import BaseEngine, drain_tokens
 from tandemlm.deploy.registry import register_backend
-from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
+from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
+from tandemlm.errors import EngineError
 from tandemlm.hardware import inference_precision
+from tandemlm.models.chat_template import Message
 from tandemlm.models.resolve import ModelSource
 from tandemlm.models.stops import stop_ids
 
@@ -64,7 +66,7 @@ class HFEngine(BaseEngine):
             "trust_remote_code": trust_remote_code,
         }
         if load_in_bits:
-            from tandemlm.quantize.bnb import bnb_config
+            from tandemlm.models.bnb import bnb_config
 
             kwargs["quantization_config"] = bnb_config(load_in_bits)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from tandemlm.deploy.chat_template import render_chat_template
 from tandemlm.deploy.engine import BaseEngine, common_prefix_len, drain_tokens
 from tandemlm.deploy.registry import register_backend
-from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
+from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
+from tandemlm.errors import EngineError
 from tandemlm.hardware import physical_cores
+from tandemlm.models.chat_template import Message, render_chat_template
 from tandemlm.models.resolve import ModelSource
 
 PENALTY_LAST_N = 64

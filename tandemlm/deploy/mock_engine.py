@@ -12,7 +12,9 @@ from collections.abc import Iterator, Sequence
 
 from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.registry import register_backend
-from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
+from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
+from tandemlm.errors import EngineError
+from tandemlm.models.chat_template import Message
 
 EOS_ID = 0
 

@@ -6,15 +6,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-Role = Literal["system", "user", "assistant", "tool"]
-Message = dict[str, str]
-"""An OpenAI-style chat message: ``{"role": "user", "content": "..."}``."""
+from tandemlm.errors import EngineError
 
 FinishReason = Literal["stop", "length", "cancelled"]
-
-
-class EngineError(Exception):
-    """A problem with the request or the model that the caller can fix; the message is one line."""
 
 
 class ContextLengthError(EngineError):

@@ -20,7 +20,9 @@ from typing import Any
 
 from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.registry import register_backend
-from tandemlm.deploy.types import EngineError, EngineInfo, GeneratedToken, Message, SamplingParams
+from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
+from tandemlm.errors import EngineError
+from tandemlm.models.chat_template import Message
 from tandemlm.models.resolve import ModelSource
 
 _GIB = 1 << 30

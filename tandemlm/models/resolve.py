@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandemlm.deploy.types import EngineError
+from tandemlm.errors import EngineError
 from tandemlm.models.builtin import BUILTIN_MODELS, builtin_gguf, builtin_hf_folder
 
 GGUF_MAGIC = b"GGUF"
@@ -114,7 +114,7 @@ def check_gguf_file(path: Path) -> None:
     if version not in (2, 3):
         raise EngineError(f"{path} has unsupported GGUF version {version}")
     # A header walk, not gguf's GGUFReader: that one takes 10+ s on a real vocabulary.
-    from tandemlm.quantize.gguf_info import read_gguf_info
+    from tandemlm.models.gguf_info import read_gguf_info
 
     info = read_gguf_info(path)
     end = max((info.data_offset + t.offset + t.n_bytes for t in info.tensors), default=0)

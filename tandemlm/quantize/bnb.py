@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
 
+from tandemlm.errors import QuantizeError
 from tandemlm.models.atomic import save_hf_folder
-from tandemlm.quantize.types import QuantizeError, QuantType
-
-
-def bnb_config(bits: int) -> Any:
-    """transformers' BitsAndBytesConfig: NF4 with bf16 compute for 4 bits, LLM.int8() for 8."""
-    from transformers import BitsAndBytesConfig
-
-    if bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16")
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    raise QuantizeError(f"bitsandbytes loads are 4 or 8 bits, got {bits}")
+from tandemlm.models.bnb import bnb_config
+from tandemlm.quantize.types import QuantType
 
 
 def bnb_unavailable(qtype: QuantType) -> str | None:
     """Why ``qtype`` cannot load here (no CUDA GPU, no bitsandbytes), or None."""
-    from tandemlm.deploy.auto import has_cuda
+    from tandemlm.hardware import has_cuda
 
     if not has_cuda():
         return f"type {qtype.name} needs a CUDA GPU (bitsandbytes); none is visible here. Use a GGUF type such as q4_k_m on CPU"

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tandemlm.deploy.types import EngineError
+from tandemlm.errors import EngineError
 from tandemlm.models.atomic import publish_folder
 from tandemlm.models.builtin import cache_dir
 from tandemlm.models.resolve import WEIGHT_PATTERNS

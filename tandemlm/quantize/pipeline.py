@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tandemlm.errors import QuantizeError
+from tandemlm.models.gguf_info import read_gguf_info
 from tandemlm.quantize.cache import (
     content_key,
     file_digest,
@@ -35,13 +37,12 @@ from tandemlm.quantize.cache import (
     temp_path_for,
     write_text_atomic,
 )
-from tandemlm.quantize.gguf_info import read_gguf_info
 from tandemlm.quantize.llamacpp_tools import ConversionError, convert_hf_to_gguf, llama_cpp_version
 from tandemlm.quantize.merge import merge_adapter, read_adapter_config
 from tandemlm.quantize.quantize import Fallback, describe_fallbacks, quantize_gguf
 from tandemlm.quantize.report import QualityReport, ReportSettings, compare_models
 from tandemlm.quantize.space import count_params, disk_full_error, is_disk_full, planned_bytes, require_free_space
-from tandemlm.quantize.types import QuantizeError, QuantType, ftype_name, get_quant_type, quant_type_for_ftype
+from tandemlm.quantize.types import QuantType, ftype_name, get_quant_type, quant_type_for_ftype
 from tandemlm.quantize.verify import Verification, verify_gguf
 
 FLOAT_FTYPES = {"f32", "f16", "bf16"}

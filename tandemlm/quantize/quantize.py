@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandemlm.quantize.gguf_info import read_gguf_info
-from tandemlm.quantize.types import QuantizeError, QuantType
+from tandemlm.errors import QuantizeError
+from tandemlm.models.gguf_info import read_gguf_info
+from tandemlm.quantize.types import QuantType
 
 K_BLOCK = 256  # weights per k-quant block (ggml's QK_K)
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})

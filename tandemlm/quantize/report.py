@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from tandemlm.deploy.types import Message
+from tandemlm.errors import QuantizeError
+from tandemlm.models.chat_template import Message
 from tandemlm.quantize.metrics import Agreement, greedy_agreement, relative_change, windows
-from tandemlm.quantize.types import QuantizeError
 
 HELDOUT_FILE = "quantize_heldout.txt"
 MIN_CONTEXT = 256  # llama.cpp context for the scorers: room for a chat prompt plus its greedy reply

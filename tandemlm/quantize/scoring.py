@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tandemlm.deploy.types import Message
+from tandemlm.errors import QuantizeError
 from tandemlm.hardware import inference_precision, usable_cpus
+from tandemlm.models.chat_template import Message
 from tandemlm.models.stops import stop_ids
-from tandemlm.quantize.types import QuantizeError
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class GGUFScorer:
     def __init__(self, path: str | os.PathLike[str], n_ctx: int = 512, n_threads: int | None = None) -> None:
         import llama_cpp
 
-        from tandemlm.quantize.gguf_info import read_gguf_info
+        from tandemlm.models.gguf_info import read_gguf_info
 
         self.path = Path(path)
         self.name = self.path.name
@@ -122,7 +122,7 @@ class GGUFScorer:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace") if token >= 0 else ""
 
     def render_chat(self, messages: Sequence[Message]) -> str:
-        from tandemlm.deploy.chat_template import render_chat_template
+        from tandemlm.models.chat_template import render_chat_template
 
         if not self.chat_template:
             raise QuantizeError(f"{self.path} has no chat template in its GGUF metadata")
@@ -170,7 +170,7 @@ class HFScorer:
             "attn_implementation": precision.attention, "trust_remote_code": trust_remote_code,
         }
         if load_in_bits:
-            from tandemlm.quantize.bnb import bnb_config
+            from tandemlm.models.bnb import bnb_config
 
             # 16-bit unquantized parts (not the checkpoint's fp32): FlashAttention-2 may be the attention.
             kwargs.update(device_map="auto", quantization_config=bnb_config(load_in_bits))

@@ -16,11 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandemlm.deploy.types import EngineError
-
-
-class QuantizeError(EngineError):
-    """Quantizing failed or cannot start; the message is one line naming the file, flag or field."""
+from tandemlm.errors import QuantizeError
 
 
 @dataclass(frozen=True)

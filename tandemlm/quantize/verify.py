@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from tandemlm.errors import QuantizeError
+from tandemlm.models.gguf_info import GGUFInfo, read_gguf_info
 from tandemlm.models.stops import stop_ids
-from tandemlm.quantize.gguf_info import GGUFInfo, read_gguf_info
-from tandemlm.quantize.types import QuantizeError, QuantType
+from tandemlm.quantize.types import QuantType
 
 PROBE_MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tandemlm.deploy.engine import Engine
-from tandemlm.deploy.types import EngineError, Message
+from tandemlm.errors import EngineError
+from tandemlm.models.chat_template import Message
 from tandemlm.ui.engines import EngineSlot
 from tandemlm.ui.sampling import sampling_controls, sampling_params
 from tandemlm.ui.stopping import StopFlag

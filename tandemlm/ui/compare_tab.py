@@ -13,7 +13,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandemlm.deploy.types import Delta, EngineError, Message, SamplingParams
+from tandemlm.deploy.types import Delta, SamplingParams
+from tandemlm.errors import EngineError
+from tandemlm.models.chat_template import Message
 from tandemlm.ui.chat_tab import chat_display, engine_messages, stats_line
 from tandemlm.ui.divergence import LEGEND_HTML, align_tokens, divergence_html
 from tandemlm.ui.engines import EngineSlot

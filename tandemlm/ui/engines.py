@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tandemlm.deploy.engine import Engine, collect
-from tandemlm.deploy.types import EngineError, SamplingParams
+from tandemlm.deploy.types import SamplingParams
+from tandemlm.errors import EngineError
 from tandemlm.ui.runs import resolve_model_ref
 
 Loader = Callable[..., Engine]

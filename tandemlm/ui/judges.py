@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tandemlm.deploy.types import Message
+from tandemlm.models.chat_template import Message
 
 RewardFn = Callable[[Sequence[Message], str], float]
 VerifierFn = Callable[[Sequence[Message], str], bool]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tandemlm.align.metrics import read_metrics
-from tandemlm.deploy.types import EngineError
+from tandemlm.errors import EngineError
 
 RUN_MARKERS = ("config.yaml", "run.json", "metrics.jsonl", "plots", "merged", "final", "policy", "policy.gguf")
 POLICY_FOLDERS = ("merged", "final", "policy")  # HF folders, most usable first

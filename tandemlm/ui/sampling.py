@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tandemlm.deploy.types import EngineError, SamplingParams
+from tandemlm.deploy.types import SamplingParams
+from tandemlm.errors import EngineError
 
 if TYPE_CHECKING:
     import gradio as gr

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tandemlm.deploy.types import Message, SamplingParams
+from tandemlm.deploy.types import SamplingParams
+from tandemlm.models.chat_template import Message
 from tandemlm.ui.votes import Label, Side, append_record, preference_record
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from tandemlm.deploy.types import Message, SamplingParams
+from tandemlm.deploy.types import SamplingParams
+from tandemlm.models.chat_template import Message
 
 Label = Literal["left", "right", "tie", "both_bad"]
 LABELS: tuple[str, ...] = ("left", "right", "tie", "both_bad")

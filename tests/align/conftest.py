@@ -97,7 +97,7 @@ def metric_values(run: Any, key: str) -> list[float]:
 
 @pytest.fixture(scope="session")
 def tiny_llama() -> Path:
-    from tandemlm.models.fixtures import tiny_model
+    from tandemlm.fixtures import tiny_model
 
     return tiny_model("llama")
 

@@ -205,7 +205,7 @@ def test_moe_and_mla_configs_count_on_the_meta_device() -> None:
     import torch
     import transformers
 
-    from tandemlm.models.fixtures import COMMON, SPECS
+    from tandemlm.fixtures import COMMON, SPECS
 
     spec = SPECS["deepseek_v3"]
     config = getattr(transformers, spec.config_class)(**{**COMMON, **spec.config})

@@ -3,7 +3,8 @@ import pytest
 from tandemlm.deploy.engine import Engine, collect
 from tandemlm.deploy.mock_engine import MockEngine
 from tandemlm.deploy.registry import backends, get_backend, load_engine
-from tandemlm.deploy.types import ContextLengthError, EngineError, SamplingParams
+from tandemlm.deploy.types import ContextLengthError, SamplingParams
+from tandemlm.errors import EngineError
 
 
 def test_mock_engine_is_an_engine_registered_through_the_real_registry():

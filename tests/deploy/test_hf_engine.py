@@ -124,7 +124,7 @@ def test_flash_attention_2_used_on_gpu_when_installed(tiny_llama_dir):
 
 def test_close_fails_running_and_queued_requests_and_later_ones(tiny_llama_dir):
     """close() answers every caller with an EngineError (none left blocked) and refuses new work."""
-    from tandemlm.deploy.types import EngineError
+    from tandemlm.errors import EngineError
 
     engine = load_engine(str(tiny_llama_dir), backend="transformers", max_batch_size=4)
     ids = engine.tokenize("hello there", add_special_tokens=True)

@@ -8,7 +8,8 @@ import pytest
 
 from tandemlm.deploy.engine import collect
 from tandemlm.deploy.registry import load_engine
-from tandemlm.deploy.types import EngineError, SamplingParams
+from tandemlm.deploy.types import SamplingParams
+from tandemlm.errors import EngineError
 
 FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]
 

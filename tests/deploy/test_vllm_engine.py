@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 from tandemlm.deploy.engine import collect  # noqa: E402
 from tandemlm.deploy.registry import get_backend  # noqa: E402
-from tandemlm.deploy.types import EngineError, SamplingParams  # noqa: E402
+from tandemlm.deploy.types import SamplingParams  # noqa: E402
+from tandemlm.errors import EngineError  # noqa: E402
 from tandemlm.models.resolve import resolve_model  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from tandemlm.deploy.types import EngineError
+from tandemlm.errors import EngineError
 from tandemlm.models.builtin import builtin_gguf
 from tandemlm.models.resolve import resolve_model
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tandemlm.models.fixtures import tiny_model
+from tandemlm.fixtures import tiny_model
 from tandemlm.quantize.pipeline import QuantizeConfig, QuantizeResult, quantize_model
 
 

@@ -10,9 +10,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tandemlm.quantize.gguf_info import read_gguf_info
+from tandemlm.errors import QuantizeError
+from tandemlm.models.gguf_info import read_gguf_info
 from tandemlm.quantize.pipeline import QuantizeConfig, quantize_model
-from tandemlm.quantize.types import QuantizeError
 
 TARGETS = ["q_proj", "v_proj"]
 

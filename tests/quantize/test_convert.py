@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from tandemlm.deploy.types import EngineError
+from tandemlm.errors import EngineError
 from tandemlm.quantize import llamacpp_tools
 from tandemlm.quantize.llamacpp_tools import (
     ConversionError,

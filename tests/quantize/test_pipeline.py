@@ -11,14 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from tandemlm.deploy.types import EngineError
+from tandemlm.errors import EngineError, QuantizeError
+from tandemlm.fixtures import tiny_model
 from tandemlm.models.builtin import builtin_gguf
-from tandemlm.models.fixtures import tiny_model
 from tandemlm.quantize import pipeline, space
 from tandemlm.quantize.llamacpp_tools import ConversionError
 from tandemlm.quantize.pipeline import QuantizeConfig, quantize_model
 from tandemlm.quantize.quantize import Fallback
-from tandemlm.quantize.types import QuantizeError, get_quant_type
+from tandemlm.quantize.types import get_quant_type
 from tandemlm.quantize.verify import verify_gguf
 
 

@@ -8,9 +8,9 @@ from transformers import AutoTokenizer
 from tandemlm.deploy.engine import collect
 from tandemlm.deploy.registry import load_engine
 from tandemlm.deploy.types import SamplingParams
-from tandemlm.models.fixtures import tiny_model
+from tandemlm.fixtures import tiny_model
+from tandemlm.models.gguf_info import read_gguf_info
 from tandemlm.models.resolve import ModelSource
-from tandemlm.quantize.gguf_info import read_gguf_info
 from tandemlm.quantize.scoring import GGUFScorer
 from tandemlm.quantize.types import get_quant_type
 from tandemlm.quantize.verify import end_of_turn_id

@@ -8,7 +8,7 @@ import pytest
 
 from tandemlm.deploy.engine import Engine
 from tandemlm.deploy.registry import get_backend
-from tandemlm.deploy.types import EngineError
+from tandemlm.errors import EngineError
 from tandemlm.ui.engines import EnginePool, EngineSlot
 
 

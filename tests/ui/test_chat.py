@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 from tandemlm.deploy.mock_engine import MockEngine
-from tandemlm.deploy.types import EngineError
+from tandemlm.errors import EngineError
 from tandemlm.ui.chat_tab import chat_display, chat_reply, engine_messages
 from tandemlm.ui.stopping import StopFlag
 

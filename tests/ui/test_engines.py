@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from tandemlm.deploy.mock_engine import MockEngine
-from tandemlm.deploy.types import EngineError
+from tandemlm.errors import EngineError
 from tandemlm.ui.engines import EnginePool, EngineSlot
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tandemlm.deploy.registry import get_backend
-from tandemlm.deploy.types import EngineError
+from tandemlm.errors import EngineError
 from tandemlm.ui.engines import EnginePool, EngineSlot
 from tandemlm.ui.runs import list_runs, metrics_summary, resolve_model_ref
 from tandemlm.ui.runs_tab import load_run_policy, run_names, show_run

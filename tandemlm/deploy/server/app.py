@@ -17,7 +17,8 @@ from tandemlm.deploy.server.config import WILDCARD_BINDS, ServerConfig
 from tandemlm.deploy.server.guards import LOCAL_HOSTS, ApiKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware
 from tandemlm.deploy.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from tandemlm.deploy.server.service import Admission, ChatChunks, ServerBusy, TextChunks, Ticket, iterate_in_thread
-from tandemlm.deploy.types import ContextLengthError, Delta, EngineError, SamplingParams, Usage
+from tandemlm.deploy.types import ContextLengthError, Delta, SamplingParams, Usage
+from tandemlm.errors import EngineError
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:

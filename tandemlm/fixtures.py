@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tandemlm.deploy.types import EngineError
+from tandemlm.errors import EngineError
 from tandemlm.models.atomic import publish_folder
 from tandemlm.models.builtin import builtin_gguf, cache_dir
 

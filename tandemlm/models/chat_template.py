@@ -8,8 +8,13 @@ is what makes the same messages give the same prompt tokens on every backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
-from tandemlm.deploy.types import EngineError, Message
+from tandemlm.errors import EngineError
+
+Role = Literal["system", "user", "assistant", "tool"]
+Message = dict[str, str]
+"""An OpenAI-style chat message: ``{"role": "user", "content": "..."}``."""
 
 
 def render_chat_template(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandemlm.quantize.types import QuantizeError
+from tandemlm.errors import QuantizeError
 
 MAGIC = b"GGUF"
 KEEP_ARRAY_ITEMS = 64  # longer arrays (token lists, merges) are stepped over; their length is kept
