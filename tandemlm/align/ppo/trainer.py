@@ -179,7 +179,7 @@ class PPOTrainer:
         if c.missing_eos_penalty is not None:
             scores = scores - c.missing_eos_penalty * (~rollout.ended).float()
         self.last_samples = [
-            {"prompt": row["prompt"][-1]["content"], "response": text, "score": round(float(score), 4)}
+            {"prompt": row["prompt"][-1]["content"] if row.get("prompt") else "", "response": text, "score": round(float(score), 4)}
             for row, text, score in zip(rollout.rows[:SAMPLES_KEPT], rollout.texts, scores.tolist(), strict=False)
         ]
         rewards, kl, non_score = maths.kl_rewards(
