@@ -9,6 +9,8 @@ the same. The CLI, server and UI only ever see the :class:`Engine` protocol.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import json
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -22,6 +24,7 @@ from tandemlm.deploy.types import (
     EngineInfo,
     GeneratedToken,
     SamplingParams,
+    TokenLogprob,
     Usage,
 )
 from tandemlm.errors import EngineError
@@ -34,24 +37,43 @@ class Engine(Protocol):
 
     info: EngineInfo
 
-    def chat(self, messages: Sequence[Message], params: SamplingParams) -> Iterator[Delta]:
-        """Streams the assistant's reply to ``messages``, formatted with the model's chat template."""
+    def chat(
+        self, messages: Sequence[Message], params: SamplingParams, tools: Sequence[dict[str, Any]] | None = None
+    ) -> Iterator[Delta]:
+        """Streams the assistant's reply to ``messages`` (and ``tools``), formatted with the model's chat template."""
         ...
 
-    def generate(self, prompt: str, params: SamplingParams) -> Iterator[Delta]:
-        """Streams a raw completion of ``prompt`` (no chat template)."""
+    def generate(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
+        """Streams a raw completion of ``prompt`` (text, or token ids; no chat template)."""
         ...
 
     def token_logprobs(self, messages: Sequence[Message], response: str) -> list[tuple[str, float]]:
         """Per-token log-probabilities of ``response`` as the assistant's reply to ``messages``."""
         ...
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt text the chat template makes of ``messages``."""
+    def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
+        """Each target token's log-probability after the prompt and the targets before it, with ``top`` alternatives."""
+        ...
+
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text the chat template makes of ``messages`` (and ``tools``)."""
         ...
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids for ``text``; special tokens written in the text are parsed as such."""
+        ...
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (special tokens left out)."""
+        ...
+
+    def chat_template_source(self) -> str | None:
+        """The Jinja chat template the model carries, or None."""
         ...
 
     def close(self) -> None:
@@ -60,30 +82,76 @@ class Engine(Protocol):
 
 
 def validate_messages(messages: Sequence[Message]) -> list[Message]:
-    """Checks OpenAI-style messages and returns them as plain dicts; errors name the bad message."""
+    """Checks OpenAI-style messages and returns them as templates expect them; errors name the bad message.
+
+    Assistant ``tool_calls`` keep OpenAI's shape but with ``arguments`` parsed into an object (chat
+    templates write them with ``tojson``); ``tool`` messages keep ``tool_call_id`` (and ``name``).
+    """
     if not messages:
         raise EngineError("messages must contain at least one message")
     clean: list[Message] = []
     for index, message in enumerate(messages):
+        where = f"messages[{index}]"
         if not isinstance(message, dict):
-            raise EngineError(f"messages[{index}] must be an object with 'role' and 'content'")
+            raise EngineError(f"{where} must be an object with 'role' and 'content'")
         role, content = message.get("role"), message.get("content")
         if role not in ("system", "user", "assistant", "tool"):
-            raise EngineError(f"messages[{index}].role must be system, user, assistant or tool, got {role!r}")
+            raise EngineError(f"{where}.role must be system, user, assistant or tool, got {role!r}")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
-            raise EngineError(f"messages[{index}].content must be a string")
-        clean.append({"role": role, "content": content})
+            raise EngineError(f"{where}.content must be a string")
+        out: Message = {"role": role, "content": content}
+        if calls:
+            out["tool_calls"] = [_template_tool_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(calls)]
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(message.get(key), str):
+                    out[key] = message[key]
+        clean.append(out)
     return clean
+
+
+def _template_tool_call(call: Any, where: str) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise EngineError(f"{where}.function.name is required")
+    arguments = function.get("arguments", "{}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except json.JSONDecodeError:
+            raise EngineError(f"{where}.function.arguments is not valid JSON") from None
+    if not isinstance(arguments, dict):
+        raise EngineError(f"{where}.function.arguments must be a JSON object")
+    return {
+        "id": str(call.get("id") or ""),
+        "type": "function",
+        "function": {"name": function["name"], "arguments": arguments},
+    }
 
 
 class BaseEngine(abc.ABC):
     """Shared chat/generate logic over a backend's token-level primitives."""
 
     info: EngineInfo
+    # Optional sampling settings (SamplingParams.features_used names) this backend honours; any
+    # other one a request sets is refused, never silently ignored.
+    features: frozenset[str] = frozenset()
 
     # ---- primitives a backend supplies -------------------------------------------------------
     @abc.abstractmethod
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str: ...
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str: ...
+
+    def chat_template_source(self) -> str | None:
+        """The model's Jinja chat template; None when it has none (the default)."""
+        return None
 
     @abc.abstractmethod
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
@@ -102,20 +170,50 @@ class BaseEngine(abc.ABC):
     @abc.abstractmethod
     def detokenize(self, token_ids: list[int]) -> str: ...
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (backends with byte-level pieces override this)."""
+        return self.detokenize([token_id]).encode("utf-8")
+
+    def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
+        """Scores ``target_ids``; backends that can list the ``top`` alternatives override this."""
+        if top:
+            raise EngineError(f"the {self.info.backend} backend cannot list top log-probabilities of prompt tokens")
+        scores = self.score_tokens(prompt_ids, target_ids)
+        return [GeneratedToken(t, "", logprob) for t, logprob in zip(target_ids, scores, strict=True)]
+
     def close(self) -> None:  # noqa: B027 - optional for backends with nothing to free
         """Frees resources; the default has nothing to free."""
 
     # ---- shared behaviour --------------------------------------------------------------------
-    def chat(self, messages: Sequence[Message], params: SamplingParams) -> Iterator[Delta]:
-        prompt = self.render_chat(validate_messages(messages))
+    def chat(
+        self, messages: Sequence[Message], params: SamplingParams, tools: Sequence[dict[str, Any]] | None = None
+    ) -> Iterator[Delta]:
+        prompt = self.render_chat(validate_messages(messages), tools=tools)
         ids = self.tokenize(prompt, add_special_tokens=False)
         return self._stream(ids, params, starts_in_reasoning=prompt_opens_reasoning(prompt))
 
-    def generate(self, prompt: str, params: SamplingParams) -> Iterator[Delta]:
-        if not isinstance(prompt, str) or not prompt:
-            raise EngineError("prompt must be a non-empty string")
-        ids = self.tokenize(prompt, add_special_tokens=True)
+    def generate(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
+        if isinstance(prompt, list):
+            ids = self.check_token_ids(prompt)
+        elif isinstance(prompt, str) and prompt:
+            ids = self.tokenize(prompt, add_special_tokens=True)
+        else:
+            raise EngineError("prompt must be a non-empty string or a non-empty list of token ids")
         return self._stream(ids, params, starts_in_reasoning=False, split_reasoning=False)
+
+    def check_token_ids(self, ids: list[int]) -> list[int]:
+        """``ids`` if they are all token ids of this model's vocabulary; an EngineError naming the first bad one."""
+        vocab = self.vocab_size()
+        if not ids:
+            raise EngineError("prompt must not be an empty list of token ids")
+        for index, token in enumerate(ids):
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise EngineError(f"prompt[{index}] = {token!r} is not a token id (the vocabulary has {vocab})")
+        return list(ids)
+
+    def vocab_size(self) -> int:
+        """Number of token ids the model knows (backends override; the default accepts any id)."""
+        return 1 << 31
 
     def token_logprobs(self, messages: Sequence[Message], response: str) -> list[tuple[str, float]]:
         prompt = self.render_chat(validate_messages(messages))
@@ -150,8 +248,29 @@ class BaseEngine(abc.ABC):
         split_reasoning: bool = True,
     ) -> Iterator[Delta]:
         # Validate before returning the generator, so bad requests fail at call time, not mid-stream.
+        if params.max_tokens is None:  # "as many as fit": what the context window leaves
+            self.check_context(len(prompt_ids), 0)
+            params = dataclasses.replace(params, max_tokens=self.info.context_length - len(prompt_ids))
         self.check_context(len(prompt_ids), params.max_tokens)
+        self.check_params(params)
         return self._stream_gen(prompt_ids, params, starts_in_reasoning, split_reasoning)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Raises EngineError naming the first optional setting this backend does not list in ``features``."""
+        for name in params.features_used():
+            if name not in self.features:
+                raise EngineError(f"{name} is not supported by the {self.info.backend} backend")
+
+    def token_logprob(self, token: GeneratedToken) -> TokenLogprob:
+        """The OpenAI-shaped log-probability record of a generated (or scored) token."""
+        assert token.logprob is not None
+        raw = self.token_bytes(token.token_id)
+        top = [self._alternative(tid, lp) for tid, lp in token.top_logprobs]
+        return TokenLogprob(raw.decode("utf-8", "replace"), raw, token.logprob, top)
+
+    def _alternative(self, token_id: int, logprob: float) -> TokenLogprob:
+        raw = self.token_bytes(token_id)
+        return TokenLogprob(raw.decode("utf-8", "replace"), raw, logprob)
 
     def _stream_gen(
         self,
@@ -170,7 +289,9 @@ class BaseEngine(abc.ABC):
                 usage.completion_tokens += 1
                 text = stops.feed(token.text)
                 delta = self._split(splitter, text)
-                if delta.text or delta.reasoning:
+                if token.logprob is not None:
+                    delta.logprobs.append(self.token_logprob(token))
+                if delta.text or delta.reasoning or delta.logprobs:
                     yield delta
                 if stops.stopped:
                     finish = "stop"
@@ -198,16 +319,17 @@ class BaseEngine(abc.ABC):
 
 def collect(stream: Iterator[Delta]) -> Completion:
     """Drains a stream into one :class:`Completion`."""
-    text, reasoning = [], []
+    text, reasoning, logprobs = [], [], []
     finish, usage = "stop", Usage()
     for delta in stream:
         text.append(delta.text)
         reasoning.append(delta.reasoning)
+        logprobs.extend(delta.logprobs)
         if delta.finish_reason:
             finish = delta.finish_reason
         if delta.usage:
             usage = delta.usage
-    return Completion("".join(text), "".join(reasoning), finish, usage)  # type: ignore[arg-type]
+    return Completion("".join(text), "".join(reasoning), finish, usage, logprobs)  # type: ignore[arg-type]
 
 
 def drain_tokens(out: queue.Queue[Any], cancelled: threading.Event) -> Iterator[GeneratedToken]:

@@ -91,10 +91,25 @@ class HFEngine(BaseEngine):
         self._worker.start()
 
     # ---- tokenizer and template --------------------------------------------------------------
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
         if not self.tokenizer.chat_template:
             raise EngineError(f"{self.info.model_id} has no chat template (tokenizer_config.json); use generate instead")
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, tools=list(tools) if tools else None
+        )
+
+    def chat_template_source(self) -> str | None:
+        template = self.tokenizer.chat_template
+        return template if isinstance(template, str) else None
+
+    def vocab_size(self) -> int:
+        # The embedding may be padded past the tokenizer (or the tokenizer carry extra added tokens).
+        return max(len(self.tokenizer), int(self.model.config.vocab_size))
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])

@@ -156,10 +156,24 @@ class LlamaCppEngine(BaseEngine):
         n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[: max(n, 0)]
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
         if not self.chat_template:
             raise EngineError(f"{self.info.model_id} has no chat template in its GGUF metadata; use generate instead")
-        return render_chat_template(self.chat_template, messages, add_generation_prompt, self._bos, self._eos)
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, self._bos, self._eos, tools)
+
+    def chat_template_source(self) -> str | None:
+        return self.chat_template
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._piece(token_id)
+
+    def vocab_size(self) -> int:
+        return self._n_vocab
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         add_bos = add_special_tokens and self._model.add_bos_token()

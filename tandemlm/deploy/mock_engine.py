@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.registry import register_backend
@@ -21,6 +22,8 @@ EOS_ID = 0
 
 class MockEngine(BaseEngine):
     """Replies ``reply`` (default: the reversed last user message) one character per token.
+
+    Each generated token has log-probability log(0.9) when log-probabilities are asked for.
 
     With ``fail`` set, generation raises ``EngineError(fail)`` after its first token, as a backend
     that breaks mid-generation (after the request was validated) would.
@@ -35,13 +38,20 @@ class MockEngine(BaseEngine):
         fail: str | None = None,
     ) -> None:
         self.info = EngineInfo(backend="mock", model_id=model_id, context_length=context_length)
+        self.features = frozenset({"logprobs"})
         self.reply = reply
         self.delay = delay
         self.fail = fail
         self.cancelled = 0
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        text = "".join(f"<|tools|>{len(tools)}\n" for _ in [tools] if tools)
+        text += "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
         return text + ("<|assistant|>" if add_generation_prompt else "")
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -64,7 +74,8 @@ class MockEngine(BaseEngine):
                 if self.delay:
                     time.sleep(self.delay)
                 emitted += 1
-                yield GeneratedToken(ord(char), char)
+                logprob = math.log(0.9) if params.logprobs is not None else None
+                yield GeneratedToken(ord(char), char, logprob)
                 if self.fail is not None:
                     raise EngineError(self.fail)
         finally:

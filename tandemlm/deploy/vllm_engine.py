@@ -252,13 +252,25 @@ class VLLMEngine(BaseEngine):
             raise EngineError(f"vLLM failed: {item}") from item
         return item
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
         if not self.info.has_chat_template:
             raise EngineError(f"model {self.info.model_id} has no chat template; use generate instead")
         with self._tok_lock:
             return self._tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, tools=list(tools) if tools else None
             )
+
+    def chat_template_source(self) -> str | None:
+        template = self._tokenizer.chat_template
+        return template if isinstance(template, str) else None
+
+    def vocab_size(self) -> int:
+        return len(self._tokenizer)
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         with self._tok_lock:

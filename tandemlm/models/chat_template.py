@@ -8,13 +8,14 @@ is what makes the same messages give the same prompt tokens on every backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from tandemlm.errors import EngineError
 
 Role = Literal["system", "user", "assistant", "tool"]
-Message = dict[str, str]
-"""An OpenAI-style chat message: ``{"role": "user", "content": "..."}``."""
+Message = dict[str, Any]
+"""An OpenAI-style chat message: ``{"role": "user", "content": "..."}``; assistant turns may carry
+``tool_calls`` and tool turns ``tool_call_id``."""
 
 
 def render_chat_template(
@@ -23,8 +24,10 @@ def render_chat_template(
     add_generation_prompt: bool = True,
     bos_token: str = "",
     eos_token: str = "",
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> str:
-    """The prompt text ``template`` makes of ``messages``; template errors become one-line EngineErrors."""
+    """The prompt text ``template`` makes of ``messages`` (and ``tools``, OpenAI function specs, which
+    the template sees as its ``tools`` variable); template errors become one-line EngineErrors."""
     from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -35,6 +38,7 @@ def render_chat_template(
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token,
             eos_token=eos_token,
+            tools=list(tools) if tools else None,
         )
     except TemplateError as exc:
         raise EngineError(f"chat template rejected the messages: {exc}") from None
