@@ -2,8 +2,9 @@
 
 A scheduler thread gathers the requests that are waiting, left-pads them into one batch and
 decodes them together step by step with a shared KV cache. Each row keeps its own sampling
-settings (transformers' logits processors) and its own seeded generator, so a request gives the
-same tokens alone or in a batch. Requests that arrive mid-batch join the next batch.
+settings (transformers' logits processors), its own seeded generator and its own JSON grammar
+(``hf_sampling``), so a request gives the same tokens alone or in a batch. Requests that arrive
+mid-batch join the next batch.
 """
 
 from __future__ import annotations
@@ -34,10 +35,15 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     emitted_text: str = ""
     done: bool = False
+    grammar: Any = None  # hf_sampling.GrammarMask for a constrained request, built before it queues
 
 
 class HFEngine(BaseEngine):
     """A transformers causal LM with batched decoding of concurrent requests."""
+
+    features = frozenset(
+        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format"}
+    )
 
     def __init__(
         self,
@@ -82,6 +88,9 @@ class HFEngine(BaseEngine):
         )
         self._eos = stop_ids(self.tokenizer, self.model.generation_config)
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos, default=0)
+        from tandemlm.deploy.hf_sampling import JsonGrammars
+
+        self._grammars = JsonGrammars(self.tokenizer, self._eos)
         self._max_batch = max_batch_size
         self.max_batch_rows = 0  # the most requests one batch decoded together (tests read it)
         self._waiting: queue.Queue[_Row | None] = queue.Queue()
@@ -118,8 +127,20 @@ class HFEngine(BaseEngine):
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- primitives --------------------------------------------------------------------------
+    def check_params(self, params: SamplingParams) -> None:
+        """Also refuses logit_bias on ids outside the vocabulary and a JSON schema llguidance rejects."""
+        super().check_params(params)
+        vocab = self.vocab_size()
+        for token in params.logit_bias:
+            if token >= vocab:
+                raise EngineError(f"logit_bias: {token} is not a token id (the vocabulary has {vocab})")
+        if params.constraint is not None:
+            self._grammars.grammar(params.constraint)
+
     def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
         row = _Row(prompt=list(prompt_ids), params=params)
+        if params.constraint is not None:  # built here, so the scheduler thread never waits on a grammar
+            row.grammar = self._grammars.matcher(params.constraint)
         # Under the lock so no request can slip in after close() has drained the queue.
         with self._submit_lock:
             if not self._running:
@@ -128,15 +149,22 @@ class HFEngine(BaseEngine):
         return drain_tokens(row.out, row.cancelled)
 
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
+        return [token.logprob for token in self.prompt_logprobs(prompt_ids, target_ids)]
+
+    def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
+        from tandemlm.deploy.hf_sampling import logprob_records
+
         if not self._running:
             raise EngineError("engine closed")
+        if not prompt_ids:
+            raise EngineError("scoring needs at least one prompt token before the targets")
+        if not target_ids:
+            return []
         torch = self._torch
         ids = torch.tensor([prompt_ids + target_ids], device=self.device)
         with torch.inference_mode():
-            logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        targets = torch.tensor(target_ids, device=self.device)
-        return logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+            return logprob_records(logits, target_ids, top)
 
     def close(self) -> None:
         """Stops the scheduler, then fails every queued and running request; later requests fail at once."""
@@ -194,6 +222,8 @@ class HFEngine(BaseEngine):
         self.max_batch_rows = max(self.max_batch_rows, len(rows))
         from transformers import DynamicCache
 
+        from tandemlm.deploy.hf_sampling import RowSampler
+
         width = max(len(r.prompt) for r in rows)
         input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -201,7 +231,7 @@ class HFEngine(BaseEngine):
             input_ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
             mask[i, width - len(row.prompt) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        samplers = [_RowSampler(r.params, self.device) for r in rows]
+        samplers = [RowSampler(r.params, self.device, len(r.prompt), r.grammar) for r in rows]
         cache = DynamicCache(config=self.model.config)
         steps = max(r.params.max_tokens for r in rows)
         next_input = input_ids
@@ -213,23 +243,33 @@ class HFEngine(BaseEngine):
                     return
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -next_input.shape[1] :]
                 out = self.model(input_ids=next_input, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-                logits = out.logits[:, -1, :].float()
-                tokens = []
-                for i, row in enumerate(rows):
-                    if row.done or row.cancelled.is_set():
-                        row.done = True
-                        tokens.append(self._pad)
-                        continue
-                    history = torch.tensor([row.prompt + row.generated], device=self.device)
-                    token = samplers[i].sample(history, logits[i : i + 1])
-                    tokens.append(token)
-                    self._emit(row, token)
+                tokens = self._step_rows(rows, samplers, out.logits[:, -1, :])
                 if all(r.done for r in rows):
                     return
                 next_input = torch.tensor(tokens, device=self.device)[:, None]
                 mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
 
-    def _emit(self, row: _Row, token: int) -> None:
+    def _step_rows(self, rows: list[_Row], samplers: list[Any], logits: Any) -> list[int]:
+        """Samples and emits one token per live row; the next input ids (padding for finished rows)."""
+        tokens = []
+        for i, row in enumerate(rows):
+            if row.done or row.cancelled.is_set():
+                row.done = True
+                tokens.append(self._pad)
+                continue
+            history = self._torch.tensor([row.prompt + row.generated], device=self.device)
+            try:
+                token = samplers[i].step(history, logits[i : i + 1].float())
+            except EngineError as exc:  # this row's grammar failed: end it, the others decode on
+                self._fail(row, exc)
+                tokens.append(self._pad)
+                continue
+            tokens.append(token.token_id)
+            self._emit(row, token)
+        return tokens
+
+    def _emit(self, row: _Row, generated: GeneratedToken) -> None:
+        token = generated.token_id
         if token in self._eos:
             row.done = True
             row.out.put(None)
@@ -240,50 +280,11 @@ class HFEngine(BaseEngine):
         stable = text[:-1] if text.endswith("\ufffd") else text
         piece = stable[len(row.emitted_text) :] if stable.startswith(row.emitted_text) else ""
         row.emitted_text += piece
-        row.out.put(GeneratedToken(token, piece))
+        generated.text = piece
+        row.out.put(generated)
         if len(row.generated) >= row.params.max_tokens:
             row.done = True
             row.out.put(None)
-
-
-class _RowSampler:
-    """Per-request sampling with transformers' own logits processors and a seeded generator."""
-
-    def __init__(self, params: SamplingParams, device: Any) -> None:
-        import torch
-        from transformers import LogitsProcessorList
-        from transformers.generation.logits_process import (
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
-        self.params = params
-        processors: list[Any] = []
-        if params.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-        if not params.greedy:
-            processors.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_k > 0:
-                processors.append(TopKLogitsWarper(params.top_k))
-            if params.top_p < 1.0:
-                processors.append(TopPLogitsWarper(params.top_p))
-        self.processors = LogitsProcessorList(processors)
-        self.generator = torch.Generator(device="cpu")
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()
-
-    def sample(self, history: Any, logits: Any) -> int:
-        import torch
-
-        scores = self.processors(history, logits)
-        if self.params.greedy:
-            return int(scores.argmax(-1).item())
-        probs = torch.softmax(scores, dim=-1).cpu()
-        return int(torch.multinomial(probs, 1, generator=self.generator).item())
 
 
 def _available() -> str | None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 
 import pytest
 import torch
 
 from tandemlm.deploy.engine import collect
-from tandemlm.deploy.hf_engine import _RowSampler
+from tandemlm.deploy.hf_sampling import RowSampler, penalize
 from tandemlm.deploy.registry import load_engine
-from tandemlm.deploy.types import SamplingParams
+from tandemlm.deploy.types import OutputConstraint, SamplingParams
+from tandemlm.errors import EngineError
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +71,8 @@ def test_repetition_penalty_demotes_tokens_already_seen():
     # A random model never repeats itself, so check the sampler row directly.
     logits = torch.tensor([[0.0, 3.0, 2.5, 0.0]])
     history = torch.tensor([[1, 3]])
-    assert _RowSampler(SamplingParams(temperature=0), "cpu").sample(history, logits.clone()) == 1
-    assert _RowSampler(SamplingParams(temperature=0, repetition_penalty=2.0), "cpu").sample(history, logits.clone()) == 2
+    assert RowSampler(SamplingParams(temperature=0), "cpu").sample(history, logits.clone()) == 1
+    assert RowSampler(SamplingParams(temperature=0, repetition_penalty=2.0), "cpu").sample(history, logits.clone()) == 2
 
 
 def test_r1_template_reasoning_is_split_from_the_answer(tiny_qwen2_dir):
@@ -166,3 +168,206 @@ def test_close_fails_running_and_queued_requests_and_later_ones(tiny_llama_dir):
     with pytest.raises(EngineError, match="closed"):
         engine.token_logprobs([{"role": "user", "content": "hi"}], "hello")
     engine.close()  # a second close is harmless
+
+
+# ---- OpenAI sampling fields: log-probs, logit bias, penalties, min_p, JSON schemas ----------------
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+
+
+def tokens(engine, prompt: str, params: SamplingParams) -> list:
+    return list(engine.stream_tokens(engine.tokenize(prompt, add_special_tokens=True), params))
+
+
+def ids(engine, prompt: str, params: SamplingParams) -> list[int]:
+    return [t.token_id for t in tokens(engine, prompt, params)]
+
+
+def test_the_backend_lists_every_optional_feature(llama):
+    used = SamplingParams(
+        min_p=0.1,
+        presence_penalty=1,
+        frequency_penalty=1,
+        logit_bias={1: 1.0},
+        logprobs=2,
+        constraint=OutputConstraint(),
+    ).features_used()
+    assert set(used) <= llama.features and len(used) == 7
+
+
+@pytest.mark.slow
+def test_generated_logprobs_are_the_models_own_and_top_lists_are_sorted(llama):
+    prompt = llama.tokenize("hello there", add_special_tokens=True)
+    generated = list(llama.stream_tokens(prompt, SamplingParams(temperature=0, max_tokens=8, logprobs=5)))
+    target = [t.token_id for t in generated]
+    assert [t.logprob for t in generated] == pytest.approx(llama.score_tokens(prompt, target), abs=1e-4)
+    for token in generated:
+        assert len(token.top_logprobs) == 5
+        assert token.top_logprobs[0][0] == token.token_id  # greedy: the most likely token is the one sampled
+        assert token.top_logprobs[0][1] == pytest.approx(token.logprob, abs=1e-6)
+        values = [lp for _, lp in token.top_logprobs]
+        assert values == sorted(values, reverse=True)
+    # Logit bias and penalties steer sampling but never the reported log-probabilities.
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=0, logit_bias={target[0]: -100.0}, presence_penalty=2)
+    steered = list(llama.stream_tokens(prompt, params))
+    assert steered[0].token_id != target[0] and all(t.top_logprobs == [] for t in steered)
+    expected = llama.score_tokens(prompt, [t.token_id for t in steered])
+    assert [t.logprob for t in steered] == pytest.approx(expected, abs=1e-4)
+    assert all(t.logprob is None for t in tokens(llama, "hello there", GREEDY))
+
+
+@pytest.mark.slow
+def test_prompt_logprobs_equal_score_tokens_with_the_top_alternatives(llama):
+    prompt = llama.tokenize("The capital of France", add_special_tokens=True)
+    target = llama.tokenize(" is Paris.")
+    scored = llama.prompt_logprobs(prompt, target, top=3)
+    assert [t.token_id for t in scored] == target
+    assert [t.logprob for t in scored] == pytest.approx(llama.score_tokens(prompt, target), abs=1e-5)
+    with torch.inference_mode():
+        logits = llama.model(torch.tensor([prompt + target])).logits[0, len(prompt) - 1 : -1].float()
+    values, top_ids = torch.log_softmax(logits, -1).topk(3, dim=-1)
+    for token, row_ids, row_values in zip(scored, top_ids.tolist(), values.tolist(), strict=True):
+        assert [tid for tid, _ in token.top_logprobs] == row_ids
+        assert [lp for _, lp in token.top_logprobs] == pytest.approx(row_values, abs=1e-5)
+    assert all(t.top_logprobs == [] for t in llama.prompt_logprobs(prompt, target))
+
+
+@pytest.mark.slow
+def test_logit_bias_forces_or_bans_a_token(llama):
+    greedy = ids(llama, "hello there", GREEDY)
+    forced = llama.tokenize(" banana")[0]
+    assert ids(llama, "hello there", SamplingParams(temperature=0, max_tokens=4, logit_bias={forced: 100})) == [forced] * 4
+    banned = ids(llama, "hello there", SamplingParams(temperature=0, max_tokens=4, logit_bias={greedy[0]: -100}))
+    assert banned[0] != greedy[0]
+    with pytest.raises(EngineError, match="logit_bias"):
+        llama.generate("hi", SamplingParams(logit_bias={llama.vocab_size(): 1.0}))
+
+
+def test_penalize_subtracts_presence_once_and_frequency_per_occurrence():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    counts = torch.tensor([[0, 1, 3, 0]])
+    assert penalize(logits, counts, 0.5, 0.25).tolist() == [[1.0, 1.25, 1.75, 4.0]]
+    assert penalize(logits, counts, -1.0, 0.0).tolist() == [[1.0, 3.0, 4.0, 4.0]]  # negative: encourages
+
+
+def test_penalties_count_generated_tokens_only():
+    logits = torch.tensor([[0.0, 3.0, 2.5, 0.0]])
+    prompt_len = 2
+    history = torch.tensor([[1, 1, 3]])  # token 1 only in the prompt
+    params = SamplingParams(temperature=0, presence_penalty=1.0)
+    assert RowSampler(params, "cpu", prompt_len).sample(history, logits.clone()) == 1
+    history = torch.tensor([[0, 0, 1]])  # now token 1 was generated: 3 - 1 < 2.5
+    assert RowSampler(params, "cpu", prompt_len).sample(history, logits.clone()) == 2
+
+
+@pytest.mark.slow
+def test_presence_and_frequency_penalties_break_a_repeating_greedy_output(llama):
+    params = SamplingParams(temperature=0, max_tokens=8)
+    plain = ids(llama, "hello there", params)
+    assert max(plain.count(t) for t in plain) >= 3  # the random model repeats itself
+    for penalty in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
+        penalised = ids(llama, "hello there", SamplingParams(temperature=0, max_tokens=8, **penalty))
+        assert penalised != plain
+        assert max(penalised.count(t) for t in penalised) < max(plain.count(t) for t in plain)
+
+
+@pytest.mark.slow
+def test_min_p_of_one_keeps_only_the_most_likely_token(llama):
+    greedy = ids(llama, "hello there", GREEDY)
+    for seed in range(3):
+        assert ids(llama, "hello there", SamplingParams(temperature=1.0, min_p=1.0, seed=seed, max_tokens=8)) == greedy
+    assert ids(llama, "hello there", SamplingParams(temperature=1.0, seed=0, max_tokens=8)) != greedy
+
+
+SCHEMAS = {
+    "nested object": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "address": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 8}, "zip": {"type": "integer", "minimum": 0, "maximum": 99999}},
+                "required": ["city", "zip"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "address"],
+        "additionalProperties": False,
+    },
+    "array": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2, "maxItems": 4},
+    "enum": {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green", "blue"]}},
+        "required": ["color"],
+        "additionalProperties": False,  # else a random model invents keys with endless string values
+    },
+    "required and optional": {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "note": {"type": "string", "maxLength": 5}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_output_follows_a_json_schema(llama, name):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = SCHEMAS[name]
+    for seed in range(2):  # a random model: any token the grammar allows is as likely as the next
+        params = SamplingParams(temperature=1.0, seed=seed, max_tokens=120, constraint=OutputConstraint(schema))
+        result = collect(llama.generate("Answer in JSON:", params))
+        assert result.finish_reason == "stop", result.text  # the grammar completed, then only EOS was left
+        jsonschema.validate(json.loads(result.text), schema)
+
+
+@pytest.mark.slow
+def test_no_schema_means_any_json_object(llama):
+    # A random model writes endless keys; favouring "}" lets it close the object at once. Words it
+    # is pushed towards just as hard stay out: the grammar outranks any bias.
+    close, word = llama.tokenize("}"), llama.tokenize(" hello")
+    assert len(close) == len(word) == 1
+    bias = {close[0]: 50.0, word[0]: 100.0}
+    params = SamplingParams(temperature=0, max_tokens=10, logit_bias=bias, constraint=OutputConstraint(None))
+    result = ask(llama, "hi", params)
+    assert result.finish_reason == "stop" and json.loads(result.text) == {}
+    assert ask(llama, "hi", SamplingParams(temperature=0, max_tokens=3, logit_bias=bias)).text == " hello" * 3
+
+
+def test_a_bad_schema_is_refused_before_the_stream_starts(llama):
+    with pytest.raises(EngineError, match="invalid JSON schema") as caught:
+        llama.generate("hi", SamplingParams(constraint=OutputConstraint({"type": "nonsense"})))
+    assert "\n" not in str(caught.value)
+
+
+def test_the_grammar_never_allows_padded_vocabulary_ids(llama):
+    mask = llama._grammars.matcher(OutputConstraint(None))
+    allowed = mask.allowed(len(llama.tokenizer) + 64)
+    assert allowed[: len(llama.tokenizer)].any() and not allowed[len(llama.tokenizer) :].any()
+
+
+@pytest.mark.slow
+def test_a_constrained_row_leaves_the_other_rows_of_its_batch_alone(llama):
+    schema = SCHEMAS["enum"]
+    requests = [
+        ("a", SamplingParams(temperature=0, max_tokens=10)),
+        ("hello there", SamplingParams(temperature=0, max_tokens=30, constraint=OutputConstraint(schema))),
+        ("x y z", SamplingParams(temperature=1.0, seed=4, max_tokens=10)),
+    ]
+    solo = [ids(llama, prompt, params) for prompt, params in requests]
+    batched: dict[int, list[int]] = {}
+    barrier = threading.Barrier(len(requests))
+    llama.max_batch_rows = 0
+
+    def run(i: int) -> None:
+        barrier.wait()
+        batched[i] = ids(llama, *requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [batched[i] for i in range(len(requests))] == solo
+    assert llama.max_batch_rows >= 2
+    assert json.loads(llama.detokenize(solo[1]))["color"] in ("red", "green", "blue")
