@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -21,14 +20,13 @@ from typing import Any
 import numpy as np
 
 from tandemlm.deploy.engine import BaseEngine, common_prefix_len, drain_tokens
+from tandemlm.deploy.llamacpp_sampling import Stage, build_chain, json_schema_gbnf, logprob_record, plan_chain
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.hardware import physical_cores
 from tandemlm.models.chat_template import Message, render_chat_template
 from tandemlm.models.resolve import ModelSource
-
-PENALTY_LAST_N = 64
 
 
 @dataclass
@@ -45,7 +43,8 @@ class _Request:
     sampler: Any = None
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     score_targets: list[int] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
+    score_top: int = 0  # alternatives a scoring job lists at each target
+    scores: list[GeneratedToken] = field(default_factory=list)
 
     @property
     def reserved(self) -> int:
@@ -77,6 +76,10 @@ class _Request:
 
 class LlamaCppEngine(BaseEngine):
     """A GGUF model served with continuous batching."""
+
+    features = frozenset(
+        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format"}
+    )
 
     def __init__(
         self,
@@ -189,12 +192,30 @@ class LlamaCppEngine(BaseEngine):
         return drain_tokens(request.out, request.cancelled)
 
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
-        request = _Request(prompt=list(prompt_ids) + list(target_ids), params=None, score_targets=list(target_ids))
+        return [record.logprob for record in self.prompt_logprobs(prompt_ids, target_ids)]  # type: ignore[misc]
+
+    def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
+        if top < 0:
+            raise EngineError(f"top must be a non-negative number of alternatives, got {top}")
+        request = _Request(
+            prompt=list(prompt_ids) + list(target_ids), params=None, score_targets=list(target_ids), score_top=top
+        )
         self._submit(request)
         result = request.out.get()
         if isinstance(result, Exception):
             raise result
         return result
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Also compiles a requested JSON grammar, so a bad schema fails before the stream starts."""
+        super().check_params(params)
+        if params.constraint is not None:
+            grammar = Stage("grammar", (json_schema_gbnf(params.constraint),))
+            self._ll.llama_sampler_free(build_chain(self._ll, self._vocab, [grammar]))
+
+    def _plan(self, params: SamplingParams, prompt: list[int]) -> list[Stage]:
+        grammar = json_schema_gbnf(params.constraint) if params.constraint is not None else None
+        return plan_chain(params, self._n_vocab, prompt, grammar)
 
     def close(self) -> None:
         """Stops the scheduler, fails every queued and running request, then frees the context.
@@ -282,7 +303,11 @@ class LlamaCppEngine(BaseEngine):
             request.seq_id, request.n_past = seq, reuse
             self.reused_tokens += reuse
             if request.params is not None:
-                request.sampler = self._make_sampler(request.params, request.prompt)
+                try:
+                    request.sampler = build_chain(self._ll, self._vocab, self._plan(request.params, request.prompt))
+                except EngineError as exc:
+                    self._finish(request, error=exc)
+                    continue
             active.append(request)
 
     def _best_idle(self, request: _Request) -> tuple[int, int]:
@@ -355,14 +380,16 @@ class LlamaCppEngine(BaseEngine):
         batch.n_tokens = i + 1
         return i
 
+    def _logits(self, index: int) -> np.ndarray:
+        """The raw logits of batch output ``index`` (a view of llama.cpp's buffer until the next decode)."""
+        return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+
     def _record_score(self, request: _Request, index: int) -> None:
-        logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
         target = request.score_targets[len(request.scores)]
-        peak = float(logits.max())
-        log_norm = peak + float(np.log(np.exp(logits.astype(np.float64) - peak).sum()))
-        request.scores.append(float(logits[target]) - log_norm)
+        request.scores.append(logprob_record(self._logits(index), target, request.score_top))
 
     def _sample(self, request: _Request, index: int) -> None:
+        assert request.params is not None
         token = self._ll.llama_sampler_sample(request.sampler, self._ctx, index)
         self.sampled_tokens += 1
         request.generated.append(token)
@@ -370,8 +397,11 @@ class LlamaCppEngine(BaseEngine):
             self._finish(request)
             return
         text = request.decoder.decode(self._piece(token))
-        request.out.put(GeneratedToken(token, text))
-        assert request.params is not None
+        if request.params.logprobs is None:
+            request.out.put(GeneratedToken(token, text))
+        else:  # the sampler reads a copy of the logits, so these are still the model's own
+            record = logprob_record(self._logits(index), token, request.params.logprobs)
+            request.out.put(GeneratedToken(token, text, record.logprob, record.top_logprobs))
         if request.n_generated >= request.params.max_tokens:
             self._finish(request)
 
@@ -387,27 +417,6 @@ class LlamaCppEngine(BaseEngine):
             self._ll.llama_sampler_free(request.sampler)
             request.sampler = None
         request.out.put(error if error is not None else result)
-
-    def _make_sampler(self, params: SamplingParams, prompt: list[int]) -> Any:
-        ll = self._ll
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if params.repetition_penalty != 1.0:
-            penalties = ll.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, params.repetition_penalty, 0.0, 0.0)
-            ll.llama_sampler_chain_add(chain, penalties)
-        if params.greedy:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-        else:
-            if params.top_k > 0:
-                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(params.top_k))
-            if params.top_p < 1.0:
-                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
-            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        # The repetition penalty looks back over the prompt too, as transformers' does.
-        for token in prompt[-PENALTY_LAST_N:]:
-            ll.llama_sampler_accept(chain, token)
-        return chain
 
 
 def _available() -> str | None:

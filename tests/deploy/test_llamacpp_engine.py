@@ -153,3 +153,92 @@ def test_close_fails_running_and_queued_requests_and_later_ones():
     with pytest.raises(EngineError, match="closed"):
         engine.stream_tokens(ids, long)
     engine.close()  # a second close is harmless
+
+
+# ---- OpenAI sampling features ----------------------------------------------------------------
+ALL_FEATURES = {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs"}
+
+
+def test_the_backend_lists_every_sampling_feature():
+    from tandemlm.deploy.llamacpp_engine import LlamaCppEngine
+
+    assert LlamaCppEngine.features == ALL_FEATURES | {"response_format"}
+
+
+def _prompt(engine, question: str) -> list[int]:
+    return engine.tokenize(engine.render_chat([{"role": "user", "content": question}]))
+
+
+@pytest.mark.slow
+def test_logprobs_of_a_greedy_generation_are_the_models_own(smollm2):
+    ids = _prompt(smollm2, "What is the capital of France?")
+    tokens = list(smollm2.stream_tokens(ids, SamplingParams(temperature=0, max_tokens=12, logprobs=4)))
+    scores = smollm2.score_tokens(ids, [t.token_id for t in tokens])
+    assert len(tokens) == 12
+    for token, score in zip(tokens, scores, strict=True):
+        assert token.logprob == pytest.approx(score, abs=1e-4)
+        assert len(token.top_logprobs) == 4
+        assert token.top_logprobs[0] == (token.token_id, pytest.approx(token.logprob))  # greedy: the most likely
+        values = [lp for _, lp in token.top_logprobs]
+        assert values == sorted(values, reverse=True) and values[0] <= 0
+    plain = list(smollm2.stream_tokens(ids, SamplingParams(temperature=0, max_tokens=3)))
+    assert all(t.logprob is None and t.top_logprobs == [] for t in plain)  # nothing computed unless asked
+    zero = list(smollm2.stream_tokens(ids, SamplingParams(temperature=0, max_tokens=3, logprobs=0)))
+    assert [t.logprob for t in zero] == pytest.approx(scores[:3], abs=1e-4) and all(not t.top_logprobs for t in zero)
+
+
+@pytest.mark.slow
+def test_prompt_logprobs_match_score_tokens_and_list_the_top_alternatives(smollm2):
+    prompt = _prompt(smollm2, "What is the capital of France?")
+    targets = smollm2.tokenize("The capital of France is Paris.")
+    records = smollm2.prompt_logprobs(prompt, targets, top=5)
+    scores = smollm2.score_tokens(prompt, targets)
+    assert [r.token_id for r in records] == targets and all(r.text == "" for r in records)
+    assert [r.logprob for r in records] == pytest.approx(scores, abs=1e-6)
+    for record in records:
+        values = [lp for _, lp in record.top_logprobs]
+        assert len(values) == 5 and values == sorted(values, reverse=True)
+        assert values[-1] <= record.logprob or record.token_id in dict(record.top_logprobs)
+        if record.token_id in dict(record.top_logprobs):
+            assert dict(record.top_logprobs)[record.token_id] == pytest.approx(record.logprob)
+    # The first position's best alternative is what greedy decoding picks after the prompt.
+    first = next(iter(smollm2.stream_tokens(prompt, SamplingParams(temperature=0, max_tokens=1))))
+    assert records[0].top_logprobs[0][0] == first.token_id
+    assert [r.top_logprobs for r in smollm2.prompt_logprobs(prompt, targets)] == [[]] * len(targets)
+
+
+def _first_tokens(engine, ids: list[int], n: int = 3, **settings) -> list[int]:
+    return [t.token_id for t in engine.stream_tokens(ids, SamplingParams(max_tokens=n, **settings))]
+
+
+@pytest.mark.slow
+def test_logit_bias_forces_and_forbids_tokens(smollm2):
+    ids = _prompt(smollm2, "What is the capital of France?")
+    greedy = _first_tokens(smollm2, ids, temperature=0)
+    forced = smollm2.tokenize(" banana")[0]
+    assert _first_tokens(smollm2, ids, temperature=0, logit_bias={forced: 100.0}) == [forced] * 3
+    banned = _first_tokens(smollm2, ids, temperature=0, logit_bias={greedy[0]: -100.0})
+    assert banned[0] != greedy[0]
+
+
+APPLE = [{"role": "user", "content": "Repeat the word 'apple' twenty times:"}]
+
+
+@pytest.mark.slow
+def test_frequency_penalty_breaks_a_repetition(smollm2):
+    def run(**settings) -> str:
+        return collect(smollm2.chat(APPLE, SamplingParams(temperature=0, max_tokens=40, **settings))).text
+
+    plain = run()
+    assert plain.count("apple") >= 15  # left alone, SmolLM2 repeats
+    assert run(frequency_penalty=2.0).count("apple") < 8
+
+
+@pytest.mark.slow
+def test_min_p_near_one_leaves_only_the_greedy_token(smollm2):
+    ids = _prompt(smollm2, "Tell me a story.")
+    greedy = _first_tokens(smollm2, ids, n=1, temperature=0)
+    free = {_first_tokens(smollm2, ids, n=1, temperature=1.0, seed=s)[0] for s in range(8)}
+    assert len(free) > 1  # without min_p, temperature 1 picks varied first tokens here
+    for seed in range(8):
+        assert _first_tokens(smollm2, ids, n=1, temperature=1.0, seed=seed, min_p=0.99) == greedy

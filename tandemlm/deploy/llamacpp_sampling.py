@@ -1,0 +1,154 @@
+"""Per-request sampling for the llama.cpp backend: sampler chains, raw log-probabilities, JSON grammars.
+
+A request's chain is planned as plain data (:func:`plan_chain`: which ``llama_sampler_init_*`` calls,
+with which arguments, fed which past tokens) and then built from llama.cpp's own samplers
+(:func:`build_chain`), so what a request asks for can be checked without a model. JSON schemas
+become GBNF through llama-cpp-python's converter (:func:`json_schema_gbnf`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tandemlm.deploy.types import GeneratedToken, OutputConstraint, SamplingParams
+from tandemlm.errors import EngineError
+
+PENALTY_LAST_N = 64  # tokens the repetition penalty looks back over (prompt included)
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def logprob_record(logits: np.ndarray, token: int, top: int = 0) -> GeneratedToken:
+    """``token``'s log-softmax under one row of raw logits, with the ``top`` most likely alternatives.
+
+    The one place raw log-probabilities are taken: scoring, prompt log-probs and generated tokens.
+    """
+    row = logits.astype(np.float64)
+    peak = float(row.max())
+    log_norm = peak + float(np.log(np.exp(row - peak).sum()))
+    alternatives: list[tuple[int, float]] = []
+    if top:
+        k = min(top, row.shape[0])
+        best = np.argpartition(-row, k - 1)[:k]
+        best = best[np.argsort(-row[best], kind="stable")]
+        alternatives = [(int(t), float(row[t]) - log_norm) for t in best]
+    return GeneratedToken(int(token), "", float(row[token]) - log_norm, alternatives)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One sampler of a chain: ``llama_sampler_init_<kind>(*args)``, then fed ``history`` (oldest first)."""
+
+    kind: str
+    args: tuple[Any, ...] = ()
+    history: tuple[int, ...] = ()
+
+
+def plan_chain(params: SamplingParams, n_vocab: int, prompt: Sequence[int], grammar: str | None = None) -> list[Stage]:
+    """The samplers, in order, that honour ``params`` (same order as the transformers backend).
+
+    The grammar comes first so every later filter only chooses among tokens it allows. The
+    repetition penalty also looks back over the prompt (as transformers' does); OpenAI's presence
+    and frequency penalties get a sampler of their own that sees generated tokens only.
+    """
+    stages: list[Stage] = []
+    if grammar is not None:
+        stages.append(Stage("grammar", (grammar,)))
+    if params.logit_bias:
+        stages.append(Stage("logit_bias", (n_vocab, tuple(sorted(params.logit_bias.items())))))
+    if params.penalised:
+        window = max(params.max_tokens or n_vocab, 1)  # every generated token counts
+        stages.append(Stage("penalties", (n_vocab, window, 1.0, params.frequency_penalty, params.presence_penalty)))
+    if params.repetition_penalty != 1.0:
+        args = (n_vocab, PENALTY_LAST_N, params.repetition_penalty, 0.0, 0.0)
+        stages.append(Stage("penalties", args, tuple(prompt[-PENALTY_LAST_N:])))
+    if params.greedy:
+        stages.append(Stage("greedy"))
+        return stages
+    stages.append(Stage("temp", (params.temperature,)))
+    if params.top_k > 0:
+        stages.append(Stage("top_k", (params.top_k,)))
+    if params.top_p < 1.0:
+        stages.append(Stage("top_p", (params.top_p, 1)))
+    if params.min_p > 0.0:
+        stages.append(Stage("min_p", (params.min_p, 1)))
+    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+    stages.append(Stage("dist", (seed & 0xFFFFFFFF,)))
+    return stages
+
+
+def build_chain(ll: Any, vocab: Any, stages: Sequence[Stage]) -> Any:
+    """A llama.cpp sampler chain made of ``stages`` (the caller frees it); EngineError if one cannot be made."""
+    chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+    for stage in stages:
+        sampler = _init_stage(ll, vocab, stage)
+        if not sampler:
+            ll.llama_sampler_free(chain)
+            what = "the JSON grammar" if stage.kind == "grammar" else f"the {stage.kind} sampler"
+            raise EngineError(f"llama.cpp rejected {what}")
+        ll.llama_sampler_chain_add(chain, sampler)  # the chain owns it from here
+        for token in stage.history:
+            ll.llama_sampler_accept(sampler, token)
+    return chain
+
+
+def _init_stage(ll: Any, vocab: Any, stage: Stage) -> Any:
+    if stage.kind == "grammar":
+        return ll.llama_sampler_init_grammar(vocab, stage.args[0].encode("utf-8"), b"root")
+    if stage.kind == "logit_bias":
+        n_vocab, biases = stage.args
+        array = (ll.llama_logit_bias * len(biases))()
+        for item, (token, bias) in zip(array, biases, strict=True):
+            item.token, item.bias = token, bias
+        return ll.llama_sampler_init_logit_bias(n_vocab, len(biases), array)  # llama.cpp copies the array
+    return getattr(ll, f"llama_sampler_init_{stage.kind}")(*stage.args)
+
+
+def json_schema_gbnf(constraint: OutputConstraint) -> str:
+    """GBNF for ``constraint`` (any JSON object when it has no schema); an EngineError (one line) if the
+    schema is invalid or uses something llama-cpp-python's converter does not support."""
+    schema = ANY_OBJECT if constraint.json_schema is None else constraint.json_schema
+    if not isinstance(schema, dict):
+        raise EngineError(f"invalid JSON schema: expected an object, got {type(schema).__name__}")
+    try:
+        text = json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise EngineError(_one_line(f"invalid JSON schema: {exc}")) from None
+    return _convert(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _convert(schema_json: str) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        grammar = json_schema_to_gbnf(schema_json)
+    except RecursionError:
+        raise EngineError("unsupported JSON schema: it nests or refers to itself too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - the converter signals bad schemas with assorted exceptions
+        raise EngineError(_one_line(f"unsupported JSON schema: {exc or type(exc).__name__}")) from None
+    # The converter's string characters admit raw control characters, which JSON forbids (and
+    # json.loads rejects); newer llama.cpp grammars exclude them the same way.
+    return grammar.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def apply_chain(ll: Any, chain: Any, logits: Sequence[float]) -> int:
+    """The token ``chain`` picks from ``logits`` without accepting it (for checking chains without a model)."""
+    n = len(logits)
+    data = (ll.llama_token_data * n)()
+    for i, value in enumerate(logits):
+        data[i].id, data[i].logit, data[i].p = i, float(value), 0.0
+    array = ll.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
+    ll.llama_sampler_apply(chain, ctypes.byref(array))
+    return int(array.data[array.selected].id)
