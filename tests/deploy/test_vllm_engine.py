@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import threading
 import time
@@ -16,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from tandemlm.deploy.engine import collect  # noqa: E402
 from tandemlm.deploy.registry import get_backend  # noqa: E402
-from tandemlm.deploy.types import SamplingParams  # noqa: E402
+from tandemlm.deploy.types import OutputConstraint, SamplingParams  # noqa: E402
 from tandemlm.errors import EngineError  # noqa: E402
 from tandemlm.models.resolve import resolve_model  # noqa: E402
 
@@ -166,6 +167,63 @@ def test_process_is_left_as_it_was(engine):
     # vLLM's CPU worker patches torch.set_num_threads to a no-op and sets LD_PRELOAD; load undoes both.
     assert torch.set_num_threads is ORIGINAL_SET_THREADS
     assert os.environ.get("LD_PRELOAD") == ORIGINAL_PRELOAD
+
+
+def test_generated_logprobs_are_raw_and_match_score_tokens(engine, hf_model):
+    ids = engine.tokenize(PROMPTS[3], True)
+    assert {"logprobs", "top_logprobs", "min_p", "response_format"} <= engine.features
+    # Sampled at temperature 0.5: the log-probs must still be the model's own, as scoring gives them.
+    params = SamplingParams(temperature=0.5, seed=1, max_tokens=8, logprobs=3)
+    generated = list(engine.stream_tokens(ids, params))
+    target = [t.token_id for t in generated]
+    assert [t.logprob for t in generated] == pytest.approx(engine.score_tokens(ids, target), abs=1e-4)
+    for token in list(engine.stream_tokens(ids, SamplingParams(temperature=0.0, max_tokens=8, logprobs=3))):
+        assert token.top_logprobs[0][0] == token.token_id and len(token.top_logprobs) == 3
+        values = [lp for _, lp in token.top_logprobs]
+        assert values == sorted(values, reverse=True)
+    scored = engine.prompt_logprobs(ids, target, top=2)
+    with torch.inference_mode():
+        logits = hf_model(torch.tensor([ids + target])).logits[0, len(ids) - 1 : -1].float()
+    values, top_ids = torch.log_softmax(logits, -1).topk(2, dim=-1)
+    assert [t.logprob for t in scored] == pytest.approx(engine.score_tokens(ids, target), abs=1e-5)
+    assert [[tid for tid, _ in t.top_logprobs] for t in scored] == top_ids.tolist()
+    assert [lp for t in scored for _, lp in t.top_logprobs] == pytest.approx(values.flatten().tolist(), abs=1e-3)
+
+
+def test_output_follows_a_json_schema_and_bad_schemas_are_refused_up_front(engine):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {
+        "type": "object",
+        "properties": {
+            "color": {"enum": ["red", "green", "blue"]},
+            "sizes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 3},
+        },
+        "required": ["color", "sizes"],
+        "additionalProperties": False,
+    }
+    for seed in range(2):
+        params = SamplingParams(temperature=1.0, seed=seed, max_tokens=60, constraint=OutputConstraint(schema))
+        result = collect(engine.generate(PROMPTS[0], params))
+        assert result.finish_reason == "stop", result.text
+        jsonschema.validate(json.loads(result.text), schema)
+    with pytest.raises(EngineError, match="nonsense"):
+        engine.generate(PROMPTS[0], SamplingParams(constraint=OutputConstraint({"type": "nonsense"})))
+
+
+def test_penalties_and_logit_bias_change_the_greedy_tokens(engine):
+    ids = engine.tokenize(PROMPTS[0], True)
+    plain = [t.token_id for t in engine.stream_tokens(ids, GREEDY)]
+    assert max(plain.count(t) for t in plain) >= 3  # the random model repeats itself
+    for penalty in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
+        params = SamplingParams(temperature=0.0, max_tokens=16, **penalty)
+        penalised = [t.token_id for t in engine.stream_tokens(ids, params)]
+        assert max(penalised.count(t) for t in penalised) < max(plain.count(t) for t in plain)
+    banned = SamplingParams(temperature=0.0, max_tokens=2, logit_bias={plain[0]: -100.0})
+    assert next(iter(engine.stream_tokens(ids, banned))).token_id != plain[0]
+    forced = SamplingParams(temperature=0.0, max_tokens=3, logit_bias={42: 100.0})
+    assert [t.token_id for t in engine.stream_tokens(ids, forced)] == [42] * 3
+    with pytest.raises(EngineError, match="logit_bias"):
+        engine.generate(PROMPTS[0], SamplingParams(logit_bias={engine.vocab_size() + 5: 1.0}))
 
 
 # Keep last: it closes the module's engine (the fixture's own close is then a no-op).
