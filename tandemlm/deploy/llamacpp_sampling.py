@@ -133,7 +133,10 @@ def _convert(schema_json: str) -> str:
     except RecursionError:
         raise EngineError("unsupported JSON schema: it nests or refers to itself too deeply") from None
     except Exception as exc:  # noqa: BLE001 - the converter signals bad schemas with assorted exceptions
-        raise EngineError(_one_line(f"unsupported JSON schema: {exc or type(exc).__name__}")) from None
+        reason = str(exc) or type(exc).__name__
+        if "--allow-fetch" in reason:  # the converter's CLI advice means nothing to an API caller
+            reason = "a $ref to a remote schema (only local #/... references are resolved)"
+        raise EngineError(_one_line(f"unsupported JSON schema: {reason}")) from None
     # The converter's string characters admit raw control characters, which JSON forbids (and
     # json.loads rejects); newer llama.cpp grammars exclude them the same way.
     return grammar.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 
 from tandemlm.deploy.engine import collect
+from tandemlm.deploy.llamacpp_sampling import PENALTY_LAST_N, Stage, apply_chain, build_chain, plan_chain
 from tandemlm.deploy.registry import load_engine
-from tandemlm.deploy.types import SamplingParams
+from tandemlm.deploy.types import OutputConstraint, SamplingParams
 from tandemlm.errors import EngineError
 
 FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]
@@ -242,3 +244,146 @@ def test_min_p_near_one_leaves_only_the_greedy_token(smollm2):
     assert len(free) > 1  # without min_p, temperature 1 picks varied first tokens here
     for seed in range(8):
         assert _first_tokens(smollm2, ids, n=1, temperature=1.0, seed=seed, min_p=0.99) == greedy
+
+
+def test_presence_and_frequency_penalties_get_a_sampler_that_never_sees_the_prompt():
+    params = SamplingParams(
+        temperature=0, presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3, max_tokens=50
+    )
+    stages = plan_chain(params, 100, list(range(80)))
+    assert [s.kind for s in stages] == ["penalties", "penalties", "greedy"]
+    openai, repetition = stages[0], stages[1]
+    # llama.cpp's argument order: n_vocab, last_n, repeat, frequency, presence.
+    assert openai == Stage("penalties", (100, 50, 1.0, 0.5, 1.5))  # every generated token, no prompt
+    assert repetition == Stage("penalties", (100, PENALTY_LAST_N, 1.3, 0.0, 0.0), tuple(range(80 - PENALTY_LAST_N, 80)))
+    assert [s.kind for s in plan_chain(SamplingParams(temperature=0), 100, [1, 2])] == ["greedy"]
+
+
+def test_built_penalty_chain_counts_generated_tokens_but_not_the_prompt():
+    import llama_cpp as ll
+
+    params = SamplingParams(temperature=0, presence_penalty=1.5, repetition_penalty=1.01)
+    chain = build_chain(ll, None, plan_chain(params, 5, [3, 3, 3, 3]))
+    try:
+        logits = [0.0, 0.0, 1.0, 2.0, 0.0]
+        assert apply_chain(ll, chain, logits) == 3  # the prompt's 3s carry no presence penalty
+        ll.llama_sampler_accept(chain, 3)  # what llama_sampler_sample does for a sampled token
+        assert apply_chain(ll, chain, logits) == 2  # 2.0 - 1.5 < 1.0 once 3 was generated
+    finally:
+        ll.llama_sampler_free(chain)
+
+
+def test_frequency_penalty_grows_with_each_generated_repeat():
+    import llama_cpp as ll
+
+    chain = build_chain(ll, None, plan_chain(SamplingParams(temperature=0, frequency_penalty=0.6), 4, [1, 1, 1]))
+    try:
+        logits = [0.0, 2.0, 1.0, 0.0]
+        ll.llama_sampler_accept(chain, 1)
+        assert apply_chain(ll, chain, logits) == 1  # 2.0 - 0.6 > 1.0
+        ll.llama_sampler_accept(chain, 1)
+        assert apply_chain(ll, chain, logits) == 2  # 2.0 - 1.2 < 1.0
+    finally:
+        ll.llama_sampler_free(chain)
+
+
+# ---- JSON output (response_format) ----------------------------------------------------------
+SCHEMAS = {
+    "nested object": (
+        "Describe a person named Alice, aged 30, who lives in Paris, France.",
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "age": {"type": "integer"},
+                "address": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+                    "required": ["city", "country"],
+                },
+            },
+            "required": ["name", "age", "address"],
+        },
+    ),
+    "array of items": (
+        "List three fruits with their colours.",
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"fruit": {"type": "string"}, "colour": {"type": "string"}},
+                "required": ["fruit", "colour"],
+            },
+            "minItems": 1,
+            "maxItems": 3,
+        },
+    ),
+    "enum": (
+        "Is the sentence 'I love this film' positive or negative?",
+        {
+            "type": "object",
+            "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]}},
+            "required": ["sentiment"],
+        },
+    ),
+    "required fields": (
+        "Give me a book title and its author.",
+        {
+            "type": "object",
+            "properties": {"title": {"type": "string"}, "author": {"type": "string"}, "year": {"type": "integer"}},
+            "required": ["title", "author", "year"],
+        },
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_json_schema_output_parses_validates_and_stops_by_itself(smollm2, name):
+    jsonschema = pytest.importorskip("jsonschema")
+    question, schema = SCHEMAS[name]
+    params = SamplingParams(temperature=0, max_tokens=200, constraint=OutputConstraint(schema))
+    result = collect(smollm2.chat([{"role": "user", "content": question + " Answer in JSON."}], params))
+    value = json.loads(result.text)
+    jsonschema.validate(value, schema)
+    assert result.finish_reason == "stop"
+    assert result.usage.completion_tokens < 100, result.text  # the grammar ended it, not max_tokens
+
+
+@pytest.mark.slow
+def test_json_object_gives_any_json_object_and_samples_too(smollm2):
+    question = [{"role": "user", "content": "Tell me about the planet Mars in JSON."}]
+    for settings in ({"temperature": 0}, {"temperature": 1.0, "seed": 5, "top_p": 0.9}):
+        params = SamplingParams(max_tokens=200, constraint=OutputConstraint(), **settings)
+        result = collect(smollm2.chat(question, params))
+        assert isinstance(json.loads(result.text), dict), result.text
+        assert result.finish_reason == "stop"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"type": "colour"}, "unsupported JSON schema: Unrecognized schema: {'type': 'colour'}"),
+        (
+            {"$ref": "https://example.com/s.json"},
+            "unsupported JSON schema: a $ref to a remote schema (only local #/... references are resolved)",
+        ),
+        (
+            {"type": "string", "pattern": "[a-z"},
+            'unsupported JSON schema: Pattern must start with "^" and end with "$"',
+        ),
+    ],
+)
+def test_a_bad_schema_is_refused_before_the_stream_starts(smollm2, schema, message):
+    params = SamplingParams(temperature=0, constraint=OutputConstraint(schema))
+    with pytest.raises(EngineError) as caught:
+        smollm2.chat(FRANCE, params)  # raised by the call itself, not on first iteration
+    assert str(caught.value) == message
+
+
+@pytest.mark.slow
+def test_a_grammar_llama_cpp_cannot_parse_is_an_error_not_a_crash(smollm2):
+    with pytest.raises(EngineError, match=r"llama\.cpp rejected the JSON grammar"):
+        build_chain(smollm2._ll, smollm2._vocab, [Stage("grammar", ("root ::= (",))])
+    assert "Paris" in collect(smollm2.chat(FRANCE, SamplingParams(temperature=0, max_tokens=24))).text
