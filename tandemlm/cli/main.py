@@ -132,8 +132,13 @@ def serve(
     dtype: opt.Dtype = None,
     trust_remote_code: opt.TrustRemoteCode = False,
     quantize: Annotated[str | None, typer.Option("--quantize", help="Quantize an HF MODEL to this type first (Q4_K_M, Q8_0, bnb-4bit, …), verify, then serve.")] = None,
+    served_name: Annotated[str | None, typer.Option("--served-name", help="The name requests use for MODEL (default: its id).")] = None,
+    extra_models: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="Serve another model too, as NAME=REF (repeatable); requests pick it by \"model\": NAME."),
+    ] = None,
 ) -> None:
-    """Serve MODEL over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve MODEL over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /tokenize, /metrics …)."""
     from tandemlm.deploy.server.app import run_server
 
     # Checked before anything loads, so a bad flag costs no model load.
@@ -142,13 +147,19 @@ def serve(
         max_queue=max_queue, max_body_mb=max_body_mb, allowed_hosts=allowed_hosts,
     )
     engine_options = EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, config.n_parallel, dtype, trust_remote_code)
+    extras = opt.named_refs(extra_models or [], "--model")
     if quantize:
         from tandemlm.cli.quantize import quantized_engine
 
         engine = quantized_engine(model, quantize, engine_options)
     else:
         engine = _load(model, engine_options)
-    run_server(engine, config)
+    engines = {served_name or engine.info.model_id: engine}
+    for name, ref in extras.items():
+        if name in engines:
+            fail(f"--model {name}={ref}: the name {name!r} is already served")
+        engines[name] = _load(ref, engine_options)
+    run_server(engines, config)
 
 
 @app.command()

@@ -100,3 +100,16 @@ def fail(message: str) -> None:
     """Prints ``error: message`` to stderr and exits with status 2."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def named_refs(entries: list[str], flag: str) -> dict[str, str]:
+    """``["a=x", "b=y"]`` → ``{"a": "x", "b": "y"}``; a malformed or repeated entry is one line naming ``flag``."""
+    out: dict[str, str] = {}
+    for entry in entries:
+        name, sep, ref = entry.partition("=")
+        if not sep or not name.strip() or not ref.strip():
+            fail(f"{flag} {entry!r}: expected NAME=REF")
+        if name.strip() in out:
+            fail(f"{flag} {entry!r}: the name {name.strip()!r} is given twice")
+        out[name.strip()] = ref.strip()
+    return out

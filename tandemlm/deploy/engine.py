@@ -16,7 +16,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from tandemlm.deploy.textstream import ReasoningSplitter, StopStringFilter, prompt_opens_reasoning
+from tandemlm.deploy.textstream import THINK_CLOSE, ReasoningSplitter, StopStringFilter, prompt_opens_reasoning
+from tandemlm.deploy.tools import TemplateArguments
 from tandemlm.deploy.types import (
     Completion,
     ContextLengthError,
@@ -55,6 +56,10 @@ class Engine(Protocol):
         """Each target token's log-probability after the prompt and the targets before it, with ``top`` alternatives."""
         ...
 
+    def token_logprob(self, token: GeneratedToken) -> TokenLogprob:
+        """The OpenAI-shaped record (text, bytes, alternatives) of a token that carries a log-probability."""
+        ...
+
     def render_chat(
         self,
         messages: Sequence[Message],
@@ -76,6 +81,10 @@ class Engine(Protocol):
         """The Jinja chat template the model carries, or None."""
         ...
 
+    def check_token_ids(self, ids: list[int]) -> list[int]:
+        """``ids`` if each is a token id of this model; otherwise an EngineError naming the first bad one."""
+        ...
+
     def close(self) -> None:
         """Frees the model and any worker threads."""
         ...
@@ -84,8 +93,8 @@ class Engine(Protocol):
 def validate_messages(messages: Sequence[Message]) -> list[Message]:
     """Checks OpenAI-style messages and returns them as templates expect them; errors name the bad message.
 
-    Assistant ``tool_calls`` keep OpenAI's shape but with ``arguments`` parsed into an object (chat
-    templates write them with ``tojson``); ``tool`` messages keep ``tool_call_id`` (and ``name``).
+    Assistant ``tool_calls`` keep OpenAI's shape with ``arguments`` parsed (as
+    :class:`~tandemlm.deploy.tools.TemplateArguments`); ``tool`` messages keep ``tool_call_id`` (and ``name``).
     """
     if not messages:
         raise EngineError("messages must contain at least one message")
@@ -118,6 +127,7 @@ def _template_tool_call(call: Any, where: str) -> dict[str, Any]:
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise EngineError(f"{where}.function.name is required")
     arguments = function.get("arguments", "{}")
+    text = arguments if isinstance(arguments, str) else None
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments or "{}")
@@ -125,6 +135,9 @@ def _template_tool_call(call: Any, where: str) -> dict[str, Any]:
             raise EngineError(f"{where}.function.arguments is not valid JSON") from None
     if not isinstance(arguments, dict):
         raise EngineError(f"{where}.function.arguments must be a JSON object")
+    # Templates either write arguments with `tojson` (Qwen, Llama) or join them as text (DeepSeek-V3):
+    # TemplateArguments is a dict that also reads as its JSON text.
+    arguments = TemplateArguments(arguments, text)
     return {
         "id": str(call.get("id") or ""),
         "type": "function",
@@ -189,6 +202,10 @@ class BaseEngine(abc.ABC):
         self, messages: Sequence[Message], params: SamplingParams, tools: Sequence[dict[str, Any]] | None = None
     ) -> Iterator[Delta]:
         prompt = self.render_chat(validate_messages(messages), tools=tools)
+        if params.constraint is not None and prompt_opens_reasoning(prompt):
+            # A grammar holds from the first token, so a reasoning model answers without its <think>
+            # block rather than having the grammar swallow it: close the block in the prompt.
+            prompt += f"{THINK_CLOSE}\n\n"
         ids = self.tokenize(prompt, add_special_tokens=False)
         return self._stream(ids, params, starts_in_reasoning=prompt_opens_reasoning(prompt))
 
@@ -248,12 +265,17 @@ class BaseEngine(abc.ABC):
         split_reasoning: bool = True,
     ) -> Iterator[Delta]:
         # Validate before returning the generator, so bad requests fail at call time, not mid-stream.
-        if params.max_tokens is None:  # "as many as fit": what the context window leaves
+        if params.max_tokens is None:  # "as many as fit"
             self.check_context(len(prompt_ids), 0)
-            params = dataclasses.replace(params, max_tokens=self.info.context_length - len(prompt_ids))
+            params = dataclasses.replace(params, max_tokens=self.open_ended_budget(len(prompt_ids)))
         self.check_context(len(prompt_ids), params.max_tokens)
         self.check_params(params)
         return self._stream_gen(prompt_ids, params, starts_in_reasoning, split_reasoning)
+
+    def open_ended_budget(self, prompt_len: int) -> int:
+        """Most tokens a request without ``max_tokens`` may generate: what the context window leaves
+        (backends that share one KV cache between requests give each a fair share instead)."""
+        return self.info.context_length - prompt_len
 
     def check_params(self, params: SamplingParams) -> None:
         """Raises EngineError naming the first optional setting this backend does not list in ``features``."""

@@ -93,7 +93,8 @@ def test_missing_api_key_is_rejected_before_the_body_is_read(mock_server):
         (json.dumps({"messages": []}).encode(), "messages"),
         (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -1}).encode(), "temperature must be"),
         (json.dumps({"messages": [{"role": "user", "content": "x"}], "top_p": "NaN"}).encode(), "top_p must be a finite number"),
-        (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 2}).encode(), "n=1"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 0}).encode(), "n: Input should be greater than or equal to 1"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "bogus": 1}).encode(), "bogus is not supported by this server"),
     ],
 )
 def test_bad_requests_get_400_in_openai_shape_and_the_server_keeps_serving(mock_server, body, fragment):
@@ -110,7 +111,7 @@ def test_bad_requests_get_400_in_openai_shape_and_the_server_keeps_serving(mock_
 def test_prompt_over_the_context_is_a_400_naming_the_limit(serve):
     with serve(MockEngine(context_length=16)) as url:
         with pytest.raises(openai.BadRequestError) as info:
-            client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 50}])
+            client(url).chat.completions.create(model="mock", messages=[{"role": "user", "content": "x" * 50}])
     assert info.value.body["code"] == "context_length_exceeded"
     assert "context window is 16 tokens" in info.value.body["message"]
 
@@ -128,7 +129,7 @@ def test_disconnecting_client_frees_its_slot(serve):
         while engine.cancelled == 0 and time.time() < deadline:
             time.sleep(0.05)
         assert engine.cancelled == 1
-        result = client(url, key="k").chat.completions.create(model="m", messages=[{"role": "user", "content": "y"}], max_tokens=3)
+        result = client(url, key="k").chat.completions.create(model="mock", messages=[{"role": "user", "content": "y"}], max_tokens=3)
         assert result.choices[0].message.content == "xxx"
 
 

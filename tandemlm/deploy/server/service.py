@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from tandemlm.deploy.types import Delta, Usage
+from tandemlm.deploy.types import Delta
 
 _DONE = object()
 
@@ -146,74 +144,3 @@ async def iterate_in_thread(stream: Iterator[Delta]) -> AsyncIterator[Delta]:
             yield item
     finally:
         stop.set()
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage_json(usage: Usage | None) -> dict[str, int]:
-    usage = usage or Usage()
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
-class ChatChunks:
-    """Builds ``chat.completion`` and ``chat.completion.chunk`` bodies for one response."""
-
-    def __init__(self, model: str) -> None:
-        self.id = new_id("chatcmpl")
-        self.model = model
-        self.created = int(time.time())
-
-    def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def role_chunk(self) -> dict[str, Any]:
-        return {**self._base("chat.completion.chunk"), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-
-    def chunk(self, delta: Delta) -> dict[str, Any]:
-        body: dict[str, Any] = {}
-        if delta.text:
-            body["content"] = delta.text
-        if delta.reasoning:
-            body["reasoning_content"] = delta.reasoning
-        return {**self._base("chat.completion.chunk"), "choices": [{"index": 0, "delta": body, "finish_reason": delta.finish_reason}]}
-
-    def usage_chunk(self, usage: Usage | None) -> dict[str, Any]:
-        return {**self._base("chat.completion.chunk"), "choices": [], "usage": usage_json(usage)}
-
-    def full(self, text: str, reasoning: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        if reasoning:
-            message["reasoning_content"] = reasoning
-        return {
-            **self._base("chat.completion"),
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-            "usage": usage_json(usage),
-        }
-
-
-class TextChunks(ChatChunks):
-    """Builds ``text_completion`` bodies (streamed and whole)."""
-
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
-        self.id = new_id("cmpl")
-
-    def chunk(self, delta: Delta) -> dict[str, Any]:
-        return {**self._base("text_completion"), "choices": [{"index": 0, "text": delta.text, "finish_reason": delta.finish_reason}]}
-
-    def usage_chunk(self, usage: Usage | None) -> dict[str, Any]:
-        return {**self._base("text_completion"), "choices": [], "usage": usage_json(usage)}
-
-    def full(self, text: str, reasoning: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
-        return {
-            **self._base("text_completion"),
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason}],
-            "usage": usage_json(usage),
-        }
-

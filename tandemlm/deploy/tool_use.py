@@ -1,0 +1,114 @@
+"""How one chat request uses tools: what the template sees, what constrains decoding, how output is parsed.
+
+- ``tool_choice="none"``: the tools are left out of the prompt and nothing is parsed.
+- ``"auto"`` (the default with tools): the model's own template lists the tools (or, for a template
+  without tool support, a system message written by :func:`~tandemlm.deploy.tools.tools_system_prompt`),
+  and its output is parsed by the parser for that template's format.
+- ``"required"`` or a named function: decoding is constrained to a JSON call (grammar-enforced, so
+  even a small model emits a valid one), then read back into ``tool_calls``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tandemlm.deploy.tools import (
+    ToolCall,
+    ToolCallDelta,
+    ToolParser,
+    ToolStream,
+    calls_from_forced_json,
+    forced_call_schema,
+    get_parser,
+    messages_for_template,
+    parser_for,
+    template_supports_tools,
+    tools_system_prompt,
+    validate_tools,
+)
+from tandemlm.deploy.types import OutputConstraint
+from tandemlm.models.chat_template import Message
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """The tools part of a request, decided once; :meth:`choice` makes each choice's output reader."""
+
+    template_tools: list[dict[str, Any]] | None = None  # given to the chat template's `tools` variable
+    system_prompt: str | None = None  # for templates that cannot list tools themselves
+    constraint: OutputConstraint | None = None
+    parser: ToolParser | None = None
+    native: bool = True  # the template writes tools and past tool calls itself
+
+    @property
+    def active(self) -> bool:
+        return self.parser is not None or self.constraint is not None
+
+    def messages(self, messages: Sequence[Message]) -> list[Message]:
+        """``messages`` as this template needs them: past tool calls written into the assistant's
+        content and a tool-describing system message added, when it cannot do either itself."""
+        messages = messages_for_template(messages, native=self.native)
+        if not self.system_prompt:
+            return messages
+        if messages and messages[0].get("role") == "system":
+            first = dict(messages[0], content=f"{messages[0]['content']}\n\n{self.system_prompt}")
+            return [first, *messages[1:]]
+        return [{"role": "system", "content": self.system_prompt}, *messages]
+
+    def choice(self) -> ChoiceTools:
+        return ChoiceTools(self)
+
+
+def plan_tools(
+    chat_template: str | None,
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any] | None,
+    parallel: bool = True,
+) -> ToolPlan:
+    """Decides how a request with ``tools`` and ``tool_choice`` (OpenAI shapes) is served; ValueError names a bad field."""
+    native = template_supports_tools(chat_template)
+    if not tools or tool_choice == "none":
+        return ToolPlan(native=native)
+    choice = tool_choice if tool_choice is not None else "auto"
+    validate_tools(tools, choice)
+    template_tools = tools if native else None
+    system_prompt = None if native else tools_system_prompt(tools)
+    schema = forced_call_schema(tools, choice, parallel)
+    if schema is not None:
+        return ToolPlan(template_tools, system_prompt, OutputConstraint(json_schema=schema), native=native)
+    parser = parser_for(chat_template) if native else get_parser("json")
+    return ToolPlan(template_tools, system_prompt, parser=parser, native=native)
+
+
+class ChoiceTools:
+    """Turns one choice's answer text into content and tool-call deltas, as it streams."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self._forced = plan.constraint is not None and plan.parser is None
+        self._stream: ToolStream | None = plan.parser.streamer() if plan.parser else None
+        self._held: list[str] = []
+        self.calls: list[ToolCall] = []
+
+    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        if self._forced:
+            self._held.append(text)  # a forced call is read whole at the end
+            return "", []
+        if self._stream is None:
+            return text, []
+        return self._stream.feed(text)
+
+    def flush(self) -> tuple[str, list[ToolCallDelta]]:
+        if self._forced:
+            text = "".join(self._held)
+            calls = calls_from_forced_json(text)
+            if not calls:  # cut short (max_tokens) before the call was complete: keep the text
+                return text, []
+            self.calls = calls
+            return "", [ToolCallDelta(i, call.id, call.name, call.arguments) for i, call in enumerate(calls)]
+        if self._stream is None:
+            return "", []
+        content, deltas = self._stream.flush()
+        self.calls = list(self._stream.calls)
+        return content, deltas

@@ -1,0 +1,196 @@
+"""The OpenAI request surface on the mock engine: strictness, n, log-probabilities, prompts, tools, introspection."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import openai
+import pytest
+
+from tandemlm.deploy.mock_engine import MockEngine
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(serve):
+    engines = {
+        "mock-model": MockEngine(model_id="mock-model", reply="<think>plan</think>Hello there"),
+        "caller": MockEngine(model_id="caller", reply='{"name": "get_weather", "arguments": {"city": "Paris"}}'),
+    }
+    with serve(engines) as url:
+        yield url, engines
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=20)
+
+
+def post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=20)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "fragment"),
+    [
+        ("/chat/completions", {"messages": USER, "functions": [{"name": "f"}]}, 400, "functions is not supported"),
+        ("/chat/completions", {"messages": USER, "audio": {"voice": "x"}}, 400, "audio is not supported"),
+        ("/chat/completions", {"messages": USER, "store": True}, 400, "store=true is not supported"),
+        ("/chat/completions", {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs needs logprobs=true"),
+        ("/chat/completions", {"messages": USER, "tool_choice": "required"}, 400, "tool_choice needs tools"),
+        ("/chat/completions", {"messages": USER, "n": 0}, 400, "n: Input should be greater than or equal to 1"),
+        ("/chat/completions", {"messages": USER, "n": 9}, 400, "at most 8 (--n-parallel)"),
+        ("/chat/completions", {"messages": USER, "min_p": 0.1}, 400, "min_p is not supported by the mock backend"),
+        ("/chat/completions", {"messages": USER, "logit_bias": {"5": 1}}, 400, "logit_bias is not supported by the mock"),
+        ("/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format is not supported"),
+        ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         400, "'image_url' are not supported"),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "x", "audio": 1}]}, 400, "messages.0.audio is not supported"),
+        ("/chat/completions", {"model": "gpt-4o", "messages": USER}, 404, "served models: mock-model, caller"),
+        ("/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix (fill-in-the-middle) is not supported"),
+        ("/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
+        ("/completions", {"prompt": "x", "max_tokens": 0}, 400, "only allowed with echo=true"),
+        ("/completions", {"prompt": [1, -4]}, 400, "prompt[1] = -4 is not a token id"),
+        ("/completions", {"prompt": "x", "echo": True, "logprobs": 2}, 400, "cannot list top log-probabilities"),
+    ],
+)
+def test_requests_we_cannot_honour_get_an_error_naming_the_field(server, path, body, status, fragment):
+    url, _ = server
+    response = post(url, path, body)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]["message"]
+
+
+def test_both_reasoning_names_and_n_choices_with_their_own_index(server):
+    url, _ = server
+    result = client(url).chat.completions.create(model="mock-model", messages=USER, n=3)
+    assert [c.index for c in result.choices] == [0, 1, 2]
+    for choice in result.choices:
+        assert choice.message.content == "Hello there"
+        assert choice.message.model_extra["reasoning_content"] == choice.message.model_extra["reasoning"] == "plan"
+    # prompt tokens count once, completion tokens for every choice
+    single = client(url).chat.completions.create(model="mock-model", messages=USER)
+    assert result.usage.prompt_tokens == single.usage.prompt_tokens
+    assert result.usage.completion_tokens == 3 * single.usage.completion_tokens
+
+
+def test_streamed_n_choices_each_end_once(server):
+    url, _ = server
+    texts, finishes = {}, {}
+    for chunk in client(url).chat.completions.create(model="mock-model", messages=USER, n=2, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes.setdefault(choice.index, []).append(choice.finish_reason)
+    assert texts == {0: "Hello there", 1: "Hello there"}
+    assert finishes == {0: ["stop"], 1: ["stop"]}
+
+
+def test_chat_logprobs_come_in_openais_shape_whole_and_streamed(server):
+    url, _ = server
+    result = client(url).chat.completions.create(model="mock-model", messages=USER, logprobs=True, max_tokens=4)
+    content = result.choices[0].logprobs.content
+    assert [t.token for t in content] == list("<thi")
+    assert all(math.isclose(t.logprob, math.log(0.9)) and t.bytes == list(t.token.encode()) for t in content)
+    streamed = []
+    for chunk in client(url).chat.completions.create(model="mock-model", messages=USER, logprobs=True, max_tokens=4, stream=True):
+        for choice in chunk.choices:
+            streamed += [t.token for t in (choice.logprobs.content if choice.logprobs else [])]
+    assert streamed == list("<thi")
+    plain = client(url).chat.completions.create(model="mock-model", messages=USER, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completions_take_token_ids_lists_of_prompts_and_echo_with_logprobs(server):
+    url, engines = server
+    engine = engines["mock-model"]
+    ids = engine.tokenize("abc", add_special_tokens=True)
+    as_text = client(url).completions.create(model="mock-model", prompt=["abc", "xy"], max_tokens=2, echo=True)
+    assert [c.text for c in as_text.choices] == ["abc<t", "xy<t"]
+    other = engine.tokenize("xy", add_special_tokens=True)
+    result = client(url).completions.create(model="mock-model", prompt=[ids, other], max_tokens=2, echo=True, logprobs=0)
+    assert [c.index for c in result.choices] == [0, 1]
+    first, second = result.choices
+    assert first.text == "abc<t" and second.text == "xy<t"
+    # echo: the prompt's tokens (the first has no log-probability), then the generated ones
+    assert first.logprobs.tokens == ["", "a", "b", "c", "<", "t"]
+    assert first.logprobs.token_logprobs[0] is None
+    expected = engine.score_tokens(ids[:1], ids[1:])
+    assert first.logprobs.token_logprobs[1:4] == pytest.approx(expected)
+    assert first.logprobs.text_offset == [0, 0, 1, 2, 3, 4]
+    scored = client(url).completions.create(model="mock-model", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].text == "abc" and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected)
+
+
+def test_tool_calls_are_parsed_from_a_model_without_tool_support(server):
+    url, _ = server
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    result = client(url).chat.completions.create(model="caller", messages=USER, tools=tools)
+    choice = result.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id.startswith("call_")
+    streamed, finish = {}, None
+    for chunk in client(url).chat.completions.create(model="caller", messages=USER, tools=tools, stream=True):
+        for c in chunk.choices:
+            for delta in c.delta.tool_calls or []:
+                entry = streamed.setdefault(delta.index, {"name": "", "arguments": ""})
+                entry["name"] += delta.function.name or ""
+                entry["arguments"] += delta.function.arguments or ""
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls"
+    assert streamed[0]["name"] == "get_weather" and json.loads(streamed[0]["arguments"]) == {"city": "Paris"}
+    none = client(url).chat.completions.create(model="caller", messages=USER, tools=tools, tool_choice="none")
+    assert none.choices[0].message.tool_calls is None and "get_weather" in none.choices[0].message.content
+
+
+def test_tools_and_tool_turns_reach_the_prompt(server):
+    url, _ = server
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    messages = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    prompt = post(url.removesuffix("/v1"), "/apply-template", {"model": "caller", "messages": messages, "tools": tools}).json()["prompt"]
+    assert "<|tool|>sunny" in prompt
+    # the mock's template cannot list tools: the server describes them in a system message of its own
+    assert prompt.startswith("<|system|>") and "get_weather" in prompt
+
+
+def test_introspection_endpoints(server):
+    url, engines = server
+    base = url.removesuffix("/v1")
+    tokens = post(base, "/tokenize", {"prompt": "hey"}).json()
+    assert tokens["tokens"] == engines["mock-model"].tokenize("hey", add_special_tokens=True) and tokens["count"] == 4
+    chat_tokens = post(base, "/tokenize", {"messages": USER}).json()["tokens"]
+    assert engines["mock-model"].detokenize(chat_tokens) == engines["mock-model"].render_chat(USER)
+    assert post(base, "/detokenize", {"tokens": [104, 105]}).json() == {"prompt": "hi"}
+    assert post(base, "/tokenize", {"prompt": "x", "model": "nope"}).status_code == 404
+    assert post(base, "/tokenize", {}).json()["error"]["message"].endswith("give exactly one of prompt or messages")
+    card = httpx.get(f"{url}/models/caller").json()
+    assert card["id"] == "caller" and card["max_model_len"] == 2048
+    assert httpx.get(f"{url}/models/nope").status_code == 404
+
+
+def test_metrics_count_requests_and_tokens_in_prometheus_text(server):
+    url, _ = server
+    base = url.removesuffix("/v1")
+
+    def value(text: str, name: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{")]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    before = httpx.get(f"{base}/metrics").text
+    client(url).chat.completions.create(model="mock-model", messages=USER, max_tokens=5)
+    post(url, "/chat/completions", {"messages": USER, "n": 0})
+    after = httpx.get(f"{base}/metrics").text
+    assert value(after, "tandem_generation_tokens_total") - value(before, "tandem_generation_tokens_total") == 5
+    assert value(after, 'tandem_requests_total{endpoint="/v1/chat/completions",status="200"}') >= 1
+    assert value(after, "tandem_requests_total") - value(before, "tandem_requests_total") == 2
+    assert value(after, "tandem_time_to_first_token_seconds_count") > value(before, "tandem_time_to_first_token_seconds_count")
+    assert "tandem_requests_queued 0.0" in after
