@@ -260,8 +260,8 @@ class HFEngine(BaseEngine):
             history = self._torch.tensor([row.prompt + row.generated], device=self.device)
             try:
                 token = samplers[i].step(history, logits[i : i + 1].float())
-            except EngineError as exc:  # this row's grammar failed: end it, the others decode on
-                self._fail(row, exc)
+            except Exception as exc:  # noqa: BLE001 - this row's sampling failed: end it, the others decode on
+                self._fail(row, exc if isinstance(exc, EngineError) else EngineError(f"sampling failed: {exc}"))
                 tokens.append(self._pad)
                 continue
             tokens.append(token.token_id)

@@ -371,3 +371,29 @@ def test_a_constrained_row_leaves_the_other_rows_of_its_batch_alone(llama):
     assert [batched[i] for i in range(len(requests))] == solo
     assert llama.max_batch_rows >= 2
     assert json.loads(llama.detokenize(solo[1]))["color"] in ("red", "green", "blue")
+
+
+@pytest.mark.slow
+def test_a_row_whose_sampling_fails_ends_alone(llama, monkeypatch):
+    build = llama._grammars.matcher
+
+    def broken(constraint):
+        mask = build(constraint)
+        mask.consume = lambda token: (_ for _ in ()).throw(EngineError("the JSON grammar rejected token"))
+        return mask
+
+    monkeypatch.setattr(llama._grammars, "matcher", broken)
+    prompt = llama.tokenize("a", add_special_tokens=True)
+    healthy = SamplingParams(temperature=0, max_tokens=10)
+    expected = [t.token_id for t in llama.stream_tokens(prompt, healthy)]
+    # While one batch runs, both requests queue up, so the next batch decodes them together.
+    running = llama.stream_tokens(prompt, SamplingParams(temperature=0, max_tokens=20))
+    next(running)
+    llama.max_batch_rows = 0
+    broken_stream = llama.stream_tokens(prompt, SamplingParams(temperature=0, max_tokens=10, constraint=OutputConstraint()))
+    healthy_stream = llama.stream_tokens(prompt, healthy)
+    list(running)
+    with pytest.raises(EngineError, match="rejected"):
+        list(broken_stream)
+    assert [t.token_id for t in healthy_stream] == expected
+    assert llama.max_batch_rows == 2
