@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 
 from tandemlm.deploy.engine import BaseEngine, common_prefix_len, drain_tokens
-from tandemlm.deploy.llamacpp_sampling import Stage, build_chain, json_schema_gbnf, logprob_record, plan_chain
+from tandemlm.deploy.llamacpp_sampling import (
+    RequestSampler,
+    Stage,
+    build_chain,
+    json_schema_gbnf,
+    logprob_record,
+    plan_chain,
+)
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
@@ -40,7 +47,7 @@ class _Request:
     seq_id: int = -1
     n_past: int = 0  # prompt tokens already decoded
     generated: list[int] = field(default_factory=list)
-    sampler: Any = None
+    sampler: RequestSampler | None = None
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     score_targets: list[int] = field(default_factory=list)
     score_top: int = 0  # alternatives a scoring job lists at each target
@@ -304,7 +311,8 @@ class LlamaCppEngine(BaseEngine):
             self.reused_tokens += reuse
             if request.params is not None:
                 try:
-                    request.sampler = build_chain(self._ll, self._vocab, self._plan(request.params, request.prompt))
+                    stages = self._plan(request.params, request.prompt)
+                    request.sampler = RequestSampler(self._ll, self._vocab, stages, self._n_vocab)
                 except EngineError as exc:
                     self._finish(request, error=exc)
                     continue
@@ -390,7 +398,7 @@ class LlamaCppEngine(BaseEngine):
 
     def _sample(self, request: _Request, index: int) -> None:
         assert request.params is not None
-        token = self._ll.llama_sampler_sample(request.sampler, self._ctx, index)
+        token = request.sampler.sample(self._ctx, index, self._logits)
         self.sampled_tokens += 1
         request.generated.append(token)
         if self._ll.llama_vocab_is_eog(self._vocab, token):
@@ -414,7 +422,7 @@ class LlamaCppEngine(BaseEngine):
                 self._idle[request.seq_id] = []
             request.seq_id = -1
         if request.sampler is not None:
-            self._ll.llama_sampler_free(request.sampler)
+            request.sampler.free()
             request.sampler = None
         request.out.put(error if error is not None else result)
 

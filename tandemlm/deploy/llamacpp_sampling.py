@@ -99,6 +99,65 @@ def build_chain(ll: Any, vocab: Any, stages: Sequence[Stage]) -> Any:
     return chain
 
 
+class RequestSampler:
+    """One request's sampling: a llama.cpp chain, and a JSON grammar kept beside it (not in it).
+
+    Masking the whole vocabulary with a grammar costs more than a small model's decode step, so a
+    constrained request samples the way llama.cpp's own tools do: the chain picks from the raw
+    logits, the grammar checks that one token, and only when it is refused does the chain pick
+    again from logits the grammar has masked. Greedy picks are the same as masking first; sampled
+    ones follow the masked distribution. Samplers only learn a token once it is chosen.
+    """
+
+    def __init__(self, ll: Any, vocab: Any, stages: Sequence[Stage], n_vocab: int) -> None:
+        self._ll = ll
+        grammar = [stage for stage in stages if stage.kind == "grammar"]
+        self.grammar = build_chain(ll, vocab, grammar) if grammar else None
+        try:
+            self.chain = build_chain(ll, vocab, [stage for stage in stages if stage.kind != "grammar"])
+        except EngineError:
+            self.free()
+            raise
+        if self.grammar is not None:
+            self._data = (ll.llama_token_data * n_vocab)()
+            self._view = np.ctypeslib.as_array(self._data)
+            self._ids = np.arange(n_vocab, dtype=np.int32)
+            self._one = (ll.llama_token_data * 1)()
+
+    def sample(self, ctx: Any, index: int, logits: Any) -> int:
+        """The next token from batch output ``index``; ``logits(index)`` gives that row of raw logits."""
+        if self.grammar is None:
+            return int(self._ll.llama_sampler_sample(self.chain, ctx, index))
+        row = logits(index)
+        token = self._pick(row, masked=False)
+        if not self._allowed(token):
+            token = self._pick(row, masked=True)
+        self._ll.llama_sampler_accept(self.grammar, token)
+        self._ll.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _pick(self, row: np.ndarray, masked: bool) -> int:
+        self._view["id"], self._view["logit"], self._view["p"] = self._ids, row, 0.0  # samplers reorder in place
+        candidates = self._ll.llama_token_data_array(data=self._data, size=len(self._data), selected=-1, sorted=False)
+        if masked:
+            self._ll.llama_sampler_apply(self.grammar, ctypes.byref(candidates))
+        self._ll.llama_sampler_apply(self.chain, ctypes.byref(candidates))
+        return int(candidates.data[candidates.selected].id)
+
+    def _allowed(self, token: int) -> bool:
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 1.0, 0.0
+        single = self._ll.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
+        self._ll.llama_sampler_apply(self.grammar, ctypes.byref(single))
+        return bool(np.isfinite(self._one[0].logit))
+
+    def free(self) -> None:
+        for name in ("grammar", "chain"):
+            sampler = getattr(self, name, None)
+            if sampler is not None:
+                self._ll.llama_sampler_free(sampler)
+                setattr(self, name, None)
+
+
 def _init_stage(ll: Any, vocab: Any, stage: Stage) -> Any:
     if stage.kind == "grammar":
         return ll.llama_sampler_init_grammar(vocab, stage.args[0].encode("utf-8"), b"root")
