@@ -144,6 +144,12 @@ def test_tool_calls_are_parsed_from_a_model_without_tool_support(server):
             finish = c.finish_reason or finish
     assert finish == "tool_calls"
     assert streamed[0]["name"] == "get_weather" and json.loads(streamed[0]["arguments"]) == {"city": "Paris"}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    with pytest.raises(openai.BadRequestError, match="response_format is not supported by the mock backend"):
+        client(url).chat.completions.create(model="caller", messages=USER, tools=tools, tool_choice=named)  # grammar-forced
+    other = {"type": "function", "function": {"name": "get_time"}}
+    with pytest.raises(openai.BadRequestError, match="get_time"):
+        client(url).chat.completions.create(model="caller", messages=USER, tools=tools, tool_choice=other)
     none = client(url).chat.completions.create(model="caller", messages=USER, tools=tools, tool_choice="none")
     assert none.choices[0].message.tool_calls is None and "get_weather" in none.choices[0].message.content
 

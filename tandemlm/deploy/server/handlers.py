@@ -85,7 +85,7 @@ async def _prepare(ctx: ServeContext, count: int, make: Callable[[], Prepared]) 
 # ---- chat -----------------------------------------------------------------------------------------
 async def chat_completion(ctx: ServeContext, body: ChatCompletionRequest) -> Any:
     name, engine = ctx.resolve(body.model)
-    plan = plan_tools(engine.chat_template_source(), body.tool_dicts(), body.tool_choice, body.parallel_tool_calls)
+    plan = plan_tools(engine.chat_template_source(), body.tool_dicts(), body.tool_choice_value(), body.parallel_tool_calls)
     if plan.constraint is not None and body.response_format is not None and body.response_format.type != "text":
         raise ValueError("response_format cannot be combined with a tool_choice that forces a call")
     overrides = {"constraint": plan.constraint} if plan.constraint is not None else {}

@@ -190,6 +190,11 @@ class ChatCompletionRequest(SamplingFields):
             values["logprobs"] = self.top_logprobs or 0
         return values
 
+    def tool_choice_value(self) -> str | dict[str, Any] | None:
+        """``tool_choice`` as OpenAI sends it: a keyword or ``{"type": "function", "function": {"name": ...}}``."""
+        choice = self.tool_choice
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
     def tool_dicts(self) -> list[dict[str, Any]] | None:
         """The tools as plain OpenAI dicts (what chat templates read), or None."""
         return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
