@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -24,7 +25,7 @@ app = typer.Typer(
 )
 
 
-def _load(model: str, engine_options: EngineOptions) -> Engine:
+def _load(model: str, engine_options: EngineOptions, **extra: Any) -> Engine:
     from rich.console import Console
 
     from tandemlm.deploy.registry import load_engine
@@ -33,7 +34,7 @@ def _load(model: str, engine_options: EngineOptions) -> Engine:
     console = Console(stderr=True)
     try:
         with console.status(f"loading {model} …"):
-            return load_engine(model, engine_options.backend, **engine_options.load_kwargs())
+            return load_engine(model, engine_options.backend, **engine_options.load_kwargs(), **extra)
     except (EngineError, KeyError, RuntimeError) as exc:
         fail(str(exc).strip("'\""))
 
@@ -137,6 +138,7 @@ def serve(
         list[str] | None,
         typer.Option("--model", help="Serve another model too, as NAME=REF (repeatable); requests pick it by \"model\": NAME."),
     ] = None,
+    adapters: opt.AdapterRefs = None,
 ) -> None:
     """Serve MODEL over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /tokenize, /metrics …)."""
     from tandemlm.deploy.server.app import run_server
@@ -148,18 +150,69 @@ def serve(
     )
     engine_options = EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, config.n_parallel, dtype, trust_remote_code)
     extras = opt.named_refs(extra_models or [], "--model")
+    adapter_dirs = opt.adapter_folders(adapters or [])
+    if adapter_dirs:
+        _check_adapter_base(model, adapter_dirs, quantize, engine_options)
     if quantize:
         from tandemlm.cli.quantize import quantized_engine
 
         engine = quantized_engine(model, quantize, engine_options)
-    else:
-        engine = _load(model, engine_options)
+    else:  # vLLM must know its adapters at load (LoRA on); the transformers backend loads them here too
+        engine = _load(model, engine_options, adapters=adapter_dirs or None)
     engines = {served_name or engine.info.model_id: engine}
+    engines.update(_adapter_views(engine, adapter_dirs, next(iter(engines))))
     for name, ref in extras.items():
         if name in engines:
             fail(f"--model {name}={ref}: the name {name!r} is already served")
         engines[name] = _load(ref, engine_options)
     run_server(engines, config)
+
+
+def _check_adapter_base(model: str, adapters: dict[str, Path], quantize: str | None, engine_options: EngineOptions) -> None:
+    """Before loading: adapters need an HF base (not GGUF) that matches the base each adapter records."""
+    from tandemlm.errors import EngineError
+    from tandemlm.models.resolve import resolve_model
+    from tandemlm.quantize.merge import check_recorded_base, read_adapter_config
+    from tandemlm.quantize.types import get_quant_type
+
+    if engine_options.backend == "llama.cpp":
+        fail(opt.LLAMACPP_ADAPTERS)
+    try:
+        if quantize and get_quant_type(quantize).stage != "bitsandbytes":
+            fail(f"--quantize {quantize} makes a GGUF: {opt.LLAMACPP_ADAPTERS}")
+        source = resolve_model(model, trust_remote_code=engine_options.trust_remote_code)
+    except (EngineError, KeyError, ValueError):
+        return  # loading the model reports it in its own words
+    if source.kind == "gguf":
+        fail(opt.LLAMACPP_ADAPTERS)
+    for folder in adapters.values():
+        try:
+            check_recorded_base(folder, read_adapter_config(folder), source.hf_folder())
+        except EngineError as exc:
+            fail(str(exc))
+
+
+def _adapter_views(engine: Engine, adapters: dict[str, Path], parent: str) -> dict[str, Engine]:
+    """Each adapter, loaded on ``engine`` (unless its load did it), as an engine of its own named as given."""
+    from tandemlm.deploy.engine import BaseEngine
+    from tandemlm.errors import EngineError
+
+    views: dict[str, Engine] = {}
+    for name, folder in adapters.items():
+        try:
+            if name == parent:
+                raise EngineError(f"--adapter {name}={folder}: the name {name!r} is already served (the base model)")
+            if engine.info.backend == "llama.cpp":
+                raise EngineError(opt.LLAMACPP_ADAPTERS)
+            if not isinstance(engine, BaseEngine):
+                raise EngineError(f"the {engine.info.backend} backend cannot serve adapters")
+            if name not in engine.loaded_adapters():
+                engine.load_adapter(name, str(folder))
+            views[name] = engine.adapter_view(name, parent)
+        except EngineError as exc:
+            engine.close()
+            fail(str(exc))
+    return views
 
 
 @app.command()

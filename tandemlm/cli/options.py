@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -113,3 +114,40 @@ def named_refs(entries: list[str], flag: str) -> dict[str, str]:
             fail(f"{flag} {entry!r}: the name {name.strip()!r} is given twice")
         out[name.strip()] = ref.strip()
     return out
+
+
+AdapterRefs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--adapter",
+        help="Serve a LoRA adapter on MODEL's weights too, as NAME=PATH (an adapter folder or an alignment run folder; "
+        "repeatable); requests pick it by \"model\": NAME.",
+    ),
+]
+LLAMACPP_ADAPTERS = "adapters are not served on the llama.cpp backend yet (planned: convert with llama.cpp's convert_lora_to_gguf.py)"
+
+
+def adapter_folders(entries: list[str]) -> dict[str, Path]:
+    """``--adapter NAME=PATH`` entries as LoRA adapter folders (a run folder gives its ``final/``); one line per problem."""
+    from tandemlm.align.errors import ConfigError
+    from tandemlm.align.run_folder import is_run_folder, read_run_folder
+    from tandemlm.errors import EngineError
+    from tandemlm.quantize.merge import read_adapter_config
+
+    folders: dict[str, Path] = {}
+    for name, ref in named_refs(entries, "--adapter").items():
+        folder = Path(ref).expanduser()
+        try:
+            if is_run_folder(folder):
+                run = read_run_folder(folder)
+                if not run.is_adapter:
+                    fail(f"--adapter {name}={ref}: that run trained full weights, not an adapter; serve it with --model {name}={run.final}")
+                folder = run.final
+            if not folder.is_dir():
+                fail(f"--adapter {name}={ref}: {folder} is not a folder")
+            read_adapter_config(folder)
+        except (ConfigError, EngineError) as exc:
+            message = str(exc)  # quantize's adapter checks already name the flag
+            fail(message if message.startswith("--adapter") else f"--adapter {name}={ref}: {message}")
+        folders[name] = folder.resolve()
+    return folders

@@ -14,6 +14,7 @@ import json
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from tandemlm.deploy.textstream import THINK_CLOSE, ReasoningSplitter, StopStringFilter, prompt_opens_reasoning
@@ -187,8 +188,12 @@ class BaseEngine(abc.ABC):
         """The bytes one token stands for (backends with byte-level pieces override this)."""
         return self.detokenize([token_id]).encode("utf-8")
 
-    def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
-        """Scores ``target_ids``; backends that can list the ``top`` alternatives override this."""
+    def prompt_logprobs(
+        self, prompt_ids: list[int], target_ids: list[int], top: int = 0, adapter: str | None = None
+    ) -> list[GeneratedToken]:
+        """Scores ``target_ids``; backends that can list the ``top`` alternatives (or serve adapters) override this."""
+        if adapter is not None:
+            raise EngineError(f"the {self.info.backend} backend cannot score with adapters")
         if top:
             raise EngineError(f"the {self.info.backend} backend cannot list top log-probabilities of prompt tokens")
         scores = self.score_tokens(prompt_ids, target_ids)
@@ -196,6 +201,22 @@ class BaseEngine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional for backends with nothing to free
         """Frees resources; the default has nothing to free."""
+
+    # ---- LoRA adapters (backends that serve them override the first two) -------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        """Loads the LoRA adapter folder ``path`` as ``name``; requests pick it with ``SamplingParams.adapter``."""
+        raise EngineError(f"the {self.info.backend} backend cannot serve adapters (planned)")
+
+    def loaded_adapters(self) -> list[str]:
+        """Names of the adapters loaded so far."""
+        return []
+
+    def adapter_view(self, name: str, parent: str | None = None) -> AdapterView:
+        """The loaded adapter ``name`` as an :class:`Engine` of its own (``parent``: the base's served name)."""
+        if name not in self.loaded_adapters():
+            loaded = ", ".join(self.loaded_adapters()) or "none"
+            raise EngineError(f"adapter {name!r} is not loaded (loaded: {loaded})")
+        return AdapterView(self, name, parent or self.info.model_id)
 
     # ---- shared behaviour --------------------------------------------------------------------
     def chat(
@@ -232,7 +253,10 @@ class BaseEngine(abc.ABC):
         """Number of token ids the model knows (backends override; the default accepts any id)."""
         return 1 << 31
 
-    def token_logprobs(self, messages: Sequence[Message], response: str) -> list[tuple[str, float]]:
+    def token_logprobs(
+        self, messages: Sequence[Message], response: str, adapter: str | None = None
+    ) -> list[tuple[str, float]]:
+        """Per-token log-probabilities of ``response`` after ``messages`` (with the named adapter on, if any)."""
         prompt = self.render_chat(validate_messages(messages))
         prompt_ids = self.tokenize(prompt, add_special_tokens=False)
         full_ids = self.tokenize(prompt + response, add_special_tokens=False)
@@ -242,7 +266,10 @@ class BaseEngine(abc.ABC):
         if not target:
             return []
         self.check_context(len(full_ids), 0)
-        logprobs = self.score_tokens(full_ids[:split], target)
+        if adapter is None:
+            logprobs = self.score_tokens(full_ids[:split], target)
+        else:
+            logprobs = [t.logprob for t in self.prompt_logprobs(full_ids[:split], target, adapter=adapter)]
         return [(self.detokenize([tid]), lp) for tid, lp in zip(target, logprobs, strict=True)]
 
     def check_context(self, prompt_len: int, max_tokens: int) -> None:
@@ -337,6 +364,60 @@ class BaseEngine(abc.ABC):
             return Delta(text=text)
         answer, reasoning = splitter.feed(text)
         return Delta(text=answer, reasoning=reasoning)
+
+
+class AdapterView:
+    """A loaded LoRA adapter served as a model of its own, on its base engine's weights.
+
+    Generation gets ``params.adapter`` set and scoring runs with the adapter on; the tokenizer and
+    template are the base's. Closing it does nothing: the base engine owns the model and frees it.
+    """
+
+    def __init__(self, base: BaseEngine, name: str, parent: str) -> None:
+        self.base, self.name, self.parent = base, name, parent
+        self.info = dataclasses.replace(base.info, model_id=name)
+
+    def chat(
+        self, messages: Sequence[Message], params: SamplingParams, tools: Sequence[dict[str, Any]] | None = None
+    ) -> Iterator[Delta]:
+        """The base's chat with this adapter on."""
+        return self.base.chat(messages, dataclasses.replace(params, adapter=self.name), tools)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
+        """The base's raw completion with this adapter on."""
+        return self.base.generate(prompt, dataclasses.replace(params, adapter=self.name))
+
+    def token_logprobs(self, messages: Sequence[Message], response: str) -> list[tuple[str, float]]:
+        """Log-probabilities of ``response`` under the adapted model."""
+        return self.base.token_logprobs(messages, response, adapter=self.name)
+
+    def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
+        """Scores ``target_ids`` with this adapter on."""
+        return self.base.prompt_logprobs(prompt_ids, target_ids, top, adapter=self.name)
+
+    def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
+        """Log-probability of each target token under the adapted model."""
+        return [token.logprob for token in self.prompt_logprobs(prompt_ids, target_ids)]
+
+    def close(self) -> None:
+        """Nothing to free: the base engine owns the model (close that one)."""
+
+    def __getattr__(self, name: str) -> Any:
+        # Tokenizer, template, token records, features: all the base's.
+        return getattr(self.base, name)
+
+
+def adapter_weights(path: str | Path) -> Path:
+    """The safetensors weights of the LoRA adapter folder ``path``; pickle (``adapter_model.bin``) is refused."""
+    folder = Path(path).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise EngineError(f"{folder} is not a PEFT adapter folder (adapter_config.json is missing)")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = (folder / "adapter_model.bin").is_file()
+        why = "holds adapter_model.bin (pickle, not loaded); re-save it with safe_serialization=True" if pickled else "has no adapter_model.safetensors"
+        raise EngineError(f"adapter {folder} {why}")
+    return weights
 
 
 def collect(stream: Iterator[Delta]) -> Completion:

@@ -10,13 +10,14 @@ mid-batch join the next batch.
 from __future__ import annotations
 
 import importlib.util
+import json
 import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandemlm.deploy.engine import BaseEngine, drain_tokens
+from tandemlm.deploy.engine import BaseEngine, adapter_weights, drain_tokens
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
@@ -42,7 +43,8 @@ class HFEngine(BaseEngine):
     """A transformers causal LM with batched decoding of concurrent requests."""
 
     features = frozenset(
-        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format"}
+        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format",
+         "adapter"}
     )
 
     def __init__(
@@ -91,6 +93,11 @@ class HFEngine(BaseEngine):
         from tandemlm.deploy.hf_sampling import JsonGrammars
 
         self._grammars = JsonGrammars(self.tokenizer, self._eos)
+        # LoRA adapters (PEFT) on the one resident model: each batch row runs with its own (or none).
+        self._peft: Any = None
+        self._adapters: dict[str, str] = {}
+        # PEFT routes rows to adapters with hooks on the shared modules: one forward pass at a time.
+        self._forward_lock = threading.Lock()
         self._max_batch = max_batch_size
         self.max_batch_rows = 0  # the most requests one batch decoded together (tests read it)
         self._waiting: queue.Queue[_Row | None] = queue.Queue()
@@ -130,6 +137,7 @@ class HFEngine(BaseEngine):
     def check_params(self, params: SamplingParams) -> None:
         """Also refuses logit_bias on ids outside the vocabulary and a JSON schema llguidance rejects."""
         super().check_params(params)
+        self._check_adapter(params.adapter)
         vocab = self.vocab_size()
         for token in params.logit_bias:
             if token >= vocab:
@@ -151,9 +159,12 @@ class HFEngine(BaseEngine):
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
         return [token.logprob for token in self.prompt_logprobs(prompt_ids, target_ids)]
 
-    def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
+    def prompt_logprobs(
+        self, prompt_ids: list[int], target_ids: list[int], top: int = 0, adapter: str | None = None
+    ) -> list[GeneratedToken]:
         from tandemlm.deploy.hf_sampling import logprob_records
 
+        self._check_adapter(adapter)
         if not self._running:
             raise EngineError("engine closed")
         if not prompt_ids:
@@ -163,8 +174,63 @@ class HFEngine(BaseEngine):
         torch = self._torch
         ids = torch.tensor([prompt_ids + target_ids], device=self.device)
         with torch.inference_mode():
-            logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+            logits = self._forward([adapter], input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
             return logprob_records(logits, target_ids, top)
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        """Loads the LoRA adapter folder ``path`` (safetensors) as ``name``, beside the base and other adapters."""
+        from peft import PeftModel
+
+        if name in self._adapters:
+            raise EngineError(f"adapter {name!r} is already loaded (from {self._adapters[name]})")
+        folder = adapter_weights(path).parent
+        if json.loads((folder / "adapter_config.json").read_text()).get("use_dora"):
+            raise EngineError(f"adapter {folder}: DoRA adapters cannot share a batch (PEFT's mixed-adapter inference); merge it instead")
+        with self._forward_lock:  # no forward pass may run while PEFT rewires the modules
+            try:
+                if self._peft is None:
+                    self._peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name).eval()
+                else:
+                    self._peft.load_adapter(str(folder), adapter_name=name)
+            except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+                self._forget_adapter(name)
+                detail = " ".join(str(exc).split())  # PEFT lists every mismatched tensor: the first few say it
+                detail = detail if len(detail) <= 300 else detail[:299] + "…"
+                raise EngineError(f"adapter {folder} does not fit {self.info.model_id}: {detail}") from None
+        self._adapters[name] = str(folder)
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def _forget_adapter(self, name: str) -> None:
+        """Removes what a failed load left behind, so the base (and other adapters) answer as before."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if self._peft is not None:
+            if name in self._peft.peft_config:
+                self._peft.delete_adapter(name)
+            return
+        # A failed first load leaves its layers injected (with random weights when saved so): delete them.
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer) and name in module.lora_A:
+                module.delete_adapter(name)
+        config = getattr(self.model, "peft_config", None)
+        if isinstance(config, dict):
+            config.pop(name, None)
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self._adapters:
+            loaded = ", ".join(self._adapters) or "none"
+            raise EngineError(f"adapter {adapter!r} is not loaded (loaded: {loaded})")
+
+    def _forward(self, adapters: Sequence[str | None], **inputs: Any) -> Any:
+        """One forward pass in which row i runs with adapter ``adapters[i]`` (None: the base alone)."""
+        with self._forward_lock:
+            if self._peft is None:
+                return self.model(**inputs)
+            # Always named: without adapter_names PEFT applies its active adapter to every row.
+            return self._peft(**inputs, adapter_names=[a or "__base__" for a in adapters])
 
     def close(self) -> None:
         """Stops the scheduler, then fails every queued and running request; later requests fail at once."""
@@ -234,6 +300,7 @@ class HFEngine(BaseEngine):
         samplers = [RowSampler(r.params, self.device, len(r.prompt), r.grammar) for r in rows]
         cache = DynamicCache(config=self.model.config)
         steps = max(r.params.max_tokens for r in rows)
+        adapters = [r.params.adapter for r in rows]
         next_input = input_ids
         with torch.inference_mode():
             for _ in range(steps):
@@ -242,7 +309,9 @@ class HFEngine(BaseEngine):
                         self._fail(row, EngineError("engine closed"))
                     return
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -next_input.shape[1] :]
-                out = self.model(input_ids=next_input, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+                out = self._forward(
+                    adapters, input_ids=next_input, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                )
                 tokens = self._step_rows(rows, samplers, out.logits[:, -1, :])
                 if all(r.done for r in rows):
                     return
@@ -294,8 +363,16 @@ def _available() -> str | None:
 
 @register_backend("transformers", description="Hugging Face transformers (CPU or GPU, any HF causal LM)", available=_available)
 def load_hf(source: ModelSource, **options: Any) -> HFEngine:
-    """Loads ``source`` (an HF folder; built-ins are materialised) with dtype, device_map, max_batch_size, load_in_bits."""
+    """Loads ``source`` (an HF folder; built-ins are materialised) with dtype, device_map, max_batch_size,
+    load_in_bits, and ``adapters`` ({name: LoRA adapter folder}) served beside the base."""
     known = {"dtype", "device_map", "max_batch_size", "attn_implementation", "load_in_bits"}
     kwargs = {k: v for k, v in options.items() if k in known and v is not None}
     folder = source.hf_folder()
-    return HFEngine(str(folder), source.model_id, trust_remote_code=source.trust_remote_code, **kwargs)
+    engine = HFEngine(str(folder), source.model_id, trust_remote_code=source.trust_remote_code, **kwargs)
+    try:
+        for name, path in (options.get("adapters") or {}).items():
+            engine.load_adapter(name, str(path))
+    except BaseException:
+        engine.close()
+        raise
+    return engine

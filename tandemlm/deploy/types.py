@@ -64,6 +64,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
     constraint: OutputConstraint | None = None
+    adapter: str | None = None  # a loaded LoRA adapter's name; None: the base model alone
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
@@ -91,6 +92,8 @@ class SamplingParams:
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
+            raise ValueError(f"adapter must be a non-empty name, got {self.adapter!r}")
 
     def _check_logit_bias(self) -> None:
         clean: dict[int, float] = {}
@@ -120,6 +123,7 @@ class SamplingParams:
             "logprobs": self.logprobs is not None,
             "top_logprobs": bool(self.logprobs),
             "response_format": self.constraint is not None,
+            "adapter": self.adapter is not None,
         }
         return [name for name, on in used.items() if on]
 

@@ -20,13 +20,17 @@ from tandemlm.errors import EngineError
 
 def _model_card(name: str, engine: Engine) -> dict[str, Any]:
     info = engine.info
-    return {
+    card: dict[str, Any] = {
         "id": name,
         "object": "model",
         "created": 0,
         "owned_by": f"tandemlm/{info.backend}",
         "max_model_len": info.context_length,
     }
+    parent = getattr(engine, "parent", None)  # an adapter view: the served name of its base model
+    if isinstance(parent, str):
+        card["parent"] = parent
+    return card
 
 
 def _render(engine: Engine, body: TokenizeRequest) -> str:
