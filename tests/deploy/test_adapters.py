@@ -6,6 +6,7 @@ The anchor is PEFT itself: an adapter view must give the tokens and log-probabil
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 from pathlib import Path
@@ -234,3 +235,30 @@ def test_cli_run_folder_resolves_to_its_final_adapter(tmp_path, adapter):
     (run / "config.yaml").write_text("method: dpo\n")
     (run / "run.json").write_text(json.dumps({"method": "dpo", "adapter": True, "base_model": "x"}))
     assert adapter_folders([f"policy={run}"]) == {"policy": (run / "final").resolve()}
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_adapter_as_the_transformers_backend_does(tiny_llama_dir, adapter, engine):
+    from tandemlm.deploy import vllm_engine
+
+    if importlib.util.find_spec("vllm") is None or vllm_engine.unavailable_reason():
+        pytest.skip(f"vLLM cannot run here: {vllm_engine.unavailable_reason()}")
+    from tandemlm.models.resolve import resolve_model
+
+    vllm = vllm_engine.load(
+        resolve_model(str(tiny_llama_dir)), dtype="float32", context_length=512, enforce_eager=True, adapters={"policy": adapter}
+    )
+    try:
+        view, hf_view = vllm.adapter_view("policy"), engine.adapter_view("policy")
+        differing = 0
+        for prompt in PROMPTS:
+            adapted = collect(view.generate(prompt, GREEDY)).text
+            assert adapted == collect(hf_view.generate(prompt, GREEDY)).text
+            differing += adapted != collect(vllm.generate(prompt, GREEDY)).text
+        assert differing >= 3
+        ids = engine.tokenize("The quick brown fox jumps over the lazy dog", add_special_tokens=True)
+        assert view.score_tokens(ids[:4], ids[4:]) == pytest.approx(hf_view.score_tokens(ids[:4], ids[4:]), abs=1e-3)
+        with pytest.raises(EngineError, match="not loaded"):
+            collect(vllm.generate("hi", SamplingParams(max_tokens=1, adapter="nope")))
+    finally:
+        vllm.close()
