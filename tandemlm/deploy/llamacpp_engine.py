@@ -185,6 +185,14 @@ class LlamaCppEngine(BaseEngine):
     def vocab_size(self) -> int:
         return self._n_vocab
 
+    def open_ended_budget(self, prompt_len: int) -> int:
+        """All sequences share one KV cache of n_ctx cells, and a request reserves its whole budget
+        when admitted: without max_tokens a request gets its fair share (n_ctx / n_parallel, as each
+        llama-server slot), at least 256 tokens when the context has room, and ends with "length"."""
+        room = self._n_ctx - prompt_len
+        share = self._n_ctx // max(len(self._idle) - 1, 1) - prompt_len
+        return max(1, min(room, max(share, 256)))
+
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         add_bos = add_special_tokens and self._model.add_bos_token()
         return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
