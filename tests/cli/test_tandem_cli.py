@@ -104,7 +104,7 @@ def uvicorn_calls(monkeypatch):
 
     calls: list[dict] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
-    monkeypatch.setattr(cli_main, "_load", lambda model, options: MockEngine(model_id=model))
+    monkeypatch.setattr(cli_main, "_load", lambda model, options, **extra: MockEngine(model_id=model))
     return calls
 
 
@@ -128,6 +128,17 @@ def test_bad_serve_flags_are_one_line_errors_before_anything_loads(uvicorn_calls
 def test_quantize_serve_checks_its_port_before_quantizing(uvicorn_calls, tmp_path):
     result = runner.invoke(app, ["quantize", str(tmp_path / "absent"), "--serve", "--port", "70000"])
     assert (result.exit_code, result.output.strip()) == (2, "error: --port must be between 1 and 65535, got 70000")
+
+
+def test_serve_serves_extra_models_by_name(uvicorn_calls):
+    result = runner.invoke(app, ["serve", "smollm2", "--served-name", "base", "--model", "judge=other.gguf", "--model", "x=y"])
+    assert result.exit_code == 0, result.output
+    [call] = uvicorn_calls
+    engines = call["app"].state.context.engines
+    assert list(engines) == ["base", "judge", "x"] and engines["judge"].info.model_id == "other.gguf"
+    for bad, message in ((["--model", "judge"], "expected NAME=REF"), (["--model", "a=b", "--model", "a=c"], "given twice")):
+        result = runner.invoke(app, ["serve", "smollm2", *bad])
+        assert result.exit_code != 0 and message in result.output
 
 
 def test_serve_passes_port_queue_and_hosts_through(uvicorn_calls):

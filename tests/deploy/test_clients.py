@@ -272,8 +272,10 @@ def run_lm_eval(monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> dict[str, Any
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"batch_size": 4}, {"tokenized_requests": False, "batch_size": 4}],
-    ids=["default", "batch_size=4", "text-prompts-batch_size=4"],
+    # Token-id prompts one at a time (the default) and in lists (batch_size > 1); text prompts take
+    # the same server path as token ids after tokenizing (tests/deploy/test_server_api.py).
+    [{}, {"batch_size": 4}],
+    ids=["default", "batch_size=4"],
 )
 def test_lm_eval_local_completions_multiple_choice_matches_engine_scoring(live, offline, monkeypatch, engine_scores, extra):
     url, model_id = live
