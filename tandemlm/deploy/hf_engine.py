@@ -22,7 +22,7 @@ from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.hardware import inference_precision
-from tandemlm.models.chat_template import Message
+from tandemlm.models.chat_template import Message, render_with_tokenizer, tokenizer_template
 from tandemlm.models.resolve import ModelSource
 from tandemlm.models.stops import stop_ids
 
@@ -113,15 +113,10 @@ class HFEngine(BaseEngine):
         add_generation_prompt: bool = True,
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> str:
-        if not self.tokenizer.chat_template:
-            raise EngineError(f"{self.info.model_id} has no chat template (tokenizer_config.json); use generate instead")
-        return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, tools=list(tools) if tools else None
-        )
+        return render_with_tokenizer(self.tokenizer, self.info.model_id, messages, add_generation_prompt, tools)
 
     def chat_template_source(self) -> str | None:
-        template = self.tokenizer.chat_template
-        return template if isinstance(template, str) else None
+        return tokenizer_template(self.tokenizer)
 
     def vocab_size(self) -> int:
         # The embedding may be padded past the tokenizer (or the tokenizer carry extra added tokens).

@@ -23,7 +23,7 @@ from tandemlm.deploy.engine import BaseEngine, adapter_weights
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, OutputConstraint, SamplingParams
 from tandemlm.errors import EngineError
-from tandemlm.models.chat_template import Message
+from tandemlm.models.chat_template import Message, render_with_tokenizer, tokenizer_template
 from tandemlm.models.resolve import ModelSource
 
 _GIB = 1 << 30
@@ -332,16 +332,11 @@ class VLLMEngine(BaseEngine):
         add_generation_prompt: bool = True,
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> str:
-        if not self.info.has_chat_template:
-            raise EngineError(f"model {self.info.model_id} has no chat template; use generate instead")
         with self._tok_lock:
-            return self._tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, tools=list(tools) if tools else None
-            )
+            return render_with_tokenizer(self._tokenizer, self.info.model_id, messages, add_generation_prompt, tools)
 
     def chat_template_source(self) -> str | None:
-        template = self._tokenizer.chat_template
-        return template if isinstance(template, str) else None
+        return tokenizer_template(self._tokenizer)
 
     def vocab_size(self) -> int:
         return len(self._tokenizer)
@@ -456,9 +451,9 @@ def _structured(constraint: OutputConstraint | None) -> Any:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    from tandemlm.deploy.hf_sampling import ANY_OBJECT, JSON_OPTIONS
+    from tandemlm.deploy.constraints import JSON_OPTIONS, constraint_schema
 
-    schema = ANY_OBJECT if constraint.json_schema is None else constraint.json_schema
+    schema = constraint_schema(constraint)
     # load() picks vLLM's llguidance backend, which reads these JSON options from the schema itself:
     # the same compact JSON the transformers backend writes (the schema's own x-guidance wins).
     options = {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}

@@ -46,3 +46,24 @@ def render_chat_template(
     if isinstance(rendered, tuple):
         rendered = rendered[0]
     return rendered if isinstance(rendered, str) else rendered[0]
+
+
+def tokenizer_template(tokenizer: Any) -> str | None:
+    """The Jinja chat template an HF tokenizer carries (None when it has none or several named ones)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return template if isinstance(template, str) else None
+
+
+def render_with_tokenizer(
+    tokenizer: Any,
+    model_id: str,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = True,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> str:
+    """The prompt an HF tokenizer's own chat template makes of ``messages`` and ``tools``."""
+    if not tokenizer.chat_template:
+        raise EngineError(f"{model_id} has no chat template (tokenizer_config.json); use generate instead")
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, tools=list(tools) if tools else None
+    )

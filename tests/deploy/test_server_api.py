@@ -19,6 +19,7 @@ def server(serve):
     engines = {
         "mock-model": MockEngine(model_id="mock-model", reply="<think>plan</think>Hello there"),
         "caller": MockEngine(model_id="caller", reply='{"name": "get_weather", "arguments": {"city": "Paris"}}'),
+        "thinker": MockEngine(model_id="thinker", reply='<think>Paris weather: call it.</think>{"name": "get_weather", "arguments": {"city": "Paris"}}'),
     }
     with serve(engines) as url:
         yield url, engines
@@ -48,7 +49,7 @@ def post(url: str, path: str, body: dict) -> httpx.Response:
         ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          400, "'image_url' are not supported"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "x", "audio": 1}]}, 400, "messages.0.audio is not supported"),
-        ("/chat/completions", {"model": "gpt-4o", "messages": USER}, 404, "served models: mock-model, caller"),
+        ("/chat/completions", {"model": "gpt-4o", "messages": USER}, 404, "served models: mock-model, caller, thinker"),
         ("/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix (fill-in-the-middle) is not supported"),
         ("/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
         ("/completions", {"prompt": "x", "max_tokens": 0}, 400, "only allowed with echo=true"),
@@ -152,6 +153,15 @@ def test_tool_calls_are_parsed_from_a_model_without_tool_support(server):
         client(url).chat.completions.create(model="caller", messages=USER, tools=tools, tool_choice=other)
     none = client(url).chat.completions.create(model="caller", messages=USER, tools=tools, tool_choice="none")
     assert none.choices[0].message.tool_calls is None and "get_weather" in none.choices[0].message.content
+
+
+def test_a_reasoning_model_reasons_then_calls(server):
+    url, _ = server
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    result = client(url).chat.completions.create(model="thinker", messages=USER, tools=tools)
+    message = result.choices[0].message
+    assert message.model_extra["reasoning_content"] == "Paris weather: call it."
+    assert message.tool_calls[0].function.name == "get_weather" and not message.content
 
 
 def test_tools_and_tool_turns_reach_the_prompt(server):

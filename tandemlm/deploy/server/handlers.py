@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,34 +101,42 @@ async def chat_completion(ctx: ServeContext, body: ChatCompletionRequest) -> Any
     chunks = ChatChunks(name)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Streamed(_chat_stream(ctx, prepared, chunks, include_usage), prepared.release)
+        return Streamed(_sse_envelope(prepared, _chat_stream(ctx, prepared, chunks, include_usage)), prepared.release)
     return await _gather(ctx, prepared, lambda results, usage: chunks.full(results, usage, body.logprobs))
 
 
 async def _chat_stream(ctx: ServeContext, prepared: Prepared, chunks: ChatChunks, include_usage: bool) -> AsyncIterator[str]:
     usage, timing = Usage(), _Timing()
+    for choice in prepared.choices:
+        yield sse(chunks.role_chunk(choice.index))
+    async for index, delta in merged(prepared.choices):
+        timing.saw(index)
+        tools = prepared.tools.get(index)
+        content, tool_deltas = tools.feed(delta.text) if tools else (delta.text, [])
+        finish = None
+        if delta.finish_reason:
+            rest, more = tools.flush() if tools else ("", [])
+            content, tool_deltas = content + rest, tool_deltas + more
+            finish = "tool_calls" if tools and tools.calls else delta.finish_reason
+            _record(ctx, timing, index, delta.usage, usage, count_prompt=index == 0)
+        if content or delta.reasoning or tool_deltas or delta.logprobs or finish:
+            yield sse(chunks.chunk(index, content, delta.reasoning, tool_deltas, delta.logprobs, finish))
+    if include_usage:
+        yield sse(chunks.usage_chunk(usage))
+
+
+async def _sse_envelope(prepared: Prepared, lines: AsyncGenerator[str, None]) -> AsyncIterator[str]:
+    """Waits for the request's slots, relays its SSE lines, reports a failure in-band, frees the
+    slots however it ends, and closes with ``[DONE]``."""
     try:
-        await prepared.admitted()
-        for choice in prepared.choices:
-            yield sse(chunks.role_chunk(choice.index))
+        await prepared.admitted()  # a queued request waits here; its place is already claimed
         try:
-            async for index, delta in merged(prepared.choices):
-                timing.saw(index)
-                tools = prepared.tools.get(index)
-                content, tool_deltas = tools.feed(delta.text) if tools else (delta.text, [])
-                finish = None
-                if delta.finish_reason:
-                    rest, more = tools.flush() if tools else ("", [])
-                    content, tool_deltas = content + rest, tool_deltas + more
-                    finish = "tool_calls" if tools and tools.calls else delta.finish_reason
-                    _record(ctx, timing, index, delta.usage, usage, count_prompt=index == 0)
-                if content or delta.reasoning or tool_deltas or delta.logprobs or finish:
-                    yield sse(chunks.chunk(index, content, delta.reasoning, tool_deltas, delta.logprobs, finish))
-            if include_usage:
-                yield sse(chunks.usage_chunk(usage))
+            async for line in lines:
+                yield line
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band and end cleanly
             yield sse(error_body(f"generation failed: {exc}", "server_error"))
     finally:
+        await lines.aclose()  # a client gone mid-stream: stop the engine streams now, not at GC
         prepared.release()
     yield sse("[DONE]")
 
@@ -199,7 +207,8 @@ async def text_completion(ctx: ServeContext, body: CompletionRequest) -> Any:
     with_logprobs = body.logprobs is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Streamed(_text_stream(ctx, prepared, chunks, include_usage, with_logprobs), prepared.release)
+        lines = _text_stream(ctx, prepared, chunks, include_usage, with_logprobs)
+        return Streamed(_sse_envelope(prepared, lines), prepared.release)
     return await _gather(ctx, prepared, lambda results, usage: chunks.full(results, usage, with_logprobs))
 
 
@@ -224,24 +233,16 @@ async def _text_stream(
 ) -> AsyncIterator[str]:
     usage, timing = Usage(), _Timing()
     offsets: dict[int, int] = {}
-    try:
-        await prepared.admitted()
-        for index, (text, echoed) in prepared.echo.items():
-            yield sse(chunks.text_chunk(index, text, echoed if with_logprobs else None, None, 0))  # type: ignore[arg-type]
-            offsets[index] = len(text)
-        try:
-            async for index, delta in merged(prepared.choices):
-                timing.saw(index)
-                if delta.finish_reason:
-                    _record(ctx, timing, index, delta.usage, usage, count_prompt=index in prepared.prompt_tokens)
-                start = offsets.get(index, 0)
-                offsets[index] = start + len(delta.text)
-                logprobs = delta.logprobs if with_logprobs else None
-                yield sse(chunks.text_chunk(index, delta.text, logprobs, delta.finish_reason, start))
-            if include_usage:
-                yield sse(chunks.usage_chunk(usage))
-        except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band and end cleanly
-            yield sse(error_body(f"generation failed: {exc}", "server_error"))
-    finally:
-        prepared.release()
-    yield sse("[DONE]")
+    for index, (text, echoed) in prepared.echo.items():
+        yield sse(chunks.text_chunk(index, text, echoed if with_logprobs else None, None, 0))  # type: ignore[arg-type]
+        offsets[index] = len(text)
+    async for index, delta in merged(prepared.choices):
+        timing.saw(index)
+        if delta.finish_reason:
+            _record(ctx, timing, index, delta.usage, usage, count_prompt=index in prepared.prompt_tokens)
+        start = offsets.get(index, 0)
+        offsets[index] = start + len(delta.text)
+        logprobs = delta.logprobs if with_logprobs else None
+        yield sse(chunks.text_chunk(index, delta.text, logprobs, delta.finish_reason, start))
+    if include_usage:
+        yield sse(chunks.usage_chunk(usage))
