@@ -3,13 +3,14 @@
 Each request (row of a batch) gets a :class:`RowSampler` built from its :class:`SamplingParams`:
 transformers' own logits processors where they exist (repetition penalty, logit bias, temperature,
 top-k, top-p, min-p), a small one for OpenAI's presence/frequency penalties, and an llguidance
-matcher that masks every token a JSON schema does not allow. Log-probabilities are always the
-model's own (log-softmax of the raw logits), the same numbers ``score_tokens`` gives.
+matcher (:mod:`tandemlm.deploy.constraints`) that masks every token a JSON schema does not allow.
+Log-probabilities are always the model's own (log-softmax of the raw logits), the same numbers
+``score_tokens`` gives.
 """
 
 from __future__ import annotations
 
-import threading
+import functools
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -24,13 +25,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from tandemlm.deploy.constraints import Grammars, Matcher
 from tandemlm.deploy.types import GeneratedToken, OutputConstraint, SamplingParams
 from tandemlm.errors import EngineError
-
-# Compact JSON with the usual ", " and ": " separators: flexible whitespace lets a weak model emit
-# blanks forever without ever closing the object.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 def logprob_records(logits: torch.Tensor, tokens: Sequence[int], top: int = 0) -> list[GeneratedToken]:
@@ -67,54 +64,23 @@ class OpenAIPenalties(LogitsProcessor):
         return penalize(scores, counts, self.presence, self.frequency)
 
 
-class JsonGrammars:
-    """llguidance for one tokenizer: turns JSON schemas into grammars and grammars into matchers.
-
-    The llguidance tokenizer takes about a second to build, so it is made on first use and kept.
-    """
+class JsonGrammars(Grammars):
+    """llguidance (:mod:`tandemlm.deploy.constraints`) for a transformers tokenizer, masking torch logits."""
 
     def __init__(self, hf_tokenizer: Any, eos_ids: Collection[int]) -> None:
-        self._hf_tokenizer = hf_tokenizer
-        self.eos = frozenset(eos_ids)
-        self._tokenizer: Any = None
-        self._lock = threading.Lock()
+        super().__init__(functools.partial(_lltokenizer, hf_tokenizer, sorted(eos_ids)))
 
-    def tokenizer(self) -> Any:
-        with self._lock:
-            if self._tokenizer is None:
-                import llguidance.hf
-
-                try:
-                    self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, eos_token=sorted(self.eos))
-                except ValueError as exc:
-                    raise EngineError(f"response_format needs a fast (tokenizers) tokenizer: {exc}") from None
-            return self._tokenizer
-
-    def grammar(self, constraint: OutputConstraint) -> str:
-        """The checked llguidance grammar for ``constraint``; an EngineError (one line) if the schema is bad."""
-        from llguidance import LLMatcher
-
-        schema = ANY_OBJECT if constraint.json_schema is None else constraint.json_schema
-        try:
-            grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-        except (ValueError, TypeError) as exc:
-            raise EngineError(_one_line(f"invalid JSON schema: {exc}")) from None
-        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer())
-        if is_error:
-            raise EngineError(_one_line(f"invalid JSON schema: {messages[0] if messages else 'rejected'}"))
-        return grammar
-
-    def matcher(self, constraint: OutputConstraint) -> GrammarMask:
-        from llguidance import LLMatcher
-
-        matcher = LLMatcher(self.tokenizer(), self.grammar(constraint), log_level=0)
-        if matcher.is_error():
-            raise EngineError(_one_line(f"invalid JSON schema: {matcher.get_error()}"))
-        return GrammarMask(matcher, self.eos)
+    def matcher(self, constraint: OutputConstraint) -> GrammarMask:  # type: ignore[override]
+        return GrammarMask(super().matcher(constraint))
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def _lltokenizer(hf_tokenizer: Any, eos_ids: list[int]) -> Any:
+    import llguidance.hf
+
+    try:
+        return llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=eos_ids)
+    except ValueError as exc:
+        raise EngineError(f"response_format needs a fast (tokenizers) tokenizer: {exc}") from None
 
 
 class GrammarMask(LogitsProcessor):
@@ -123,32 +89,19 @@ class GrammarMask(LogitsProcessor):
     Tokens past the tokenizer's vocabulary (padded embeddings) are never allowed.
     """
 
-    def __init__(self, matcher: Any, eos: frozenset[int]) -> None:
-        self.matcher, self.eos = matcher, eos
-        self._bits = torch.arange(8, dtype=torch.uint8)
+    def __init__(self, matcher: Matcher) -> None:
+        self.matcher = matcher
 
     def allowed(self, width: int) -> torch.Tensor:
         """Bool mask of the ``width`` logits the grammar allows now."""
-        if self.matcher.is_stopped():  # complete: nothing but an end-of-generation token
-            allowed = torch.zeros(width, dtype=torch.bool)
-            allowed[[t for t in self.eos if t < width]] = True
-            return allowed
-        packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
-        bits = ((packed[:, None] >> self._bits) & 1).flatten().bool()  # bit j of byte i: token 8 i + j
-        allowed = torch.zeros(width, dtype=torch.bool)
-        n = min(width, bits.numel())
-        allowed[:n] = bits[:n]
-        return allowed
+        return torch.from_numpy(self.matcher.allowed(width))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         allowed = self.allowed(scores.shape[-1]).to(scores.device)
         return scores.masked_fill(~allowed, float("-inf"))
 
     def consume(self, token: int) -> None:
-        if token in self.eos:
-            return
-        if not self.matcher.consume_token(token):
-            raise EngineError(_one_line(f"the JSON grammar rejected token {token}: {self.matcher.get_error()}"))
+        self.matcher.consume(token)
 
 
 class RowSampler:

@@ -4,7 +4,7 @@ llama-cpp-python's ``Llama`` class decodes one sequence at a time (its server ab
 serialises concurrent streams). Here one scheduler thread owns a llama.cpp context with
 ``n_parallel`` sequences in a unified KV cache, and every step decodes one token for each
 running sequence plus chunks of newly arrived prompts in a single ``llama_decode`` batch.
-Sampling uses llama.cpp's own sampler chains, one per request.
+Sampling uses llama.cpp's own sampler chains, one per request, and llguidance for JSON schemas.
 """
 
 from __future__ import annotations
@@ -19,15 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from tandemlm.deploy.constraints import Grammars, Matcher
 from tandemlm.deploy.engine import BaseEngine, common_prefix_len, drain_tokens
-from tandemlm.deploy.llamacpp_sampling import (
-    RequestSampler,
-    Stage,
-    build_chain,
-    json_schema_gbnf,
-    logprob_record,
-    plan_chain,
-)
+from tandemlm.deploy.llamacpp_sampling import RequestSampler, logprob_record, plan_chain
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
@@ -47,6 +41,7 @@ class _Request:
     seq_id: int = -1
     n_past: int = 0  # prompt tokens already decoded
     generated: list[int] = field(default_factory=list)
+    matcher: Matcher | None = None  # a constrained request's grammar, built before it queues
     sampler: RequestSampler | None = None
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     score_targets: list[int] = field(default_factory=list)
@@ -149,6 +144,7 @@ class LlamaCppEngine(BaseEngine):
         if self.chat_template:
             # Renders once now so the first request doesn't pay for importing the template engine.
             render_chat_template(self.chat_template, [{"role": "user", "content": "hi"}], True, "", "")
+        self._grammars = Grammars(self._lltokenizer)
         self._bos = self._special_text(self._model.token_bos())
         self._eos = self._special_text(self._model.token_eos())
         self._waiting: queue.Queue[_Request | None] = queue.Queue()
@@ -179,6 +175,14 @@ class LlamaCppEngine(BaseEngine):
     def chat_template_source(self) -> str | None:
         return self.chat_template
 
+    def _lltokenizer(self) -> Any:
+        """llguidance's view of the vocabulary; a complete grammar allows every end-of-generation token."""
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        is_eog = self._ll.llama_vocab_is_eog
+        eog = [token for token in range(self._n_vocab) if is_eog(self._vocab, token)]
+        return lltokenizer_from_vocab(self._vocab, n_vocab=self._n_vocab, eos_token=eog)
+
     def token_bytes(self, token_id: int) -> bytes:
         return self._piece(token_id)
 
@@ -203,6 +207,8 @@ class LlamaCppEngine(BaseEngine):
     # ---- public primitives -------------------------------------------------------------------
     def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
         request = _Request(prompt=list(prompt_ids), params=params)
+        if params.constraint is not None:  # built here, so the scheduler thread never waits on a grammar
+            request.matcher = self._grammars.matcher(params.constraint)
         self._submit(request)
         return drain_tokens(request.out, request.cancelled)
 
@@ -222,15 +228,10 @@ class LlamaCppEngine(BaseEngine):
         return result
 
     def check_params(self, params: SamplingParams) -> None:
-        """Also compiles a requested JSON grammar, so a bad schema fails before the stream starts."""
+        """Also checks a requested JSON schema with llguidance, so a bad one fails before the stream starts."""
         super().check_params(params)
         if params.constraint is not None:
-            grammar = Stage("grammar", (json_schema_gbnf(params.constraint),))
-            self._ll.llama_sampler_free(build_chain(self._ll, self._vocab, [grammar]))
-
-    def _plan(self, params: SamplingParams, prompt: list[int]) -> list[Stage]:
-        grammar = json_schema_gbnf(params.constraint) if params.constraint is not None else None
-        return plan_chain(params, self._n_vocab, prompt, grammar)
+            self._grammars.grammar(params.constraint)
 
     def close(self) -> None:
         """Stops the scheduler, fails every queued and running request, then frees the context.
@@ -319,8 +320,8 @@ class LlamaCppEngine(BaseEngine):
             self.reused_tokens += reuse
             if request.params is not None:
                 try:
-                    stages = self._plan(request.params, request.prompt)
-                    request.sampler = RequestSampler(self._ll, self._vocab, stages, self._n_vocab)
+                    stages = plan_chain(request.params, self._n_vocab, request.prompt)
+                    request.sampler = RequestSampler(self._ll, stages, self._n_vocab, request.matcher)
                 except EngineError as exc:
                     self._finish(request, error=exc)
                     continue

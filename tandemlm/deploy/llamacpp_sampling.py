@@ -2,15 +2,14 @@
 
 A request's chain is planned as plain data (:func:`plan_chain`: which ``llama_sampler_init_*`` calls,
 with which arguments, fed which past tokens) and then built from llama.cpp's own samplers
-(:func:`build_chain`), so what a request asks for can be checked without a model. JSON schemas
-become GBNF through llama-cpp-python's converter (:func:`json_schema_gbnf`).
+(:func:`build_chain`), so what a request asks for can be checked without a model. JSON schemas are
+enforced by an llguidance matcher beside the chain (:mod:`tandemlm.deploy.constraints`, as on the
+other backends), not by a grammar sampler in it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from tandemlm.deploy.types import GeneratedToken, OutputConstraint, SamplingParams
+from tandemlm.deploy.constraints import Matcher
+from tandemlm.deploy.types import GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
 
 PENALTY_LAST_N = 64  # tokens the repetition penalty looks back over (prompt included)
-ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 def logprob_record(logits: np.ndarray, token: int, top: int = 0) -> GeneratedToken:
@@ -51,16 +50,15 @@ class Stage:
     history: tuple[int, ...] = ()
 
 
-def plan_chain(params: SamplingParams, n_vocab: int, prompt: Sequence[int], grammar: str | None = None) -> list[Stage]:
+def plan_chain(params: SamplingParams, n_vocab: int, prompt: Sequence[int]) -> list[Stage]:
     """The samplers, in order, that honour ``params`` (same order as the transformers backend).
 
-    The grammar comes first so every later filter only chooses among tokens it allows. The
-    repetition penalty also looks back over the prompt (as transformers' does); OpenAI's presence
-    and frequency penalties get a sampler of their own that sees generated tokens only.
+    A JSON grammar is not one of them: :class:`RequestSampler` masks the logits before the chain
+    sees them, so every filter only chooses among tokens it allows. The repetition penalty also
+    looks back over the prompt (as transformers' does); OpenAI's presence and frequency penalties
+    get a sampler of their own that sees generated tokens only.
     """
     stages: list[Stage] = []
-    if grammar is not None:
-        stages.append(Stage("grammar", (grammar,)))
     if params.logit_bias:
         stages.append(Stage("logit_bias", (n_vocab, tuple(sorted(params.logit_bias.items())))))
     if params.penalised:
@@ -84,15 +82,14 @@ def plan_chain(params: SamplingParams, n_vocab: int, prompt: Sequence[int], gram
     return stages
 
 
-def build_chain(ll: Any, vocab: Any, stages: Sequence[Stage]) -> Any:
+def build_chain(ll: Any, stages: Sequence[Stage]) -> Any:
     """A llama.cpp sampler chain made of ``stages`` (the caller frees it); EngineError if one cannot be made."""
     chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
     for stage in stages:
-        sampler = _init_stage(ll, vocab, stage)
+        sampler = _init_stage(ll, stage)
         if not sampler:
             ll.llama_sampler_free(chain)
-            what = "the JSON grammar" if stage.kind == "grammar" else f"the {stage.kind} sampler"
-            raise EngineError(f"llama.cpp rejected {what}")
+            raise EngineError(f"llama.cpp rejected the {stage.kind} sampler")
         ll.llama_sampler_chain_add(chain, sampler)  # the chain owns it from here
         for token in stage.history:
             ll.llama_sampler_accept(sampler, token)
@@ -100,67 +97,55 @@ def build_chain(ll: Any, vocab: Any, stages: Sequence[Stage]) -> Any:
 
 
 class RequestSampler:
-    """One request's sampling: a llama.cpp chain, and a JSON grammar kept beside it (not in it).
+    """One request's sampling: a llama.cpp chain, and an llguidance matcher kept beside it (not in it).
 
-    Masking the whole vocabulary with a grammar costs more than a small model's decode step, so a
-    constrained request samples the way llama.cpp's own tools do: the chain picks from the raw
-    logits, the grammar checks that one token, and only when it is refused does the chain pick
-    again from logits the grammar has masked. Greedy picks are the same as masking first; sampled
-    ones follow the masked distribution. Samplers only learn a token once it is chosen.
+    Masking the whole vocabulary costs more than a small model's decode step, so a constrained
+    request samples the way llama.cpp's own common sampler does: the chain picks from the raw
+    logits, the matcher checks that one token, and only when it is refused does the chain pick
+    again from logits the grammar has masked (-inf). Greedy picks are the same as masking first;
+    sampled ones follow the masked distribution. Applying the chain only reads and draws (the
+    second pick draws again from its RNG, as llama.cpp's does); its samplers, penalties included,
+    learn a token once, after it is chosen. The engine's logits row is never written.
     """
 
-    def __init__(self, ll: Any, vocab: Any, stages: Sequence[Stage], n_vocab: int) -> None:
-        self._ll = ll
-        grammar = [stage for stage in stages if stage.kind == "grammar"]
-        self.grammar = build_chain(ll, vocab, grammar) if grammar else None
-        try:
-            self.chain = build_chain(ll, vocab, [stage for stage in stages if stage.kind != "grammar"])
-        except EngineError:
-            self.free()
-            raise
-        if self.grammar is not None:
+    def __init__(self, ll: Any, stages: Sequence[Stage], n_vocab: int, matcher: Matcher | None = None) -> None:
+        self._ll, self.matcher = ll, matcher
+        self.chain = build_chain(ll, stages)
+        self.refusals = 0  # picks the grammar refused, so the chain picked again from masked logits
+        if matcher is not None:
             self._data = (ll.llama_token_data * n_vocab)()
             self._view = np.ctypeslib.as_array(self._data)
             self._ids = np.arange(n_vocab, dtype=np.int32)
-            self._one = (ll.llama_token_data * 1)()
 
     def sample(self, ctx: Any, index: int, logits: Any) -> int:
         """The next token from batch output ``index``; ``logits(index)`` gives that row of raw logits."""
-        if self.grammar is None:
+        if self.matcher is None:
             return int(self._ll.llama_sampler_sample(self.chain, ctx, index))
         row = logits(index)
-        token = self._pick(row, masked=False)
-        if not self._allowed(token):
-            token = self._pick(row, masked=True)
-        self._ll.llama_sampler_accept(self.grammar, token)
+        token = self._pick(row)
+        if not self.matcher.allows(token):
+            self.refusals += 1
+            token = self._pick(row, self.matcher.allowed(len(row)))
+        self.matcher.consume(token)  # an EngineError if even the masked pick is refused (a broken grammar)
         self._ll.llama_sampler_accept(self.chain, token)
         return token
 
-    def _pick(self, row: np.ndarray, masked: bool) -> int:
+    def _pick(self, row: np.ndarray, allowed: np.ndarray | None = None) -> int:
+        """The token the chain picks from ``row`` (only among ``allowed``), without accepting it."""
         self._view["id"], self._view["logit"], self._view["p"] = self._ids, row, 0.0  # samplers reorder in place
+        if allowed is not None:
+            self._view["logit"][~allowed] = -np.inf
         candidates = self._ll.llama_token_data_array(data=self._data, size=len(self._data), selected=-1, sorted=False)
-        if masked:
-            self._ll.llama_sampler_apply(self.grammar, ctypes.byref(candidates))
         self._ll.llama_sampler_apply(self.chain, ctypes.byref(candidates))
         return int(candidates.data[candidates.selected].id)
 
-    def _allowed(self, token: int) -> bool:
-        self._one[0].id, self._one[0].logit, self._one[0].p = token, 1.0, 0.0
-        single = self._ll.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
-        self._ll.llama_sampler_apply(self.grammar, ctypes.byref(single))
-        return bool(np.isfinite(self._one[0].logit))
-
     def free(self) -> None:
-        for name in ("grammar", "chain"):
-            sampler = getattr(self, name, None)
-            if sampler is not None:
-                self._ll.llama_sampler_free(sampler)
-                setattr(self, name, None)
+        if self.chain is not None:
+            self._ll.llama_sampler_free(self.chain)
+            self.chain = None
 
 
-def _init_stage(ll: Any, vocab: Any, stage: Stage) -> Any:
-    if stage.kind == "grammar":
-        return ll.llama_sampler_init_grammar(vocab, stage.args[0].encode("utf-8"), b"root")
+def _init_stage(ll: Any, stage: Stage) -> Any:
     if stage.kind == "logit_bias":
         n_vocab, biases = stage.args
         array = (ll.llama_logit_bias * len(biases))()
@@ -168,41 +153,6 @@ def _init_stage(ll: Any, vocab: Any, stage: Stage) -> Any:
             item.token, item.bias = token, bias
         return ll.llama_sampler_init_logit_bias(n_vocab, len(biases), array)  # llama.cpp copies the array
     return getattr(ll, f"llama_sampler_init_{stage.kind}")(*stage.args)
-
-
-def json_schema_gbnf(constraint: OutputConstraint) -> str:
-    """GBNF for ``constraint`` (any JSON object when it has no schema); an EngineError (one line) if the
-    schema is invalid or uses something llama-cpp-python's converter does not support."""
-    schema = ANY_OBJECT if constraint.json_schema is None else constraint.json_schema
-    if not isinstance(schema, dict):
-        raise EngineError(f"invalid JSON schema: expected an object, got {type(schema).__name__}")
-    try:
-        text = json.dumps(schema, sort_keys=True)
-    except (TypeError, ValueError) as exc:
-        raise EngineError(_one_line(f"invalid JSON schema: {exc}")) from None
-    return _convert(text)
-
-
-@functools.lru_cache(maxsize=64)
-def _convert(schema_json: str) -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    try:
-        grammar = json_schema_to_gbnf(schema_json)
-    except RecursionError:
-        raise EngineError("unsupported JSON schema: it nests or refers to itself too deeply") from None
-    except Exception as exc:  # noqa: BLE001 - the converter signals bad schemas with assorted exceptions
-        reason = str(exc) or type(exc).__name__
-        if "--allow-fetch" in reason:  # the converter's CLI advice means nothing to an API caller
-            reason = "a $ref to a remote schema (only local #/... references are resolved)"
-        raise EngineError(_one_line(f"unsupported JSON schema: {reason}")) from None
-    # The converter's string characters admit raw control characters, which JSON forbids (and
-    # json.loads rejects); newer llama.cpp grammars exclude them the same way.
-    return grammar.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def apply_chain(ll: Any, chain: Any, logits: Sequence[float]) -> int:
