@@ -86,6 +86,10 @@ class Engine(Protocol):
         """``ids`` if each is a token id of this model; otherwise an EngineError naming the first bad one."""
         ...
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Raises EngineError naming a setting of ``params`` this engine cannot honour."""
+        ...
+
     def close(self) -> None:
         """Frees the model and any worker threads."""
         ...

@@ -54,7 +54,7 @@ def post(url: str, path: str, body: dict) -> httpx.Response:
         ("/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
         ("/completions", {"prompt": "x", "max_tokens": 0}, 400, "only allowed with echo=true"),
         ("/completions", {"prompt": [1, -4]}, 400, "prompt[1] = -4 is not a token id"),
-        ("/completions", {"prompt": "x", "echo": True, "logprobs": 2}, 400, "cannot list top log-probabilities"),
+        ("/completions", {"prompt": "x", "echo": True, "logprobs": 2}, 400, "top_logprobs is not supported by the mock backend"),
     ],
 )
 def test_requests_we_cannot_honour_get_an_error_naming_the_field(server, path, body, status, fragment):

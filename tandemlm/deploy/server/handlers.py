@@ -7,6 +7,8 @@ length, admission) is settled before the response starts; after that only our ow
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -62,10 +64,16 @@ class Prepared:
     tools: dict[int, ChoiceTools] = field(default_factory=dict)
     echo: dict[int, tuple[str, list[TokenLogprob | None]]] = field(default_factory=dict)
     prompt_tokens: dict[int, int] = field(default_factory=dict)
+    # Echoed prompts to score once admitted (choice indexes sharing the prompt, the scoring work):
+    # scoring is a forward pass, so it runs under the request's slots, not on the prepare thread.
+    echo_jobs: list[tuple[list[int], Callable[[], tuple[str, list[TokenLogprob | None]]]]] = field(default_factory=list)
 
     async def admitted(self) -> None:
         for ticket in self.tickets:
             await ticket.admitted()
+        results = await asyncio.gather(*(asyncio.to_thread(job) for _, job in self.echo_jobs))
+        for (indexes, _), echoed in zip(self.echo_jobs, results, strict=True):
+            self.echo.update(dict.fromkeys(indexes, echoed))
 
     def release(self) -> None:
         release_all(self.tickets)
@@ -189,17 +197,16 @@ async def text_completion(ctx: ServeContext, body: CompletionRequest) -> Any:
     score_only = body.max_tokens == 0
 
     def make() -> Prepared:
+        engine.check_params(params)  # also for echo-only requests, which generate nothing
         prepared = Prepared([], [])
         for p, prompt in enumerate(prompts):
-            echo = _echo(engine, prompt, body.logprobs) if body.echo else None
-            for j in range(body.n):
-                index = p * body.n + j
-                if j == 0:
-                    prepared.prompt_tokens[index] = p
+            indexes = [p * body.n + j for j in range(body.n)]
+            prepared.prompt_tokens[indexes[0]] = p
+            for j, index in enumerate(indexes):
                 stream = _scored(engine, prompt) if score_only else engine.generate(prompt, choice_params(params, j))
                 prepared.choices.append(Choice(index, stream))
-                if echo is not None:
-                    prepared.echo[index] = echo
+            if body.echo:
+                prepared.echo_jobs.append((indexes, functools.partial(_echo, engine, prompt, body.logprobs)))
         return prepared
 
     prepared = await _prepare(ctx, min(len(prompts) * body.n, ctx.admission.max_concurrency), make)
