@@ -152,7 +152,7 @@ def serve(
     extras = opt.named_refs(extra_models or [], "--model")
     adapter_dirs = opt.adapter_folders(adapters or [])
     if adapter_dirs:
-        _check_adapter_base(model, adapter_dirs, quantize, engine_options)
+        _check_adapter_base(model, adapter_dirs, engine_options)
     if quantize:
         from tandemlm.cli.quantize import quantized_engine
 
@@ -168,23 +168,18 @@ def serve(
     run_server(engines, config)
 
 
-def _check_adapter_base(model: str, adapters: dict[str, Path], quantize: str | None, engine_options: EngineOptions) -> None:
-    """Before loading: adapters need an HF base (not GGUF) that matches the base each adapter records."""
+def _check_adapter_base(model: str, adapters: dict[str, Path], engine_options: EngineOptions) -> None:
+    """Before loading: an HF base must match the base each adapter records (a GGUF base is checked by llama.cpp)."""
     from tandemlm.errors import EngineError
     from tandemlm.models.resolve import resolve_model
     from tandemlm.quantize.merge import check_recorded_base, read_adapter_config
-    from tandemlm.quantize.types import get_quant_type
 
-    if engine_options.backend == "llama.cpp":
-        fail(opt.LLAMACPP_ADAPTERS)
     try:
-        if quantize and get_quant_type(quantize).stage != "bitsandbytes":
-            fail(f"--quantize {quantize} makes a GGUF: {opt.LLAMACPP_ADAPTERS}")
         source = resolve_model(model, trust_remote_code=engine_options.trust_remote_code)
     except (EngineError, KeyError, ValueError):
         return  # loading the model reports it in its own words
-    if source.kind == "gguf":
-        fail(opt.LLAMACPP_ADAPTERS)
+    if source.kind == "gguf":  # llama.cpp checks each LoRA tensor's shape when it loads the adapter
+        return
     for folder in adapters.values():
         try:
             check_recorded_base(folder, read_adapter_config(folder), source.hf_folder())
@@ -202,8 +197,6 @@ def _adapter_views(engine: Engine, adapters: dict[str, Path], parent: str) -> di
         try:
             if name == parent:
                 raise EngineError(f"--adapter {name}={folder}: the name {name!r} is already served (the base model)")
-            if engine.info.backend == "llama.cpp":
-                raise EngineError(opt.LLAMACPP_ADAPTERS)
             if not isinstance(engine, BaseEngine):
                 raise EngineError(f"the {engine.info.backend} backend cannot serve adapters")
             if name not in engine.loaded_adapters():

@@ -124,7 +124,6 @@ AdapterRefs = Annotated[
         "repeatable); requests pick it by \"model\": NAME.",
     ),
 ]
-LLAMACPP_ADAPTERS = "adapters are not served on the llama.cpp backend yet (planned: convert with llama.cpp's convert_lora_to_gguf.py)"
 
 
 def adapter_folders(entries: list[str]) -> dict[str, Path]:

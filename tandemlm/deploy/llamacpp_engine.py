@@ -13,14 +13,16 @@ import codecs
 import ctypes
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tandemlm.deploy.constraints import Grammars, Matcher
 from tandemlm.deploy.engine import BaseEngine, common_prefix_len, drain_tokens
+from tandemlm.deploy.llamacpp_lora import lora_gguf, next_group
 from tandemlm.deploy.llamacpp_sampling import RequestSampler, logprob_record, plan_chain
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
@@ -36,6 +38,7 @@ class _Request:
 
     prompt: list[int]
     params: SamplingParams | None  # None: a scoring job
+    adapter: str | None = None  # the LoRA adapter it decodes with (None: the base)
     out: queue.Queue[Any] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     seq_id: int = -1
@@ -80,7 +83,8 @@ class LlamaCppEngine(BaseEngine):
     """A GGUF model served with continuous batching."""
 
     features = frozenset(
-        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format"}
+        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format",
+         "adapter"}
     )
 
     def __init__(
@@ -131,6 +135,7 @@ class LlamaCppEngine(BaseEngine):
         # Idle sequences keep their tokens' cache, so a request that shares a prefix with an
         # earlier one (every turn of a chat re-sends the conversation) skips re-decoding it.
         self._idle: dict[int, list[int]] = {seq: [] for seq in range(n_parallel + 1)}
+        self._init_adapters()
         self.reused_tokens = 0  # prompt tokens served from a cached prefix instead of decoded
         # Observability (cheap counters the tests read): tokens sampled, and the most sequences one decode sampled for.
         self.sampled_tokens = 0
@@ -206,7 +211,7 @@ class LlamaCppEngine(BaseEngine):
 
     # ---- public primitives -------------------------------------------------------------------
     def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
-        request = _Request(prompt=list(prompt_ids), params=params)
+        request = _Request(prompt=list(prompt_ids), params=params, adapter=self._check_adapter(params.adapter))
         if params.constraint is not None:  # built here, so the scheduler thread never waits on a grammar
             request.matcher = self._grammars.matcher(params.constraint)
         self._submit(request)
@@ -215,11 +220,17 @@ class LlamaCppEngine(BaseEngine):
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
         return [record.logprob for record in self.prompt_logprobs(prompt_ids, target_ids)]  # type: ignore[misc]
 
-    def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
+    def prompt_logprobs(
+        self, prompt_ids: list[int], target_ids: list[int], top: int = 0, adapter: str | None = None
+    ) -> list[GeneratedToken]:
         if top < 0:
             raise EngineError(f"top must be a non-negative number of alternatives, got {top}")
         request = _Request(
-            prompt=list(prompt_ids) + list(target_ids), params=None, score_targets=list(target_ids), score_top=top
+            prompt=list(prompt_ids) + list(target_ids),
+            params=None,
+            adapter=self._check_adapter(adapter),
+            score_targets=list(target_ids),
+            score_top=top,
         )
         self._submit(request)
         result = request.out.get()
@@ -266,6 +277,50 @@ class LlamaCppEngine(BaseEngine):
             if not self._running:
                 raise EngineError("engine closed")
             self._waiting.put(request)
+
+    # ---- LoRA adapters (GGUF LoRA per context; see llamacpp_lora) -----------------------------
+    def _init_adapters(self) -> None:
+        self._loras: dict[str, Any] = {}  # name -> llama_adapter_lora pointer (freed with the model)
+        self._ctx_adapter: str | None = None  # the adapter set on the context now
+        self._last_group: str | None = None  # the adapter the previous step decoded
+        # The adapter each idle sequence's cache was computed with: a prefix is reused only under the same one.
+        self._idle_adapter: dict[int, str | None] = {}
+        self.builtin_base: Callable[[], Path] | None = None  # a built-in model's HF folder, for conversion
+        self.adapter_switches = 0  # times a step changed the context's adapter (tests read it)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Loads the PEFT LoRA folder ``path`` as ``name``, converted to GGUF LoRA once (cached)."""
+        if name in self._loras:
+            raise EngineError(f"adapter {name!r} is already loaded")
+        gguf = lora_gguf(path, self.builtin_base)
+        adapter = self._ll.llama_adapter_lora_init(self._model.model, str(gguf).encode())
+        if not adapter:  # llama.cpp checks each tensor's shape against the model's
+            raise EngineError(f"adapter {path} does not fit {self.info.model_id}: llama.cpp refused its GGUF LoRA {gguf}")
+        self._loras[name] = adapter
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._loras)
+
+    def _check_adapter(self, adapter: str | None) -> str | None:
+        if adapter is not None and adapter not in self._loras:
+            raise EngineError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(self._loras) or 'none'})")
+        return adapter
+
+    def _adapter_group(self, active: list[_Request]) -> list[_Request]:
+        """The requests this step decodes: those of one adapter, taken in turns, with it set on the context."""
+        group = next_group((request.adapter for request in active), self._last_group)
+        self._last_group = group
+        if group != self._ctx_adapter:  # llama.cpp applies the context's adapters to every sequence
+            if group is None:
+                status = self._ll.llama_set_adapters_lora(self._ctx, None, 0, None)
+            else:
+                adapters = (self._ll.llama_adapter_lora_p_ctypes * 1)(self._loras[group])
+                status = self._ll.llama_set_adapters_lora(self._ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+            if status != 0:
+                raise RuntimeError(f"llama_set_adapters_lora returned {status}")
+            self._ctx_adapter = group
+            self.adapter_switches += 1
+        return [request for request in active if request.adapter == group]
 
     # ---- scheduler thread --------------------------------------------------------------------
     def _loop(self) -> None:
@@ -331,7 +386,8 @@ class LlamaCppEngine(BaseEngine):
         """The idle sequence whose cached tokens share the longest prefix with the request's prompt."""
         best, best_len = next(iter(self._idle)), -1
         for seq, tokens in self._idle.items():
-            common = min(common_prefix_len(tokens, request.prompt), max(request.max_reuse, 0))
+            same = self._idle_adapter.get(seq) == request.adapter  # a cache under another adapter is no prefix
+            common = min(common_prefix_len(tokens, request.prompt), max(request.max_reuse, 0)) if same else 0
             if common > best_len:
                 best, best_len = seq, common
         return best, max(best_len, 0)
@@ -349,7 +405,8 @@ class LlamaCppEngine(BaseEngine):
         return False
 
     def _step(self, active: list[_Request]) -> None:
-        """One llama_decode over a token from every decoding sequence plus prompt chunks."""
+        """One llama_decode over a token from every decoding sequence plus prompt chunks (of one adapter)."""
+        active = self._adapter_group(active)
         batch, budget = self._batch, self._n_batch
         batch.n_tokens = 0
         outputs: list[tuple[_Request, int]] = []
@@ -426,6 +483,7 @@ class LlamaCppEngine(BaseEngine):
         if request.seq_id >= 0:
             if error is None:
                 self._idle[request.seq_id] = request.kv_tokens()
+                self._idle_adapter[request.seq_id] = request.adapter
             else:  # the cache may hold a partly decoded batch: start this sequence afresh
                 self._ll.llama_memory_seq_rm(self._memory, request.seq_id, -1, -1)
                 self._idle[request.seq_id] = []
@@ -444,7 +502,17 @@ def _available() -> str | None:
 
 @register_backend("llama.cpp", description="GGUF files via llama-cpp-python (CPU, Metal, CUDA)", available=_available)
 def load_llamacpp(source: ModelSource, **options: Any) -> LlamaCppEngine:
-    """Loads ``source`` (a GGUF file) with options n_ctx, n_parallel, n_batch, n_threads, n_gpu_layers."""
+    """Loads ``source`` (a GGUF file) with options n_ctx, n_parallel, n_batch, n_threads, n_gpu_layers,
+    and ``adapters`` ({name: PEFT LoRA folder}) served beside the base."""
     known = {"n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers"}
     kwargs = {k: v for k, v in options.items() if k in known and v is not None}
-    return LlamaCppEngine(str(source.gguf_file()), source.model_id, **kwargs)
+    engine = LlamaCppEngine(str(source.gguf_file()), source.model_id, **kwargs)
+    if source.builtin:  # an adapter recording no local base converts against the built-in's HF config
+        engine.builtin_base = source.hf_folder
+    try:
+        for name, path in (options.get("adapters") or {}).items():
+            engine.load_adapter(name, str(path))
+    except BaseException:
+        engine.close()
+        raise
+    return engine

@@ -208,11 +208,6 @@ def test_cli_adapter_without_a_name_or_with_a_missing_path_fails_in_one_line(tin
     assert "adapter_config.json is missing" in line
 
 
-def test_cli_adapters_on_a_gguf_base_are_refused_before_loading(tiny_llama_gguf, adapter):
-    line = _one_line_error(_serve(str(tiny_llama_gguf), "--adapter", f"policy={adapter}"))
-    assert "not served on the llama.cpp backend yet" in line and "convert_lora_to_gguf.py" in line
-
-
 def test_cli_adapter_recorded_for_another_base_fails_before_loading(tiny_qwen2_dir, adapter, tmp_path):
     # The adapter records the tiny Llama as its base; serving it on the tiny Qwen2 is refused up front.
     line = _one_line_error(_serve(str(tiny_qwen2_dir), "--adapter", f"policy={adapter}"))
