@@ -63,6 +63,27 @@ def test_concurrent_requests_are_batched_without_crosstalk(smollm2):
     assert smollm2.max_sequences_per_step >= 2  # requests shared decode steps, not one after another
 
 
+def test_requests_without_max_tokens_get_a_fair_share_and_still_run_side_by_side(smollm2):
+    # n_ctx 2048 over 4 sequences: 512 cells each, less the prompt; at least 256 while the context has room.
+    assert smollm2.open_ended_budget(100) == 412
+    assert smollm2.open_ended_budget(400) == 256
+    assert smollm2.open_ended_budget(2000) == 48
+    smollm2.max_sequences_per_step = 0
+    results = {}
+
+    def ask(question: str) -> None:
+        params = SamplingParams(temperature=0, max_tokens=None)
+        results[question] = collect(smollm2.chat([{"role": "user", "content": question}], params))
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in ("What is 2+2?", "Name a colour.")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r.finish_reason == "stop" and r.text for r in results.values())
+    assert smollm2.max_sequences_per_step >= 2  # a whole-context reservation each would run them one at a time
+
+
 def test_same_seed_same_sample_and_different_seeds_differ(smollm2):
     def sample(seed: int) -> str:
         return collect(smollm2.chat(FRANCE, SamplingParams(temperature=1.2, seed=seed, max_tokens=16))).text
