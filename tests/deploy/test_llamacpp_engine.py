@@ -192,7 +192,7 @@ ALL_FEATURES = {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", 
 def test_the_backend_lists_every_sampling_feature():
     from tandemlm.deploy.llamacpp_engine import LlamaCppEngine
 
-    assert LlamaCppEngine.features == ALL_FEATURES | {"response_format"}
+    assert LlamaCppEngine.features == ALL_FEATURES | {"response_format", "adapter"}
 
 
 def _prompt(engine, question: str) -> list[int]:
