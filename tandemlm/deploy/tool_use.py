@@ -41,6 +41,7 @@ class ToolPlan:
     constraint: OutputConstraint | None = None
     parser: ToolParser | None = None
     native: bool = True  # the template writes tools and past tool calls itself
+    parallel: bool = True  # parallel_tool_calls=false: a reply carries at most one call
 
     @property
     def active(self) -> bool:
@@ -79,7 +80,7 @@ def plan_tools(
     if schema is not None:
         return ToolPlan(template_tools, system_prompt, OutputConstraint(json_schema=schema), native=native)
     parser = parser_for(chat_template) if native else get_parser("json")
-    return ToolPlan(template_tools, system_prompt, parser=parser, native=native)
+    return ToolPlan(template_tools, system_prompt, parser=parser, native=native, parallel=parallel)
 
 
 class ChoiceTools:
@@ -89,6 +90,7 @@ class ChoiceTools:
         self._forced = plan.constraint is not None and plan.parser is None
         self._stream: ToolStream | None = plan.parser.streamer() if plan.parser else None
         self._held: list[str] = []
+        self._limit = None if plan.parallel else 1
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
@@ -97,7 +99,12 @@ class ChoiceTools:
             return "", []
         if self._stream is None:
             return text, []
-        return self._stream.feed(text)
+        content, deltas = self._stream.feed(text)
+        return content, self._allowed(deltas)
+
+    def _allowed(self, deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
+        # Without parallel calls only the first call the model writes is the answer's.
+        return deltas if self._limit is None else [d for d in deltas if d.index < self._limit]
 
     def flush(self) -> tuple[str, list[ToolCallDelta]]:
         if self._forced:
@@ -110,5 +117,5 @@ class ChoiceTools:
         if self._stream is None:
             return "", []
         content, deltas = self._stream.flush()
-        self.calls = list(self._stream.calls)
-        return content, deltas
+        self.calls = list(self._stream.calls)[: self._limit]
+        return content, self._allowed(deltas)

@@ -19,6 +19,7 @@ def server(serve):
     engines = {
         "mock-model": MockEngine(model_id="mock-model", reply="<think>plan</think>Hello there"),
         "caller": MockEngine(model_id="caller", reply='{"name": "get_weather", "arguments": {"city": "Paris"}}'),
+        "twice": MockEngine(model_id="twice", reply='{"tool_calls": [{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]}'),
         "thinker": MockEngine(model_id="thinker", reply='<think>Paris weather: call it.</think>{"name": "get_weather", "arguments": {"city": "Paris"}}'),
     }
     with serve(engines) as url:
@@ -49,7 +50,7 @@ def post(url: str, path: str, body: dict) -> httpx.Response:
         ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          400, "'image_url' are not supported"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "x", "audio": 1}]}, 400, "messages.0.audio is not supported"),
-        ("/chat/completions", {"model": "gpt-4o", "messages": USER}, 404, "served models: mock-model, caller, thinker"),
+        ("/chat/completions", {"model": "gpt-4o", "messages": USER}, 404, "served models: mock-model, caller, twice, thinker"),
         ("/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix (fill-in-the-middle) is not supported"),
         ("/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
         ("/completions", {"prompt": "x", "max_tokens": 0}, 400, "only allowed with echo=true"),
@@ -153,6 +154,22 @@ def test_tool_calls_are_parsed_from_a_model_without_tool_support(server):
         client(url).chat.completions.create(model="caller", messages=USER, tools=tools, tool_choice=other)
     none = client(url).chat.completions.create(model="caller", messages=USER, tools=tools, tool_choice="none")
     assert none.choices[0].message.tool_calls is None and "get_weather" in none.choices[0].message.content
+
+
+def test_without_parallel_tool_calls_a_reply_carries_only_its_first_call(server):
+    url, _ = server
+    tools = [{"type": "function", "function": {"name": name}} for name in ("a", "b")]
+    both = client(url).chat.completions.create(model="twice", messages=USER, tools=tools)
+    assert [c.function.name for c in both.choices[0].message.tool_calls] == ["a", "b"]
+    one = client(url).chat.completions.create(model="twice", messages=USER, tools=tools, parallel_tool_calls=False)
+    assert [c.function.name for c in one.choices[0].message.tool_calls] == ["a"]
+    names = [
+        d.function.name
+        for chunk in client(url).chat.completions.create(model="twice", messages=USER, tools=tools, parallel_tool_calls=False, stream=True)
+        for c in chunk.choices
+        for d in c.delta.tool_calls or []
+    ]
+    assert names == ["a"]
 
 
 def test_a_reasoning_model_reasons_then_calls(server):
