@@ -86,6 +86,10 @@ class Engine(Protocol):
         """``ids`` if each is a token id of this model; otherwise an EngineError naming the first bad one."""
         ...
 
+    def special_tokens(self) -> dict[str, str | None]:
+        """The text of the model's ``bos_token``, ``eos_token`` and ``pad_token`` (None where it has none)."""
+        ...
+
     def check_params(self, params: SamplingParams) -> None:
         """Raises EngineError naming a setting of ``params`` this engine cannot honour."""
         ...
@@ -170,6 +174,10 @@ class BaseEngine(abc.ABC):
     def chat_template_source(self) -> str | None:
         """The model's Jinja chat template; None when it has none (the default)."""
         return None
+
+    def special_tokens(self) -> dict[str, str | None]:
+        """Texts of the model's special tokens; the default knows none."""
+        return {"bos_token": None, "eos_token": None, "pad_token": None}
 
     @abc.abstractmethod
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]: ...

@@ -22,7 +22,7 @@ from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.hardware import inference_precision
-from tandemlm.models.chat_template import Message, render_with_tokenizer, tokenizer_template
+from tandemlm.models.chat_template import Message, render_with_tokenizer, tokenizer_special_tokens, tokenizer_template
 from tandemlm.models.resolve import ModelSource
 from tandemlm.models.stops import stop_ids
 
@@ -117,6 +117,9 @@ class HFEngine(BaseEngine):
 
     def chat_template_source(self) -> str | None:
         return tokenizer_template(self.tokenizer)
+
+    def special_tokens(self) -> dict[str, str | None]:
+        return tokenizer_special_tokens(self.tokenizer)
 
     def vocab_size(self) -> int:
         # The embedding may be padded past the tokenizer (or the tokenizer carry extra added tokens).

@@ -180,6 +180,9 @@ class LlamaCppEngine(BaseEngine):
     def chat_template_source(self) -> str | None:
         return self.chat_template
 
+    def special_tokens(self) -> dict[str, str | None]:
+        return {"bos_token": self._bos or None, "eos_token": self._eos or None, "pad_token": None}
+
     def _lltokenizer(self) -> Any:
         """llguidance's view of the vocabulary; a complete grammar allows every end-of-generation token."""
         from llguidance.llamacpp import lltokenizer_from_vocab

@@ -23,7 +23,7 @@ from tandemlm.deploy.engine import BaseEngine, adapter_weights
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, OutputConstraint, SamplingParams
 from tandemlm.errors import EngineError
-from tandemlm.models.chat_template import Message, render_with_tokenizer, tokenizer_template
+from tandemlm.models.chat_template import Message, render_with_tokenizer, tokenizer_special_tokens, tokenizer_template
 from tandemlm.models.resolve import ModelSource
 
 _GIB = 1 << 30
@@ -337,6 +337,9 @@ class VLLMEngine(BaseEngine):
 
     def chat_template_source(self) -> str | None:
         return tokenizer_template(self._tokenizer)
+
+    def special_tokens(self) -> dict[str, str | None]:
+        return tokenizer_special_tokens(self._tokenizer)
 
     def vocab_size(self) -> int:
         return len(self._tokenizer)

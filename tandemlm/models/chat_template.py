@@ -54,6 +54,11 @@ def tokenizer_template(tokenizer: Any) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def tokenizer_special_tokens(tokenizer: Any) -> dict[str, str | None]:
+    """The texts of an HF tokenizer's BOS, EOS and pad tokens (None where it has none)."""
+    return {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token")}
+
+
 def render_with_tokenizer(
     tokenizer: Any,
     model_id: str,

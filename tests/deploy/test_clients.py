@@ -274,8 +274,8 @@ def run_lm_eval(monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> dict[str, Any
     "extra",
     # Token-id prompts one at a time (the default) and in lists (batch_size > 1); text prompts take
     # the same server path as token ids after tokenizing (tests/deploy/test_server_api.py).
-    [{}, {"batch_size": 4}],
-    ids=["default", "batch_size=4"],
+    [{}, {"batch_size": 4}, {"tokenizer_backend": "remote", "tokenizer": None}],
+    ids=["default", "batch_size=4", "server-tokenizer"],
 )
 def test_lm_eval_local_completions_multiple_choice_matches_engine_scoring(live, offline, monkeypatch, engine_scores, extra):
     url, model_id = live
@@ -286,6 +286,7 @@ def test_lm_eval_local_completions_multiple_choice_matches_engine_scoring(live, 
         "tokenizer_backend": "huggingface",
         **extra,
     }
+    model_args = {key: value for key, value in model_args.items() if value is not None}  # remote: no local tokenizer
     out = run_lm_eval(monkeypatch, model="local-completions", model_args=model_args, tasks=["tandem_capitals_mc"])
 
     docs = mc_docs()

@@ -205,6 +205,7 @@ def test_introspection_endpoints(server):
     assert post(base, "/detokenize", {"tokens": [104, 105]}).json() == {"prompt": "hi"}
     assert post(base, "/tokenize", {"prompt": "x", "model": "nope"}).status_code == 404
     assert post(base, "/tokenize", {}).json()["error"]["message"].endswith("give exactly one of prompt or messages")
+    assert httpx.get(f"{base}/tokenizer_info").json() == {"bos_token": None, "eos_token": None, "pad_token": None, "chat_template": None}
     card = httpx.get(f"{url}/models/caller").json()
     assert card["id"] == "caller" and card["max_model_len"] == 2048
     assert httpx.get(f"{url}/models/nope").status_code == 404

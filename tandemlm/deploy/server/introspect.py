@@ -42,7 +42,7 @@ def _render(engine: Engine, body: TokenizeRequest) -> str:
 
 
 def add_introspection_routes(app: FastAPI, ctx: ServeContext) -> None:
-    """Adds ``/v1/models``, ``/v1/models/{id}``, ``/tokenize``, ``/detokenize`` and ``/apply-template``."""
+    """Adds ``/v1/models``, ``/v1/models/{id}``, ``/tokenizer_info``, ``/tokenize``, ``/detokenize`` and ``/apply-template``."""
 
     async def answer(work: Any) -> Any:
         try:
@@ -62,6 +62,15 @@ def add_introspection_routes(app: FastAPI, ctx: ServeContext) -> None:
             if model_id not in ctx.engines:
                 raise ModelNotFound(f"model {model_id!r} is not served here; served models: {', '.join(ctx.engines)}")
             return _model_card(model_id, ctx.engines[model_id])
+
+        return await answer(work)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(model: str | None = None) -> Any:
+        # What lm-eval's remote tokenizer reads; with /tokenize and /detokenize it needs no local tokenizer.
+        def work() -> dict[str, Any]:
+            _, engine = ctx.resolve(model)
+            return {**engine.special_tokens(), "chat_template": engine.chat_template_source()}
 
         return await answer(work)
 
