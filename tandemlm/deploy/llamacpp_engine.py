@@ -467,7 +467,11 @@ class LlamaCppEngine(BaseEngine):
 
     def _sample(self, request: _Request, index: int) -> None:
         assert request.params is not None
-        token = request.sampler.sample(self._ctx, index, self._logits)
+        try:
+            token = request.sampler.sample(self._ctx, index, self._logits)
+        except EngineError as exc:  # this request's grammar failed: it ends alone
+            self._finish(request, error=exc)
+            return
         self.sampled_tokens += 1
         request.generated.append(token)
         if self._ll.llama_vocab_is_eog(self._vocab, token):

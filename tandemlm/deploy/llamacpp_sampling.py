@@ -53,8 +53,8 @@ class Stage:
 def plan_chain(params: SamplingParams, n_vocab: int, prompt: Sequence[int]) -> list[Stage]:
     """The samplers, in order, that honour ``params`` (same order as the transformers backend).
 
-    A JSON grammar is not one of them: :class:`RequestSampler` masks the logits before the chain
-    sees them, so every filter only chooses among tokens it allows. The repetition penalty also
+    A JSON grammar is not one of them: :class:`RequestSampler` checks the chain's pick against it
+    and, when it is refused, lets the chain pick again from masked logits. The repetition penalty also
     looks back over the prompt (as transformers' does); OpenAI's presence and frequency penalties
     get a sampler of their own that sees generated tokens only.
     """
@@ -99,10 +99,10 @@ def build_chain(ll: Any, stages: Sequence[Stage]) -> Any:
 class RequestSampler:
     """One request's sampling: a llama.cpp chain, and an llguidance matcher kept beside it (not in it).
 
-    Masking the whole vocabulary costs more than a small model's decode step, so a constrained
-    request samples the way llama.cpp's own common sampler does: the chain picks from the raw
-    logits, the matcher checks that one token, and only when it is refused does the chain pick
-    again from logits the grammar has masked (-inf). Greedy picks are the same as masking first;
+    Checking one token is far cheaper than masking the whole vocabulary (whose cost grows with the
+    grammar), so a constrained request samples the way llama.cpp's common sampler does: the chain
+    picks from the raw logits, the matcher checks that one token, and only when it is refused does
+    the chain pick again from logits the grammar has masked (-inf). Greedy picks are the same as masking first;
     sampled ones follow the masked distribution. Applying the chain only reads and draws (the
     second pick draws again from its RNG, as llama.cpp's does); its samplers, penalties included,
     learn a token once, after it is chosen. The engine's logits row is never written.

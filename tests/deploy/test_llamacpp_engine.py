@@ -485,3 +485,23 @@ def test_grammar_fast_path_picks_what_masking_the_whole_vocabulary_picks(smollm2
     assert [t.logprob for t in fast] == [t.logprob for t in masked]  # the model's own, never the masked logits
     unconstrained = list(smollm2.stream_tokens(ids, SamplingParams(temperature=0, max_tokens=40)))
     assert [t.token_id for t in fast] != [t.token_id for t in unconstrained]  # the grammar did refuse some picks
+
+
+@pytest.mark.slow
+def test_a_request_whose_grammar_fails_ends_alone(smollm2, monkeypatch):
+    build = smollm2._grammars.matcher
+
+    def broken(constraint):
+        matcher = build(constraint)
+        matcher.consume = lambda token: (_ for _ in ()).throw(EngineError("the JSON grammar rejected token"))
+        return matcher
+
+    monkeypatch.setattr(smollm2._grammars, "matcher", broken)
+    healthy = smollm2.stream_tokens(_prompt(smollm2, COUNT[0]["content"]), SamplingParams(temperature=0, max_tokens=30))
+    next(healthy)
+    smollm2.max_sequences_per_step = 0
+    params = SamplingParams(temperature=0, max_tokens=10, constraint=OutputConstraint())
+    with pytest.raises(EngineError, match="rejected"):
+        list(smollm2.stream_tokens(_prompt(smollm2, "hi"), params))
+    assert len(list(healthy)) == 29  # the other request ran on to its limit
+    assert smollm2.max_sequences_per_step == 2
