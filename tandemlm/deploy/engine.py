@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from tandemlm.deploy.textstream import THINK_CLOSE, ReasoningSplitter, StopStringFilter, prompt_opens_reasoning
-from tandemlm.deploy.tools import TemplateArguments
+from tandemlm.deploy.tool_specs import TemplateArguments
 from tandemlm.deploy.types import (
     Completion,
     ContextLengthError,
@@ -103,7 +103,7 @@ def validate_messages(messages: Sequence[Message]) -> list[Message]:
     """Checks OpenAI-style messages and returns them as templates expect them; errors name the bad message.
 
     Assistant ``tool_calls`` keep OpenAI's shape with ``arguments`` parsed (as
-    :class:`~tandemlm.deploy.tools.TemplateArguments`); ``tool`` messages keep ``tool_call_id`` (and ``name``).
+    :class:`~tandemlm.deploy.tool_specs.TemplateArguments`); ``tool`` messages keep ``tool_call_id`` (and ``name``).
     """
     if not messages:
         raise EngineError("messages must contain at least one message")

@@ -2,7 +2,7 @@
 
 - ``tool_choice="none"``: the tools are left out of the prompt and nothing is parsed.
 - ``"auto"`` (the default with tools): the model's own template lists the tools (or, for a template
-  without tool support, a system message written by :func:`~tandemlm.deploy.tools.tools_system_prompt`),
+  without tool support, a system message written by :func:`~tandemlm.deploy.tool_specs.tools_system_prompt`),
   and its output is parsed by the parser for that template's format.
 - ``"required"`` or a named function: decoding is constrained to a JSON call (grammar-enforced, so
   even a small model emits a valid one), then read back into ``tool_calls``.
@@ -14,19 +14,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tandemlm.deploy.tool_specs import forced_call_schema, messages_for_template, tools_system_prompt, validate_tools
 from tandemlm.deploy.tools import (
     ToolCall,
     ToolCallDelta,
     ToolParser,
     ToolStream,
     calls_from_forced_json,
-    forced_call_schema,
     get_parser,
-    messages_for_template,
     parser_for,
     template_supports_tools,
-    tools_system_prompt,
-    validate_tools,
 )
 from tandemlm.deploy.types import OutputConstraint
 from tandemlm.models.chat_template import Message

@@ -9,22 +9,24 @@ from pathlib import Path
 
 import pytest
 
+from tandemlm.deploy.tool_specs import (
+    TemplateArguments,
+    forced_call_schema,
+    messages_for_template,
+    tools_system_prompt,
+    validate_tools,
+)
 from tandemlm.deploy.tools import (
     DS_CALL_BEGIN,
     DS_CALL_END,
     DS_CALLS_BEGIN,
     DS_CALLS_END,
     DS_SEP,
-    TemplateArguments,
     ToolCall,
     calls_from_forced_json,
-    forced_call_schema,
     get_parser,
-    messages_for_template,
     parser_for,
     template_supports_tools,
-    tools_system_prompt,
-    validate_tools,
 )
 
 WEATHER = {"city": "Paris", "unit": "celsius"}
