@@ -14,7 +14,7 @@ from tandemlm.cli.main import app
 from tandemlm.quantize import pipeline
 
 runner = CliRunner()
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
 
 
 @pytest.fixture
