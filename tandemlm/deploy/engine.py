@@ -13,9 +13,9 @@ import dataclasses
 import json
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from tandemlm.deploy.textstream import THINK_CLOSE, ReasoningSplitter, StopStringFilter, prompt_opens_reasoning
 from tandemlm.deploy.tool_specs import TemplateArguments
@@ -31,6 +31,8 @@ from tandemlm.deploy.types import (
 )
 from tandemlm.errors import EngineError
 from tandemlm.models.chat_template import Message
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -445,6 +447,46 @@ def collect(stream: Iterator[Delta]) -> Completion:
         if delta.usage:
             usage = delta.usage
     return Completion("".join(text), "".join(reasoning), finish, usage, logprobs)  # type: ignore[arg-type]
+
+
+class WorkQueue(Generic[T]):
+    """Requests handed to a backend's scheduler thread, with the close protocol every backend shares:
+    nothing is accepted once closing starts, closing waits for the thread (which checks ``running``
+    between steps), then hands back the requests it never took, for the backend to fail."""
+
+    def __init__(self, loop: Callable[[], None], name: str) -> None:
+        self.items: queue.Queue[T | None] = queue.Queue()
+        self.running = True
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=loop, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Starts the thread (once the owner can answer its loop: after the queue is assigned)."""
+        self._thread.start()
+
+    def submit(self, item: T) -> None:
+        # Under the lock so no request can slip in after stop() has drained the queue.
+        with self._lock:
+            if not self.running:
+                raise EngineError("engine closed")
+            self.items.put(item)
+
+    def stop(self) -> list[T] | None:
+        """Stops the thread; the requests it never took, or None when it was stopped already."""
+        with self._lock:
+            if not self.running:
+                return None
+            self.running = False
+            self.items.put(None)  # wakes a scheduler blocked waiting for work
+        self._thread.join()
+        left: list[T] = []
+        while True:
+            try:
+                item = self.items.get_nowait()
+            except queue.Empty:
+                return left
+            if item is not None:
+                left.append(item)
 
 
 def drain_tokens(out: queue.Queue[Any], cancelled: threading.Event) -> Iterator[GeneratedToken]:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandemlm.deploy.engine import BaseEngine, adapter_weights, drain_tokens
+from tandemlm.deploy.engine import BaseEngine, WorkQueue, adapter_weights, drain_tokens
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
@@ -100,11 +100,8 @@ class HFEngine(BaseEngine):
         self._forward_lock = threading.Lock()
         self._max_batch = max_batch_size
         self.max_batch_rows = 0  # the most requests one batch decoded together (tests read it)
-        self._waiting: queue.Queue[_Row | None] = queue.Queue()
-        self._running = True
-        self._submit_lock = threading.Lock()
-        self._worker = threading.Thread(target=self._loop, name="hf-scheduler", daemon=True)
-        self._worker.start()
+        self._work: WorkQueue[_Row] = WorkQueue(self._loop, "hf-scheduler")
+        self._work.start()
 
     # ---- tokenizer and template --------------------------------------------------------------
     def render_chat(
@@ -147,11 +144,7 @@ class HFEngine(BaseEngine):
         row = _Row(prompt=list(prompt_ids), params=params)
         if params.constraint is not None:  # built here, so the scheduler thread never waits on a grammar
             row.grammar = self._grammars.matcher(params.constraint)
-        # Under the lock so no request can slip in after close() has drained the queue.
-        with self._submit_lock:
-            if not self._running:
-                raise EngineError("engine closed")
-            self._waiting.put(row)
+        self._work.submit(row)
         return drain_tokens(row.out, row.cancelled)
 
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
@@ -163,7 +156,7 @@ class HFEngine(BaseEngine):
         from tandemlm.deploy.hf_sampling import logprob_records
 
         self._check_adapter(adapter)
-        if not self._running:
+        if not self._work.running:
             raise EngineError("engine closed")
         if not prompt_ids:
             raise EngineError("scoring needs at least one prompt token before the targets")
@@ -232,20 +225,8 @@ class HFEngine(BaseEngine):
 
     def close(self) -> None:
         """Stops the scheduler, then fails every queued and running request; later requests fail at once."""
-        with self._submit_lock:
-            if not self._running:
-                return
-            self._running = False
-            self._waiting.put(None)  # wakes a scheduler blocked waiting for work
-        # Waits out at most one forward pass: a running batch checks _running between steps.
-        self._worker.join()
-        while True:
-            try:
-                row = self._waiting.get_nowait()
-            except queue.Empty:
-                break
-            if row is not None:
-                self._fail(row, EngineError("engine closed"))
+        for row in self._work.stop() or []:  # waits out at most one forward pass
+            self._fail(row, EngineError("engine closed"))
 
     @staticmethod
     def _fail(row: _Row, error: EngineError) -> None:
@@ -255,15 +236,15 @@ class HFEngine(BaseEngine):
 
     # ---- scheduler ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        while self._running:
+        while self._work.running:
             try:
-                first = self._waiting.get(timeout=0.5)
+                first = self._work.items.get(timeout=0.5)
             except queue.Empty:
                 continue
             rows = [first] if first is not None else []
             while len(rows) < self._max_batch:
                 try:
-                    item = self._waiting.get_nowait()
+                    item = self._work.items.get_nowait()
                 except queue.Empty:
                     break
                 if item is not None:
@@ -302,7 +283,7 @@ class HFEngine(BaseEngine):
         next_input = input_ids
         with torch.inference_mode():
             for _ in range(steps):
-                if not self._running:  # close(): answer every row now instead of decoding on
+                if not self._work.running:  # close(): answer every row now instead of decoding on
                     for row in rows:
                         self._fail(row, EngineError("engine closed"))
                     return

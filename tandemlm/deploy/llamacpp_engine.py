@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from tandemlm.deploy.constraints import Grammars, Matcher
-from tandemlm.deploy.engine import BaseEngine, common_prefix_len, drain_tokens
+from tandemlm.deploy.engine import BaseEngine, WorkQueue, common_prefix_len, drain_tokens
 from tandemlm.deploy.llamacpp_lora import lora_gguf, next_group
 from tandemlm.deploy.llamacpp_sampling import RequestSampler, logprob_record, plan_chain
 from tandemlm.deploy.registry import register_backend
@@ -152,11 +152,8 @@ class LlamaCppEngine(BaseEngine):
         self._grammars = Grammars(self._lltokenizer)
         self._bos = self._special_text(self._model.token_bos())
         self._eos = self._special_text(self._model.token_eos())
-        self._waiting: queue.Queue[_Request | None] = queue.Queue()
-        self._running = True
-        self._submit_lock = threading.Lock()
-        self._worker = threading.Thread(target=self._loop, name="llama.cpp-scheduler", daemon=True)
-        self._worker.start()
+        self._work: WorkQueue[_Request] = WorkQueue(self._loop, "llama.cpp-scheduler")
+        self._work.start()
 
     # ---- tokenizer and template --------------------------------------------------------------
     def _special_text(self, token: int) -> str:
@@ -253,21 +250,12 @@ class LlamaCppEngine(BaseEngine):
         The scheduler is joined before anything is freed, so no decode can run on a freed context;
         requests made afterwards fail at once.
         """
-        with self._submit_lock:
-            if not self._running:
-                return
-            self._running = False
-            self._waiting.put(None)  # wakes a scheduler blocked waiting for work
-        # Waits out at most one decode step: the loop checks _running between steps.
-        self._worker.join()
+        left = self._work.stop()  # waits out at most one decode step
+        if left is None:
+            return
         # Requests submitted but never taken by the scheduler (its own lists it failed on exit).
-        while True:
-            try:
-                item = self._waiting.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item.out.put(EngineError("engine closed"))
+        for item in left:
+            item.out.put(EngineError("engine closed"))
         self._ll.llama_batch_free(self._batch)
         self._ll.llama_free(self._ctx)
         self._model.close()
@@ -275,11 +263,7 @@ class LlamaCppEngine(BaseEngine):
     def _submit(self, request: _Request) -> None:
         if request.reserved > self._n_ctx:
             raise EngineError(f"request needs {request.reserved} tokens but the context holds {self._n_ctx}")
-        # Under the lock so no request can slip in after close() has drained the queue.
-        with self._submit_lock:
-            if not self._running:
-                raise EngineError("engine closed")
-            self._waiting.put(request)
+        self._work.submit(request)
 
     # ---- LoRA adapters (GGUF LoRA per context; see llamacpp_lora) -----------------------------
     def _init_adapters(self) -> None:
@@ -329,7 +313,7 @@ class LlamaCppEngine(BaseEngine):
     def _loop(self) -> None:
         active: list[_Request] = []
         pending: list[_Request] = []
-        while self._running:
+        while self._work.running:
             self._take_new(pending, block=not active and not pending)
             self._admit(pending, active)
             active = [r for r in active if not self._drop_if_cancelled(r)]
@@ -347,11 +331,11 @@ class LlamaCppEngine(BaseEngine):
 
     def _take_new(self, pending: list[_Request], block: bool) -> None:
         try:
-            item = self._waiting.get(timeout=0.5) if block else self._waiting.get_nowait()
+            item = self._work.items.get(timeout=0.5) if block else self._work.items.get_nowait()
             while True:
                 if item is not None:
                     pending.append(item)
-                item = self._waiting.get_nowait()
+                item = self._work.items.get_nowait()
         except queue.Empty:
             return
 
