@@ -45,3 +45,50 @@ def running_server(engine: Engine, **app_options: object) -> Iterator[str]:
 def serve():
     """The :func:`running_server` context manager, for tests that start their own server."""
     return running_server
+
+
+def check_close_fails_running_and_queued(engine: Engine, ids: list[int], params: object) -> None:
+    """close() answers a running and a queued caller with an EngineError (none left blocked), refuses
+    new work afterwards, and may be called twice. ``params`` must make generation run long."""
+    from tandemlm.errors import EngineError
+
+    started, submitted = threading.Event(), threading.Event()
+    errors: dict[str, BaseException | None] = {}
+
+    def running() -> None:
+        try:
+            for _ in engine.stream_tokens(ids, params):  # type: ignore[attr-defined]
+                started.set()
+            errors["running"] = None
+        except BaseException as exc:  # noqa: BLE001 - recorded for the asserts below
+            errors["running"] = exc
+
+    def queued() -> None:
+        try:
+            stream = engine.stream_tokens(ids, params)  # type: ignore[attr-defined]  # submitted while the first decodes
+            submitted.set()
+            list(stream)
+            errors["queued"] = None
+        except BaseException as exc:  # noqa: BLE001 - recorded for the asserts below
+            errors["queued"] = exc
+
+    threads = [threading.Thread(target=running, daemon=True), threading.Thread(target=queued, daemon=True)]
+    threads[0].start()
+    assert started.wait(60)
+    threads[1].start()
+    assert submitted.wait(10)
+    engine.close()
+    for thread in threads:
+        thread.join(timeout=10)  # a liveness check: a caller left blocked would hang here
+    assert not any(thread.is_alive() for thread in threads), "a caller was left blocked after close()"
+    for name in ("running", "queued"):
+        assert isinstance(errors[name], EngineError) and "closed" in str(errors[name]), (name, errors[name])
+    with pytest.raises(EngineError, match="closed"):
+        engine.stream_tokens(ids, params)  # type: ignore[attr-defined]
+    engine.close()  # a second close is harmless
+
+
+@pytest.fixture(scope="session")
+def close_check():
+    """:func:`check_close_fails_running_and_queued`, for the engine test modules."""
+    return check_close_fails_running_and_queued

@@ -124,50 +124,15 @@ def test_flash_attention_2_used_on_gpu_when_installed(tiny_llama_dir):
         engine.close()
 
 
-def test_close_fails_running_and_queued_requests_and_later_ones(tiny_llama_dir):
-    """close() answers every caller with an EngineError (none left blocked) and refuses new work."""
+def test_close_fails_running_and_queued_requests_and_later_ones(tiny_llama_dir, close_check):
     from tandemlm.errors import EngineError
 
     engine = load_engine(str(tiny_llama_dir), backend="transformers", max_batch_size=4)
     ids = engine.tokenize("hello there", add_special_tokens=True)
     # A static batch runs to its end before the next starts, so the second request waits in the queue.
-    long = SamplingParams(temperature=1.0, seed=3, max_tokens=engine.info.context_length - len(ids) - 1)
-    started, submitted = threading.Event(), threading.Event()
-    errors: dict[str, BaseException | None] = {}
-
-    def running() -> None:
-        try:
-            for _ in engine.stream_tokens(ids, long):
-                started.set()
-            errors["running"] = None
-        except BaseException as exc:  # noqa: BLE001 - recorded for the asserts below
-            errors["running"] = exc
-
-    def queued() -> None:
-        try:
-            stream = engine.stream_tokens(ids, long)
-            submitted.set()
-            list(stream)
-            errors["queued"] = None
-        except BaseException as exc:  # noqa: BLE001 - recorded for the asserts below
-            errors["queued"] = exc
-
-    threads = [threading.Thread(target=running, daemon=True), threading.Thread(target=queued, daemon=True)]
-    threads[0].start()
-    assert started.wait(60)
-    threads[1].start()
-    assert submitted.wait(10)
-    engine.close()
-    for thread in threads:
-        thread.join(timeout=10)  # a liveness check: a caller left blocked would hang here
-    assert not any(thread.is_alive() for thread in threads), "a caller was left blocked after close()"
-    for name in ("running", "queued"):
-        assert isinstance(errors[name], EngineError) and "closed" in str(errors[name]), (name, errors[name])
-    with pytest.raises(EngineError, match="closed"):
-        engine.stream_tokens(ids, long)
+    close_check(engine, ids, SamplingParams(temperature=1.0, seed=3, max_tokens=engine.info.context_length - len(ids) - 1))
     with pytest.raises(EngineError, match="closed"):
         engine.token_logprobs([{"role": "user", "content": "hi"}], "hello")
-    engine.close()  # a second close is harmless
 
 
 # ---- OpenAI sampling fields: log-probs, logit bias, penalties, min_p, JSON schemas ----------------

@@ -144,45 +144,10 @@ def test_request_larger_than_the_context_is_refused(smollm2):
         smollm2.chat([{"role": "user", "content": "hello " * 3000}], SamplingParams())
 
 
-def test_close_fails_running_and_queued_requests_and_later_ones():
-    """close() answers every caller with an EngineError (none left blocked) and refuses new work."""
+def test_close_fails_running_and_queued_requests_and_later_ones(close_check):
     engine = load_engine("smollm2", backend="llama.cpp", n_parallel=2)
     ids = engine.tokenize("Once upon a time, in a land far away,", add_special_tokens=True)
-    long = SamplingParams(temperature=1.0, seed=3, max_tokens=1500)
-    started, submitted = threading.Event(), threading.Event()
-    errors: dict[str, BaseException | None] = {}
-
-    def running() -> None:
-        try:
-            for _ in engine.stream_tokens(ids, long):
-                started.set()
-            errors["running"] = None
-        except BaseException as exc:  # noqa: BLE001 - recorded for the asserts below
-            errors["running"] = exc
-
-    def queued() -> None:
-        try:
-            stream = engine.stream_tokens(ids, long)  # submitted while the first one decodes
-            submitted.set()
-            list(stream)
-            errors["queued"] = None
-        except BaseException as exc:  # noqa: BLE001 - recorded for the asserts below
-            errors["queued"] = exc
-
-    threads = [threading.Thread(target=running, daemon=True), threading.Thread(target=queued, daemon=True)]
-    threads[0].start()
-    assert started.wait(60)
-    threads[1].start()
-    assert submitted.wait(10)
-    engine.close()
-    for thread in threads:
-        thread.join(timeout=10)  # a liveness check: a caller left blocked would hang here
-    assert not any(thread.is_alive() for thread in threads), "a caller was left blocked after close()"
-    for name in ("running", "queued"):
-        assert isinstance(errors[name], EngineError) and "closed" in str(errors[name]), (name, errors[name])
-    with pytest.raises(EngineError, match="closed"):
-        engine.stream_tokens(ids, long)
-    engine.close()  # a second close is harmless
+    close_check(engine, ids, SamplingParams(temperature=1.0, seed=3, max_tokens=1500))
 
 
 # ---- OpenAI sampling features ----------------------------------------------------------------
