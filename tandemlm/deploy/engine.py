@@ -163,6 +163,7 @@ class BaseEngine(abc.ABC):
     # Optional sampling settings (SamplingParams.features_used names) this backend honours; any
     # other one a request sets is refused, never silently ignored.
     features: frozenset[str] = frozenset()
+    _longest_token: int | None = None
 
     # ---- primitives a backend supplies -------------------------------------------------------
     @abc.abstractmethod
@@ -241,6 +242,7 @@ class BaseEngine(abc.ABC):
             # A grammar holds from the first token, so a reasoning model answers without its <think>
             # block rather than having the grammar swallow it: close the block in the prompt.
             prompt += f"{THINK_CLOSE}\n\n"
+        self.check_prompt_chars(len(prompt))
         ids = self.tokenize(prompt, add_special_tokens=False)
         return self._stream(ids, params, starts_in_reasoning=prompt_opens_reasoning(prompt))
 
@@ -248,6 +250,7 @@ class BaseEngine(abc.ABC):
         if isinstance(prompt, list):
             ids = self.check_token_ids(prompt)
         elif isinstance(prompt, str) and prompt:
+            self.check_prompt_chars(len(prompt))
             ids = self.tokenize(prompt, add_special_tokens=True)
         else:
             raise EngineError("prompt must be a non-empty string or a non-empty list of token ids")
@@ -266,6 +269,27 @@ class BaseEngine(abc.ABC):
     def vocab_size(self) -> int:
         """Number of token ids the model knows (backends override; the default accepts any id)."""
         return 1 << 31
+
+    def check_prompt_chars(self, chars: int) -> None:
+        """Refuses a prompt that cannot fit the context window before paying to tokenize it: no token
+        covers more than :meth:`longest_token_chars` characters, so a longer text surely overflows."""
+        limit = self.info.context_length * self.longest_token_chars()
+        if chars > limit:
+            raise ContextLengthError(
+                f"prompt is {chars} characters but the model's context window is {self.info.context_length} "
+                f"tokens, which hold at most {limit} characters of this model's tokens"
+            )
+
+    def longest_token_chars(self) -> int:
+        """An upper bound on the characters one token stands for, from the vocabulary (measured once)."""
+        if self._longest_token is None:
+            vocab = self.vocab_size()
+            self._longest_token = max(map(len, self.vocabulary_pieces())) if vocab < 1 << 20 else 1 << 12
+        return self._longest_token
+
+    def vocabulary_pieces(self) -> Iterator[str | bytes]:
+        """Every token's text or bytes (their length bounds the characters; backends may override)."""
+        return (self.token_bytes(token) for token in range(self.vocab_size()))
 
     def token_logprobs(
         self, messages: Sequence[Message], response: str, adapter: str | None = None

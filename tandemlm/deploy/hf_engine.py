@@ -118,6 +118,10 @@ class HFEngine(BaseEngine):
     def special_tokens(self) -> dict[str, str | None]:
         return tokenizer_special_tokens(self.tokenizer)
 
+    def vocabulary_pieces(self) -> Iterator[str | bytes]:
+        # Byte-level tokens spell each byte as one character, so their length bounds the text's.
+        return iter(self.tokenizer.get_vocab())
+
     def vocab_size(self) -> int:
         # The embedding may be padded past the tokenizer (or the tokenizer carry extra added tokens).
         return max(len(self.tokenizer), int(self.model.config.vocab_size))

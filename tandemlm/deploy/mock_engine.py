@@ -57,6 +57,9 @@ class MockEngine(BaseEngine):
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return ([1] if add_special_tokens else []) + [ord(c) for c in text]
 
+    def longest_token_chars(self) -> int:
+        return 1  # one character per token
+
     def detokenize(self, token_ids: list[int]) -> str:
         return "".join(chr(t) for t in token_ids if t > 1)
 

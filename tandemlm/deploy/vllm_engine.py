@@ -341,6 +341,11 @@ class VLLMEngine(BaseEngine):
     def special_tokens(self) -> dict[str, str | None]:
         return tokenizer_special_tokens(self._tokenizer)
 
+    def vocabulary_pieces(self) -> Iterator[str | bytes]:
+        # Byte-level tokens spell each byte as one character, so their length bounds the text's.
+        with self._tok_lock:
+            return iter(list(self._tokenizer.get_vocab()))
+
     def vocab_size(self) -> int:
         return len(self._tokenizer)
 

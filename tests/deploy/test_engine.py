@@ -51,7 +51,7 @@ def test_generate_does_not_split_reasoning():
 def test_prompt_longer_than_context_is_refused_before_generating():
     engine = MockEngine(context_length=32)
     with pytest.raises(ContextLengthError, match="context window is 32 tokens"):
-        engine.chat([{"role": "user", "content": "x" * 100}], SamplingParams(max_tokens=4))
+        engine.generate("x" * 32, SamplingParams(max_tokens=4))  # 32 characters could fit; with BOS, 33 tokens do not
     with pytest.raises(ContextLengthError, match="lower max_tokens"):
         engine.chat([{"role": "user", "content": "x"}], SamplingParams(max_tokens=30))
 
@@ -74,3 +74,17 @@ def test_token_logprobs_scores_each_response_token():
     scores = engine.token_logprobs([{"role": "user", "content": "q"}], "ax")
     assert [t for t, _ in scores] == ["a", "x"]
     assert scores[0][1] > scores[1][1]
+
+
+def test_a_prompt_longer_than_the_context_could_hold_is_refused_before_tokenizing():
+    class NoTokenizing(MockEngine):
+        def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            raise AssertionError("tokenized a prompt that cannot fit")
+
+    engine = NoTokenizing(context_length=100)
+    with pytest.raises(ContextLengthError, match=r"prompt is 101 characters but the model's context window is 100 tokens"):
+        engine.generate("x" * 101, SamplingParams(max_tokens=1))
+    with pytest.raises(ContextLengthError, match="characters"):
+        engine.chat([{"role": "user", "content": "y" * 200}], SamplingParams(max_tokens=1))
+    with pytest.raises(AssertionError, match="tokenized"):  # a prompt that may fit is tokenized as usual
+        engine.generate("x" * 50, SamplingParams(max_tokens=1))
