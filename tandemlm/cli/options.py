@@ -25,7 +25,7 @@ RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", help="
 Backend = Annotated[str, typer.Option("--backend", help="transformers, llama.cpp, vllm or auto.")]
 NCtx = Annotated[int | None, typer.Option("--n-ctx", help="llama.cpp: context size in tokens (shared by parallel requests).")]
 NThreads = Annotated[int | None, typer.Option("--n-threads", help="llama.cpp: CPU threads (default: one per physical core).")]
-NGpuLayers = Annotated[int | None, typer.Option("--n-gpu-layers", help="llama.cpp: layers to offload to the GPU.")]
+NGpuLayers = Annotated[int | None, typer.Option("--n-gpu-layers", help="llama.cpp: layers to offload to the GPU (default: all on a GPU build of llama.cpp, none on a CPU build; -1: all).")]
 NParallel = Annotated[int | None, typer.Option("--n-parallel", help="Most requests decoded together in one batch.")]
 Dtype = Annotated[str | None, typer.Option("--dtype", help="transformers/vllm: auto, float32, bfloat16, float16.")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run custom model code from the checkpoint.")]

@@ -491,12 +491,23 @@ def _available() -> str | None:
     return None if importlib.util.find_spec("llama_cpp") else "llama-cpp-python is not installed"
 
 
+def default_gpu_layers(requested: int | None, gpu_build: bool) -> int:
+    """Layers to offload: as asked; else all of them (-1) on a GPU build of llama.cpp, as llama-server
+    does, and none on a CPU build."""
+    if requested is not None:
+        return requested
+    return -1 if gpu_build else 0
+
+
 @register_backend("llama.cpp", description="GGUF files via llama-cpp-python (CPU, Metal, CUDA)", available=_available)
 def load_llamacpp(source: ModelSource, **options: Any) -> LlamaCppEngine:
     """Loads ``source`` (a GGUF file) with options n_ctx, n_parallel, n_batch, n_threads, n_gpu_layers,
     and ``adapters`` ({name: PEFT LoRA folder}) served beside the base."""
+    import llama_cpp
+
     known = {"n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers"}
     kwargs = {k: v for k, v in options.items() if k in known and v is not None}
+    kwargs["n_gpu_layers"] = default_gpu_layers(kwargs.get("n_gpu_layers"), bool(llama_cpp.llama_supports_gpu_offload()))
     engine = LlamaCppEngine(str(source.gguf_file()), source.model_id, **kwargs)
     if source.builtin:  # an adapter recording no local base converts against the built-in's HF config
         engine.builtin_base = source.hf_folder

@@ -470,3 +470,11 @@ def test_a_request_whose_grammar_fails_ends_alone(smollm2, monkeypatch):
         list(smollm2.stream_tokens(_prompt(smollm2, "hi"), params))
     assert len(list(healthy)) == 29  # the other request ran on to its limit
     assert smollm2.max_sequences_per_step == 2
+
+
+def test_gpu_builds_offload_every_layer_unless_told_otherwise():
+    from tandemlm.deploy.llamacpp_engine import default_gpu_layers
+
+    assert default_gpu_layers(None, gpu_build=True) == -1
+    assert default_gpu_layers(None, gpu_build=False) == 0
+    assert default_gpu_layers(12, gpu_build=True) == 12 and default_gpu_layers(0, gpu_build=True) == 0
