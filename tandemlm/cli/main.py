@@ -222,6 +222,7 @@ def ui(
     runs_dir: Annotated[str, typer.Option("--runs-dir", help="Folder of alignment runs shown in the Runs tab.")] = "runs",
     n_ctx: opt.NCtx = None,
     n_threads: opt.NThreads = None,
+    n_gpu_layers: opt.NGpuLayers = None,
 ) -> None:
     """Open the web app: chat, compare policy vs reference (with where they diverge), vote, browse runs."""
     from pathlib import Path
@@ -232,7 +233,7 @@ def ui(
         config = UIConfig(
             policy=policy, reference=reference, policy_backend=policy_backend, reference_backend=reference_backend,
             host=host, port=port, auth=auth, share=share, votes=Path(votes), runs_dir=Path(runs_dir), n_ctx=n_ctx,
-            n_threads=n_threads,
+            n_threads=n_threads, n_gpu_layers=n_gpu_layers,
         )
     except ValueError as exc:
         field, _, rest = str(exc).partition(" ")

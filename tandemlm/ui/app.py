@@ -40,6 +40,7 @@ class UIConfig:
     runs_dir: Path = field(default=Path("runs"), metadata={"help": "Folder of alignment runs for the Runs tab."})
     n_ctx: int | None = field(default=None, metadata={"help": "llama.cpp context size."})
     n_threads: int | None = field(default=None, metadata={"help": "llama.cpp CPU threads (1 can beat all cores on a busy machine)."})
+    n_gpu_layers: int | None = field(default=None, metadata={"help": "llama.cpp layers on the GPU (default: all on a GPU build)."})
 
     def __post_init__(self) -> None:
         if not self.policy or not self.policy.strip():
@@ -97,7 +98,7 @@ def create_app(config: UIConfig, slots: dict[str, EngineSlot], judges: Judges | 
 def launch(config: UIConfig, judges: Judges | None = None) -> None:
     """Starts loading the models in the background and serves the app until interrupted."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local tool
-    pool = EnginePool(n_ctx=config.n_ctx, n_threads=config.n_threads)
+    pool = EnginePool(n_ctx=config.n_ctx, n_threads=config.n_threads, n_gpu_layers=config.n_gpu_layers)
     slots = make_slots(config, pool)
     demo = create_app(config, slots, judges)
     threading.Thread(target=warm_up, args=(slots,), name="tandem-ui-warm-up", daemon=True).start()

@@ -148,3 +148,13 @@ def test_serve_passes_port_queue_and_hosts_through(uvicorn_calls):
     [call] = uvicorn_calls
     assert (call["host"], call["port"], call["app"].state.admission.max_queue) == ("0.0.0.0", 8123, 0)
     assert "box.lan" in result.output and "--allowed-hosts" in result.output  # a wildcard bind names the Host names it answers
+
+
+def test_ui_passes_llamacpp_offload_to_the_engine_pool(monkeypatch):
+    import tandemlm.ui.app as ui_app
+
+    seen = []
+    monkeypatch.setattr(ui_app, "launch", seen.append)
+    result = runner.invoke(app, ["ui", "--n-gpu-layers", "12", "--n-threads", "2"])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].n_gpu_layers, seen[0].n_threads) == (12, 2)
