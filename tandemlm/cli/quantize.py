@@ -58,6 +58,7 @@ def quantize(
     api_key: ApiKey = None,
     n_ctx: opt.NCtx = None,
     n_parallel: opt.NParallel = 8,
+    n_gpu_layers: opt.NGpuLayers = None,
     max_queue: opt.MaxQueue = 64,
     max_body_mb: opt.MaxBodyMb = 8.0,
     allowed_hosts: opt.AllowedHosts = None,
@@ -93,7 +94,7 @@ def quantize(
     if report and result.report is not None:
         _print_and_save(result.report, report_json or result.path.with_suffix(".report.json"), result.fallback_line())
     if serve:
-        engine = _load_gguf(result.path, EngineOptions("llama.cpp", n_ctx, threads, None, server.n_parallel, None, False))
+        engine = _load_gguf(result.path, EngineOptions("llama.cpp", n_ctx, threads, n_gpu_layers, server.n_parallel, None, False))
         serve_engine(engine, serving)
 
 

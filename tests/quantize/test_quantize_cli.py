@@ -104,13 +104,19 @@ def test_serve_quantize_serves_the_verified_gguf(quantized, session_cache, tiny_
     assert reply.json()["usage"]["completion_tokens"] >= 1
 
 
-def test_quantize_then_serve_in_one_command(quantized, session_cache, tiny_llama_dir, tmp_path, captured_server):
+def test_quantize_then_serve_in_one_command(quantized, session_cache, tiny_llama_dir, tmp_path, captured_server, monkeypatch):
+    import tandemlm.cli.quantize as cli_quantize
+
     quantized("llama", "q8_0")
     out = tmp_path / "served.gguf"
     captured_server["headers"] = {"Authorization": "Bearer sekrit"}
+    loads = []
+    load_gguf = cli_quantize._load_gguf
+    monkeypatch.setattr(cli_quantize, "_load_gguf", lambda path, options: loads.append(options) or load_gguf(path, options))
     args = ["quantize", str(tiny_llama_dir), "--type", "q8_0", "--out", str(out), "--serve", "--api-key", "sekrit", "--port", "8124"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [*args, "--n-gpu-layers", "0"])
     assert result.exit_code == 0, result.output
+    assert loads[0].n_gpu_layers == 0
     assert out.is_file() and captured_server["where"] == ("127.0.0.1", 8124)
     assert captured_server["reply"].status_code == 200, captured_server["reply"].text
 
