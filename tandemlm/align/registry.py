@@ -34,7 +34,7 @@ def get_method(name: str) -> Method:
 
 def run_method(name: str, config: Any) -> Run:
     """Runs method ``name`` with ``config`` (an instance of its config class)."""
-    return get_method(name).run(config)
+    return get_method(name).start(config)  # type: ignore[return-value]
 
 
 def open_run(path: str | os.PathLike[str]) -> Run:

@@ -10,6 +10,7 @@ transformers ``Trainer`` with the shared callbacks, resumes from the newest comp
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandemlm.align.config import AlignConfig, read_yaml, resolve_auto, to_dict
-from tandemlm.align.errors import ConfigError
+from tandemlm.align.errors import ConfigError, RunFinished
 from tandemlm.align.run_folder import (
     CONFIG_FILE,
     RUN_FILE,
@@ -47,6 +48,10 @@ class Run(RunFolder):
     config: AlignConfig
 
 
+# The run the current method call prepared, so a failure after its folder exists can be recorded there.
+_active_run: contextvars.ContextVar[Run | None] = contextvars.ContextVar("active_run", default=None)
+
+
 @dataclass(frozen=True)
 class Method:
     """An alignment method: its config class, ``run(config) -> Run`` and a one-line description."""
@@ -58,6 +63,20 @@ class Method:
     @property
     def name(self) -> str:
         return self.config_cls.method
+
+    def start(self, config: AlignConfig) -> Run | None:
+        """Runs the method. A run that fails once its folder exists is marked ``failed`` in run.json,
+        with the error, instead of staying ``running`` forever; ``--resume`` continues it."""
+        token = _active_run.set(None)
+        try:
+            return self.run(config)
+        except BaseException as exc:
+            run = _active_run.get()
+            if run is not None and is_main_process():
+                run.update_info(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        finally:
+            _active_run.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +97,7 @@ def prepare_run(config: AlignConfig, base_model: Path) -> Run:
         if not saved.is_file():
             raise ConfigError(f"--resume: {folder} holds no run to resume ({CONFIG_FILE} is missing)")
         _check_resumable(config, read_yaml(saved), saved)
+        _check_not_finished(config, run)
     elif saved.is_file() or (folder / RUN_FILE).is_file():
         raise ConfigError(f"output_dir {folder} already holds a run; pass --resume to continue it or pick another --output-dir")
     wait_for_everyone()  # every process has checked the folder before the main one writes into it
@@ -91,6 +111,7 @@ def prepare_run(config: AlignConfig, base_model: Path) -> Run:
             status="running", sessions=sessions,
         )
     wait_for_everyone()
+    _active_run.set(run)
     return run
 
 
@@ -105,6 +126,20 @@ def _run_folder(config: AlignConfig) -> Path:
         return latest[-1]
     name = same_on_all_processes(f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     return runs / name
+
+
+def _check_not_finished(config: AlignConfig, run: Run) -> None:
+    """A finished run has nothing left to train unless ``max_steps`` now asks for more steps."""
+    info = run.info()
+    if info.get("status") != "finished":
+        return
+    done = int(info.get("global_step") or 0)
+    if config.max_steps > done:
+        return
+    raise RunFinished(
+        f"{run.dir} already finished ({done} steps; its result is in {run.final}); nothing to resume. "
+        f"Pass a larger --max-steps to train on"
+    )
 
 
 def _check_resumable(config: AlignConfig, saved: dict[str, Any], path: Path) -> None:

@@ -80,12 +80,16 @@ def _run_method(name: str, config_file: Path | None, preset: str | None, overrid
     from rich.console import Console
 
     from tandemlm.align.config import build_config
+    from tandemlm.align.errors import RunFinished
     from tandemlm.align.registry import get_method
 
     method = get_method(name)
     try:
         config = build_config(method.config_cls, config_file, preset, overrides)
-        run = method.run(config)
+        run = method.start(config)
+    except RunFinished as exc:  # resuming a finished run: nothing to do, and nothing wrong
+        Console(stderr=True).print(str(exc))
+        return
     except _user_errors() as exc:
         fail(str(exc).strip("'\""))
         return

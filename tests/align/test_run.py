@@ -116,3 +116,26 @@ def test_plots_are_drawn_for_logged_quantities(tmp_path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = {p.name for p in plot_metrics(metrics, tmp_path / "plots")}
     assert written == {"loss.png", "reward.png", "kl.png", "margins.png", "length.png"}
+
+
+def test_a_failing_run_is_marked_failed_and_a_finished_one_resumes_to_nothing(tmp_path, tiny_llama):
+    from tandemlm.align.errors import RunFinished
+    from tandemlm.align.run import Method
+
+    config = SFTRunConfig(model=str(tiny_llama), dataset="builtin:sft_train", output_dir=str(tmp_path / "run"), max_steps=3)
+
+    def crashes(c):
+        prepare_run(c, tiny_llama)
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        Method(SFTRunConfig, crashes, "x").start(config)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "failed" and info["error"] == "RuntimeError: out of memory"
+
+    resumed = SFTRunConfig(**{**config.__dict__, "resume": True})
+    run = prepare_run(resumed, tiny_llama)  # a failed run resumes
+    run.update_info(status="finished", global_step=3)
+    with pytest.raises(RunFinished, match=r"already finished \(3 steps; its result is in .*final\); nothing to resume"):
+        prepare_run(resumed, tiny_llama)
+    assert prepare_run(SFTRunConfig(**{**resumed.__dict__, "max_steps": 5}), tiny_llama).info()["status"] == "running"
