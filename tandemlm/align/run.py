@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 DEFAULT_RUNS_DIR = "runs"
 # Fields that must match when resuming: anything else (max_steps, save_steps, ...) may change.
 IDENTITY_FIELDS = ("model", "dataset", "lora", "qlora", "lora_r", "lora_target", "lora_layers")
+# Fields a resumed optimizer and scheduler restore from the checkpoint: a new value would be written
+# into config.yaml but not used, so it is refused.
+RESTORED_FIELDS = ("learning_rate", "lr_scheduler", "warmup_steps")
 
 
 @dataclass
@@ -96,16 +99,23 @@ def prepare_run(config: AlignConfig, base_model: Path) -> Run:
     if config.resume:
         if not saved.is_file():
             raise ConfigError(f"--resume: {folder} holds no run to resume ({CONFIG_FILE} is missing)")
-        _check_resumable(config, read_yaml(saved), saved)
+        previous = read_yaml(saved)
+        _check_resumable(config, previous, saved)
         _check_not_finished(config, run)
-    elif saved.is_file() or (folder / RUN_FILE).is_file():
+        changed = _changed_fields(config, previous)
+    else:
+        changed = {}
+    if not config.resume and (saved.is_file() or (folder / RUN_FILE).is_file()):
         raise ConfigError(f"output_dir {folder} already holds a run; pass --resume to continue it or pick another --output-dir")
     wait_for_everyone()  # every process has checked the folder before the main one writes into it
     if is_main_process():
         folder.mkdir(parents=True, exist_ok=True)
         _write_yaml(saved, to_dict(config))
         info = run.info()
-        sessions = [*info.get("sessions", []), {"started": _now(), "resumed_from": None}]
+        session: dict[str, Any] = {"started": _now(), "resumed_from": None}
+        if changed:
+            session["changed"] = changed  # what this session trains with differently, per session
+        sessions = [*info.get("sessions", []), session]
         run.update_info(
             method=config.method, model=config.model, base_model=str(base_model), adapter=config.uses_lora,
             status="running", sessions=sessions,
@@ -142,7 +152,19 @@ def _check_not_finished(config: AlignConfig, run: Run) -> None:
     )
 
 
+def _changed_fields(config: AlignConfig, saved: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{field: [before, now]}`` for the settings a resumed session changes."""
+    now = to_dict(config)
+    return {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k] and k != "resume"}
+
+
 def _check_resumable(config: AlignConfig, saved: dict[str, Any], path: Path) -> None:
+    for name in RESTORED_FIELDS:
+        if name in saved and saved[name] != getattr(config, name):
+            raise ConfigError(
+                f"--resume: {name} is {getattr(config, name)!r} but the run in {path.parent} used {saved[name]!r}, "
+                f"and a resumed optimizer and scheduler keep the run's; start a new run to change it"
+            )
     for name in IDENTITY_FIELDS:
         if name in saved and saved[name] != getattr(config, name):
             raise ConfigError(

@@ -139,3 +139,14 @@ def test_a_failing_run_is_marked_failed_and_a_finished_one_resumes_to_nothing(tm
     with pytest.raises(RunFinished, match=r"already finished \(3 steps; its result is in .*final\); nothing to resume"):
         prepare_run(resumed, tiny_llama)
     assert prepare_run(SFTRunConfig(**{**resumed.__dict__, "max_steps": 5}), tiny_llama).info()["status"] == "running"
+
+
+def test_resume_refuses_settings_the_checkpoint_restores_and_records_other_changes(tmp_path, tiny_llama):
+    config = SFTRunConfig(model=str(tiny_llama), dataset="builtin:sft_train", output_dir=str(tmp_path / "run"), learning_rate=1e-4)
+    prepare_run(config, tiny_llama)
+    faster = SFTRunConfig(**{**config.__dict__, "resume": True, "learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match=r"--resume: learning_rate is 0.001 but the run .* used 0.0001, and a resumed optimizer"):
+        prepare_run(faster, tiny_llama)
+    run = prepare_run(SFTRunConfig(**{**config.__dict__, "resume": True, "save_steps": 7}), tiny_llama)
+    sessions = run.info()["sessions"]
+    assert "changed" not in sessions[0] and sessions[-1]["changed"] == {"save_steps": [config.save_steps, 7]}
