@@ -13,7 +13,7 @@ import dataclasses
 import json
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -221,6 +221,15 @@ class BaseEngine(abc.ABC):
     def load_adapter(self, name: str, path: str) -> None:
         """Loads the LoRA adapter folder ``path`` as ``name``; requests pick it with ``SamplingParams.adapter``."""
         raise EngineError(f"the {self.info.backend} backend cannot serve adapters (planned)")
+
+    def load_adapters(self, adapters: Mapping[str, str | Path] | None) -> None:
+        """Loads each ``{name: path}``; if one fails the engine is closed (no half-loaded server) and the error raised."""
+        try:
+            for name, path in (adapters or {}).items():
+                self.load_adapter(name, str(path))
+        except BaseException:
+            self.close()
+            raise
 
     def loaded_adapters(self) -> list[str]:
         """Names of the adapters loaded so far."""

@@ -352,10 +352,5 @@ def load_hf(source: ModelSource, **options: Any) -> HFEngine:
     kwargs = {k: v for k, v in options.items() if k in known and v is not None}
     folder = source.hf_folder()
     engine = HFEngine(str(folder), source.model_id, trust_remote_code=source.trust_remote_code, **kwargs)
-    try:
-        for name, path in (options.get("adapters") or {}).items():
-            engine.load_adapter(name, str(path))
-    except BaseException:
-        engine.close()
-        raise
+    engine.load_adapters(options.get("adapters"))
     return engine

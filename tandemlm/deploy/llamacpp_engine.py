@@ -511,10 +511,5 @@ def load_llamacpp(source: ModelSource, **options: Any) -> LlamaCppEngine:
     engine = LlamaCppEngine(str(source.gguf_file()), source.model_id, **kwargs)
     if source.builtin:  # an adapter recording no local base converts against the built-in's HF config
         engine.builtin_base = source.hf_folder
-    try:
-        for name, path in (options.get("adapters") or {}).items():
-            engine.load_adapter(name, str(path))
-    except BaseException:
-        engine.close()
-        raise
+    engine.load_adapters(options.get("adapters"))
     return engine
