@@ -11,12 +11,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-import queue
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+from tandemlm.deploy.scheduling import common_prefix_len
 from tandemlm.deploy.textstream import THINK_CLOSE, ReasoningSplitter, StopStringFilter, prompt_opens_reasoning
 from tandemlm.deploy.tool_specs import TemplateArguments
 from tandemlm.deploy.types import (
@@ -31,8 +30,6 @@ from tandemlm.deploy.types import (
 )
 from tandemlm.errors import EngineError
 from tandemlm.models.chat_template import Message
-
-T = TypeVar("T")
 
 
 @runtime_checkable
@@ -454,18 +451,6 @@ class AdapterView:
         return getattr(self.base, name)
 
 
-def adapter_weights(path: str | Path) -> Path:
-    """The safetensors weights of the LoRA adapter folder ``path``; pickle (``adapter_model.bin``) is refused."""
-    folder = Path(path).expanduser()
-    if not (folder / "adapter_config.json").is_file():
-        raise EngineError(f"{folder} is not a PEFT adapter folder (adapter_config.json is missing)")
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        pickled = (folder / "adapter_model.bin").is_file()
-        why = "holds adapter_model.bin (pickle, not loaded); re-save it with safe_serialization=True" if pickled else "has no adapter_model.safetensors"
-        raise EngineError(f"adapter {folder} {why}")
-    return weights
-
 
 def collect(stream: Iterator[Delta]) -> Completion:
     """Drains a stream into one :class:`Completion`."""
@@ -480,70 +465,3 @@ def collect(stream: Iterator[Delta]) -> Completion:
         if delta.usage:
             usage = delta.usage
     return Completion("".join(text), "".join(reasoning), finish, usage, logprobs)  # type: ignore[arg-type]
-
-
-class WorkQueue(Generic[T]):
-    """Requests handed to a backend's scheduler thread, with the close protocol every backend shares:
-    nothing is accepted once closing starts, closing waits for the thread (which checks ``running``
-    between steps), then hands back the requests it never took, for the backend to fail."""
-
-    def __init__(self, loop: Callable[[], None], name: str) -> None:
-        self.items: queue.Queue[T | None] = queue.Queue()
-        self.running = True
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=loop, name=name, daemon=True)
-
-    def start(self) -> None:
-        """Starts the thread (once the owner can answer its loop: after the queue is assigned)."""
-        self._thread.start()
-
-    def submit(self, item: T) -> None:
-        # Under the lock so no request can slip in after stop() has drained the queue.
-        with self._lock:
-            if not self.running:
-                raise EngineError("engine closed")
-            self.items.put(item)
-
-    def stop(self) -> list[T] | None:
-        """Stops the thread; the requests it never took, or None when it was stopped already."""
-        with self._lock:
-            if not self.running:
-                return None
-            self.running = False
-            self.items.put(None)  # wakes a scheduler blocked waiting for work
-        self._thread.join()
-        left: list[T] = []
-        while True:
-            try:
-                item = self.items.get_nowait()
-            except queue.Empty:
-                return left
-            if item is not None:
-                left.append(item)
-
-
-def drain_tokens(out: queue.Queue[Any], cancelled: threading.Event) -> Iterator[GeneratedToken]:
-    """Yields tokens a scheduler thread puts on ``out`` until ``None``; an exception put there is raised.
-
-    Closing the iterator early sets ``cancelled``, which tells the scheduler to drop the request.
-    """
-    try:
-        while True:
-            item = out.get()
-            if item is None:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        cancelled.set()
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    """Number of leading items ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -17,11 +17,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandemlm.deploy.engine import BaseEngine, WorkQueue, adapter_weights, drain_tokens
+from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.registry import register_backend
+from tandemlm.deploy.scheduling import WorkQueue, drain_tokens
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.hardware import inference_precision
+from tandemlm.models.adapter_files import adapter_weights
 from tandemlm.models.chat_template import Message, render_with_tokenizer, tokenizer_special_tokens, tokenizer_template
 from tandemlm.models.resolve import ModelSource
 from tandemlm.models.stops import stop_ids

@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from tandemlm.deploy.constraints import Grammars, Matcher
-from tandemlm.deploy.engine import BaseEngine, WorkQueue, common_prefix_len, drain_tokens
+from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.llamacpp_lora import lora_gguf, next_group
 from tandemlm.deploy.llamacpp_sampling import RequestSampler, logprob_record, plan_chain
 from tandemlm.deploy.registry import register_backend
+from tandemlm.deploy.scheduling import WorkQueue, common_prefix_len, drain_tokens
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.hardware import physical_cores

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tandemlm.deploy.engine import adapter_weights
 from tandemlm.errors import EngineError
 from tandemlm.models import llamacpp_source
+from tandemlm.models.adapter_files import adapter_weights
 from tandemlm.models.builtin import cache_dir
 
 RECIPE = 1  # bump when the conversion below changes its output for the same adapter

@@ -19,10 +19,11 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tandemlm.deploy.engine import BaseEngine, adapter_weights
+from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import EngineInfo, GeneratedToken, OutputConstraint, SamplingParams
 from tandemlm.errors import EngineError
+from tandemlm.models.adapter_files import adapter_weights
 from tandemlm.models.chat_template import Message, render_with_tokenizer, tokenizer_special_tokens, tokenizer_template
 from tandemlm.models.resolve import ModelSource
 

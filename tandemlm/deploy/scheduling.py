@@ -1,0 +1,81 @@
+"""The pieces every backend's scheduler thread shares: its request queue and close protocol, and
+the token queue a caller drains while the scheduler fills it."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+from tandemlm.deploy.types import GeneratedToken
+from tandemlm.errors import EngineError
+
+T = TypeVar("T")
+
+
+class WorkQueue(Generic[T]):
+    """Requests handed to a backend's scheduler thread, with the close protocol every backend shares:
+    nothing is accepted once closing starts, closing waits for the thread (which checks ``running``
+    between steps), then hands back the requests it never took, for the backend to fail."""
+
+    def __init__(self, loop: Callable[[], None], name: str) -> None:
+        self.items: queue.Queue[T | None] = queue.Queue()
+        self.running = True
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=loop, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Starts the thread (once the owner can answer its loop: after the queue is assigned)."""
+        self._thread.start()
+
+    def submit(self, item: T) -> None:
+        # Under the lock so no request can slip in after stop() has drained the queue.
+        with self._lock:
+            if not self.running:
+                raise EngineError("engine closed")
+            self.items.put(item)
+
+    def stop(self) -> list[T] | None:
+        """Stops the thread; the requests it never took, or None when it was stopped already."""
+        with self._lock:
+            if not self.running:
+                return None
+            self.running = False
+            self.items.put(None)  # wakes a scheduler blocked waiting for work
+        self._thread.join()
+        left: list[T] = []
+        while True:
+            try:
+                item = self.items.get_nowait()
+            except queue.Empty:
+                return left
+            if item is not None:
+                left.append(item)
+
+
+def drain_tokens(out: queue.Queue[Any], cancelled: threading.Event) -> Iterator[GeneratedToken]:
+    """Yields tokens a scheduler thread puts on ``out`` until ``None``; an exception put there is raised.
+
+    Closing the iterator early sets ``cancelled``, which tells the scheduler to drop the request.
+    """
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Number of leading items ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
