@@ -75,7 +75,8 @@ class Method:
             return self.run(config)
         except BaseException as exc:
             run = _active_run.get()
-            if run is not None and is_main_process():
+            # A run the method already stopped itself (a safety stop says "stopped") keeps its status.
+            if run is not None and is_main_process() and run.info().get("status") == "running":
                 run.update_info(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
             raise
         finally:
