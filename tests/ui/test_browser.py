@@ -134,11 +134,23 @@ def _wait_for_text(page, selector: str, text: str) -> None:
 
 
 def _set_number(page, selector: str, value: int) -> None:
-    """Types ``value`` into a slider's number box and waits until the slider itself has taken it."""
+    """Types ``value`` into a slider's number box and waits until the slider itself has taken it.
+
+    Right after a stopped chat the number box sometimes drops the first edit (seen in about one run in
+    three, cause not found yet: a Gradio front-end race is suspected), so the edit is made up to three times.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = page.locator(f"{selector} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    page.wait_for_function(f"document.querySelector('{selector} input[type=range]').value === '{value}'")
+    for attempt in range(3):
+        box.fill(str(value))
+        box.press("Enter")
+        try:
+            page.wait_for_function(f"document.querySelector('{selector} input[type=range]').value === '{value}'", timeout=20_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
 
 
 def test_chat_streams_an_answer_from_the_builtin_model(page, ui_server):
