@@ -92,3 +92,29 @@ def check_close_fails_running_and_queued(engine: Engine, ids: list[int], params:
 def close_check():
     """:func:`check_close_fails_running_and_queued`, for the engine test modules."""
     return check_close_fails_running_and_queued
+
+
+def generate_all_at_once(jobs: list[tuple[Engine, str]], params: object) -> list[str]:
+    """Each ``(engine, prompt)`` generated from its own thread, all released together (so they batch)."""
+    from tandemlm.deploy.engine import collect
+
+    texts: dict[int, str] = {}
+    barrier = threading.Barrier(len(jobs))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        texts[i] = collect(jobs[i][0].generate(jobs[i][1], params)).text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [texts[i] for i in range(len(jobs))]
+
+
+@pytest.fixture(scope="session")
+def all_at_once():
+    """:func:`generate_all_at_once`, for the adapter test modules."""
+    return generate_all_at_once
+

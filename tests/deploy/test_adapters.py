@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import threading
 from pathlib import Path
 
 import httpx
@@ -88,24 +87,12 @@ def test_adapter_name_generates_what_peft_generates_and_the_base_name_does_not(e
 
 
 @pytest.mark.slow
-def test_a_batch_mixing_base_and_adapter_rows_gives_each_row_its_solo_tokens(engine):
+def test_a_batch_mixing_base_and_adapter_rows_gives_each_row_its_solo_tokens(engine, all_at_once):
     view = engine.adapter_view("policy")
     jobs = [(engine if i % 2 else view, prompt) for i, prompt in enumerate(PROMPTS)]
     solo = [collect(target.generate(prompt, GREEDY)).text for target, prompt in jobs]
-    batched: dict[int, str] = {}
-    barrier = threading.Barrier(len(jobs))
     engine.max_batch_rows = 0
-
-    def run(i: int) -> None:
-        barrier.wait()
-        batched[i] = collect(jobs[i][0].generate(jobs[i][1], GREEDY)).text
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert [batched[i] for i in range(len(jobs))] == solo
+    assert all_at_once(jobs, GREEDY) == solo
     assert engine.max_batch_rows >= 2  # base and adapter rows shared a forward pass
 
 

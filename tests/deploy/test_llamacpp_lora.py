@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -81,24 +80,12 @@ def test_adapter_output_differs_from_the_base_and_matches_the_transformers_view(
 
 
 @pytest.mark.slow
-def test_a_mixed_batch_of_base_and_adapter_requests_gives_each_its_solo_tokens(engine):
+def test_a_mixed_batch_of_base_and_adapter_requests_gives_each_its_solo_tokens(engine, all_at_once):
     view = engine.adapter_view("policy")
     jobs = [(engine if i % 2 else view, prompt) for i, prompt in enumerate(PROMPTS * 2)]
     solo = [collect(target.generate(prompt, GREEDY)).text for target, prompt in jobs]
     switches = engine.adapter_switches
-    batched: dict[int, str] = {}
-    barrier = threading.Barrier(len(jobs))
-
-    def run(i: int) -> None:
-        barrier.wait()
-        batched[i] = collect(jobs[i][0].generate(jobs[i][1], GREEDY)).text
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert [batched[i] for i in range(len(jobs))] == solo
+    assert all_at_once(jobs, GREEDY) == solo
     assert engine.adapter_switches - switches >= 4  # the groups took turns, step by step
 
 
