@@ -11,11 +11,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from tandemlm.deploy.scheduling import common_prefix_len
+from tandemlm.deploy.scheduling import CancellableStream, common_prefix_len
 from tandemlm.deploy.textstream import THINK_CLOSE, ReasoningSplitter, StopStringFilter, prompt_opens_reasoning
 from tandemlm.deploy.tool_specs import TemplateArguments
 from tandemlm.deploy.types import (
@@ -183,10 +184,14 @@ class BaseEngine(abc.ABC):
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
     @abc.abstractmethod
-    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
+    def stream_tokens(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[GeneratedToken]:
         """Yields generated tokens until an end-of-generation token or ``params.max_tokens``.
 
-        Closing the iterator early must cancel the work and free the slot.
+        Closing the iterator early must cancel the work and free the slot. ``cancel``, when given,
+        may be set from another thread: the backend then drops the request wherever it is (queued,
+        prefilling, decoding) and ends the iterator soon, without waiting for another token.
         """
 
     @abc.abstractmethod
@@ -319,9 +324,7 @@ class BaseEngine(abc.ABC):
     def check_context(self, prompt_len: int, max_tokens: int) -> None:
         limit = self.info.context_length
         if prompt_len >= limit:
-            raise ContextLengthError(
-                f"prompt is {prompt_len} tokens but the model's context window is {limit} tokens"
-            )
+            raise ContextLengthError(f"prompt is {prompt_len} tokens but the model's context window is {limit} tokens")
         if prompt_len + max_tokens > limit:
             raise ContextLengthError(
                 f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the "
@@ -341,7 +344,10 @@ class BaseEngine(abc.ABC):
             params = dataclasses.replace(params, max_tokens=self.open_ended_budget(len(prompt_ids)))
         self.check_context(len(prompt_ids), params.max_tokens)
         self.check_params(params)
-        return self._stream_gen(prompt_ids, params, starts_in_reasoning, split_reasoning)
+        cancel = threading.Event()
+        return CancellableStream(
+            self._stream_gen(prompt_ids, params, starts_in_reasoning, split_reasoning, cancel), cancel
+        )
 
     def open_ended_budget(self, prompt_len: int) -> int:
         """Most tokens a request without ``max_tokens`` may generate: what the context window leaves
@@ -371,12 +377,13 @@ class BaseEngine(abc.ABC):
         params: SamplingParams,
         starts_in_reasoning: bool,
         split_reasoning: bool,
+        cancel: threading.Event,
     ) -> Iterator[Delta]:
         stops = StopStringFilter(params.stop)
         splitter = ReasoningSplitter(starts_in_reasoning) if split_reasoning else None
         usage = Usage(prompt_tokens=len(prompt_ids))
         finish: str = "length"
-        tokens = self.stream_tokens(prompt_ids, params)
+        tokens = self.stream_tokens(prompt_ids, params, cancel)
         try:
             for token in tokens:
                 usage.completion_tokens += 1
@@ -390,7 +397,10 @@ class BaseEngine(abc.ABC):
                     finish = "stop"
                     break
             else:
-                finish = "length" if usage.completion_tokens >= params.max_tokens else "stop"
+                if cancel.is_set():  # the scheduler ended the stream because it was cancelled
+                    finish = "cancelled"
+                else:
+                    finish = "length" if usage.completion_tokens >= params.max_tokens else "stop"
         finally:
             tokens.close()
         tail = self._split(splitter, stops.flush())
@@ -449,7 +459,6 @@ class AdapterView:
     def __getattr__(self, name: str) -> Any:
         # Tokenizer, template, token records, features: all the base's.
         return getattr(self.base, name)
-
 
 
 def collect(stream: Iterator[Delta]) -> Completion:

@@ -45,8 +45,16 @@ class HFEngine(BaseEngine):
     """A transformers causal LM with batched decoding of concurrent requests."""
 
     features = frozenset(
-        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format",
-         "adapter"}
+        {
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "logprobs",
+            "top_logprobs",
+            "response_format",
+            "adapter",
+        }
     )
 
     def __init__(
@@ -91,7 +99,9 @@ class HFEngine(BaseEngine):
             has_chat_template=bool(self.tokenizer.chat_template),
         )
         self._eos = stop_ids(self.tokenizer, self.model.generation_config)
-        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos, default=0)
+        self._pad = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos, default=0)
+        )
         from tandemlm.deploy.hf_sampling import JsonGrammars
 
         self._grammars = JsonGrammars(self.tokenizer, self._eos)
@@ -146,8 +156,10 @@ class HFEngine(BaseEngine):
         if params.constraint is not None:
             self._grammars.grammar(params.constraint)
 
-    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
-        row = _Row(prompt=list(prompt_ids), params=params)
+    def stream_tokens(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[GeneratedToken]:
+        row = _Row(prompt=list(prompt_ids), params=params, cancelled=cancel or threading.Event())
         if params.constraint is not None:  # built here, so the scheduler thread never waits on a grammar
             row.grammar = self._grammars.matcher(params.constraint)
         self._work.submit(row)
@@ -183,7 +195,9 @@ class HFEngine(BaseEngine):
             raise EngineError(f"adapter {name!r} is already loaded (from {self._adapters[name]})")
         folder = adapter_weights(path).parent
         if json.loads((folder / "adapter_config.json").read_text()).get("use_dora"):
-            raise EngineError(f"adapter {folder}: DoRA adapters cannot share a batch (PEFT's mixed-adapter inference); merge it instead")
+            raise EngineError(
+                f"adapter {folder}: DoRA adapters cannot share a batch (PEFT's mixed-adapter inference); merge it instead"
+            )
         with self._forward_lock:  # no forward pass may run while PEFT rewires the modules
             try:
                 if self._peft is None:
@@ -255,7 +269,11 @@ class HFEngine(BaseEngine):
                     break
                 if item is not None:
                     rows.append(item)
-            rows = [r for r in rows if not r.cancelled.is_set()]
+            for row in rows:
+                if row.cancelled.is_set():  # cancelled while queued: end its stream, never run it
+                    row.done = True
+                    row.out.put(None)
+            rows = [r for r in rows if not r.done]
             if not rows:
                 continue
             try:
@@ -295,7 +313,12 @@ class HFEngine(BaseEngine):
                     return
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -next_input.shape[1] :]
                 out = self._forward(
-                    adapters, input_ids=next_input, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                    adapters,
+                    input_ids=next_input,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
                 )
                 tokens = self._step_rows(rows, samplers, out.logits[:, -1, :])
                 if all(r.done for r in rows):
@@ -308,7 +331,9 @@ class HFEngine(BaseEngine):
         tokens = []
         for i, row in enumerate(rows):
             if row.done or row.cancelled.is_set():
-                row.done = True
+                if not row.done:  # cancelled mid-batch: end its stream now
+                    row.done = True
+                    row.out.put(None)
                 tokens.append(self._pad)
                 continue
             history = self._torch.tensor([row.prompt + row.generated], device=self.device)
@@ -346,7 +371,9 @@ def _available() -> str | None:
     return f"not installed: {', '.join(missing)}" if missing else None
 
 
-@register_backend("transformers", description="Hugging Face transformers (CPU or GPU, any HF causal LM)", available=_available)
+@register_backend(
+    "transformers", description="Hugging Face transformers (CPU or GPU, any HF causal LM)", available=_available
+)
 def load_hf(source: ModelSource, **options: Any) -> HFEngine:
     """Loads ``source`` (an HF folder; built-ins are materialised) with dtype, device_map, max_batch_size,
     load_in_bits, and ``adapters`` ({name: LoRA adapter folder}) served beside the base."""

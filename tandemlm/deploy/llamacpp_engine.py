@@ -84,8 +84,16 @@ class LlamaCppEngine(BaseEngine):
     """A GGUF model served with continuous batching."""
 
     features = frozenset(
-        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format",
-         "adapter"}
+        {
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "logprobs",
+            "top_logprobs",
+            "response_format",
+            "adapter",
+        }
     )
 
     def __init__(
@@ -140,6 +148,7 @@ class LlamaCppEngine(BaseEngine):
         self.reused_tokens = 0  # prompt tokens served from a cached prefix instead of decoded
         # Observability (cheap counters the tests read): tokens sampled, and the most sequences one decode sampled for.
         self.sampled_tokens = 0
+        self.prefilled_tokens = 0  # prompt tokens decoded (a cancelled prefill stops adding to it)
         self.max_sequences_per_step = 0
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.metadata = self._model.metadata()
@@ -211,8 +220,15 @@ class LlamaCppEngine(BaseEngine):
         return b"".join(self._piece(t) for t in token_ids).decode("utf-8", "replace")
 
     # ---- public primitives -------------------------------------------------------------------
-    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
-        request = _Request(prompt=list(prompt_ids), params=params, adapter=self._check_adapter(params.adapter))
+    def stream_tokens(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[GeneratedToken]:
+        request = _Request(
+            prompt=list(prompt_ids),
+            params=params,
+            adapter=self._check_adapter(params.adapter),
+            cancelled=cancel or threading.Event(),
+        )
         if params.constraint is not None:  # built here, so the scheduler thread never waits on a grammar
             request.matcher = self._grammars.matcher(params.constraint)
         self._submit(request)
@@ -283,7 +299,9 @@ class LlamaCppEngine(BaseEngine):
         gguf = lora_gguf(path, self.builtin_base)
         adapter = self._ll.llama_adapter_lora_init(self._model.model, str(gguf).encode())
         if not adapter:  # llama.cpp checks each tensor's shape against the model's
-            raise EngineError(f"adapter {path} does not fit {self.info.model_id}: llama.cpp refused its GGUF LoRA {gguf}")
+            raise EngineError(
+                f"adapter {path} does not fit {self.info.model_id}: llama.cpp refused its GGUF LoRA {gguf}"
+            )
         self._loras[name] = adapter
 
     def loaded_adapters(self) -> list[str]:
@@ -316,6 +334,7 @@ class LlamaCppEngine(BaseEngine):
         pending: list[_Request] = []
         while self._work.running:
             self._take_new(pending, block=not active and not pending)
+            pending[:] = [r for r in pending if not self._drop_if_cancelled(r)]  # cancelled while queued
             self._admit(pending, active)
             active = [r for r in active if not self._drop_if_cancelled(r)]
             if not active:
@@ -343,9 +362,6 @@ class LlamaCppEngine(BaseEngine):
     def _admit(self, pending: list[_Request], active: list[_Request]) -> None:
         while pending and self._idle:
             request = pending[0]
-            if request.cancelled.is_set():
-                pending.pop(0)
-                continue
             seq, reuse = self._best_idle(request)
             cached = sum(len(tokens) for other, tokens in self._idle.items() if other != seq)
             used = sum(r.reserved for r in active) + cached
@@ -416,6 +432,7 @@ class LlamaCppEngine(BaseEngine):
                     if want:
                         outputs.append((request, index))
                 request.n_past += take
+                self.prefilled_tokens += take
                 budget -= take
         status = self._ll.llama_decode(self._ctx, batch)
         if status != 0:
@@ -508,7 +525,9 @@ def load_llamacpp(source: ModelSource, **options: Any) -> LlamaCppEngine:
 
     known = {"n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers"}
     kwargs = {k: v for k, v in options.items() if k in known and v is not None}
-    kwargs["n_gpu_layers"] = default_gpu_layers(kwargs.get("n_gpu_layers"), bool(llama_cpp.llama_supports_gpu_offload()))
+    kwargs["n_gpu_layers"] = default_gpu_layers(
+        kwargs.get("n_gpu_layers"), bool(llama_cpp.llama_supports_gpu_offload())
+    )
     engine = LlamaCppEngine(str(source.gguf_file()), source.model_id, **kwargs)
     if source.builtin:  # an adapter recording no local base converts against the built-in's HF config
         engine.builtin_base = source.hf_folder

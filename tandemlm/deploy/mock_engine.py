@@ -7,7 +7,7 @@ It is registered through the real registry (as backend ``mock``), tokenizes on c
 from __future__ import annotations
 
 import math
-import time
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -69,13 +69,17 @@ class MockEngine(BaseEngine):
         last = prompt.rsplit("<|user|>", 1)[-1].split("\n", 1)[0]
         return last[::-1] or "?"
 
-    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
+    def stream_tokens(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[GeneratedToken]:
         reply = self._reply_for(self.detokenize(prompt_ids))
         emitted = 0
         try:
             for char in reply[: params.max_tokens]:
-                if self.delay:
-                    time.sleep(self.delay)
+                if self.delay:  # "decoding": a cancel ends the wait at once, as a real scheduler would
+                    (cancel or threading.Event()).wait(self.delay)
+                if cancel is not None and cancel.is_set():
+                    return
                 emitted += 1
                 logprob = math.log(0.9) if params.logprobs is not None else None
                 yield GeneratedToken(ord(char), char, logprob)
@@ -88,7 +92,9 @@ class MockEngine(BaseEngine):
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
         # Characters of the scripted reply are likely; anything else less so.
         reply = self._reply_for(self.detokenize(prompt_ids))
-        return [math.log(0.9) if i < len(reply) and chr(t) == reply[i] else math.log(0.01) for i, t in enumerate(target_ids)]
+        return [
+            math.log(0.9) if i < len(reply) and chr(t) == reply[i] else math.log(0.01) for i, t in enumerate(target_ids)
+        ]
 
 
 def _available() -> str | None:

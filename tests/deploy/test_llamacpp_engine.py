@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -478,3 +479,37 @@ def test_gpu_builds_offload_every_layer_unless_told_otherwise():
     assert default_gpu_layers(None, gpu_build=True) == -1
     assert default_gpu_layers(None, gpu_build=False) == 0
     assert default_gpu_layers(12, gpu_build=True) == 12 and default_gpu_layers(0, gpu_build=True) == 0
+
+
+def _long_prompt(engine, tokens: int) -> list[dict[str, str]]:
+    words = " ".join(f"item{i}" for i in range(tokens))  # about two tokens a word on SmolLM2
+    ids = engine.tokenize(words)
+    return [{"role": "user", "content": engine.detokenize(ids[:tokens]) + "\nHow many items?"}]
+
+
+def test_a_request_cancelled_before_it_is_scheduled_never_runs(smollm2):
+    prefilled, sampled = smollm2.prefilled_tokens, smollm2.sampled_tokens
+    stream = smollm2.chat(COUNT, SamplingParams(temperature=0, max_tokens=50))
+    stream.cancel()  # from another thread in the server; the request is not in the engine yet
+    result = collect(stream)
+    assert result.finish_reason == "cancelled"
+    assert result.usage.completion_tokens == 0
+    assert (smollm2.prefilled_tokens, smollm2.sampled_tokens) == (prefilled, sampled)
+
+
+def test_cancelling_a_long_prefill_stops_it_between_chunks(smollm2):
+    messages = _long_prompt(smollm2, 1800)  # 4 chunks of n_batch=512
+    prompt_len = len(smollm2.tokenize(smollm2.render_chat(messages)))
+    before = smollm2.prefilled_tokens
+    stream = smollm2.chat(messages, SamplingParams(temperature=0, max_tokens=8))
+    results: list[object] = []
+    reader = threading.Thread(target=lambda: results.append(collect(stream)))
+    reader.start()
+    while smollm2.prefilled_tokens == before:  # wait for the first chunk to be decoded
+        time.sleep(0.005)
+    stream.cancel()  # the reader is blocked waiting for a first token that a full prefill would bring
+    reader.join(timeout=60)
+    assert not reader.is_alive()
+    assert results[0].finish_reason == "cancelled" and results[0].usage.completion_tokens == 0
+    assert smollm2.prefilled_tokens - before < prompt_len  # at most one more chunk ran after the cancel
+    assert collect(smollm2.chat(FRANCE, SamplingParams(temperature=0, max_tokens=4))).usage.completion_tokens > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +25,9 @@ from tandemlm.deploy.types import ContextLengthError
 from tandemlm.errors import EngineError
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
 
@@ -84,7 +88,12 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "request_too_large" if exc.status_code == 413 else None
-        return _error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "invalid_request_error", code=code)
+        return _error(
+            exc.status_code,
+            str(exc.detail),
+            "not_found_error" if exc.status_code == 404 else "invalid_request_error",
+            code=code,
+        )
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
@@ -93,19 +102,19 @@ def create_app(
             return {"status": "ok"}
         return {"status": "ok", "running": ctx.admission.running, "queued": ctx.admission.waiting}
 
-    async def guarded(endpoint: str, work: Any) -> Any:
-        response = await _answer(work)
+    async def guarded(endpoint: str, request: Request, work: Any) -> Any:
+        response = await _unless_client_leaves(request, lambda: _answer(work))
         status = getattr(response, "status_code", 200)
         ctx.metrics.requests.labels(endpoint, str(status)).inc()
         return response
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
-        return await guarded("/v1/chat/completions", lambda: chat_completion(ctx, body))
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await guarded("/v1/chat/completions", request, lambda: chat_completion(ctx, body))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
-        return await guarded("/v1/completions", lambda: text_completion(ctx, body))
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await guarded("/v1/completions", request, lambda: text_completion(ctx, body))
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -113,6 +122,33 @@ def create_app(
 
     add_introspection_routes(app, ctx)
     return app
+
+
+CLIENT_CLOSED = 499
+"""Status logged for a request whose client left before the answer (nginx's convention); nobody reads it."""
+
+
+async def _unless_client_leaves(request: Request, work: Any) -> Any:
+    """Runs ``work`` but cancels it when the client disconnects first: a request still queued,
+    prefilling or decoding without streaming then stops in the engine and frees its slot."""
+    task = asyncio.ensure_future(work())
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # lets the handler's cleanup (engine cancel, slot release) run to its end
+        return Response(status_code=CLIENT_CLOSED)
+    return task.result()
+
+
+async def _disconnected(request: Request, every_s: float = 0.1) -> None:
+    """Returns once the client has gone (a streamed response watches for this itself)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
 
 
 async def _answer(work: Any) -> Any:

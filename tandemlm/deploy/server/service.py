@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
+
 from tandemlm.deploy.types import Delta
 
 _DONE = object()
@@ -109,12 +111,14 @@ class Ticket:
 async def iterate_in_thread(stream: Iterator[Delta]) -> AsyncIterator[Delta]:
     """Runs a blocking engine stream in a worker thread and yields its deltas on the event loop.
 
-    If the consumer stops early (client disconnect, cancellation), the worker closes the engine
-    stream, which cancels the generation inside the engine.
+    If the consumer stops early (client disconnect, cancellation), the stream is cancelled in the
+    engine wherever the request is (queued, prefilling, decoding), and this returns only once the
+    engine has let go of it, so the caller's slot is freed after the engine's, never before.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
     stop = threading.Event()
+    finished = loop.create_future()
 
     def work() -> None:
         try:
@@ -131,6 +135,7 @@ async def iterate_in_thread(stream: Iterator[Delta]) -> AsyncIterator[Delta]:
             loop.call_soon_threadsafe(queue.put_nowait, exc)
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            loop.call_soon_threadsafe(_settle, finished)
 
     worker = threading.Thread(target=work, name="tandem-stream", daemon=True)
     worker.start()
@@ -144,3 +149,20 @@ async def iterate_in_thread(stream: Iterator[Delta]) -> AsyncIterator[Delta]:
             yield item
     finally:
         stop.set()
+        cancel = getattr(stream, "cancel", None)
+        if cancel is not None and not finished.done():
+            cancel()  # reaches a request the engine has not started or is still prefilling
+        # Shielded: Starlette cancels a disconnected response's task group, and anyio re-delivers that
+        # cancel at every await, so an unshielded wait would free the slot while the engine still
+        # holds it. Bounded, so a backend that ignores cancel cannot hang the server.
+        with anyio.move_on_after(CANCEL_WAIT_S, shield=True):
+            await finished
+
+
+CANCEL_WAIT_S = 30.0
+"""How long a stopped stream waits for its engine to drop the request before its slot is freed anyway."""
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
