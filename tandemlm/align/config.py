@@ -13,16 +13,20 @@ hardware the run lands on (LoRA, gradient checkpointing and bf16 on a GPU; plain
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tandemlm.align.errors import ConfigError
+from tandemlm.align.errors import ConfigError, decode_utf8
+from tandemlm.models.atomic import unwritable_reason
 from tandemlm.models.builtin import DEFAULT_MODEL
 
 C = TypeVar("C", bound="AlignConfig")
+DEFAULT_RUNS_DIR = "runs"  # where runs go without --output-dir (runs/<method>-<timestamp>)
 
 
 def help_field(default: Any, help: str) -> Any:
@@ -96,6 +100,20 @@ class AlignConfig:
         if not self.model.strip():
             raise ConfigError("model must not be empty")
 
+    def validate(self) -> None:
+        """Checks that read the libraries' own lists or the filesystem; run before anything loads.
+
+        Kept out of ``__post_init__`` because it imports transformers (seconds): a run folder's
+        config is read back without it, and a bad number still fails at once. ``build_config`` and
+        ``Method.start`` call it. Subclasses extend it with their own library-defined choices.
+        """
+        one_of(self, "lr_scheduler", lr_scheduler_names())
+        check_report_to(self.report_to)
+        folder = self.output_dir or DEFAULT_RUNS_DIR
+        reason = unwritable_reason(Path(folder))
+        if reason:
+            raise ConfigError(f"output_dir {folder}: {reason}")
+
     @property
     def uses_lora(self) -> bool:
         """Whether adapters are trained (after :func:`resolve_auto`, ``lora`` is never None)."""
@@ -114,6 +132,37 @@ def non_negative(config: AlignConfig, *names: str) -> None:
     for name in names:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be zero or more, got {getattr(config, name)}")
+
+
+def one_of(config: AlignConfig, name: str, choices: Iterable[str]) -> None:
+    """Raises ConfigError naming ``name`` and listing ``choices`` when the field's value is not one of them."""
+    choices = tuple(choices)
+    value = getattr(config, name)
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@functools.cache
+def lr_scheduler_names() -> tuple[str, ...]:
+    """The schedules transformers' ``get_scheduler`` knows (its ``SchedulerType`` values)."""
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
+def check_report_to(value: str) -> None:
+    """``report_to`` must be none, all, or a transformers integration that is installed."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    known = ("none", "all", *INTEGRATION_TO_CALLBACK)
+    if value not in known:
+        raise ConfigError(f"report_to must be one of {', '.join(known)}, got {value!r}")
+    installed = get_available_reporting_integrations()
+    if value not in ("none", "all") and value not in installed:
+        raise ConfigError(f"report_to: {value} is not installed here; installed: {', '.join(installed) or 'none'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +257,9 @@ def build_config(
     if config_file:
         values.update(read_yaml(config_file, cls))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return make_config(cls, values, source="config")
+    config = make_config(cls, values, source="config")
+    config.validate()
+    return config
 
 
 def make_config(cls: type[C], values: dict[str, Any], source: str) -> C:
@@ -228,7 +279,7 @@ def read_yaml(path: str | Path, cls: type[AlignConfig] | None = None) -> dict[st
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(decode_utf8(path.read_bytes(), str(path), ConfigError))
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""

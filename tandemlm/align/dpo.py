@@ -7,6 +7,9 @@ loads a second, frozen copy from the base folder.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,8 +34,18 @@ class DPORunConfig(AlignConfig):
         super().__post_init__()
         if not self.beta > 0:
             raise ConfigError(f"beta must be positive, got {self.beta}")
+        if not self.loss_types:
+            raise ConfigError("loss_type must name at least one loss (e.g. sigmoid)")
         if self.loss_weights is not None and len(self.loss_weight_list) != len(self.loss_types):
             raise ConfigError(f"loss_weights needs one weight per loss in loss_type ({', '.join(self.loss_types)})")
+
+    def validate(self) -> None:
+        """The shared checks, then each of ``loss_type``'s names against TRL's DPO losses."""
+        super().validate()
+        known = dpo_loss_types()
+        unknown = [name for name in self.loss_types if known and name not in known]
+        if unknown:
+            raise ConfigError(f"loss_type {unknown[0]!r} is not a DPO loss; known: {', '.join(known)}")
 
     @property
     def loss_types(self) -> list[str]:
@@ -46,6 +59,19 @@ class DPORunConfig(AlignConfig):
             return [float(w) for w in self.loss_weights.split(",")]
         except ValueError:
             raise ConfigError(f"loss_weights must be numbers separated by commas, got {self.loss_weights!r}") from None
+
+
+@functools.cache
+def dpo_loss_types() -> tuple[str, ...]:
+    """TRL's DPO loss names, read from the help of ``DPOConfig.loss_type`` (TRL keeps no list of them).
+
+    Empty if TRL ever words that help differently: then nothing is refused here and TRL's own
+    check still names an unknown loss (after the model loads).
+    """
+    from trl import DPOConfig
+
+    field = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type")
+    return tuple(dict.fromkeys(re.findall(r"`'([a-z0-9_]+)'`", field.metadata.get("help", ""))))
 
 
 def run_dpo(config: DPORunConfig) -> Run:

@@ -14,7 +14,7 @@ from typing import ClassVar
 from tandemlm.align.config import AlignConfig, help_field, positive
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.prepare import prepare
-from tandemlm.align.rewards import build_rewards, parse_reward_spec
+from tandemlm.align.rewards import build_rewards, check_reward_model, parse_reward_spec
 from tandemlm.align.run import Method, Run, train, trainer_args
 
 
@@ -54,6 +54,12 @@ class GRPORunConfig(AlignConfig):
             raise ConfigError("rewards uses reward_model but reward_model (a reward run folder) is not set")
         if any(name == "http" for name, _ in specs) and not self.reward_url:
             raise ConfigError("rewards uses http but reward_url is not set")
+
+    def validate(self) -> None:
+        """The shared checks, then the reward model folder (a missing one fails before the policy loads)."""
+        super().validate()
+        if self.reward_model:
+            check_reward_model(self.reward_model)
 
 
 def run_grpo(config: GRPORunConfig) -> Run:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from tandemlm.align.config import AlignConfig
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.run_folder import is_run_folder, read_run_folder
+from tandemlm.models.pickle_guard import refused_pickle
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -83,9 +84,9 @@ def load_model(folder: str | Path, config: AlignConfig, head: str = "causal") ->
         kwargs["device_map"] = {"": PartialState().local_process_index}  # one full copy per GPU process
     if head == "score":
         kwargs["num_labels"] = 1  # Bradley-Terry: one scalar per sequence
-        model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    auto = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
+    with refused_pickle(folder):  # a pickle-only checkpoint torch refuses: one line, not 60
+        model = auto.from_pretrained(folder, **kwargs)
     if config.qlora:
         from peft import prepare_model_for_kbit_training
 

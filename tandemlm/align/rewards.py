@@ -21,6 +21,7 @@ from tandemlm.align.model import load_tokenizer, quiet_transformers
 from tandemlm.align.run_folder import is_run_folder, read_run_folder
 from tandemlm.align.tasks import verify
 from tandemlm.hardware import inference_precision
+from tandemlm.models.pickle_guard import refused_pickle
 
 # name -> builder(config) -> (reward function or model, its tokenizer or None)
 _REWARDS: dict[str, Callable[[Any], tuple[Any, Any]]] = {}
@@ -119,6 +120,17 @@ def _reward_model_reward(config: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def check_reward_model(ref: str | Path) -> None:
+    """Fails with one line unless ``ref`` is a reward run folder or an HF model folder (reads no weights)."""
+    path = Path(ref).expanduser()
+    if is_run_folder(path):
+        method = read_run_folder(path).method
+        if method != "reward":
+            raise ConfigError(f"reward_model: {path} is a {method} run, not a reward run")
+    elif not (path / "config.json").is_file():
+        raise ConfigError(f"reward_model: {path} is neither a reward run folder nor an HF model folder")
+
+
 def load_reward_model(ref: str | Path, dtype: Any = None, device: str | None = None) -> tuple[Any, Any]:
     """A reward model (eval mode) and its tokenizer from a reward run or an HF folder.
 
@@ -133,11 +145,10 @@ def load_reward_model(ref: str | Path, dtype: Any = None, device: str | None = N
     if dtype is None:
         precision = inference_precision(device or "auto")
         dtype, device = precision.torch_dtype(), precision.device
+    check_reward_model(ref)
     path = Path(ref).expanduser()
     if is_run_folder(path):
         run = read_run_folder(path)
-        if run.method != "reward":
-            raise ConfigError(f"reward_model: {path} is a {run.method} run, not a reward run")
         if run.is_adapter and not run.merged.is_dir():
             from peft import PeftModel
 
@@ -149,11 +160,10 @@ def load_reward_model(ref: str | Path, dtype: Any = None, device: str | None = N
             folder = run.model_folder()
             model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype)
             tokenizer = load_tokenizer(folder)
-    elif (path / "config.json").is_file():
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-        tokenizer = load_tokenizer(path)
     else:
-        raise ConfigError(f"reward_model: {path} is neither a reward run folder nor an HF model folder")
+        with refused_pickle(path):
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        tokenizer = load_tokenizer(path)
     model.config.pad_token_id = tokenizer.pad_token_id
     return (model.to(device) if device else model).eval(), tokenizer
 

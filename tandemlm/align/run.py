@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tandemlm.align.config import AlignConfig, read_yaml, resolve_auto, to_dict
+from tandemlm.align.config import DEFAULT_RUNS_DIR, AlignConfig, read_yaml, resolve_auto, to_dict
 from tandemlm.align.errors import ConfigError, RunFinished
 from tandemlm.align.run_folder import (
     CONFIG_FILE,
@@ -36,7 +36,6 @@ from tandemlm.models.atomic import atomic_write_text
 if TYPE_CHECKING:
     from transformers import Trainer
 
-DEFAULT_RUNS_DIR = "runs"
 # Fields that must match when resuming: anything else (max_steps, save_steps, ...) may change.
 IDENTITY_FIELDS = ("model", "dataset", "lora", "qlora", "lora_r", "lora_target", "lora_layers")
 # Fields a resumed optimizer and scheduler restore from the checkpoint: a new value would be written
@@ -70,6 +69,7 @@ class Method:
     def start(self, config: AlignConfig) -> Run | None:
         """Runs the method. A run that fails once its folder exists is marked ``failed`` in run.json,
         with the error, instead of staying ``running`` forever; ``--resume`` continues it."""
+        config.validate()  # library choices, output folder: before anything loads (build_config ran it too; cheap now)
         token = _active_run.set(None)
         try:
             return self.run(config)

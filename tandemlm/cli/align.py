@@ -38,6 +38,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, EngineError, KeyError)
 
 
+def _message(exc: Exception) -> str:
+    """The one-line message of a user error (a KeyError's str() is its repr, quotes and all)."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
 def _flag_annotation(name: str, hint: Any, help_text: str) -> Any:
     """``Annotated[T | None, typer.Option(...)]`` for one config field."""
     flag = "--" + name.replace("_", "-")
@@ -91,7 +96,7 @@ def _run_method(name: str, config_file: Path | None, preset: str | None, overrid
         Console(stderr=True).print(str(exc))
         return
     except _user_errors() as exc:
-        fail(str(exc).strip("'\""))
+        fail(_message(exc))
         return
     from tandemlm.align.run_folder import is_main_process
 
@@ -141,7 +146,7 @@ def eval_command(
     try:
         report = evaluate_run(run, options)
     except (*_user_errors(), ValueError) as exc:
-        fail(str(exc).strip("'\""))
+        fail(_message(exc))
         return
     print_report(report)
 
@@ -157,7 +162,7 @@ def merge_command(
     try:
         folder = merge_run(run, out, device)
     except (*_user_errors(), ValueError) as exc:
-        fail(str(exc).strip("'\""))
+        fail(_message(exc))
         return
     typer.echo(str(folder))
 

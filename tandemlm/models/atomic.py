@@ -62,3 +62,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why ``folder`` (made if missing) cannot receive files, naming the path at fault; None when it can.
+
+    Walks up to the nearest existing ancestor: a file there (``file.txt/run``) or a folder without
+    write permission (``os.access`` also reports a read-only filesystem) blocks every write below it.
+    """
+    path = Path(folder).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        return f"{path} is a file, not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"cannot write to {path} (read-only or no permission)"
+    return None

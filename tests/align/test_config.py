@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tandemlm.align.config import build_config, resolve_auto
@@ -107,3 +109,54 @@ def test_qlora_loads_4bit_under_lora(tiny_llama):
     config = resolve_auto(DPORunConfig(model=str(tiny_llama), qlora=True))
     model = load_model(tiny_llama, config)
     assert getattr(model, "is_loaded_in_4bit", False)
+
+
+# ---- values with a closed set of choices, checked against the libraries' own lists ----------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "values", "message"),
+    [
+        (SFTRunConfig, {"lr_scheduler": "zigzag"}, r"lr_scheduler must be one of linear, cosine, .*got 'zigzag'"),
+        (SFTRunConfig, {"report_to": "carrier-pigeon"}, r"report_to must be one of none, all, .*wandb.*got 'carrier-pigeon'"),
+        (DPORunConfig, {"loss_type": "magic"}, r"loss_type 'magic' is not a DPO loss; known: sigmoid, .*ipo"),
+        (DPORunConfig, {"loss_type": "sigmoid,magic", "loss_weights": "1,1"}, r"loss_type 'magic' is not a DPO loss"),
+        (DPORunConfig, {"loss_type": " , "}, "loss_type must name at least one loss"),
+        (GRPORunConfig, {"reward_model": "/no/such/reward-run"}, r"reward_model: /no/such/reward-run is neither"),
+    ],
+)
+def test_closed_choices_are_checked_when_the_config_is_built(cls, values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(cls, overrides=values)
+
+
+def test_library_choices_are_accepted():
+    # Names that only the libraries list (no hand-kept copy here): transformers' schedules, TRL's DPO losses.
+    assert build_config(SFTRunConfig, overrides={"lr_scheduler": "warmup_stable_decay"}).lr_scheduler == "warmup_stable_decay"
+    assert build_config(DPORunConfig, overrides={"loss_type": "apo_zero,sft", "loss_weights": "1,1"}).loss_types == ["apo_zero", "sft"]
+
+
+def test_yaml_choices_and_bytes_are_checked(tmp_path):
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text("method: sft\nlr_scheduler: zigzag\n")
+    with pytest.raises(ConfigError, match=r"lr_scheduler must be one of .*got 'zigzag'"):
+        build_config(SFTRunConfig, recipe)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"method: sft\nmodel: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1\.yaml line 2, byte 22: not UTF-8 text"):
+        build_config(SFTRunConfig, latin1)
+
+
+def test_output_dir_under_a_file_is_refused(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match=rf"output_dir {blocker}/run: {blocker} is a file, not a folder"):
+        build_config(SFTRunConfig, overrides={"output_dir": str(blocker / "run")})
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through 0o500; the path-under-a-file test covers the refusal")
+def test_output_dir_without_write_permission_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match=rf"output_dir {locked}/run: cannot write to {locked}"):
+        build_config(SFTRunConfig, overrides={"output_dir": str(locked / "run")})

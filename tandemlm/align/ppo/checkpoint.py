@@ -29,6 +29,7 @@ import torch
 
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.ppo.policy import CRITIC, POLICY, ActorCritic
+from tandemlm.models.pickle_guard import refused_pickle
 
 STATE_FILE = "trainer_state.json"
 
@@ -125,9 +126,11 @@ def prune(checkpoints: Path, keep: int) -> None:
 def load_checkpoint(folder: Path, ac: ActorCritic, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restores weights and this process's RNGs; returns (optimizer/scheduler states, trainer state)."""
     load_weights(ac, folder)
-    training = torch.load(folder / "optim.pt", weights_only=True)
+    with refused_pickle(folder / "optim.pt"):
+        training = torch.load(folder / "optim.pt", weights_only=True)
     rng_file = folder / f"rng-{rank}.pt"
     if not rng_file.is_file():
         raise ConfigError(f"--resume: {folder} was saved by fewer processes (no {rng_file.name}); resume with as many")
-    set_rng_state(torch.load(rng_file, weights_only=True))
+    with refused_pickle(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return training, json.loads((folder / STATE_FILE).read_text())

@@ -11,9 +11,9 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 
-from tandemlm.align.config import AlignConfig, help_field, non_negative, positive
+from tandemlm.align.config import AlignConfig, help_field, non_negative, one_of, positive
 from tandemlm.align.errors import ConfigError
-from tandemlm.align.rewards import parse_reward_spec
+from tandemlm.align.rewards import check_reward_model, parse_reward_spec
 
 KL_ESTIMATORS = ("k1", "k3")
 ROLLOUT_BACKENDS = ("transformers", "vllm")
@@ -86,10 +86,8 @@ class PPORunConfig(AlignConfig):
             raise ConfigError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ConfigError(f"dual_clip must be greater than 1 (or null), got {self.dual_clip}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ConfigError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
-        if self.rollout_backend not in ROLLOUT_BACKENDS:
-            raise ConfigError(f"rollout_backend must be one of {', '.join(ROLLOUT_BACKENDS)}, got {self.rollout_backend!r}")
+        one_of(self, "kl_estimator", KL_ESTIMATORS)
+        one_of(self, "rollout_backend", ROLLOUT_BACKENDS)
         self._check_unsupported()
         self._check_rewards()
 
@@ -110,6 +108,12 @@ class PPORunConfig(AlignConfig):
             raise ConfigError("rewards uses http but reward_url is not set")
         if self.critic_from_reward_model and not self.reward_model:
             raise ConfigError("critic_from_reward_model needs reward_model (a reward run folder)")
+
+    def validate(self) -> None:
+        """The shared checks, then the reward model folder (a missing one fails before the policy loads)."""
+        super().validate()
+        if self.reward_model:
+            check_reward_model(self.reward_model)
 
     @property
     def critic_lr(self) -> float:
