@@ -5,6 +5,10 @@ Registered on the main app by :func:`register`; heavy libraries are imported ins
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -183,7 +187,33 @@ def _run_pipeline(
         report=ReportSettings(n_threads=threads) if report else None, report_against=report_against,
         trust_remote_code=trust_remote_code, publish=publish,
     )
-    return quantize_model(config)  # prints stage progress, k-quant fallbacks and the verification to stderr
+    with _termination_unwinds():
+        return quantize_model(config)  # prints stage progress, k-quant fallbacks and the verification to stderr
+
+
+@contextmanager
+def _termination_unwinds() -> Iterator[None]:
+    """While quantizing, SIGTERM and SIGHUP raise ``SystemExit(128 + signal)`` so ``finally`` blocks run.
+
+    Their default action ends the process on the spot: the converter (in a process group of its
+    own, so a terminal hang-up never reaches it) would run on as an orphan and the temp files
+    stay. Handlers someone set on purpose (``nohup`` ignores SIGHUP) are left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    replaced = [sig for sig in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) == signal.SIG_DFL]
+    for sig in replaced:
+        signal.signal(sig, unwind)
+    try:
+        yield
+    finally:
+        for sig in replaced:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _print_and_save(report: QualityReport, json_path: Path, *notes: str) -> None:

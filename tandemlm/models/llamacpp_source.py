@@ -14,13 +14,16 @@ Cached layout, ``cache_dir()/llama.cpp-<version>/`` (the ``vendor/llama.cpp`` tr
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,7 +150,12 @@ def converter_env(source: Path) -> dict[str, str]:
 
 
 def run_with_status(command: list[str], env: dict[str, str] | None, title: str) -> tuple[int, list[str]]:
-    """Runs ``command``, showing a spinner with its latest output line; returns (exit code, lines)."""
+    """Runs ``command``, showing a spinner with its latest output line; returns (exit code, lines).
+
+    The child never outlives this call: on any exception (Ctrl-C, SystemExit from a SIGTERM
+    handler, an error) its whole process group is killed, and on Linux the kernel kills it if
+    this process dies without running Python code at all (``kill -9``).
+    """
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -155,7 +163,15 @@ def run_with_status(command: list[str], env: dict[str, str] | None, title: str) 
     lines: list[str] = []
     with console.status(_status_text(title, "", width)) as status:
         process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            process_group=0,
+            preexec_fn=_die_with_parent_hook(),
         )
         try:
             assert process.stdout is not None
@@ -166,8 +182,44 @@ def run_with_status(command: list[str], env: dict[str, str] | None, title: str) 
             return process.wait(), lines
         finally:
             if process.poll() is None:  # interrupted: do not leave it writing behind our back
-                process.kill()
-                process.wait()
+                _kill_process_group(process)
+
+
+def _kill_process_group(process: subprocess.Popen[str]) -> None:
+    """SIGKILLs ``process``'s group (it leads one: ``process_group=0``) and reaps it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the converter and anything it started
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when we die; ``None`` off Linux.
+
+    Why: ``kill -9`` of ``tandem`` (or the OOM killer) runs no ``finally``, so the converter would
+    go on as an orphan, writing a temp file as large as the model. ``PR_SET_PDEATHSIG`` asks the
+    kernel to kill the child when the *thread* that forked it exits; :func:`run_with_status`
+    blocks that thread until the child is done, so that is when this process dies. libc is loaded
+    here, before the fork, so the child only makes the call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL))
+        if os.getppid() != parent:  # we died between fork and prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 def _status_text(title: str, line: str, width: int) -> Text:

@@ -9,6 +9,11 @@ one folder per key holds the f16 intermediate and each verified quant type::
         f16.gguf             stage 1 output, reused by every quant type of this model
         Q4_K_M.gguf          verified result, published only after the verify stage
         Q4_K_M.json          its verification record (fallbacks, checks); written before the GGUF
+    cache_dir()/quantize/tmp/
+        <pid>-<name>.<random>.partial   files being written, named by the process writing them
+
+A run removes its own temp files on every exit it sees (an error, Ctrl-C, SIGTERM); after a
+``kill -9`` the next run sweeps the files whose owner PID is no longer alive.
 
 File digests are remembered by (path, size, mtime), so asking again for a multi-GB checkpoint does
 not re-read it.
@@ -32,6 +37,7 @@ from tandemlm.models.builtin import cache_dir
 RECIPE = 1  # bump when a stage changes its output for the same input
 SKIP_FILES = ("README.md", ".gitattributes")  # top-level files that do not shape the GGUF
 DIGESTS_FILE = "digests.json"
+TEMP_FOLDER = "tmp"  # in-progress files of every run, named <pid>-...; see sweep_stale_temps
 
 
 def quantize_cache_root() -> Path:
@@ -97,12 +103,55 @@ class _DigestMemo:
 # Atomic files
 
 
-def temp_path_for(final: Path, suffix: str = ".partial") -> Path:
-    """A fresh hidden temp file beside ``final`` (same filesystem, so renaming it is atomic)."""
+def temp_path_for(final: Path, suffix: str = ".partial", folder: Path | None = None) -> Path:
+    """A fresh temp file for ``final``: hidden beside it, or ``<pid>-<name>.<random><suffix>`` in ``folder``.
+
+    ``folder`` must be on ``final``'s filesystem (so renaming the file is atomic); naming the
+    owner's PID lets :func:`sweep_stale_temps` tell a dead run's leftovers from a live run's work.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    prefix = f".{final.name}." if folder is None else f"{os.getpid()}-{final.name}."
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder or final.parent)
     os.close(fd)
     return Path(name)
+
+
+def temp_folder(root: Path | None = None) -> Path:
+    """``<root>/tmp`` (``root`` defaults to :func:`quantize_cache_root`): where runs write files in progress."""
+    folder = (root or quantize_cache_root()) / TEMP_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def sweep_stale_temps(folder: Path) -> list[Path]:
+    """Removes the entries of ``folder`` whose owner (the ``<pid>-`` of their name) is no longer alive.
+
+    A run killed with SIGKILL (or by a power cut) runs no cleanup; its temp files, up to the size
+    of a whole model, would otherwise stay forever. Entries of live processes and names without a
+    PID are kept. Returns what was removed.
+    """
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        owner, dash, _ = path.name.partition("-")
+        if not dash or not owner.isdigit() or pid_alive(int(owner)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists (possibly another user's); a reused PID reads as alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager

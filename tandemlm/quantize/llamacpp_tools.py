@@ -12,7 +12,6 @@ import os
 import re
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
 from tandemlm.models.llamacpp_source import (  # re-exported: quantize's callers and tests use them from here
@@ -27,6 +26,7 @@ from tandemlm.models.llamacpp_source import converter_env as _converter_env
 from tandemlm.models.llamacpp_source import last_error as _last_error
 from tandemlm.models.llamacpp_source import run_with_status as _run_with_status
 from tandemlm.models.resolve import WEIGHT_PATTERNS
+from tandemlm.quantize.cache import make_world_readable, temp_path_for
 
 __all__ = ["MARKER", "PACKAGE", "SDIST_ENV", "ConversionError", "llama_cpp_source", "llama_cpp_version"]
 
@@ -81,12 +81,15 @@ def supported_architectures(version: str | None = None) -> frozenset[str] | None
     return None
 
 
-def convert_hf_to_gguf(hf_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], outtype: str = "f16") -> Path:
+def convert_hf_to_gguf(
+    hf_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], outtype: str = "f16", temp_dir: Path | None = None
+) -> Path:
     """Converts an HF checkpoint folder to one GGUF file with llama.cpp's ``convert_hf_to_gguf.py``.
 
-    ``outtype`` is one of :data:`OUTTYPES`. The converter writes to a temp file beside
-    ``out_path`` that is renamed only on success; on failure nothing is left at ``out_path`` and
-    :class:`ConversionError` carries the converter's last error line.
+    ``outtype`` is one of :data:`OUTTYPES`. The converter writes to a temp file (beside ``out_path``,
+    or named by our PID in ``temp_dir`` on the same filesystem) that is renamed only on success;
+    on failure or interruption the converter is killed, the temp file removed, nothing is left at
+    ``out_path``, and :class:`ConversionError` carries the converter's last error line.
     """
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if outtype not in OUTTYPES:
@@ -97,10 +100,7 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike[str], out_path: str | os.PathLi
     if out_path.is_dir():
         raise ConversionError(f"{out_path} is a folder; give the path of the .gguf file to write")
     source = llama_cpp_source()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_path_for(out_path, ".partial", temp_dir)
     try:
         command = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(hf_dir)]
         command += ["--outfile", str(tmp), "--outtype", outtype]
@@ -108,7 +108,7 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike[str], out_path: str | os.PathLi
         if code != 0:
             raise ConversionError(_failure_message(hf_dir, lines, code))
         _check_gguf_written(tmp, hf_dir)
-        tmp.chmod(0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
+        make_world_readable(tmp)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -152,12 +152,6 @@ def _failure_message(hf_dir: Path, lines: list[str], code: int) -> str:
         if match := _UNSUPPORTED.search(line):
             return _unsupported_message(hf_dir, match.group("arch") or match.group("arch2"))
     return f"converting {hf_dir} to GGUF failed (exit {code}): {_last_error(lines)}"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _check_gguf_written(path: Path, hf_dir: Path) -> None:

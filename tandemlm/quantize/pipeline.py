@@ -8,8 +8,10 @@
 MODEL is an HF folder, a hub id, a built-in name (its HF copy is materialised from the packaged
 GGUF) or an f32/f16/bf16 GGUF; ``adapter`` merges a LoRA first. Every file is written under a
 temp name and renamed only when its stage succeeded; the result reaches ``out`` only after
-verification, so an interrupted or failed run leaves nothing under the final name. Results are
-cached by content (:mod:`.cache`): the same input and type twice reuses the verified file.
+verification, so an interrupted or failed run leaves nothing under the final name. Temp files live
+in the cache's temp folder named by our PID: removed on every exit Python sees, and swept by the
+next run when a killed run left them. Results are cached by content (:mod:`.cache`): the same input
+and type twice reuses the verified file.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from tandemlm.quantize.cache import (
     make_world_readable,
     publish_copy,
     quantize_cache_root,
+    sweep_stale_temps,
+    temp_folder,
     temp_path_for,
     write_text_atomic,
 )
@@ -85,7 +89,7 @@ class QuantizeConfig:
         if not self.publish and not self.use_cache:
             raise QuantizeError("publish=False keeps the result only in the cache, so it needs use_cache=True")
         if self.report_against not in ("gguf", "hf"):
-            raise QuantizeError(f"report_against must be gguf or hf, got {self.report_against!r}")
+            raise QuantizeError(f"--report-against must be gguf or hf, got {self.report_against!r}")
 
     @property
     def quant_type(self) -> QuantType:
@@ -134,11 +138,12 @@ def quantize_model(config: QuantizeConfig, console: Any = None) -> QuantizeResul
     from rich.console import Console
 
     console = console or Console(stderr=True)
+    sweep_stale_temps(temp_folder(_cache_root(config)))  # what runs killed with SIGKILL left behind
     qtype = config.quant_type
     source = _prepare_source(config, console)
     key = content_key({**source.digest, "llama.cpp": llama_cpp_version()})
     out = config.out or Path.cwd() / f"{source.model_id}-{qtype.label}.gguf"
-    with _entry_dir(config.cache_root or quantize_cache_root(), key, config.use_cache, out) as entry:
+    with _entry_dir(_cache_root(config), key, config.use_cache) as entry:
         result_path = entry / f"{qtype.label}.gguf"
         record_path = entry / f"{qtype.label}.json"
         if config.use_cache and result_path.is_file() and record_path.is_file():
@@ -151,8 +156,8 @@ def quantize_model(config: QuantizeConfig, console: Any = None) -> QuantizeResul
             result = _run_stages(config, source, qtype, key, entry, result_path, record_path, console)
         if config.report is not None:
             result.report = _run_report(config, result, console)
-        if config.publish:
-            result.path = publish_copy(result_path, out) if config.use_cache else _move(result_path, out)
+        if config.publish:  # a hard link where it can (the cache or temp folder is usually on out's disk)
+            result.path = publish_copy(result_path, out)
     return result
 
 
@@ -180,7 +185,7 @@ def _prepare_source(config: QuantizeConfig, console: Any) -> _Source:
     if config.adapter is not None:
         read_adapter_config(config.adapter)  # fails in one line before anything is loaded
         digest["adapter"] = folder_digest(config.adapter)
-        target = (config.cache_root or quantize_cache_root()) / content_key(digest) / "merged"
+        target = _cache_root(config) / content_key(digest) / "merged"
         with console.status(f"merging LoRA adapter {config.adapter.name} into {model_id}"):
             folder = merge_adapter(folder, config.adapter, target)
         model_id = f"{model_id}-{config.adapter.name}"
@@ -213,13 +218,14 @@ def _run_stages(
 ) -> QuantizeResult:
     seconds: dict[str, float] = {}
     stage = "convert"
-    unverified = temp_path_for(result_path, suffix=".unverified")
+    temp_dir = temp_folder(_cache_root(config))
+    unverified = temp_path_for(result_path, ".unverified", temp_dir)
     try:
         with _timed(seconds, "convert", console, f"[1/3] convert {source.model_id} → {_stage1_type(source, qtype)} GGUF"):
-            intermediate = _convert(source, qtype, entry)
+            intermediate = _convert(source, qtype, entry, temp_dir)
         stage = "quantize"
         with _timed(seconds, "quantize", console, f"[2/3] quantize → {qtype.label}"):
-            fallbacks = _quantize(intermediate, unverified, qtype, config.threads, console)
+            fallbacks = _quantize(intermediate, unverified, qtype, config.threads, console, temp_dir)
         if fallbacks:
             line = describe_fallbacks(fallbacks, qtype, len(read_gguf_info(unverified).tensors))
             if config.strict:
@@ -251,7 +257,7 @@ def _stage1_type(source: _Source, qtype: QuantType) -> str:
     return qtype.name if qtype.stage == "convert" else source.intermediate_type
 
 
-def _convert(source: _Source, qtype: QuantType, entry: Path) -> Path:
+def _convert(source: _Source, qtype: QuantType, entry: Path, temp_dir: Path) -> Path:
     """Stage 1: the converter's GGUF (cached in the entry folder); a float GGUF source is used as is."""
     if source.gguf is not None:
         return source.gguf
@@ -259,11 +265,13 @@ def _convert(source: _Source, qtype: QuantType, entry: Path) -> Path:
     path = entry / f"intermediate-{outtype}.gguf"
     if not path.is_file():
         assert source.hf_folder is not None
-        convert_hf_to_gguf(source.hf_folder, path, outtype=outtype)
+        convert_hf_to_gguf(source.hf_folder, path, outtype=outtype, temp_dir=temp_dir)
     return path
 
 
-def _quantize(intermediate: Path, dest: Path, qtype: QuantType, threads: int | None, console: Any) -> list[Fallback]:
+def _quantize(
+    intermediate: Path, dest: Path, qtype: QuantType, threads: int | None, console: Any, temp_dir: Path
+) -> list[Fallback]:
     """Stage 2: llama.cpp's quantizer with a per-tensor progress bar; convert-stage types are linked as is."""
     if qtype.stage == "convert":
         dest.unlink(missing_ok=True)
@@ -278,7 +286,8 @@ def _quantize(intermediate: Path, dest: Path, qtype: QuantType, threads: int | N
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("quantize", total=None)
         return quantize_gguf(
-            intermediate, dest, qtype, nthread=threads, progress=lambda done, total: progress.update(task, completed=done, total=total)
+            intermediate, dest, qtype, nthread=threads, temp_dir=temp_dir,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
 
 
@@ -298,16 +307,19 @@ def _run_report(config: QuantizeConfig, result: QuantizeResult, console: Any) ->
 # Cache entries and helpers
 
 
+def _cache_root(config: QuantizeConfig) -> Path:
+    return config.cache_root or quantize_cache_root()
+
+
 @contextmanager
-def _entry_dir(root: Path, key: str, use_cache: bool, out: Path) -> Iterator[Path]:
-    """The cache folder for ``key``, or (without the cache) a temp folder beside ``out`` removed at the end."""
+def _entry_dir(root: Path, key: str, use_cache: bool) -> Iterator[Path]:
+    """The cache folder for ``key``, or (without the cache) a ``<pid>-`` folder in the temp folder removed at the end."""
     if use_cache:
         entry = root / key
         entry.mkdir(parents=True, exist_ok=True)
         yield entry
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-{key}.", dir=temp_folder(root)) as tmp:
         yield Path(tmp)
 
 
@@ -330,12 +342,6 @@ def _check_space(source: _Source, qtype: QuantType, entry: Path) -> None:
         assert source.gguf is not None
         n_params, intermediate = read_gguf_info(source.gguf).n_params, None
     require_free_space(entry, planned_bytes(n_params, qtype, intermediate), f"the {qtype.label} GGUF of {source.model_id}")
-
-
-def _move(path: Path, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, out)
-    return out
 
 
 @contextmanager

@@ -12,7 +12,6 @@ import ctypes
 import errno
 import os
 import re
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from tandemlm.errors import QuantizeError
 from tandemlm.models.gguf_info import read_gguf_info
+from tandemlm.quantize.cache import temp_path_for
 from tandemlm.quantize.types import QuantType
 
 K_BLOCK = 256  # weights per k-quant block (ggml's QK_K)
@@ -45,19 +45,18 @@ def quantize_gguf(
     qtype: QuantType,
     nthread: int | None = None,
     progress: ProgressFn | None = None,
+    temp_dir: Path | None = None,
 ) -> list[Fallback]:
     """Quantizes ``source`` to ``qtype`` at ``out_path`` (temp file + rename); returns the k-quant fallbacks.
 
+    The temp file is beside ``out_path``, or named by our PID in ``temp_dir`` (same filesystem).
     ``progress(done, total)`` is called per tensor. Nothing is left at ``out_path`` on failure or
-    interruption (Ctrl-C waits for the C call to return, then cleans up).
+    interruption (Ctrl-C or SIGTERM waits for the C call to return, then cleans up).
     """
     source, out_path = Path(source), Path(out_path)
     if qtype.stage != "quantize":
         raise QuantizeError(f"{qtype.name} is not made by llama.cpp's quantizer (stage {qtype.stage})")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_path_for(out_path, ".partial", temp_dir)
     try:
         _run_quantizer(source, tmp, qtype, nthread or os.cpu_count() or 1, progress)
         fallbacks = find_fallbacks(tmp, qtype)
@@ -120,7 +119,7 @@ def _run_quantizer(source: Path, dest: Path, qtype: QuantType, nthread: int, pro
         try:
             while worker.is_alive():
                 worker.join(timeout=0.2)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or SystemExit from a SIGTERM handler
             worker.join()  # the C call cannot be cancelled; let it finish writing before cleaning up
             raise
     if "error" in outcome:
