@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from rich.console import Console
 
+from tandemlm.cli.options import utf8_problem
 from tandemlm.deploy.engine import Engine
 from tandemlm.deploy.types import Delta, SamplingParams, Usage
 from tandemlm.errors import EngineError
@@ -44,8 +45,10 @@ def stream_to_terminal(stream: Iterator[Delta], console: Console | None = None) 
 
 
 def chat_loop(engine: Engine, params: SamplingParams, system: str | None = None) -> None:
-    """Reads user turns from stdin until EOF or /exit."""
+    """Reads user turns from stdin until EOF or /exit; a line that is not UTF-8 is refused in one line."""
     console = Console(stderr=True)
+    if reconfigure := getattr(sys.stdin, "reconfigure", None):
+        reconfigure(errors="surrogateescape")  # bad bytes arrive as lone surrogates, not a UnicodeDecodeError
     interactive = sys.stdin.isatty()
     console.print(f"[bold]{engine.info.model_id}[/] via {engine.info.backend}. {HELP}")
     history: list[Message] = []
@@ -56,6 +59,9 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None = None)
             break
         text = line.strip()
         if not text:
+            continue
+        if problem := utf8_problem(text, "that line"):
+            console.print(f"[yellow]{problem}; skipped[/]")
             continue
         if text in ("/exit", "/quit"):
             break

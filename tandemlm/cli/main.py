@@ -70,6 +70,7 @@ def generate(
     from tandemlm.cli.chat import stream_to_terminal
     from tandemlm.errors import EngineError
 
+    opt.require_utf8(prompt, "PROMPT")
     params = sampling_from_flags(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         stop=stop, seed=seed, repetition_penalty=repetition_penalty,
@@ -105,6 +106,8 @@ def chat(
     """Multi-turn terminal chat with streaming. Type /reset, /system TEXT, or /exit."""
     from tandemlm.cli.chat import chat_loop
 
+    if system is not None:
+        opt.require_utf8(system, "--system")
     params = sampling_from_flags(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         stop=stop, seed=seed, repetition_penalty=repetition_penalty,

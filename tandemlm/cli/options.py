@@ -69,6 +69,8 @@ class EngineOptions:
 def sampling_from_flags(**values: Any) -> SamplingParams:
     """Builds SamplingParams; a bad value exits with a one-line error that names the flag."""
     values["stop"] = values.get("stop") or []
+    for stop in values["stop"]:
+        require_utf8(stop, "--stop")
     try:
         return SamplingParams(**values)
     except ValueError as exc:
@@ -101,6 +103,26 @@ def fail(message: str) -> None:
     """Prints ``error: message`` to stderr and exits with status 2."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def utf8_problem(text: str, what: str) -> str | None:
+    """A one-line message if ``text`` holds bytes that were not UTF-8, else None.
+
+    Python hands such bytes over (in argv, or stdin read with ``errors="surrogateescape"``) as
+    lone surrogates, which no tokenizer can encode: caught here, they are a message instead of a
+    UnicodeEncodeError deep inside an engine.
+    """
+    for index, char in enumerate(text):
+        if 0xD800 <= ord(char) <= 0xDFFF:
+            shown = f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"U+{ord(char):04X}"
+            return f"{what} is not valid UTF-8 ({shown} at character {index + 1})"
+    return None
+
+
+def require_utf8(text: str, what: str) -> None:
+    """Exits with status 2 and :func:`utf8_problem`'s one line if ``text`` is not UTF-8."""
+    if problem := utf8_problem(text, what):
+        fail(problem)
 
 
 def named_refs(entries: list[str], flag: str) -> dict[str, str]:

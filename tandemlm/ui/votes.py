@@ -100,15 +100,16 @@ def _ends_mid_line(fd: int) -> bool:
 
 
 def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Every parseable record in the file (a damaged line is skipped, not fatal)."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
+    """Every parseable record in the file (a damaged line is skipped, not fatal).
+
+    Lines are decoded one by one, so a line cut mid-character (a writer killed mid-write) is
+    one damaged line rather than a UnicodeDecodeError for the whole file.
+    """
+    with open(path, "rb") as handle:
+        for raw in handle:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(record, dict):
                 yield record

@@ -88,6 +88,16 @@ def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path):
     assert len(records) == 1 and records[0]["chosen"][0]["content"] == "Paris."
 
 
+def test_a_line_cut_mid_character_is_skipped_and_the_lines_around_it_are_read(tmp_path):
+    path = tmp_path / "votes.jsonl"
+    append_record(path, preference_record(PROMPT, LEFT, RIGHT, "left", SamplingParams()))
+    with path.open("ab") as handle:
+        handle.write(b'{"prompt": "caf\xc3')  # a writer killed inside the two bytes of "é"
+    append_record(path, preference_record(PROMPT, LEFT, RIGHT, "right", SamplingParams()))
+    assert [r["label"] for r in read_records(path)] == ["left", "right"]
+    assert len(read_pairs(path)) == 2
+
+
 def test_read_pairs_skips_ties_and_loads_as_a_dataset(tmp_path):
     path = tmp_path / "votes.jsonl"
     for label in ("left", "tie", "right", "both_bad"):
