@@ -10,6 +10,7 @@ which reads the reply format :func:`~tandemlm.deploy.tool_specs.tools_system_pro
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -355,6 +356,7 @@ def parser_for(chat_template: str | None) -> ToolParser:
     return get_parser("json")
 
 
+@functools.lru_cache(maxsize=32)  # parsed once per template, not on every request
 def template_supports_tools(chat_template: str | None) -> bool:
     """True when the Jinja template reads the ``tools`` variable (so it lists the tools itself)."""
     if not chat_template:

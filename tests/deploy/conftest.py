@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import pytest
 import uvicorn
 
@@ -118,3 +121,58 @@ def all_at_once():
     """:func:`generate_all_at_once`, for the adapter test modules."""
     return generate_all_at_once
 
+
+
+def check_sse_chat(lines: list[str]) -> str | None:
+    """What is wrong with a whole streamed chat completion (None: well formed): every event JSON, the
+    first naming the assistant role, exactly one finish reason, one id throughout, ``[DONE]`` last."""
+    events = [line.removeprefix("data: ") for line in lines if line.strip()]
+    if not events or events[-1] != "[DONE]":
+        return f"does not end with [DONE]: {events[-1:]}"
+    try:
+        chunks = [json.loads(event) for event in events[:-1]]
+    except json.JSONDecodeError as exc:
+        return f"an event is not JSON: {exc}"
+    if not chunks or chunks[0]["choices"][0]["delta"].get("role") != "assistant":
+        return "the first chunk does not name the assistant role"
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    if len(finishes) != 1 or len({c["id"] for c in chunks}) != 1:
+        return f"finish reasons {finishes}, ids {len({c['id'] for c in chunks})}"
+    return None
+
+
+async def _streaming_burst(url: str, n: int, body: dict[str, object], leave_after_first: int) -> list[str]:
+    async def one(client: httpx.AsyncClient, leave: bool) -> str:
+        try:
+            async with client.stream("POST", f"{url}/chat/completions", json={**body, "stream": True}) as response:
+                if response.status_code == 503:
+                    error = json.loads(await response.aread())["error"]
+                    assert error["code"] == "server_busy" and "busy" in error["message"]
+                    return "503"
+                assert response.status_code == 200, response.status_code
+                lines: list[str] = []
+                async for line in response.aiter_lines():
+                    lines.append(line)
+                    if leave and line.strip():
+                        return "left"  # closes the connection mid-stream
+                problem = check_sse_chat(lines)
+                return "done" if problem is None else f"broken: {problem}"
+        except httpx.HTTPError as exc:
+            return f"broken: {exc!r}"
+
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        return list(await asyncio.gather(*(one(client, i < leave_after_first) for i in range(n))))
+
+
+def streaming_burst(url: str, n: int, body: dict[str, object] | None = None, leave_after_first: int = 0) -> list[str]:
+    """Fires ``n`` streaming chats at once; each ends as "done" (a whole, well-formed stream), "503",
+    "left" (the first ``leave_after_first`` clients hang up after their first event) or "broken: …"."""
+    body = body or {"messages": [{"role": "user", "content": "q"}]}
+    return asyncio.run(_streaming_burst(url, n, body, leave_after_first))
+
+
+@pytest.fixture(scope="session")
+def burst():
+    """:func:`streaming_burst`, for the server test modules."""
+    return streaming_burst

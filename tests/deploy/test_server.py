@@ -147,36 +147,11 @@ def test_queue_beyond_its_bound_gets_503_and_queued_requests_wait_their_turn(ser
     assert 503 in codes
 
 
-async def _burst(url: str, n: int) -> list[str]:
-    """Fires ``n`` streaming chats at once; each ends as "done" (a whole stream), "503" or "broken: …"."""
-    import asyncio
-
-    async def one(client: httpx.AsyncClient) -> str:
-        body = {"messages": [{"role": "user", "content": "q"}], "stream": True}
-        try:
-            async with client.stream("POST", f"{url}/chat/completions", json=body) as response:
-                if response.status_code == 503:
-                    error = json.loads(await response.aread())["error"]
-                    assert error["code"] == "server_busy" and "busy" in error["message"]
-                    return "503"
-                assert response.status_code == 200
-                lines = [line async for line in response.aiter_lines() if line.strip()]
-                return "done" if lines and lines[-1] == "data: [DONE]" else f"broken: ended with {lines[-1:]}"
-        except httpx.HTTPError as exc:
-            return f"broken: {exc!r}"
-
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-        return list(await asyncio.gather(*(one(client) for _ in range(n))))
-
-
-def test_a_streaming_burst_past_the_queue_gets_only_whole_streams_and_503s(serve):
-    import asyncio
-
+def test_a_streaming_burst_past_the_queue_gets_only_whole_streams_and_503s(serve, burst):
     engine = MockEngine(reply="z" * 40, delay=0.01)
     with serve(engine, max_concurrency=2, max_queue=2) as url:
         for _ in range(3):
-            outcomes = asyncio.run(_burst(url, 12))
+            outcomes = burst(url, 12)
             assert not [o for o in outcomes if o.startswith("broken")], outcomes
             assert outcomes.count("done") >= 4 and "503" in outcomes, outcomes
         assert httpx.get(url.removesuffix("/v1") + "/health").json()["running"] == 0
