@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from tandemlm.cli.main import app
 from tandemlm.deploy.mock_engine import MockEngine
 
-# fmt: off  (one line per case)
+# One line per case, so the formatter keeps out of the tables.
+# fmt: off
 CLI_CASES: list[tuple[str, int, str]] = [
     # ---- align: values checked against the libraries' own lists, before any model loads
     ("align sft --lr-scheduler zigzag", 2, r"lr_scheduler must be one of linear, cosine, .*got 'zigzag'"),
@@ -126,7 +127,9 @@ def files(tmp_path_factory) -> dict[str, str]:
     """The files and folders the cases name, made once."""
     tmp = tmp_path_factory.mktemp("bad-input")
     (tmp / "a_file.txt").write_text("not a folder")
-    (tmp / "latin1.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    (tmp / "latin1.jsonl").write_bytes(
+        b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n'
+    )
     (tmp / "latin1.yaml").write_bytes(b"beta: 0.1\nnote: caf\xe9\n")
     (tmp / "broken.yaml").write_text("beta: [1\n")
     (tmp / "typo.yaml").write_text("lerning_rate: 1e-4\n")
@@ -188,7 +191,9 @@ def server(serve):
         yield url.removesuffix("/v1")
 
 
-@pytest.mark.parametrize(("path", "body", "status", "pattern"), HTTP_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(HTTP_CASES)])
+@pytest.mark.parametrize(
+    ("path", "body", "status", "pattern"), HTTP_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(HTTP_CASES)]
+)
 def test_http_bad_input_is_one_openai_error_and_the_server_keeps_serving(server, path, body, status, pattern):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(f"{server}{path}", content=content, headers={"Content-Type": "application/json"}, timeout=30)
