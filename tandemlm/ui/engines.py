@@ -3,19 +3,21 @@
 A slot names a model (built-in name, folder, .gguf, hub id or run folder) and a backend; the engine
 is loaded on first use or by the "Load" button, never at import. A model that fails to load leaves
 a one-line error in the slot for the UI to show: the app stays up. Two slots naming the same model
-and backend share one engine, whose batching serves both sides of a comparison at once.
+and backend share one engine, whose batching serves both sides of a comparison at once; a LoRA
+run shares its base's engine too, as an adapter view (base + adapter, no merge).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from tandemlm.deploy.engine import Engine, collect
+from tandemlm.deploy.engine import AdapterView, BaseEngine, Engine, collect
 from tandemlm.deploy.types import SamplingParams
 from tandemlm.errors import EngineError
-from tandemlm.ui.runs import resolve_model_ref
+from tandemlm.ui.model_refs import SlotModel, resolve_slot_model
 
 Loader = Callable[..., Engine]
 """``load_engine(model, backend, **options)`` or a stand-in with that signature."""
@@ -27,40 +29,52 @@ def _default_loader(model: str, backend: str, **options: Any) -> Engine:
     return load_engine(model, backend, **options)
 
 
+Key = tuple[str, str]
+"""An engine in the pool: (the model it loaded, backend)."""
+
+
 class EnginePool:
-    """Loaded engines keyed by (model, backend), shared between slots and closed when unused."""
+    """Loaded engines keyed by (model, backend), shared between slots and closed when unused.
+
+    A LoRA run is served as an adapter view on its base's engine (loaded once, adapter on per
+    request), so a policy run and a reference naming its base share one engine.
+    """
 
     def __init__(self, loader: Loader | None = None, **load_options: Any) -> None:
         self._loader = loader or _default_loader
         self._options = {k: v for k, v in load_options.items() if v is not None}
-        self._engines: dict[tuple[str, str], Engine] = {}
-        self._users: dict[tuple[str, str], int] = {}
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._engines: dict[Key, Engine] = {}
+        self._users: dict[Key, int] = {}
+        self._locks: dict[Key, threading.Lock] = {}
+        self._adapters: dict[tuple[Key, Path], str] = {}  # adapter folder on an engine -> its name there
         self._guard = threading.Lock()
 
-    def acquire(self, model: str, backend: str) -> Engine:
-        """The engine for ``(model, backend)``, loading it once; raises EngineError with one line."""
-        key = (model, backend)
+    def acquire(self, model: str, backend: str) -> tuple[Engine, Key]:
+        """The engine for ``(model, backend)`` and the key to release it by; raises EngineError with one line."""
+        target = _resolve(model)
+        key = (target.base, backend)
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:  # one load per key, even when both slots ask at once
             engine = self._engines.get(key)
             if engine is None:
-                engine = self._load(model, backend)
+                engine = self._load(target, backend)
                 self._engines[key] = engine
+            if target.adapter is not None:
+                engine = self._adapter_view(engine, key, target)  # the base stays loaded on failure
             with self._guard:
                 self._users[key] = self._users.get(key, 0) + 1
-            return engine
+            return engine, key
 
-    def release(self, model: str, backend: str) -> None:
+    def release(self, key: Key) -> None:
         """Drops one user of the engine; the last one out closes it."""
-        key = (model, backend)
         with self._guard:
             self._users[key] = self._users.get(key, 0) - 1
             if self._users[key] > 0:
                 return
             self._users.pop(key, None)
             engine = self._engines.pop(key, None)
+            self._adapters = {k: v for k, v in self._adapters.items() if k[0] != key}
         if engine is not None:
             engine.close()
 
@@ -69,19 +83,54 @@ class EnginePool:
         with self._guard:
             engines, self._engines = list(self._engines.values()), {}
             self._users.clear()
+            self._adapters.clear()
         for engine in engines:
             engine.close()
 
-    def _load(self, model: str, backend: str) -> Engine:
-        try:
-            engine = self._loader(resolve_model_ref(model), backend, **self._options)
-        except EngineError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any load failure must leave the app up, as one line
-            message = str(exc).strip("'\"").splitlines()[0] if str(exc) else type(exc).__name__
-            raise EngineError(f"could not load {model} ({backend}): {message}") from None
+    def _load(self, target: SlotModel, backend: str) -> Engine:
+        options = dict(self._options)
+        if target.adapter is not None:  # vLLM switches LoRA on only for adapters it gets at load
+            options["adapters"] = {target.adapter_name: target.adapter}
+        engine = _one_line(lambda: self._loader(target.base, backend, **options), target.base, backend)
+        if target.adapter is not None:
+            self._adapters[((target.base, backend), target.adapter)] = target.adapter_name
         _prime(engine)
         return engine
+
+    def _adapter_view(self, engine: Engine, key: Key, target: SlotModel) -> Engine:
+        """The adapter of ``target`` on ``engine``, loading it there first if needed."""
+        assert target.adapter is not None
+        if not isinstance(engine, BaseEngine):
+            raise EngineError(f"the {engine.info.backend} backend cannot serve LoRA adapters")
+        name = self._adapters.get((key, target.adapter))
+        if name is None:
+            taken = {n for (k, _), n in self._adapters.items() if k == key}
+            name = target.adapter_name
+            while name in taken:  # two runs of the same folder name on one base
+                name += "'"
+            _one_line(lambda: engine.load_adapter(name, str(target.adapter)), str(target.adapter), key[1])
+            self._adapters[(key, target.adapter)] = name
+        return engine.adapter_view(name, engine.info.model_id)
+
+
+def _resolve(model: str) -> SlotModel:
+    try:
+        return resolve_slot_model(model)
+    except EngineError:
+        raise
+    except (OSError, ValueError) as exc:  # a damaged run.json or unreadable folder
+        raise EngineError(f"could not read {model}: {exc}") from None
+
+
+def _one_line(action: Callable[[], Any], what: str, backend: str) -> Any:
+    """Runs ``action``; any failure becomes one EngineError line (the app stays up)."""
+    try:
+        return action()
+    except EngineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any load failure must leave the app up, as one line
+        message = str(exc).strip("'\"").splitlines()[0] if str(exc) else type(exc).__name__
+        raise EngineError(f"could not load {what} ({backend}): {message}") from None
 
 
 def _prime(engine: Engine) -> None:
@@ -111,7 +160,7 @@ class EngineSlot:
         self.error: str | None = None
         self._pool = pool
         self._engine: Engine | None = None
-        self._held: tuple[str, str] | None = None
+        self._held: Key | None = None
         self._lock = threading.Lock()
 
     def set(self, model: str, backend: str = "auto") -> None:
@@ -132,11 +181,11 @@ class EngineSlot:
                 self.error = f"no {self.role} model set"
                 raise EngineError(self.error)
             try:
-                self._engine = self._pool.acquire(self.model, self.backend)
+                self._engine, self._held = self._pool.acquire(self.model, self.backend)
             except EngineError as exc:
                 self.error = str(exc)
                 raise
-            self._held, self.error = (self.model, self.backend), None
+            self.error = None
             return self._engine
 
     @property
@@ -150,10 +199,11 @@ class EngineSlot:
             return f"**{self.role}**: ⚠ {self.error}"
         if self._engine is not None:
             info = self._engine.info
-            return f"**{self.role}**: `{self.model}` loaded ({info.backend}, context {info.context_length})"
+            lora = f"LoRA on `{self._held[0]}`, " if isinstance(self._engine, AdapterView) and self._held else ""
+            return f"**{self.role}**: `{self.model}` loaded ({lora}{info.backend}, context {info.context_length})"
         return f"**{self.role}**: `{self.model}` (loads on first use)"
 
     def _drop(self) -> None:
         if self._held is not None:
-            self._pool.release(*self._held)
+            self._pool.release(self._held)
         self._engine, self._held = None, None

@@ -1,11 +1,14 @@
-"""Runs tab: alignment runs under the runs folder, their plots and metrics, and "load policy into Compare"."""
+"""Runs tab: alignment runs under the runs folder, their plots and metrics, "Load policy into Compare"
+and "Compare with base" (a LoRA run: one base engine, adapter on for the policy, off for the reference)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tandemlm.models.builtin import BUILTIN_MODELS
 from tandemlm.ui.engines import EngineSlot
+from tandemlm.ui.model_refs import lora_run, run_base
 from tandemlm.ui.models_panel import ModelsPanel, load_slot
 from tandemlm.ui.runs import find_policy, list_runs, metrics_summary, read_run, run_info
 
@@ -20,6 +23,17 @@ def run_names(runs_dir: str) -> list[str]:
     return [run.name for run in list_runs(runs_dir)]
 
 
+def policy_line(path: Path) -> str:
+    """What the run offers as a policy: a LoRA adapter on its base, a model file or folder, or nothing yet."""
+    run = lora_run(path)
+    if run is not None:
+        base = run_base(path)
+        on = f"on `{base}`" if base else "(its base model is gone)"
+        return f"policy: LoRA adapter `{run.final}` {on}, served on the base without merging"
+    policy = find_policy(path)
+    return f"policy: `{policy}`" if policy else "no policy saved yet (no final/, merged/, policy/ or policy.gguf)"
+
+
 def show_run(runs_dir: str, name: str | None) -> tuple[list[tuple[str, str]], list[list[Any]], str, str]:
     """(plots with captions, metrics summary rows, config.yaml text, status line) for one run."""
     if not name:
@@ -29,28 +43,33 @@ def show_run(runs_dir: str, name: str | None) -> tuple[list[tuple[str, str]], li
     if not path.is_dir():
         return [], [], "", f"⚠ run `{name}` is gone from `{runs_dir}`."
     run = read_run(path)
-    policy = f"policy: `{run.policy}`" if run.policy else "no policy saved yet"
-    status = f"`{run.name}`: {len(run.metrics)} logged steps, {len(run.plots)} plots, {policy}."
+    status = f"`{run.name}`: {len(run.metrics)} logged steps, {len(run.plots)} plots, {policy_line(path)}."
     return [(str(p), p.stem) for p in run.plots], metrics_summary(run.metrics), run.config_text, status
 
 
-def load_run_policy(slots: dict[str, EngineSlot], runs_dir: str, name: str | None) -> tuple[str, str, str, str]:
-    """Makes the run's policy the policy slot, and its base model (if still there) the reference.
+def load_run_policy(
+    slots: dict[str, EngineSlot], runs_dir: str, name: str | None, with_base: bool = True
+) -> tuple[str, str, str, str]:
+    """Makes the run's policy the policy slot and, ``with_base``, its base model (if still there) the reference.
 
-    Returns (policy box, reference box, models status, run status); a load error is shown, not raised.
+    A LoRA run's policy is its base with the adapter on and its reference the same base with the
+    adapter off, in one engine. Returns (policy box, reference box, models status, run status);
+    a load error is shown, not raised.
     """
     boxes = slots["policy"].model, slots["reference"].model
     if not name:
         return *boxes, "", "Pick a run first."
     path = Path(runs_dir) / name
-    if find_policy(path) is None:
-        return *boxes, "", f"⚠ run `{name}` has no policy to load (see the folder list under Runs)."
-    base = str(run_info(path).get("base_model") or "")
-    if base and Path(base).exists():
+    if lora_run(path) is None and find_policy(path) is None:
+        return *boxes, "", f"⚠ run `{name}` has no policy to load yet: {policy_line(path)}."
+    base = run_base(path) or str(run_info(path).get("base_model") or "")
+    with_base = with_base and bool(base) and (base in BUILTIN_MODELS or Path(base).exists())
+    if with_base:
         load_slot(slots, "reference", base, "auto")
     status = load_slot(slots, "policy", str(path), "auto")
     error = slots["policy"].error
-    note = f"⚠ {error}" if error else f"Loaded `{name}` as the policy" + (" (its base model as the reference)" if base else "")
+    where = " (its base model as the reference" + (", adapter off)" if lora_run(path) else ")")
+    note = f"⚠ {error}" if error else f"Loaded `{name}` as the policy" + (where if with_base else "")
     return slots["policy"].model, slots["reference"].model, status, note
 
 
@@ -61,7 +80,8 @@ def build_runs_tab(slots: dict[str, EngineSlot], runs_dir: str, models: ModelsPa
     with gr.Row():
         pick = gr.Dropdown(run_names(runs_dir), value=None, label=f"run (in {runs_dir})", scale=4, elem_id="runs-pick")
         refresh = gr.Button("Refresh", scale=0, min_width=90)
-        load = gr.Button("Load policy into Compare", variant="primary", scale=1, elem_id="runs-load")
+        load = gr.Button("Load policy into Compare", scale=1, elem_id="runs-load")
+        with_base = gr.Button("Compare with base", variant="primary", scale=1, elem_id="runs-compare-base")
     status = gr.Markdown(show_run(runs_dir, None)[3], elem_id="runs-status")
     plots = gr.Gallery(label="plots", columns=2, height="auto", format="png", elem_id="runs-plots")
     with gr.Row():
@@ -71,10 +91,11 @@ def build_runs_tab(slots: dict[str, EngineSlot], runs_dir: str, models: ModelsPa
     refresh.click(lambda: gr.Dropdown(choices=run_names(runs_dir)), outputs=pick, queue=False)
     pick.change(lambda name: show_run(runs_dir, name), pick, [plots, summary, config, status])
 
-    def load_policy(name: str | None) -> tuple[Any, ...]:
-        policy_box, reference_box, model_status, run_status = load_run_policy(slots, runs_dir, name)
+    def load_policy(name: str | None, base: bool = False) -> tuple[Any, ...]:
+        policy_box, reference_box, model_status, run_status = load_run_policy(slots, runs_dir, name, with_base=base)
         selected = gr.Tabs(selected="compare") if model_status and not slots["policy"].error else gr.Tabs()
         return policy_box, reference_box, model_status or gr.Markdown(), run_status, selected
 
     outputs = [models.boxes["policy"], models.boxes["reference"], models.status, status, tabs]
     load.click(load_policy, pick, outputs)
+    with_base.click(lambda name: load_policy(name, base=True), pick, outputs)

@@ -1,0 +1,98 @@
+"""A LoRA run in Compare: policy = base + adapter, reference = the same base with the adapter off, one engine.
+
+Runs → "Compare with base" on a LoRA run must load the base once (no merge), give the adapted
+side its own per-token scores, and give exactly zero divergence when both sides are the base.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from tandemlm.deploy import llamacpp_lora
+from tandemlm.deploy.engine import AdapterView
+from tandemlm.deploy.registry import load_engine
+from tandemlm.ui.compare_tab import compare_reply
+from tandemlm.ui.engines import EnginePool, EngineSlot
+from tandemlm.ui.judges import Judges
+from tandemlm.ui.runs_tab import load_run_policy, show_run
+
+GREEDY = (8, 0.0, 1.0, 0, 0)  # max tokens, temperature, top-p, top-k, seed
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_llama_dir, tmp_path_factory) -> Path:
+    """A LoRA with random A and B and a large alpha, so it visibly changes the scores (as tests/deploy)."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False)
+    folder = tmp_path_factory.mktemp("lora") / "adapter"
+    get_peft_model(base, config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def lora_cache(tmp_path, monkeypatch):
+    """GGUF LoRA conversions go to a temp folder (llama.cpp's sources stay in the shared cache)."""
+    monkeypatch.setattr(llamacpp_lora, "cache_dir", lambda: tmp_path / "lora-cache")
+
+
+def _lora_run(root: Path, adapter: Path, model: Path, base_folder: Path) -> Path:
+    """A finished `tandem align dpo --lora` run folder as run_folder.py lays it out (no merged/)."""
+    run = root / "dpo-lora"
+    shutil.copytree(adapter, run / "final")
+    (run / "config.yaml").write_text("method: dpo\n")
+    info = {"method": "dpo", "model": str(model), "base_model": str(base_folder), "adapter": True, "status": "finished"}
+    (run / "run.json").write_text(json.dumps(info))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    return run
+
+
+def _slots(loads: list[tuple[str, str, dict]]) -> dict[str, EngineSlot]:
+    def loader(model: str, backend: str, **options: object):
+        loads.append((model, backend, options))
+        return load_engine(model, backend, n_ctx=1024, **options)
+
+    pool = EnginePool(loader)
+    return {"policy": EngineSlot("policy", pool, "smollm2"), "reference": EngineSlot("reference", pool, "smollm2")}
+
+
+def _divergence_total(html: str) -> float:
+    return float(html.split("= <b>")[1].split("</b>")[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
+def test_compare_with_base_puts_the_adapter_on_and_off_in_one_engine(backend, adapter, tiny_llama_dir, tiny_llama_gguf, tmp_path):
+    base = tiny_llama_dir if backend == "transformers" else tiny_llama_gguf
+    run = _lora_run(tmp_path / "runs", adapter, base, tiny_llama_dir)
+    assert "policy: LoRA adapter" in show_run(str(tmp_path / "runs"), run.name)[3]
+    loads: list[tuple[str, str, dict]] = []
+    slots = _slots(loads)
+    policy_box, reference_box, models, note = load_run_policy(slots, str(tmp_path / "runs"), run.name)
+    assert note == "Loaded `dpo-lora` as the policy (its base model as the reference, adapter off)", models
+    assert (policy_box, reference_box) == (str(run), str(base))
+    assert [(m, b) for m, b, _ in loads] == [(str(base), "auto")]  # one base engine, nothing merged
+    policy, reference = slots["policy"].get(), slots["reference"].get()
+    assert isinstance(policy, AdapterView) and policy.base is reference and policy.info.backend == backend
+    assert f"LoRA on `{base}`" in slots["policy"].status()
+
+    *_, (_, _, _, _, left_div, right_div, comparison, status) = list(compare_reply(slots, Judges(), MESSAGES[0]["content"], None, *GREEDY))
+    assert status.startswith("done") and comparison is not None
+    answer = comparison.left.response
+    on, off = policy.token_logprobs(MESSAGES, answer), reference.token_logprobs(MESSAGES, answer)
+    assert [t for t, _ in on] == [t for t, _ in off]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(on, off, strict=True)) > 0.1  # the adapter changes the scores
+    assert abs(_divergence_total(left_div)) > 0.1 and abs(_divergence_total(right_div)) > 0.1
+
+    slots["policy"].set(str(base))  # adapter off on both sides: the same model, scored twice
+    *_, (_, _, _, _, left_div, right_div, _, _) = list(compare_reply(slots, Judges(), MESSAGES[0]["content"], None, *GREEDY))
+    assert _divergence_total(left_div) == 0.0 and _divergence_total(right_div) == 0.0
+    assert len(loads) == 1
