@@ -9,9 +9,12 @@ below them. ``align`` may use a deploy backend (the vLLM rollout) but nothing ab
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import import_graph
+import pytest
 
 # Rank of each top-level part of the package; an import must point to a strictly lower rank, or
 # stay inside its own part. Exceptions, each a deliberate arrow between parts of one rank, are below.
@@ -64,6 +67,22 @@ def test_no_import_cycle_between_packages():
                 edges[_part(module)].add(_part(target))
     found = import_graph.cycle(edges)
     assert found is None, "package import cycle: " + " -> ".join(found or [])
+
+
+def test_no_import_cycle_between_modules():
+    # Module by module over the whole package, function-level imports included: stricter than the
+    # package check above (it also sees a cycle inside one package, e.g. deploy.engine <-> deploy.tools).
+    found = import_graph.cycle(import_graph.graph())
+    assert found is None, "module import cycle: " + " -> ".join(found or [])
+
+
+@pytest.mark.slow
+def test_every_module_imports_on_its_own():
+    # A module-level cycle shows only when the import starts at the right module, so each module is
+    # imported with no other tandemlm module loaded (fresh_imports.py: one forked child per module).
+    script = Path(__file__).with_name("fresh_imports.py")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, "modules that fail to import on their own:\n" + done.stdout + done.stderr[-2000:]
 
 
 def test_imports_point_down():
