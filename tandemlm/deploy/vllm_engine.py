@@ -334,12 +334,13 @@ class VLLMEngine(BaseEngine):
     def _next(q: queue.SimpleQueue[Any], cancel: threading.Event | None = None) -> Any:
         """The next output for a request, or None once ``cancel`` is set (checked while waiting)."""
         while True:
+            if cancel is not None and cancel.is_set():
+                return None
             try:
                 item = q.get(timeout=0.05) if cancel is not None else q.get()
                 break
             except queue.Empty:
-                if cancel.is_set():  # type: ignore[union-attr]
-                    return None
+                continue
         if isinstance(item, EngineError):
             raise item
         if isinstance(item, BaseException):

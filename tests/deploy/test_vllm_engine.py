@@ -123,6 +123,18 @@ def test_closing_a_stream_early_aborts_the_request(engine):
     assert len(list(engine.stream_tokens(ids, SamplingParams(temperature=0.0, max_tokens=3)))) == 3
 
 
+def test_cancelling_from_another_thread_aborts_a_request_that_has_yielded_nothing(engine):
+    ids = engine.tokenize(PROMPTS[1], True)
+    cancel = threading.Event()
+    stream = engine.stream_tokens(ids, SamplingParams(temperature=0.0, max_tokens=400), cancel)
+    cancel.set()  # what the server does for a client gone while its request was still queued
+    assert list(stream) == []
+    deadline = time.monotonic() + 10
+    while engine.pending_requests() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.pending_requests() == 0
+
+
 def test_score_tokens_match_transformers_log_softmax(engine, hf_model):
     prompt = engine.tokenize(engine.render_chat([{"role": "user", "content": "Name a color."}]))
     target = engine.tokenize("Blue, or maybe green.")
