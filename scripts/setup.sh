@@ -41,6 +41,9 @@ else
 fi
 # Text-only llama.cpp build: the multimodal part roughly doubles the compile time and is unused here.
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
+# DeepSpeed (in [dev]) compiles no ops at install (about 20 s then); the one a CPU run uses is JIT-built once on
+# first use into tandem's cache.
+export DS_BUILD_OPS=0
 if [ "$gpu" = 1 ]; then
   extras=gpu
   [ "$dev" = 1 ] && extras=dev,gpu
