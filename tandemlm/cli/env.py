@@ -42,7 +42,7 @@ def _precision() -> str:
 
 
 def print_env() -> None:
-    from tandemlm.deploy.registry import backends
+    from tandemlm.deploy.registry import offered_backends
     from tandemlm.hardware import physical_cores
     from tandemlm.models.builtin import BUILTIN_MODELS, builtin_gguf
 
@@ -55,7 +55,7 @@ def print_env() -> None:
     console.print(versions)
     console.print(f"inference: {_precision()}")
     table = Table("backend", "usable", "notes", title="backends")
-    for name, backend in sorted(backends().items()):
+    for name, backend in sorted(offered_backends().items()):
         reason = backend.available()
         table.add_row(name, "yes" if reason is None else "no", reason or backend.description)
     console.print(table)

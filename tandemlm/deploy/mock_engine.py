@@ -101,6 +101,6 @@ def _available() -> str | None:
     return None
 
 
-@register_backend("mock", description="scripted engine for tests (no model)", available=_available)
+@register_backend("mock", description="scripted engine for tests (no model)", available=_available, hidden=True)
 def load_mock(source: object = None, **options: object) -> MockEngine:
     return MockEngine(**options)  # type: ignore[arg-type]

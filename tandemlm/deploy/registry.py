@@ -24,6 +24,8 @@ class Backend:
     available: Callable[[], str | None]
     """Returns None when usable here, else a one-line reason why not."""
     description: str
+    hidden: bool = False
+    """True for a backend only tests use (``mock``): loadable by name, never offered to users."""
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -38,12 +40,12 @@ _BUILTIN_MODULES = (
 
 
 def register_backend(
-    name: str, description: str, available: Callable[[], str | None]
+    name: str, description: str, available: Callable[[], str | None], hidden: bool = False
 ) -> Callable[[Callable[..., Engine]], Callable[..., Engine]]:
-    """Decorator for a backend's ``load`` function."""
+    """Decorator for a backend's ``load`` function; ``hidden`` keeps it out of :func:`offered_backends`."""
 
     def wrap(load: Callable[..., Engine]) -> Callable[..., Engine]:
-        _BACKENDS[name] = Backend(name=name, load=load, available=available, description=description)
+        _BACKENDS[name] = Backend(name=name, load=load, available=available, description=description, hidden=hidden)
         return load
 
     return wrap
@@ -68,14 +70,21 @@ def _unloadable(reason: str) -> Callable[..., Engine]:
 
 
 def backends() -> dict[str, Backend]:
+    """Every registered backend by name, hidden (test-only) ones included."""
     _ensure_builtins()
     return dict(_BACKENDS)
 
 
+def offered_backends() -> dict[str, Backend]:
+    """The backends users may pick (``tandem env``, the UI's dropdown, the unknown-name hint)."""
+    return {name: backend for name, backend in backends().items() if not backend.hidden}
+
+
 def get_backend(name: str) -> Backend:
+    """The backend registered as ``name`` (hidden ones too); an unknown name lists the offered ones."""
     known = backends()
     if name not in known:
-        raise KeyError(f"unknown backend {name!r}; known backends: {', '.join(sorted(known))}")
+        raise KeyError(f"unknown backend {name!r}; known backends: {', '.join(sorted(offered_backends()))}")
     return known[name]
 
 

@@ -45,10 +45,10 @@ def warm_up(slots: dict[str, EngineSlot]) -> str:
 
 
 def backend_choices() -> list[str]:
-    """``auto`` plus every registered backend."""
-    from tandemlm.deploy.registry import backends
+    """``auto`` plus every backend offered to users (the test-only ``mock`` is not)."""
+    from tandemlm.deploy.registry import offered_backends
 
-    return ["auto", *sorted(backends())]
+    return ["auto", *sorted(offered_backends())]
 
 
 @dataclass

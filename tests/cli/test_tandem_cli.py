@@ -82,6 +82,7 @@ def test_env_reports_backends_and_the_builtin_model():
     result = runner.invoke(app, ["env"], env={"COLUMNS": "400"})  # wide enough that rich cuts no path short
     assert result.exit_code == 0, result.output
     assert "llama.cpp" in result.output and "transformers" in result.output
+    assert not [line for line in result.output.splitlines() if line.startswith("│ mock ")]  # test-only backend
     rows = [line.strip("│ ").split() for line in result.output.splitlines() if line.startswith("│ smollm2 ")]
     assert rows == [["smollm2", "│", str(builtin_gguf("smollm2"))]]
 

@@ -2,7 +2,7 @@ import pytest
 
 from tandemlm.deploy.engine import Engine, collect
 from tandemlm.deploy.mock_engine import MockEngine
-from tandemlm.deploy.registry import backends, get_backend, load_engine
+from tandemlm.deploy.registry import backends, get_backend, load_engine, offered_backends
 from tandemlm.deploy.types import ContextLengthError, SamplingParams
 from tandemlm.errors import EngineError
 
@@ -11,6 +11,15 @@ def test_mock_engine_is_an_engine_registered_through_the_real_registry():
     engine = get_backend("mock").load(None, reply="hi")
     assert isinstance(engine, Engine)
     assert {"transformers", "llama.cpp", "vllm", "mock"} <= set(backends())
+
+
+def test_the_mock_backend_loads_by_name_but_is_not_offered_to_users():
+    assert get_backend("mock").hidden
+    assert "mock" not in offered_backends()
+    assert {"transformers", "llama.cpp", "vllm"} <= set(offered_backends())
+    with pytest.raises(KeyError) as missed:
+        get_backend("nope")
+    assert "mock" not in str(missed.value)  # the hint lists what a user may pick
 
 
 def test_unknown_backend_lists_the_known_ones():

@@ -47,3 +47,13 @@ def test_building_the_app_loads_no_model(make_slots, tmp_path):
     ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert {"chat-input", "compare-input", "vote-left", "runs-pick", "model-status"} <= ids
     assert not slots["policy"].loaded and not slots["reference"].loaded
+
+
+def test_the_backend_dropdown_offers_real_backends_but_not_the_test_only_mock(make_slots, tmp_path):
+    demo = create_app(UIConfig(votes=tmp_path / "v.jsonl", runs_dir=tmp_path), make_slots())
+    dropdowns = [b for b in demo.blocks.values() if type(b).__name__ == "Dropdown" and b.label == "backend"]
+    assert len(dropdowns) == 2  # policy and reference
+    for dropdown in dropdowns:
+        offered = {choice[0] if isinstance(choice, tuple) else choice for choice in dropdown.choices}
+        assert {"auto", "transformers", "llama.cpp", "vllm"} <= offered
+        assert "mock" not in offered
