@@ -23,7 +23,7 @@ from typing import Any
 
 from tandemlm.align.data import load_rows
 from tandemlm.align.errors import ConfigError
-from tandemlm.align.model import load_tokenizer, set_threads
+from tandemlm.align.model import inference_load_kwargs, load_tokenizer, set_threads
 from tandemlm.align.prepare import quiet_libraries
 from tandemlm.align.registry import open_run
 from tandemlm.align.rewards import load_reward_model, score_conversations, verifier
@@ -153,7 +153,7 @@ class ModelPair:
         from transformers import AutoModelForCausalLM
 
         precision = inference_precision(device, checkpoint=run.base_model)
-        kwargs = {"dtype": precision.torch_dtype(), "device_map": precision.device, "attn_implementation": precision.attention}
+        kwargs = inference_load_kwargs(precision, four_bit=run.is_adapter and run.trained_in_4bit)
 
         self.tokenizer = load_tokenizer(run.final if run.final.is_dir() else run.base_model)
         base = AutoModelForCausalLM.from_pretrained(run.base_model, **kwargs).eval()

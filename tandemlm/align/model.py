@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from peft import LoraConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from tandemlm.hardware import Precision
+
 
 def set_threads(threads: int) -> None:
     """Sets torch's CPU thread count (0 keeps torch's default).
@@ -92,6 +94,23 @@ def load_model(folder: str | Path, config: AlignConfig, head: str = "causal") ->
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(config.gradient_checkpointing))
     return model
+
+
+def inference_load_kwargs(precision: Precision, four_bit: bool = False) -> dict[str, Any]:
+    """``from_pretrained`` settings to run a model for inference (eval, scoring) at ``precision``.
+
+    ``four_bit`` (the base of a QLoRA run) loads it in 4-bit again on a GPU, so a run that only fit
+    the GPU in 4-bit can be evaluated there; bitsandbytes needs CUDA, so on CPU it loads at the
+    precision's dtype instead.
+    """
+    kwargs: dict[str, Any] = {
+        "dtype": precision.torch_dtype(),
+        "device_map": precision.device,
+        "attn_implementation": precision.attention,
+    }
+    if four_bit and precision.device.startswith("cuda"):
+        kwargs["quantization_config"] = quantization_config()
+    return kwargs
 
 
 def quantization_config() -> Any:

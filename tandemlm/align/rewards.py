@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tandemlm.align.errors import ConfigError
-from tandemlm.align.model import load_tokenizer, quiet_transformers
+from tandemlm.align.model import inference_load_kwargs, load_tokenizer, quiet_transformers
 from tandemlm.align.run_folder import is_run_folder, read_run_folder
 from tandemlm.align.tasks import verify
 from tandemlm.hardware import inference_precision
@@ -138,34 +138,42 @@ def load_reward_model(ref: str | Path, dtype: Any = None, device: str | None = N
     cuda + bf16/fp16 on a GPU, fp32 on CPU; ``device`` "auto", "cpu" or "cuda"); with a ``dtype``
     (a trainer's) it loads on ``device`` or the CPU and the trainer places it. A LoRA reward run is
     loaded as base + adapter and merged in memory: scoring needs no adapter switching, and TRL
-    treats it as a plain ``PreTrainedModel``.
+    treats it as a plain ``PreTrainedModel``. A QLoRA reward run scored on a GPU loads its base in
+    4-bit again, as it trained, and keeps the adapter unmerged (bitsandbytes weights are not merged into).
     """
     from transformers import AutoModelForSequenceClassification
 
-    if dtype is None:
-        precision = inference_precision(device or "auto")
+    precision = inference_precision(device or "auto") if dtype is None else None
+    if precision is not None:
         dtype, device = precision.torch_dtype(), precision.device
     check_reward_model(ref)
     path = Path(ref).expanduser()
-    if is_run_folder(path):
+    if is_run_folder(path) and read_run_folder(path).is_adapter and not read_run_folder(path).merged.is_dir():
         run = read_run_folder(path)
-        if run.is_adapter and not run.merged.is_dir():
-            from peft import PeftModel
-
-            with quiet_transformers():  # the base has no score head yet; the adapter brings it, so no "MISSING" report
-                base = AutoModelForSequenceClassification.from_pretrained(run.base_model, num_labels=1, dtype=dtype)
-            model = PeftModel.from_pretrained(base, run.final).merge_and_unload()
-            tokenizer = load_tokenizer(run.final)
-        else:
-            folder = run.model_folder()
-            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype)
-            tokenizer = load_tokenizer(folder)
+        four_bit = precision is not None and run.trained_in_4bit and precision.device.startswith("cuda")
+        kwargs = inference_load_kwargs(precision, four_bit=True) if four_bit else {"dtype": dtype}  # type: ignore[arg-type]
+        model, tokenizer = _adapter_reward_model(run, kwargs), load_tokenizer(run.final)
+        if four_bit:
+            model.config.pad_token_id = tokenizer.pad_token_id
+            return model.eval(), tokenizer  # placed by bitsandbytes already: .to() is refused
+        model = model.merge_and_unload()
     else:
-        with refused_pickle(path):
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-        tokenizer = load_tokenizer(path)
+        folder = read_run_folder(path).model_folder() if is_run_folder(path) else path
+        with refused_pickle(folder):
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype)
+        tokenizer = load_tokenizer(folder)
     model.config.pad_token_id = tokenizer.pad_token_id
     return (model.to(device) if device else model).eval(), tokenizer
+
+
+def _adapter_reward_model(run: Any, load_kwargs: dict[str, Any]) -> Any:
+    """The run's base with a one-score head and its LoRA adapter on top (a PeftModel, not merged)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    with quiet_transformers():  # the base has no score head yet; the adapter brings it, so no "MISSING" report
+        base = AutoModelForSequenceClassification.from_pretrained(run.base_model, num_labels=1, **load_kwargs)
+    return PeftModel.from_pretrained(base, run.final)
 
 
 def score_conversations(

@@ -90,6 +90,17 @@ class RunFolder:
     def is_adapter(self) -> bool:
         return bool(self.info().get("adapter"))
 
+    @property
+    def trained_in_4bit(self) -> bool:
+        """Whether the adapter was trained on a 4-bit (QLoRA) base, as config.yaml records."""
+        import yaml
+
+        try:
+            config = yaml.safe_load((self.dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            return False
+        return bool(isinstance(config, dict) and config.get("qlora"))
+
     def model_folder(self) -> Path:
         """A plain HF folder with the trained weights: merged/ for LoRA runs, final/ otherwise."""
         if not (self.final.is_dir() or self.merged.is_dir()):
@@ -118,30 +129,35 @@ def is_run_folder(path: str | os.PathLike[str]) -> bool:
 # Processes: under `accelerate launch` only the main process writes run files.
 
 
-def is_main_process() -> bool:
+def process_state() -> Any:
+    """accelerate's ``PartialState`` as the trainer will set it up.
+
+    On a CPU it must be made with ``cpu=True``: otherwise a process started by ``accelerate launch``
+    finds no GPU backend, believes it is alone and main, and every process writes the run files.
+    """
+    import torch
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    return bool(process_state().is_main_process)
 
 
 def wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
 
 
 def num_processes() -> int:
-    from accelerate import PartialState
-
-    return PartialState().num_processes
+    return int(process_state().num_processes)
 
 
 def same_on_all_processes(value: Any) -> Any:
     """The main process's ``value`` on every process (a timestamped run name must not differ)."""
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    if PartialState().num_processes == 1:
+    if num_processes() == 1:
         return value
     return broadcast_object_list([value], from_process=0)[0]
 
@@ -194,6 +210,7 @@ def save_final(trainer: Trainer, run: RunFolder) -> Path:
     wait_for_everyone()
     if is_main_process():
         _drop_trainer_files(staging)
+        _drop_tied_copies(staging, trainer.model)
         replace_dir(staging, run.final)
     wait_for_everyone()
     return run.final
@@ -202,3 +219,57 @@ def save_final(trainer: Trainer, run: RunFolder) -> Path:
 def _drop_trainer_files(folder: Path) -> None:
     """training_args.bin is a pickle; final/ keeps only safetensors, JSON and tokenizer files."""
     (folder / "training_args.bin").unlink(missing_ok=True)
+
+
+def _drop_tied_copies(folder: Path, model: Any) -> None:
+    """Keeps one copy of each tied weight (the output layer tied to the embeddings) in a full-model save.
+
+    Under ZeRO-2 accelerate's ``get_state_dict`` clones every tensor (DeepSpeed's
+    ``clone_tensors_for_torch_save``), which hides the sharing ``save_pretrained`` looks for, so a tied
+    weight is written twice. Dropping the later name gives what a one-process save writes.
+    """
+    from safetensors import safe_open
+
+    aliases = tied_aliases(model)
+    files = sorted(folder.glob("*.safetensors"))
+    if not aliases or not files:
+        return
+    keys: dict[Path, set[str]] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            keys[file] = set(handle.keys())
+    saved = set().union(*keys.values())
+    drop = {alias for alias, kept in aliases.items() if alias in saved and kept in saved}
+    for file, names in keys.items():
+        if names & drop:
+            _rewrite_without(file, names & drop)
+    index = folder / "model.safetensors.index.json"
+    if drop and index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data.get("weight_map", {}).items() if k not in drop}
+        atomic_write_text(index, json.dumps(data, indent=2) + "\n")
+
+
+def tied_aliases(model: Any) -> dict[str, str]:
+    """``{later name: first name}`` for parameters that are one tensor under several names."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def _rewrite_without(file: Path, names: set[str]) -> None:
+    """Rewrites a safetensors file without ``names`` (through a temp file), keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k not in names}
+    partial = file.with_name(file.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, file)

@@ -87,3 +87,43 @@ def test_eval_on_the_gpu_and_merge_there_matches_the_cpu_merge(reward_run, tmp_p
     assert on_gpu.keys() == on_cpu.keys()
     for name, tensor in on_cpu.items():
         torch.testing.assert_close(on_gpu[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_qlora_base_loads_in_4bit_again_for_inference_only_on_a_gpu(tmp_path):
+    from tandemlm.align.model import inference_load_kwargs
+    from tandemlm.align.run_folder import RunFolder
+    from tandemlm.hardware import Precision
+
+    on_gpu = inference_load_kwargs(Precision("cuda", "bfloat16", "sdpa"), four_bit=True)
+    config = on_gpu["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert (on_gpu["dtype"], on_gpu["device_map"]) == (torch.bfloat16, "cuda")
+    assert "quantization_config" not in inference_load_kwargs(Precision("cuda", "bfloat16", "sdpa"), four_bit=False)
+    on_cpu = inference_load_kwargs(Precision("cpu", "float32", "sdpa"), four_bit=True)  # bitsandbytes needs CUDA
+    assert "quantization_config" not in on_cpu and on_cpu["dtype"] == torch.float32
+
+    run = RunFolder(tmp_path)
+    assert not run.trained_in_4bit  # no config.yaml
+    (tmp_path / "config.yaml").write_text("method: dpo\nqlora: true\n")
+    assert run.trained_in_4bit
+    (tmp_path / "config.yaml").write_text("method: dpo\nqlora: false\n")
+    assert not run.trained_in_4bit
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_qlora_reward_run_is_scored_in_4bit_on_the_gpu(reward_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from tandemlm.align.rewards import load_reward_model, score_conversations
+
+    qlora_run = tmp_path / "qlora-reward"
+    shutil.copytree(reward_run.dir, qlora_run)
+    config = yaml.safe_load((qlora_run / "config.yaml").read_text())
+    (qlora_run / "config.yaml").write_text(yaml.safe_dump({**config, "qlora": True}))
+    model, tokenizer = load_reward_model(qlora_run)
+    assert getattr(model.base_model.model, "is_loaded_in_4bit", False)
+    scores = score_conversations(model, tokenizer, [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]])
+    assert len(scores) == 1 and scores[0] == scores[0]
