@@ -115,6 +115,8 @@ def test_a_qlora_base_loads_in_4bit_again_for_inference_only_on_a_gpu(tmp_path):
 def test_a_qlora_reward_run_is_scored_in_4bit_on_the_gpu(reward_run, tmp_path):
     import shutil
 
+    pytest.importorskip("bitsandbytes", reason="QLoRA loads need bitsandbytes (scripts/setup.sh --gpu)")
+
     import yaml
 
     from tandemlm.align.rewards import load_reward_model, score_conversations
