@@ -88,7 +88,7 @@ def create_app(config: UIConfig, slots: dict[str, EngineSlot], judges: Judges | 
             with gr.Tab("Chat", id="chat"):
                 build_chat_tab(slots)
             with gr.Tab("Compare", id="compare"):
-                build_compare_tab(slots, judges or Judges(), str(config.votes))
+                build_compare_tab(slots, judges or Judges(), str(config.votes), str(config.runs_dir), models)
             with gr.Tab("Runs", id="runs"):
                 build_runs_tab(slots, str(config.runs_dir), models, tabs)
         demo.load(lambda: warm_up(slots), outputs=models.status)

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tandemlm.deploy.types import SamplingParams
 from tandemlm.models.chat_template import Message
@@ -31,6 +31,8 @@ class Comparison:
     right: Side
     params: SamplingParams
     voted: str | None = None
+    roles: tuple[str, str] = ("policy", "reference")  # which slot answered left and right
+    reveal: tuple[str, str, str, str] | None = None  # blind battle: stats and divergence to show after the vote
 
 
 def record_vote(votes_path: str, comparison: Comparison | None, label: Label, edited: str = "") -> tuple[str, Comparison | None]:
@@ -48,7 +50,11 @@ def record_vote(votes_path: str, comparison: Comparison | None, label: Label, ed
         return f"⚠ could not write {votes_path}: {exc.strerror or exc}", comparison
     comparison.voted = label
     edited_note = " (edited answer as chosen)" if record["edited"] else ""
-    return f"Recorded **{label.replace('_', ' ')}**{edited_note} in `{votes_path}`.", comparison
+    status = f"Recorded **{label.replace('_', ' ')}**{edited_note} in `{votes_path}`."
+    if comparison.reveal is not None:
+        left, right = comparison.roles
+        status += f" Left was the **{left}** (`{comparison.left.model}`), right the **{right}** (`{comparison.right.model}`)."
+    return status, comparison
 
 
 def export_votes(votes_path: str) -> tuple[str | None, str]:
@@ -63,12 +69,18 @@ def export_votes(votes_path: str) -> tuple[str | None, str]:
     return str(target), f"{lines} records exported."
 
 
-def build_vote_panel(comparison: gr.State, votes_path: str) -> list[gr.components.Component]:
-    """Vote buttons, the edit box, and export; call inside the Compare tab.
+def build_vote_panel(
+    comparison: gr.State, votes_path: str, reveal: list[gr.components.Component]
+) -> tuple[list[gr.components.Component], list[Any]]:
+    """Vote buttons, the edit box, the votes file line, and export; call inside the Compare tab.
 
-    Returns the edit box and the vote status, for the tab to clear when a new comparison starts.
+    ``reveal`` (left stats, right stats, left divergence, right divergence) get a blind battle's
+    names and divergence once it is voted on. Returns the edit box and vote status (for the tab to
+    clear when a new comparison starts) and the vote events (to chain the leaderboard refresh on).
     """
     import gradio as gr
+
+    from tandemlm.ui.arena import votes_summary
 
     with gr.Row():
         buttons = {label: gr.Button(text, elem_id=f"vote-{label}") for label, text in BUTTONS.items()}
@@ -78,18 +90,26 @@ def build_vote_panel(comparison: gr.State, votes_path: str) -> list[gr.component
             from_left = gr.Button("start from left answer", size="sm")
             from_right = gr.Button("start from right answer", size="sm")
     vote_status = gr.Markdown(elem_id="vote-status")
+    votes_info = gr.Markdown(lambda: votes_summary(votes_path), elem_id="vote-file-info")
     with gr.Row():
         export = gr.Button("Export votes (JSONL)", size="sm", elem_id="vote-export")
         download = gr.File(label="votes file", interactive=False, height=90, elem_id="vote-file")
 
-    for label, button in buttons.items():
+    def vote(state: Comparison | None, text: str, label: Label) -> tuple[Any, ...]:
+        status, state = record_vote(votes_path, state, label, text or "")
+        shown = state.reveal if state is not None and state.voted and state.reveal else (gr.skip(),) * 4
+        return status, state, *shown, votes_summary(votes_path)
+
+    events = [
         button.click(
-            lambda state, text, label=label: record_vote(votes_path, state, label, text or ""),
+            lambda state, text, label=label: vote(state, text, label),
             [comparison, edit],
-            [vote_status, comparison],
+            [vote_status, comparison, *reveal, votes_info],
             concurrency_limit=None,
         )
+        for label, button in buttons.items()
+    ]
     from_left.click(lambda state: state.left.response if state else "", comparison, edit, queue=False)
     from_right.click(lambda state: state.right.response if state else "", comparison, edit, queue=False)
     export.click(lambda: export_votes(votes_path), outputs=[download, vote_status])
-    return [edit, vote_status]
+    return [edit, vote_status], events

@@ -35,6 +35,7 @@ class Side:
     model: str
     backend: str
     response: str
+    seed: int | None = None  # the sampling seed this side actually used
 
 
 def preference_record(
