@@ -1,10 +1,10 @@
-"""Hugging Face ``transformers`` models, with concurrent requests batched into one forward pass.
+"""Hugging Face ``transformers`` models, with concurrent requests batched continuously.
 
-A scheduler thread gathers the requests that are waiting, left-pads them into one batch and
-decodes them together step by step with a shared KV cache. Each row keeps its own sampling
-settings (transformers' logits processors), its own seeded generator and its own JSON grammar
-(``hf_sampling``), so a request gives the same tokens alone or in a batch. Requests that arrive
-mid-batch join the next batch.
+A scheduler thread decodes the running requests together, one token per step, over a shared KV
+cache. Between steps, rows that finished or were cancelled leave the batch and waiting requests
+are prefilled and join it (``hf_batch``), up to ``max_batch_size`` rows. Each row keeps its own
+sampling settings (transformers' logits processors), its own seeded generator and its own JSON
+grammar (``hf_sampling``), so a request gives the same tokens alone or in a batch.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import importlib.util
 import json
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.registry import register_backend
@@ -28,17 +28,8 @@ from tandemlm.models.chat_template import Message, render_with_tokenizer, tokeni
 from tandemlm.models.resolve import ModelSource
 from tandemlm.models.stops import stop_ids
 
-
-@dataclass
-class _Row:
-    prompt: list[int]
-    params: SamplingParams
-    out: queue.Queue[Any] = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    generated: list[int] = field(default_factory=list)
-    emitted_text: str = ""
-    done: bool = False
-    grammar: Any = None  # hf_sampling.GrammarMask for a constrained request, built before it queues
+if TYPE_CHECKING:  # hf_batch imports torch: loaded by the scheduler thread, not when the backend registers
+    from tandemlm.deploy.hf_batch import Batch, Row
 
 
 class HFEngine(BaseEngine):
@@ -112,7 +103,11 @@ class HFEngine(BaseEngine):
         self._forward_lock = threading.Lock()
         self._max_batch = max_batch_size
         self.max_batch_rows = 0  # the most requests one batch decoded together (tests read it)
-        self._work: WorkQueue[_Row] = WorkQueue(self._loop, "hf-scheduler")
+        # Row ids of each recent decode step, oldest first: who shared a step (tests and benches read it).
+        self.step_log: deque[tuple[int, ...]] = deque(maxlen=4096)
+        self.rows_submitted = 0  # a row's id is its number in submission order
+        self._ids_lock = threading.Lock()
+        self._work: WorkQueue[Row] = WorkQueue(self._loop, "hf-scheduler")
         self._work.start()
 
     # ---- tokenizer and template --------------------------------------------------------------
@@ -159,7 +154,12 @@ class HFEngine(BaseEngine):
     def stream_tokens(
         self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[GeneratedToken]:
-        row = _Row(prompt=list(prompt_ids), params=params, cancelled=cancel or threading.Event())
+        from tandemlm.deploy.hf_batch import Row
+
+        row = Row(prompt=list(prompt_ids), params=params, cancelled=cancel or threading.Event())
+        with self._ids_lock:
+            self.rows_submitted += 1
+            row.id = self.rows_submitted
         if params.constraint is not None:  # built here, so the scheduler thread never waits on a grammar
             row.grammar = self._grammars.matcher(params.constraint)
         self._work.submit(row)
@@ -246,112 +246,142 @@ class HFEngine(BaseEngine):
     def close(self) -> None:
         """Stops the scheduler, then fails every queued and running request; later requests fail at once."""
         for row in self._work.stop() or []:  # waits out at most one forward pass
-            self._fail(row, EngineError("engine closed"))
-
-    @staticmethod
-    def _fail(row: _Row, error: EngineError) -> None:
-        if not row.done:
-            row.done = True
-            row.out.put(error)
+            row.finish(EngineError("engine closed"))
 
     # ---- scheduler ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        while self._work.running:
-            try:
-                first = self._work.items.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            rows = [first] if first is not None else []
-            while len(rows) < self._max_batch:
-                try:
-                    item = self._work.items.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    rows.append(item)
-            for row in rows:
-                if row.cancelled.is_set():  # cancelled while queued: end its stream, never run it
-                    row.done = True
-                    row.out.put(None)
-            rows = [r for r in rows if not r.done]
-            if not rows:
-                continue
-            try:
-                self._run_batch(rows)
-            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving
-                for row in rows:
-                    self._fail(row, EngineError(f"generation failed: {exc}"))
-            for row in rows:
-                if not row.done:
-                    row.done = True
-                    row.out.put(None)
+        """Until close(): takes queued rows, admits what fits into the running batch, decodes one step."""
+        batch: Batch | None = None
+        waiting: deque[Row] = deque()
+        try:
+            with self._torch.inference_mode():
+                while self._work.running:
+                    try:
+                        self._take(waiting, block=batch is None and not waiting)
+                        batch = self._admit(batch, waiting)
+                        if batch is not None and self._work.running:
+                            batch = self._decode(batch)
+                    except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving
+                        for row in batch.rows if batch is not None else []:
+                            row.finish(EngineError(f"generation failed: {exc}"))
+                        batch = None
+        finally:
+            # close(): no caller may be left waiting on a row this thread holds.
+            for row in [*waiting, *(batch.rows if batch is not None else [])]:
+                row.finish(EngineError("engine closed"))
 
-    def _run_batch(self, rows: list[_Row]) -> None:
-        torch = self._torch
-        self.max_batch_rows = max(self.max_batch_rows, len(rows))
-        from transformers import DynamicCache
+    def _take(self, waiting: deque[Row], block: bool) -> None:
+        """Moves every queued row to ``waiting`` (when ``block``, first waits up to 0.5 s for one).
 
+        Taking them all, not only what fits, lets a row cancelled while it waits end its stream now.
+        """
+        try:
+            item = self._work.items.get(timeout=0.5) if block else self._work.items.get_nowait()
+            while True:
+                if item is not None:  # None: close() waking the thread
+                    waiting.append(item)
+                item = self._work.items.get_nowait()
+        except queue.Empty:
+            pass
+        for row in [r for r in waiting if r.cancelled.is_set()]:
+            row.finish()  # cancelled while queued: end its stream, never run it
+            waiting.remove(row)
+
+    def _admit(self, batch: Batch | None, waiting: deque[Row]) -> Batch | None:
+        """Prefills the waiting rows the batch has room for and joins them to it (or starts a batch)."""
+        if batch is not None and not batch.mergeable:
+            return batch  # static fallback (see Batch.mergeable): new rows wait for this batch to end
+        room = self._max_batch - (len(batch.rows) if batch is not None else 0)
+        joining = [waiting.popleft() for _ in range(min(room, len(waiting)))]
+        if not joining:
+            return batch
+        try:
+            fresh = self._prefill(joining)
+            if fresh is None:  # every new row ended on its first token
+                return batch
+            if batch is None:
+                batch = fresh
+            else:
+                batch.join(fresh)
+        except Exception as exc:  # noqa: BLE001 - fail the new requests; the running rows decode on
+            for row in joining:
+                row.finish(EngineError(f"generation failed: {exc}"))
+            return batch
+        self.max_batch_rows = max(self.max_batch_rows, len(batch.rows))
+        return batch
+
+    def _prefill(self, rows: list[Row]) -> Batch | None:
+        """Runs the rows' prompts as a batch of their own and samples each row's first token."""
+        from tandemlm.deploy.hf_batch import Batch
         from tandemlm.deploy.hf_sampling import RowSampler
 
-        width = max(len(r.prompt) for r in rows)
-        input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
-            mask[i, width - len(row.prompt) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        input_ids, mask = Batch.prompts(rows, self._pad, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = Batch.new_cache(self.model.config)
         samplers = [RowSampler(r.params, self.device, len(r.prompt), r.grammar) for r in rows]
-        cache = DynamicCache(config=self.model.config)
-        steps = max(r.params.max_tokens for r in rows)
         adapters = [r.params.adapter for r in rows]
-        next_input = input_ids
-        with torch.inference_mode():
-            for _ in range(steps):
-                if not self._work.running:  # close(): answer every row now instead of decoding on
-                    for row in rows:
-                        self._fail(row, EngineError("engine closed"))
-                    return
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -next_input.shape[1] :]
-                out = self._forward(
-                    adapters,
-                    input_ids=next_input,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                tokens = self._step_rows(rows, samplers, out.logits[:, -1, :])
-                if all(r.done for r in rows):
-                    return
-                next_input = torch.tensor(tokens, device=self.device)[:, None]
-                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
+        out = self._forward(
+            adapters,
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        first = self._step_rows(rows, samplers, out.logits[:, -1, :])
+        return self._retire(Batch(rows, samplers, cache, mask, first))
 
-    def _step_rows(self, rows: list[_Row], samplers: list[Any], logits: Any) -> list[int]:
+    def _decode(self, batch: Batch) -> Batch | None:
+        """One step of every live row: feeds each its last token and samples the next; the batch left after it."""
+        live = self._retire(batch)  # rows cancelled since the last step leave before it, not after
+        if live is None:
+            return None
+        out = self._forward(live.adapters, **live.step_inputs())
+        ids = tuple(row.id for row in live.rows if not row.done)
+        self.step_log.append(ids)
+        self.max_batch_rows = max(self.max_batch_rows, len(ids))
+        live.next_ids = self._step_rows(live.rows, live.samplers, out.logits[:, -1, :])
+        return self._retire(live)
+
+    @staticmethod
+    def _retire(batch: Batch) -> Batch | None:
+        """Ends cancelled rows' streams and drops finished rows with their KV rows; None once none is left.
+
+        A batch that cannot drop rows (see ``Batch.mergeable``) keeps them, feeding padding, until all end.
+        """
+        for row in batch.rows:
+            if row.cancelled.is_set():
+                row.finish()  # cancelled mid-batch: end its stream now
+        live = [i for i, row in enumerate(batch.rows) if not row.done]
+        if not live:
+            return None
+        if batch.mergeable:
+            batch.keep(live)
+        return batch
+
+    def _step_rows(self, rows: list[Row], samplers: list[Any], logits: Any) -> list[int]:
         """Samples and emits one token per live row; the next input ids (padding for finished rows)."""
         tokens = []
         for i, row in enumerate(rows):
             if row.done or row.cancelled.is_set():
-                if not row.done:  # cancelled mid-batch: end its stream now
-                    row.done = True
-                    row.out.put(None)
+                row.finish()  # no-op for a finished row; a cancelled one's stream ends now
                 tokens.append(self._pad)
                 continue
             history = self._torch.tensor([row.prompt + row.generated], device=self.device)
             try:
                 token = samplers[i].step(history, logits[i : i + 1].float())
             except Exception as exc:  # noqa: BLE001 - this row's sampling failed: end it, the others decode on
-                self._fail(row, exc if isinstance(exc, EngineError) else EngineError(f"sampling failed: {exc}"))
+                row.finish(exc if isinstance(exc, EngineError) else EngineError(f"sampling failed: {exc}"))
                 tokens.append(self._pad)
                 continue
             tokens.append(token.token_id)
             self._emit(row, token)
         return tokens
 
-    def _emit(self, row: _Row, generated: GeneratedToken) -> None:
+    def _emit(self, row: Row, generated: GeneratedToken) -> None:
         token = generated.token_id
         if token in self._eos:
-            row.done = True
-            row.out.put(None)
+            row.finish()
             return
         row.generated.append(token)
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
@@ -362,8 +392,7 @@ class HFEngine(BaseEngine):
         generated.text = piece
         row.out.put(generated)
         if len(row.generated) >= row.params.max_tokens:
-            row.done = True
-            row.out.put(None)
+            row.finish()
 
 
 def _available() -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -63,7 +64,9 @@ def test_token_logprobs_match_a_direct_forward_pass(llama):
     full_ids = llama.tokenize(llama.render_chat(messages) + "Hello!")
     with torch.inference_mode():
         logits = llama.model(torch.tensor([full_ids])).logits[0].float()
-    expected = torch.log_softmax(logits, -1)[len(prompt_ids) - 1 : -1].gather(1, torch.tensor(full_ids[len(prompt_ids) :])[:, None])
+    expected = torch.log_softmax(logits, -1)[len(prompt_ids) - 1 : -1].gather(
+        1, torch.tensor(full_ids[len(prompt_ids) :])[:, None]
+    )
     assert [s for _, s in scores] == pytest.approx(expected[:, 0].tolist(), abs=1e-4)
 
 
@@ -129,8 +132,10 @@ def test_close_fails_running_and_queued_requests_and_later_ones(tiny_llama_dir, 
 
     engine = load_engine(str(tiny_llama_dir), backend="transformers", max_batch_size=4)
     ids = engine.tokenize("hello there", add_special_tokens=True)
-    # A static batch runs to its end before the next starts, so the second request waits in the queue.
-    close_check(engine, ids, SamplingParams(temperature=1.0, seed=3, max_tokens=engine.info.context_length - len(ids) - 1))
+    # The second request joins the first's running batch: close() must end both mid-decode.
+    close_check(
+        engine, ids, SamplingParams(temperature=1.0, seed=3, max_tokens=engine.info.context_length - len(ids) - 1)
+    )
     with pytest.raises(EngineError, match="closed"):
         engine.token_logprobs([{"role": "user", "content": "hi"}], "hello")
 
@@ -200,7 +205,9 @@ def test_prompt_logprobs_equal_score_tokens_with_the_top_alternatives(llama):
 def test_logit_bias_forces_or_bans_a_token(llama):
     greedy = ids(llama, "hello there", GREEDY)
     forced = llama.tokenize(" banana")[0]
-    assert ids(llama, "hello there", SamplingParams(temperature=0, max_tokens=4, logit_bias={forced: 100})) == [forced] * 4
+    assert (
+        ids(llama, "hello there", SamplingParams(temperature=0, max_tokens=4, logit_bias={forced: 100})) == [forced] * 4
+    )
     banned = ids(llama, "hello there", SamplingParams(temperature=0, max_tokens=4, logit_bias={greedy[0]: -100}))
     assert banned[0] != greedy[0]
     with pytest.raises(EngineError, match="logit_bias"):
@@ -250,7 +257,10 @@ SCHEMAS = {
             "name": {"type": "string", "maxLength": 8},
             "address": {
                 "type": "object",
-                "properties": {"city": {"type": "string", "maxLength": 8}, "zip": {"type": "integer", "minimum": 0, "maximum": 99999}},
+                "properties": {
+                    "city": {"type": "string", "maxLength": 8},
+                    "zip": {"type": "integer", "minimum": 0, "maximum": 99999},
+                },
                 "required": ["city", "zip"],
                 "additionalProperties": False,
             },
@@ -351,14 +361,143 @@ def test_a_row_whose_sampling_fails_ends_alone(llama, monkeypatch):
     prompt = llama.tokenize("a", add_special_tokens=True)
     healthy = SamplingParams(temperature=0, max_tokens=10)
     expected = [t.token_id for t in llama.stream_tokens(prompt, healthy)]
-    # While one batch runs, both requests queue up, so the next batch decodes them together.
+    # Both join the running batch; the broken row fails on its first token (in its prefill) and leaves at
+    # once, so the batch never holds more than the running row and the healthy one.
     running = llama.stream_tokens(prompt, SamplingParams(temperature=0, max_tokens=20))
     next(running)
     llama.max_batch_rows = 0
-    broken_stream = llama.stream_tokens(prompt, SamplingParams(temperature=0, max_tokens=10, constraint=OutputConstraint()))
+    broken_stream = llama.stream_tokens(
+        prompt, SamplingParams(temperature=0, max_tokens=10, constraint=OutputConstraint())
+    )
     healthy_stream = llama.stream_tokens(prompt, healthy)
     list(running)
     with pytest.raises(EngineError, match="rejected"):
         list(broken_stream)
     assert [t.token_id for t in healthy_stream] == expected
     assert llama.max_batch_rows == 2
+
+
+# ---- continuous batching: rows join and leave the running batch between decode steps ---------------
+def no_eos(engine, max_tokens: int, **fields) -> SamplingParams:
+    """Greedy for ``max_tokens`` tokens exactly: a random model could otherwise stop at any step."""
+    return SamplingParams(temperature=0, max_tokens=max_tokens, logit_bias={t: -100.0 for t in engine._eos}, **fields)
+
+
+def steps_with(engine, *row_ids: int) -> list[tuple[int, ...]]:
+    """The logged decode steps in which every one of ``row_ids`` took part."""
+    return [step for step in engine.step_log if set(row_ids) <= set(step)]
+
+
+def test_a_late_request_joins_the_running_batch_and_ends_first(llama):
+    prompt = llama.tokenize("hello there", add_special_tokens=True)
+    long = llama.stream_tokens(prompt, no_eos(llama, 200))
+    long_id = llama.rows_submitted
+    next(long)  # decoding has started
+    short = [t.token_id for t in llama.stream_tokens(prompt, no_eos(llama, 5))]
+    short_id = llama.rows_submitted
+    assert len(short) == 5
+    # A static batch would decode the short request only after the long one's 200 steps.
+    assert len(steps_with(llama, long_id, short_id)) >= 4  # its first token came from its own prefill
+    assert len(steps_with(llama, long_id)) < 150
+    long.close()  # cancels the long row
+
+
+def test_rows_that_join_mid_batch_give_their_solo_greedy_tokens(llama):
+    """Joins pad the running side (a longer prompt joins) and the new side (a shorter one); a long prompt
+    leaving cuts the shared padding. Any slip in that bookkeeping changes the greedy tokens."""
+    requests = [
+        ("a", no_eos(llama, 40)),
+        ("a much longer question about many things, with many words in it, " * 3, no_eos(llama, 6)),
+        ("x y z", no_eos(llama, 25)),
+    ]
+    prompts = [llama.tokenize(text, add_special_tokens=True) for text, _ in requests]
+    solo = [
+        [t.token_id for t in llama.stream_tokens(p, params)] for p, (_, params) in zip(prompts, requests, strict=True)
+    ]
+    first = llama.rows_submitted + 1
+    streams = [llama.stream_tokens(prompts[0], requests[0][1])]
+    got: list[list[int]] = [[next(streams[0]).token_id]]
+    for i in (1, 2):  # each one joins once the batch before it is decoding
+        streams.append(llama.stream_tokens(prompts[i], requests[i][1]))
+        got.append([next(streams[i]).token_id])
+    for i, stream in enumerate(streams):
+        got[i] += [t.token_id for t in stream]
+    assert got == solo
+    assert steps_with(llama, first, first + 1, first + 2)  # all three decoded together
+    assert steps_with(llama, first, first + 2)[-1] == (first, first + 2)  # the long prompt left the batch
+
+
+def test_a_cancelled_row_leaves_the_batch_at_once(llama):
+    prompt = llama.tokenize("hello there", add_special_tokens=True)
+    keep = llama.stream_tokens(prompt, no_eos(llama, 200))
+    keep_id = llama.rows_submitted
+    next(keep)
+    cancel = threading.Event()
+    dropped = llama.stream_tokens(prompt, no_eos(llama, 200), cancel)
+    dropped_id = llama.rows_submitted
+    next(dropped), next(dropped)  # the first from its prefill, the second from a shared decode step
+    assert steps_with(llama, keep_id, dropped_id)
+    cancel.set()  # from the caller's side, while it is not reading the stream
+    assert len(list(dropped)) < 150  # the stream ended soon after, not after its 200 tokens
+    logged = len(llama.step_log)
+    deadline = time.monotonic() + 30
+    while len(llama.step_log) < logged + 2 and time.monotonic() < deadline:  # steps decoded after it ended
+        time.sleep(0.01)
+    assert llama.step_log[-1] == (keep_id,)  # the batch shrank to the row left
+    keep.close()
+
+
+def test_a_cancelled_row_still_queued_ends_at_once(tiny_llama_dir):
+    engine = load_engine(str(tiny_llama_dir), backend="transformers", max_batch_size=1)
+    try:
+        prompt = engine.tokenize("hello there", add_special_tokens=True)
+        running = engine.stream_tokens(prompt, no_eos(engine, 500))
+        next(running)
+        cancel = threading.Event()
+        queued = engine.stream_tokens(prompt, no_eos(engine, 5), cancel)  # no room: it waits
+        cancel.set()
+        assert list(queued) == []
+        assert len(engine.step_log) < 400  # answered long before the running row ends
+        running.close()
+    finally:
+        engine.close()
+
+
+def test_scoring_runs_between_decode_steps(llama):
+    prompt = llama.tokenize("hello there", add_special_tokens=True)
+    long = llama.stream_tokens(prompt, no_eos(llama, 200))
+    long_id = llama.rows_submitted
+    next(long)
+    assert len(llama.score_tokens(prompt, prompt)) == len(prompt)
+    assert len(steps_with(llama, long_id)) < 150  # it did not wait for the generation to end
+    long.close()
+
+
+def test_a_model_whose_cache_cannot_merge_keeps_static_batches(tiny_llama_dir, monkeypatch):
+    from transformers import DynamicCache, MistralConfig
+
+    from tandemlm.deploy import hf_batch
+
+    sliding = MistralConfig(
+        sliding_window=4,
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    assert not hf_batch.Batch([], [], DynamicCache(config=sliding), torch.zeros(0, 0), []).mergeable
+    monkeypatch.setattr(hf_batch.Batch, "mergeable", property(lambda self: False))
+    engine = load_engine(str(tiny_llama_dir), backend="transformers", max_batch_size=4)
+    try:
+        prompt = engine.tokenize("hello there", add_special_tokens=True)
+        solo = [t.token_id for t in engine.stream_tokens(prompt, no_eos(engine, 8))]
+        first = engine.stream_tokens(prompt, no_eos(engine, 30))
+        first_id = engine.rows_submitted
+        next(first)
+        late = [t.token_id for t in engine.stream_tokens(prompt, no_eos(engine, 8))]
+        assert late == solo
+        assert not steps_with(engine, first_id, engine.rows_submitted)  # it waited for the batch to end
+        assert len(list(first)) == 29
+    finally:
+        engine.close()
