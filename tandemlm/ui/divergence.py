@@ -83,14 +83,38 @@ def ratio_color(log_ratio: float, scale: float = 2.0) -> str:
     return f"rgba({red}, {green}, {blue}, {alpha:.2f})"
 
 
+def text_color(log_ratio: float, scale: float = 2.0) -> str:
+    """Token text colour readable on :func:`ratio_color`: white on strong colour, the theme's own on faint."""
+    return "#fff" if abs(log_ratio) / scale >= 0.5 else "inherit"
+
+
+def top_divergent(diffs: Sequence[TokenDiff], count: int = 5) -> list[TokenDiff]:
+    """The ``count`` spans with the largest ``|log π/π_ref|``, largest first (ties keep text order)."""
+    return sorted((d for d in diffs if d.log_ratio != 0.0), key=lambda d: -abs(d.log_ratio))[:count]
+
+
+def _top_html(diffs: Sequence[TokenDiff]) -> str:
+    top = top_divergent(diffs)
+    if not top:
+        return "<div style='font-size:0.85em'>No token differs: both models score this answer the same.</div>"
+    items = "; ".join(
+        f"<code>{html.escape(repr(d.text))}</code> {d.log_ratio:+.2f} "
+        f"(policy {d.policy_logprob:.2f}, reference {d.reference_logprob:.2f})"
+        for d in top
+    )
+    return f"<div style='font-size:0.85em'>Most divergent tokens (log π/π_ref, nats): {items}</div>"
+
+
 def divergence_html(diffs: Sequence[TokenDiff], title: str, scale: float = 2.0) -> str:
-    """The response with each span coloured by its log-ratio (hover shows the numbers), under a KL header."""
+    """The response with each span coloured by its log-ratio (hover shows the numbers), under a KL header
+    and above the most divergent tokens listed with their numbers."""
     if not diffs:
         return f"<div class='tandem-divergence'><b>{html.escape(title)}</b>: no tokens to score</div>"
     total = sequence_kl(diffs)
     spans = "".join(
         f"<span title='log π/π_ref = {d.log_ratio:+.3f} (policy {d.policy_logprob:.3f}, "
-        f"reference {d.reference_logprob:.3f})' style='background:{ratio_color(d.log_ratio, scale)}'>"
+        f"reference {d.reference_logprob:.3f})' style='background:{ratio_color(d.log_ratio, scale)};"
+        f"color:{text_color(d.log_ratio, scale)};border-radius:2px'>"
         f"{html.escape(d.text)}</span>"
         for d in diffs
     )
@@ -99,14 +123,16 @@ def divergence_html(diffs: Sequence[TokenDiff], title: str, scale: float = 2.0) 
         f"<div><b>{html.escape(title)}</b>: Σ log π/π_ref = <b>{total:+.3f}</b> nats over {len(diffs)} tokens "
         f"(mean {total / len(diffs):+.3f})</div>"
         "<div style='white-space:pre-wrap;line-height:1.8;font-family:ui-monospace,monospace;font-size:0.9em'>"
-        f"{spans}</div></div>"
+        f"{spans}</div>{_top_html(diffs)}</div>"
     )
 
 
 LEGEND_HTML = (
-    "<div style='font-size:0.85em'>Token colour: "
-    f"<span style='background:{ratio_color(2.0)}'>&nbsp;policy more likely&nbsp;</span> "
-    f"<span style='background:{ratio_color(-2.0)}'>&nbsp;reference more likely&nbsp;</span> "
-    "(full colour at |log-ratio| ≥ 2 nats; hover a token for its numbers).</div>"
+    "<div style='font-size:0.85em'>"
+    f"<span style='background:{ratio_color(2.0)};color:#fff'>&nbsp;blue&nbsp;</span>: your policy finds this token "
+    f"likelier than the reference does; <span style='background:{ratio_color(-2.0)};color:#fff'>&nbsp;red&nbsp;</span>: "
+    "the reference finds it likelier (full colour at |log-ratio| ≥ 2 nats; hover a token for its numbers). "
+    "Σ log π/π_ref sums that over the answer: on the policy's own answer it is a one-sample estimate of "
+    "KL(policy ‖ reference), unbiased only when sampled at temperature 1 and top-p 1; on the reference's "
+    "answer it says how much likelier the policy finds the reference's words.</div>"
 )
-

@@ -69,3 +69,14 @@ def test_compare_divergence_is_policy_minus_reference_with_a_per_token_mean():
     assert ratio_color(2.2) in html and ratio_color(-1.0) in html  # blue where the policy is more sure, red otherwise
     swapped = _divergence({"policy": slot(reference), "reference": slot(policy)}, [], SideRun("policy", "m", text="Paris!"))
     assert "<b>-1.200</b> nats over 3 tokens (mean -0.400)" in swapped
+
+
+def test_top_divergent_tokens_are_listed_with_numbers_and_strong_colour_gets_white_text():
+    from tandemlm.ui.divergence import text_color, top_divergent
+
+    diffs = [TokenDiff("Par", -0.1, -2.3), TokenDiff("is", -1.2, -0.2), TokenDiff("!", -0.7, -0.7)]
+    assert [d.text for d in top_divergent(diffs)] == ["Par", "is"]  # |+2.2| then |-1.0|; "!" does not differ
+    html = divergence_html(diffs, "policy answer")
+    assert "Most divergent tokens (log π/π_ref, nats): <code>&#x27;Par&#x27;</code> +2.20 (policy -0.10, reference -2.30)" in html
+    assert "color:#fff" in html and text_color(0.4) == "inherit"  # white only where the colour is strong
+    assert "both models score this answer the same" in divergence_html([TokenDiff("a", -1.0, -1.0)], "same")
