@@ -86,18 +86,22 @@ class CancellableStream(Generic[T]):
 def drain_tokens(out: queue.Queue[Any], cancelled: threading.Event) -> Iterator[GeneratedToken]:
     """Yields tokens a scheduler thread puts on ``out`` until ``None``; an exception put there is raised.
 
-    Closing the iterator early sets ``cancelled``, which tells the scheduler to drop the request.
+    Closing the iterator early sets ``cancelled``, which tells the scheduler to drop the request; an
+    end the scheduler reported leaves it alone, so a set event means the request was cancelled.
     """
+    ended = False  # by the scheduler (done, failed or cancelled), not by the caller closing early
     try:
         while True:
             item = out.get()
-            if item is None:
-                return
-            if isinstance(item, Exception):
+            if item is None or isinstance(item, Exception):
+                ended = True
+                if item is None:
+                    return
                 raise item
             yield item
     finally:
-        cancelled.set()
+        if not ended:
+            cancelled.set()
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
