@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from rich.console import Console
 
@@ -42,6 +43,25 @@ def stream_to_terminal(stream: Iterator[Delta], console: Console | None = None) 
     out.write("\n")
     out.flush()
     return "".join(answer), usage
+
+
+def tracked(stream: Iterator[Delta], seen: dict[str, Any]) -> Iterator[Delta]:
+    """Passes ``stream`` through, keeping its finish reason and usage in ``seen``."""
+    for delta in stream:
+        if delta.finish_reason:
+            seen["finish"] = delta.finish_reason
+        if delta.usage:
+            seen["tokens"] = delta.usage.completion_tokens
+        yield delta
+
+
+def explain_empty(text: str, seen: dict[str, Any], model: str, prompt: str, chat: bool) -> None:
+    """Says on stderr why nothing was printed: finish reason and token count, and the chat alternative."""
+    if text.strip():
+        return
+    tokens, finish = seen.get("tokens", 0), seen.get("finish", "stop")
+    hint = "" if chat else f'; an instruct model may end a raw completion at once: try tandem chat {model} "{prompt}"'
+    print(f"(no text: finished ({finish}) after {tokens} tokens{hint})", file=sys.stderr)
 
 
 def chat_loop(engine: Engine, params: SamplingParams, system: str | None = None) -> None:

@@ -67,7 +67,7 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Treat PROMPT as one user message and apply the chat template.")] = False,
 ) -> None:
     """Generate a completion of PROMPT and stream it to stdout."""
-    from tandemlm.cli.chat import stream_to_terminal
+    from tandemlm.cli.chat import explain_empty, stream_to_terminal, tracked
     from tandemlm.errors import EngineError
 
     opt.require_utf8(prompt, "PROMPT")
@@ -78,7 +78,9 @@ def generate(
     engine = _load(model, EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, 1, dtype, trust_remote_code))
     try:
         stream = engine.chat([{"role": "user", "content": prompt}], params) if chat else engine.generate(prompt, params)
-        stream_to_terminal(stream)
+        seen: dict[str, Any] = {}
+        text, _ = stream_to_terminal(tracked(stream, seen))
+        explain_empty(text, seen, model, prompt, chat)
     except EngineError as exc:
         fail(str(exc))
     finally:
@@ -88,6 +90,7 @@ def generate(
 @app.command()
 def chat(
     model: opt.ModelArg = opt.DEFAULT,
+    question: Annotated[str | None, typer.Argument(help="Ask this once, print the answer and exit (no prompt loop).")] = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
     max_tokens: opt.MaxTokens = 512,
     temperature: opt.Temperature = DEFAULTS.temperature,
@@ -103,18 +106,29 @@ def chat(
     dtype: opt.Dtype = None,
     trust_remote_code: opt.TrustRemoteCode = False,
 ) -> None:
-    """Multi-turn terminal chat with streaming. Type /reset, /system TEXT, or /exit."""
-    from tandemlm.cli.chat import chat_loop
+    """Multi-turn terminal chat with streaming (type /reset, /system TEXT, or /exit); with QUESTION, one answer and exit."""
+    from tandemlm.cli.chat import chat_loop, explain_empty, stream_to_terminal, tracked
+    from tandemlm.errors import EngineError
 
     if system is not None:
         opt.require_utf8(system, "--system")
+    if question is not None:
+        opt.require_utf8(question, "QUESTION")
     params = sampling_from_flags(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         stop=stop, seed=seed, repetition_penalty=repetition_penalty,
     )
     engine = _load(model, EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, 1, dtype, trust_remote_code))
     try:
-        chat_loop(engine, params, system)
+        if question is None:
+            chat_loop(engine, params, system)
+        else:
+            messages = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": question}]
+            seen: dict[str, Any] = {}
+            text, _ = stream_to_terminal(tracked(engine.chat(messages, params), seen))
+            explain_empty(text, seen, model, question, True)
+    except EngineError as exc:
+        fail(str(exc))
     finally:
         engine.close()
 
