@@ -6,7 +6,6 @@ engines load it, and ``tandem quantize`` converts it to GGUF. Written to a temp 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from tandemlm.align.errors import ConfigError
@@ -14,7 +13,9 @@ from tandemlm.align.model import load_tokenizer, quiet_transformers
 from tandemlm.align.prepare import quiet_libraries
 from tandemlm.align.run_folder import read_run_folder
 from tandemlm.hardware import SIXTEEN_BIT, checkpoint_dtype, inference_precision
-from tandemlm.models.atomic import replace_dir
+from tandemlm.models.atomic import staging_folder
+from tandemlm.models.lora_merge import merge_lora
+from tandemlm.models.weight_files import weights_bytes
 
 
 def merge_run(run_dir: str | Path, out: str | Path | None = None, device: str = "cpu") -> Path:
@@ -23,9 +24,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, device: str = 
     ``device`` is "cpu", "cuda" or "auto" (the GPU when the fp32 base fits in its free memory).
     A full fine-tune has nothing to merge: its ``final/`` is returned as is.
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet_libraries()
     run = read_run_folder(run_dir)
@@ -37,22 +36,11 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, device: str = 
     target = Path(out).expanduser().resolve() if out else run.merged
     auto = AutoModelForSequenceClassification if run.method == "reward" else AutoModelForCausalLM
     kwargs = {"num_labels": 1} if run.method == "reward" else {}
-    # fp32 for the merge: adding a low-rank product to bf16 weights rounds it away on small models.
     with quiet_transformers():  # a reward base lacks the score head the adapter brings: no "MISSING" report
-        base = auto.from_pretrained(run.base_model, dtype=torch.float32, device_map=device, **kwargs)
-    merged = PeftModel.from_pretrained(base, run.final).merge_and_unload()
-    saved_dtype = getattr(AutoConfig.from_pretrained(run.base_model), "dtype", None)
-    if isinstance(saved_dtype, torch.dtype) and saved_dtype != torch.float32:
-        merged = merged.to(saved_dtype)  # keep the base checkpoint's size (bf16 stays bf16)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+        merged = merge_lora(run.base_model, run.final, auto, device, **kwargs)
+    with staging_folder(target) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         load_tokenizer(run.final).save_pretrained(staging)
-        replace_dir(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -63,7 +51,7 @@ def _merge_device(device: str, base: str | Path) -> str:
     chosen = inference_precision(device).device
     if device != "auto" or chosen == "cpu":
         return chosen
-    weights = sum(f.stat().st_size for f in Path(base).glob("*.safetensors")) if Path(base).is_dir() else 0
+    weights = weights_bytes(base) if Path(base).is_dir() else 0
     stored = checkpoint_dtype(base) if Path(base).is_dir() else None
     fp32_bytes = weights * (2 if stored in SIXTEEN_BIT else 1)
     free, _ = torch.cuda.mem_get_info()

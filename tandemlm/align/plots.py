@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tandemlm.align.metrics import read_metrics
+from tandemlm.models.atomic import atomic_path
 
 # One row per figure: file name -> (title, y label, metric keys; a key ending in /* matches a prefix).
 PLOTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -62,9 +63,8 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_dir: str | os.PathLik
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{name}.png"
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=90)
+        with atomic_path(path) as tmp:  # a viewer never sees half a PNG
+            fig.savefig(tmp, dpi=90, format="png")
         plt.close(fig)
-        os.replace(tmp, path)  # a viewer never sees half a PNG
         written.append(path)
     return written

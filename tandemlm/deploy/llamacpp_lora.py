@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 from tandemlm.errors import EngineError
 from tandemlm.models import llamacpp_source
 from tandemlm.models.adapter_files import adapter_weights
+from tandemlm.models.atomic import atomic_path
 from tandemlm.models.builtin import cache_dir
 
 RECIPE = 1  # bump when the conversion below changes its output for the same adapter
@@ -95,11 +94,8 @@ def _convert(folder: Path, base: Path, target: Path) -> Path:
         raise EngineError(
             f"{source} has no convert_lora_to_gguf.py (llama-cpp-python {llamacpp_source.llama_cpp_version()})"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    # Whole or not at all; a concurrent converter's result is as good as ours.
+    with atomic_path(target) as tmp:
         command = [sys.executable, str(script), str(folder), "--base", str(base)]
         command += ["--outfile", str(tmp), "--outtype", "f32"]  # f32: adapters are small, keep them exact
         env = llamacpp_source.converter_env(source)
@@ -108,10 +104,6 @@ def _convert(folder: Path, base: Path, target: Path) -> Path:
             raise EngineError(
                 f"converting adapter {folder} to GGUF LoRA failed (exit {code}): {llamacpp_source.last_error(lines)}"
             )
-        tmp.chmod(0o644)  # mkstemp makes it private; the cache is an ordinary file
-        os.replace(tmp, target)  # whole or not at all: a concurrent converter's result is as good
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from tandemlm.errors import EngineError
 from tandemlm.models.builtin import BUILTIN_MODELS, builtin_gguf, builtin_hf_folder
+from tandemlm.models.weight_files import weight_files
 
 GGUF_MAGIC = b"GGUF"
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 HUB_HOST = ("huggingface.co", 443)
 
@@ -84,7 +84,7 @@ def check_hf_folder(path: Path, trust_remote_code: bool = False) -> None:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EngineError(f"{config_path} is not valid JSON: {exc}") from None
-    if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+    if not weight_files(path):
         raise EngineError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise EngineError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")

@@ -1,4 +1,4 @@
-"""Content-addressed cache of conversions and quantizations, and atomic file publishing.
+"""Content-addressed cache of conversions and quantizations, its temp folder and result publishing.
 
 A model's *content key* hashes every file of its HF folder (weights, config, tokenizer, chat
 template), the adapter's files when one is merged, the llama.cpp version and :data:`RECIPE`;
@@ -26,12 +26,10 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tandemlm.models.atomic import atomic_path, atomic_write_text
 from tandemlm.models.builtin import cache_dir
 
 RECIPE = 1  # bump when a stage changes its output for the same input
@@ -95,25 +93,12 @@ class _DigestMemo:
 
     def save(self) -> None:
         if self.changed:
-            write_text_atomic(self.path, json.dumps(self.entries, indent=0))
+            atomic_write_text(self.path, json.dumps(self.entries, indent=0))
             self.changed = False
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def temp_path_for(final: Path, suffix: str = ".partial", folder: Path | None = None) -> Path:
-    """A fresh temp file for ``final``: hidden beside it, or ``<pid>-<name>.<random><suffix>`` in ``folder``.
-
-    ``folder`` must be on ``final``'s filesystem (so renaming the file is atomic); naming the
-    owner's PID lets :func:`sweep_stale_temps` tell a dead run's leftovers from a live run's work.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}." if folder is None else f"{os.getpid()}-{final.name}."
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder or final.parent)
-    os.close(fd)
-    return Path(name)
+# Temp files of runs (the atomic writers themselves live in models/atomic.py)
 
 
 def temp_folder(root: Path | None = None) -> Path:
@@ -154,24 +139,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-@contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yields a temp path beside ``final``; renamed to ``final`` if the block succeeds, else removed."""
-    tmp = temp_path_for(final)
-    try:
-        yield tmp
-        make_world_readable(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temp file and a rename."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def publish_copy(source: Path, final: Path) -> Path:
     """Puts ``source``'s bytes at ``final`` atomically: a hard link when possible, else a copy."""
     if final.exists() and final.resolve() == source.resolve():
@@ -185,10 +152,3 @@ def publish_copy(source: Path, final: Path) -> Path:
                 raise
             shutil.copyfile(source, tmp)
     return final
-
-
-def make_world_readable(path: Path) -> None:
-    """mkstemp makes 0600 files; give results the usual umask-based mode instead."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

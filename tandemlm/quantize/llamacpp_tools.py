@@ -14,6 +14,7 @@ import struct
 import sys
 from pathlib import Path
 
+from tandemlm.models.atomic import atomic_path
 from tandemlm.models.llamacpp_source import (  # re-exported: quantize's callers and tests use them from here
     MARKER,
     PACKAGE,
@@ -25,8 +26,7 @@ from tandemlm.models.llamacpp_source import (  # re-exported: quantize's callers
 from tandemlm.models.llamacpp_source import converter_env as _converter_env
 from tandemlm.models.llamacpp_source import last_error as _last_error
 from tandemlm.models.llamacpp_source import run_with_status as _run_with_status
-from tandemlm.models.resolve import WEIGHT_PATTERNS
-from tandemlm.quantize.cache import make_world_readable, temp_path_for
+from tandemlm.models.weight_files import weight_files
 
 __all__ = ["MARKER", "PACKAGE", "SDIST_ENV", "ConversionError", "llama_cpp_source", "llama_cpp_version"]
 
@@ -95,23 +95,18 @@ def convert_hf_to_gguf(
     if outtype not in OUTTYPES:
         raise ConversionError(f"unknown outtype {outtype!r}; known: {', '.join(OUTTYPES)}")
     _check_architecture(hf_dir)
-    if not any(any(hf_dir.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+    if not weight_files(hf_dir):
         raise ConversionError(f"{hf_dir} has no weights (*.safetensors or pytorch_model*.bin) to convert")
     if out_path.is_dir():
         raise ConversionError(f"{out_path} is a folder; give the path of the .gguf file to write")
     source = llama_cpp_source()
-    tmp = temp_path_for(out_path, ".partial", temp_dir)
-    try:
+    with atomic_path(out_path, ".partial", temp_dir) as tmp:
         command = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(hf_dir)]
         command += ["--outfile", str(tmp), "--outtype", outtype]
         code, lines = _run_with_status(command, _converter_env(source), f"Converting {hf_dir.name} to {outtype} GGUF")
         if code != 0:
             raise ConversionError(_failure_message(hf_dir, lines, code))
         _check_gguf_written(tmp, hf_dir)
-        make_world_readable(tmp)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tandemlm.errors import QuantizeError
+from tandemlm.models.atomic import staging_folder
+from tandemlm.models.lora_merge import AdapterMismatch, merge_lora
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
@@ -57,41 +58,16 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
         return target
     adapter_config = read_adapter_config(adapter_dir)
     check_recorded_base(adapter_dir, adapter_config, base_dir)
-    merged = _load_merged(base_dir, adapter_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        merged = merge_lora(base_dir, adapter_dir)
+    except AdapterMismatch as exc:
+        raise QuantizeError(f"--{exc}") from None  # "--adapter X does not fit Y: ...", naming the flag
+    # An unmarked target is an interrupted run's leftover: replaced; a marked one another run made: kept.
+    with staging_folder(target, marker=DONE_MARKER) as staging:
         _copy_side_files(base_dir, adapter_dir, staging)
         merged.save_pretrained(staging, safe_serialization=True)
         (staging / DONE_MARKER).write_text(json.dumps({"base": str(base_dir), "adapter": str(adapter_dir)}) + "\n")
-        if target.exists():
-            shutil.rmtree(target)  # an unmarked leftover of an interrupted run
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _load_merged(base_dir: Path, adapter_dir: Path) -> Any:
-    """Loads the base in fp32, applies the adapter and merges it; misfits become one-line errors."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    try:
-        model = PeftModel.from_pretrained(base, adapter_dir)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise QuantizeError(f"--adapter {adapter_dir} does not fit {base_dir}: {_first_line(exc)}") from None
-    merged = model.merge_and_unload()
-    # Merged in fp32 for precision, saved in the checkpoint's own dtype: a bf16 7B model stays 14 GB, not 28.
-    dtype = getattr(torch, str(_config_dtype(base_dir)), torch.float32)
-    return merged.to(dtype) if isinstance(dtype, torch.dtype) else merged
-
-
-def _config_dtype(folder: Path) -> str:
-    config = json.loads((folder / "config.json").read_text())
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
 def _copy_side_files(base_dir: Path, adapter_dir: Path, staging: Path) -> None:
@@ -103,8 +79,3 @@ def _copy_side_files(base_dir: Path, adapter_dir: Path, staging: Path) -> None:
         if (adapter_dir / name).is_file():
             shutil.copy2(adapter_dir / name, staging / name)
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else type(exc).__name__)
-    return text if len(text) <= 300 else text[:299] + "…"

@@ -28,18 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from tandemlm.errors import QuantizeError
+from tandemlm.models.atomic import atomic_write_text, make_world_readable, temp_path_for
 from tandemlm.models.gguf_info import read_gguf_info
 from tandemlm.quantize.cache import (
     content_key,
     file_digest,
     folder_digest,
-    make_world_readable,
     publish_copy,
     quantize_cache_root,
     sweep_stale_temps,
     temp_folder,
-    temp_path_for,
-    write_text_atomic,
 )
 from tandemlm.quantize.llamacpp_tools import ConversionError, convert_hf_to_gguf, llama_cpp_version
 from tandemlm.quantize.merge import merge_adapter, read_adapter_config
@@ -237,7 +235,7 @@ def _run_stages(
             verification = verify_gguf(unverified, qtype, source.hf_folder, reference, config.threads, config.trust_remote_code)
         console.print(f"[green]✓[/green] verified: {verification.summary()}")
         record = {"key": key, "type": qtype.name, "fallbacks": [vars(f) for f in fallbacks], "verification": verification.to_dict()}
-        write_text_atomic(record_path, json.dumps(record, indent=2) + "\n")
+        atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
         make_world_readable(unverified)
         os.replace(unverified, result_path)  # only a verified file gets the result's name
     except OSError as exc:

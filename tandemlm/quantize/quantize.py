@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandemlm.errors import QuantizeError
+from tandemlm.models.atomic import atomic_path
 from tandemlm.models.gguf_info import read_gguf_info
-from tandemlm.quantize.cache import temp_path_for
 from tandemlm.quantize.types import QuantType
 
 K_BLOCK = 256  # weights per k-quant block (ggml's QK_K)
@@ -56,13 +56,9 @@ def quantize_gguf(
     source, out_path = Path(source), Path(out_path)
     if qtype.stage != "quantize":
         raise QuantizeError(f"{qtype.name} is not made by llama.cpp's quantizer (stage {qtype.stage})")
-    tmp = temp_path_for(out_path, ".partial", temp_dir)
-    try:
+    with atomic_path(out_path, ".partial", temp_dir) as tmp:
         _run_quantizer(source, tmp, qtype, nthread or os.cpu_count() or 1, progress)
         fallbacks = find_fallbacks(tmp, qtype)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return fallbacks
 
 

@@ -118,11 +118,10 @@ class QualityReport:
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
         """Writes the report as JSON (temp file + rename)."""
-        from tandemlm.quantize.cache import write_text_atomic
+        from tandemlm.models.atomic import atomic_write_text
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     def table(self) -> Any:

@@ -25,6 +25,7 @@ from tandemlm.errors import QuantizeError
 from tandemlm.hardware import inference_precision, usable_cpus
 from tandemlm.models.chat_template import Message
 from tandemlm.models.stops import stop_ids
+from tandemlm.models.weight_files import weights_bytes
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class HFScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs).eval()
         self.device = next(self.model.parameters()).device
-        self.footprint = Footprint(_weights_bytes(self.path), int(self.model.num_parameters()))
+        self.footprint = Footprint(weights_bytes(self.path), int(self.model.num_parameters()))
         self.eos_ids = stop_ids(self.tokenizer, self.model.generation_config)
 
     def tokenize(self, text: str) -> list[int]:
@@ -230,7 +231,3 @@ def open_scorer(ref: str | os.PathLike[str], n_ctx: int = 512, n_threads: int | 
         return GGUFScorer(path, n_ctx=n_ctx, n_threads=n_threads)
     return HFScorer(source.path, load_in_bits=load_in_bits, trust_remote_code=source.trust_remote_code)
 
-
-def _weights_bytes(folder: Path) -> int:
-    patterns = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
-    return sum(p.stat().st_size for pattern in patterns for p in folder.glob(pattern))

@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 
 from tandemlm.errors import QuantizeError
+from tandemlm.models.weight_files import safetensors_files, weight_files
 from tandemlm.quantize.types import QuantType
 
 HEADROOM = 1.05  # metadata, tokenizer and alignment padding on top of the tensor bytes
@@ -22,7 +23,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 def count_params(folder: Path) -> int:
     """Weights in an HF folder, from the safetensors headers (no tensor data read)."""
     total = 0
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in safetensors_files(folder):
         with path.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
@@ -33,7 +34,7 @@ def count_params(folder: Path) -> int:
                     count *= dim
                 total += count
     if total == 0:  # pickle checkpoints: assume 16-bit weights
-        total = sum(p.stat().st_size for p in folder.glob("*.bin")) // 2
+        total = sum(p.stat().st_size for p in weight_files(folder) if p.suffix == ".bin") // 2
     return total
 
 

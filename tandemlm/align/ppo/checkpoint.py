@@ -29,6 +29,7 @@ import torch
 
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.ppo.policy import CRITIC, POLICY, ActorCritic
+from tandemlm.models.atomic import replace_dir
 from tandemlm.models.pickle_guard import refused_pickle
 
 STATE_FILE = "trainer_state.json"
@@ -106,9 +107,7 @@ def save_checkpoint(
     barrier()
     if is_main:
         (staging / STATE_FILE).write_text(json.dumps({"global_step": step, **state}, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        replace_dir(staging, target)
         prune(checkpoints, keep)
     barrier()
     return target
