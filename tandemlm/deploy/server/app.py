@@ -1,56 +1,17 @@
-"""FastAPI routes of the OpenAI-compatible server: thin handlers over :mod:`.service`."""
+"""The OpenAI-compatible app: guards, a :class:`ServeContext` and the routes of :mod:`.routes` and :mod:`.introspect`."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from fastapi import FastAPI
 
 from tandemlm.deploy.engine import Engine
 from tandemlm.deploy.server.config import WILDCARD_BINDS, ServerConfig
-from tandemlm.deploy.server.context import ModelNotFound, ServeContext
+from tandemlm.deploy.server.context import ServeContext
 from tandemlm.deploy.server.guards import LOCAL_HOSTS, ApiKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware
-from tandemlm.deploy.server.handlers import GenerationFailed, Streamed, chat_completion, text_completion
 from tandemlm.deploy.server.introspect import add_introspection_routes
-from tandemlm.deploy.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
-from tandemlm.deploy.server.service import ServerBusy
-from tandemlm.deploy.types import ContextLengthError
-from tandemlm.errors import EngineError
-
-
-def _error(
-    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(message, kind, param, code), status_code=status)
-
-
-_BRANCH_TAGS = {"str", "int", "float", "bool", "list", "dict"}
-
-
-def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """One line for a pydantic validation failure: the error deepest in the body (for a field that
-    may take several shapes, the shape that got furthest), its location without union branch tags."""
-    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_branch_tag(part)]
-    field = ".".join(loc) or None
-    kind = first.get("type")
-    if kind == "json_invalid":
-        return "request body is not valid JSON", None
-    if kind == "extra_forbidden":
-        return f"{field} is not supported by this server (tandem serve); remove it from the request", field
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    return (f"{field}: {message}" if field else message), field
-
-
-def _is_branch_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part in _BRANCH_TAGS)
+from tandemlm.deploy.server.routes import EXCEPTION_HANDLERS, router
 
 
 def create_app(
@@ -79,111 +40,11 @@ def create_app(
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts)
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, field = _validation_message(list(exc.errors()))
-        ctx.metrics.requests.labels(request.url.path, "400").inc()
-        return _error(400, message, param=field)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "request_too_large" if exc.status_code == 413 else None
-        return _error(
-            exc.status_code,
-            str(exc.detail),
-            "not_found_error" if exc.status_code == 404 else "invalid_request_error",
-            code=code,
-        )
-
-    @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
-        # Without the key (when one is set) only liveness: load figures are nobody else's business.
-        if not request.scope.get("state", {}).get("authorized", True):
-            return {"status": "ok"}
-        return {"status": "ok", "running": ctx.admission.running, "queued": ctx.admission.waiting}
-
-    async def guarded(endpoint: str, request: Request, work: Any) -> Any:
-        response = await _unless_client_leaves(request, lambda: _answer(work))
-        status = getattr(response, "status_code", 200)
-        ctx.metrics.requests.labels(endpoint, str(status)).inc()
-        return response
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return await guarded("/v1/chat/completions", request, lambda: chat_completion(ctx, body))
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await guarded("/v1/completions", request, lambda: text_completion(ctx, body))
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
+    for error, handler in EXCEPTION_HANDLERS.items():
+        app.add_exception_handler(error, handler)
+    app.include_router(router)
     add_introspection_routes(app, ctx)
     return app
-
-
-CLIENT_CLOSED = 499
-"""Status logged for a request whose client left before the answer (nginx's convention); nobody reads it."""
-
-
-async def _unless_client_leaves(request: Request, work: Any) -> Any:
-    """Runs ``work`` but cancels it when the client disconnects first: a request still queued,
-    prefilling or decoding without streaming then stops in the engine and frees its slot."""
-    task = asyncio.ensure_future(work())
-    watch = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task  # lets the handler's cleanup (engine cancel, slot release) run to its end
-        return Response(status_code=CLIENT_CLOSED)
-    return task.result()
-
-
-async def _disconnected(request: Request, every_s: float = 0.1) -> None:
-    """Returns once the client has gone (a streamed response watches for this itself)."""
-    while not await request.is_disconnected():
-        await asyncio.sleep(every_s)
-
-
-async def _answer(work: Any) -> Any:
-    """Runs a handler and maps what it raises to OpenAI error bodies; a stream becomes an SSE response."""
-    try:
-        result = await work()
-    except ModelNotFound as exc:
-        return _error(404, str(exc), "not_found_error", param="model", code="model_not_found")
-    except GenerationFailed as exc:
-        return _error(500, str(exc), "server_error")
-    except ContextLengthError as exc:
-        return _error(400, str(exc), param="messages", code="context_length_exceeded")
-    except (EngineError, ValueError) as exc:
-        return _error(400, str(exc))
-    except ServerBusy as exc:
-        return _error(503, str(exc), "server_busy", code="server_busy")
-    except Exception as exc:  # noqa: BLE001 - anything else is our failure, not the client's: 5xx
-        return _error(500, f"internal error: {exc}", "server_error")
-    if isinstance(result, Streamed):
-        return _SlotStream(result)
-    return result
-
-
-class _SlotStream(StreamingResponse):
-    """A streamed response that gives back its admission slots however it ends, started or not."""
-
-    def __init__(self, streamed: Streamed) -> None:
-        super().__init__(streamed.lines, media_type="text/event-stream")
-        self._release = streamed.release
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._release()
 
 
 def run_server(engine: Engine | Mapping[str, Engine], config: ServerConfig) -> None:
