@@ -1,48 +1,56 @@
-"""Concurrent streaming load: `tandem serve` vs `python -m llama_cpp.server` on the same GGUF.
+"""Concurrent streaming load: `tandem serve` vs llama.cpp's own `llama-server` (and llama_cpp.server).
 
-Starts each server on loopback (one at a time, so they don't share the CPU), runs 1, 4 and 8
-concurrent streaming chat clients (each sends --rounds requests back to back), and prints
-aggregate tokens/s, time to first token (p50/p95) and tandem's ratio over llama-cpp-python's
-server (interrupts off, so it serves requests in turn). llama_cpp.server runs twice: at its own
-default thread count, as users get it, and at tandem's, so the batching gain shows on its own.
+Same GGUF, same threads, same slots (`--n-parallel` = `-np` = the largest client count) and the same
+total context (both split one KV budget across slots). Servers run one at a time on loopback so they
+don't share the CPU. For each level of concurrent streaming chat clients (each sends --rounds
+requests back to back) it prints aggregate output tokens/s, TTFT p50/p95, time per output token
+p50/p95, inter-token latency p95, and tandem's ratio over llama-server (the anchor) and over
+llama-cpp-python's own server (interrupts off, so it serves requests in turn; at its default thread
+count as users get it, and at tandem's). Then the transformers backend at the largest level against
+its own one-client rate. Targets: at 8 and 16 clients, TTFT p95 <= 1.0x and tokens/s >= 1.0x
+llama-server. llama-server is built from the llama.cpp that the installed llama-cpp-python vendors
+on first use (bench/build_llama_server.py; 10-20 minutes on 2 cores, cached).
 
-    .venv/bin/python bench/serve_load.py [--model smollm2] [--max-tokens 64] [--rounds 2]
+    .venv/bin/python bench/serve_load.py [--model smollm2] [--max-tokens 64] [--rounds 2] [--json out.json]
+    .venv/bin/python bench/serve_load.py --quick     # smoke run: 1 and 4 clients, short answers
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import importlib.util
 import json
+import math
 import os
+import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, also when loaded by file path
+
+from _serve_clients import METRICS, load, ratios
+from build_llama_server import llama_server_binary
 
 from tandemlm.hardware import physical_cores
 from tandemlm.models.resolve import resolve_model
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle works.",
-    "List some facts about the moon.",
-    "Describe a walk through a forest in autumn.",
-    "Tell me about the history of bread.",
-    "Explain why the sky is blue.",
-    "Write a poem about the sea.",
-    "Describe how to make a cup of tea.",
-]
+ALL_SERVERS = ("tandem", "llama-server", "llama_cpp.server", "transformers")
+TARGET_LEVELS = (8, 16)
 
 
 def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -50,23 +58,25 @@ def free_port() -> int:
 
 @contextmanager
 def server(command: list[str], port: int) -> Iterator[str]:
+    """Runs ``command`` until its ``/v1/models`` answers 200; yields the ``/v1`` base URL, then stops it."""
     # A log file, not a pipe: llama.cpp logs enough at load to fill a pipe and block the server.
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 300
         while time.time() < deadline:
             if proc.poll() is not None:
                 log.seek(0)
-                raise RuntimeError(f"server exited: {log.read()[-2000:]}")
+                raise RuntimeError(f"{command[0]} exited: {log.read()[-2000:]}")
             try:
                 if httpx.get(f"{url}/models", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.3)
+                pass
+            time.sleep(0.3)
         else:
-            raise RuntimeError("server did not come up in 180 s")
+            raise RuntimeError(f"{command[0]} did not come up in 300 s")
         yield url
     finally:
         proc.terminate()
@@ -74,57 +84,7 @@ def server(command: list[str], port: int) -> Iterator[str]:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[float, int, float]:
-    """Returns (time to first token, tokens, total seconds) for one streamed chat request."""
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        # Spelled out so both servers sample alike (llama_cpp.server's own defaults are these).
-        "temperature": 0.8,
-        "top_p": 0.95,
-        "top_k": 40,
-        "seed": 1,
-        "stream": True,
-    }
-    started = time.perf_counter()
-    first, tokens = None, 0
-    async with client.stream("POST", f"{url}/chat/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for choice in chunk.get("choices", []):
-                if choice.get("delta", {}).get("content"):
-                    tokens += 1
-                    if first is None:
-                        first = time.perf_counter() - started
-    return (first or float("nan")), tokens, time.perf_counter() - started
-
-
-async def load(url: str, clients: int, max_tokens: int, rounds: int) -> dict[str, float]:
-    """``clients`` concurrent clients, each sending ``rounds`` requests back to back."""
-    results: list[tuple[float, int, float]] = []
-
-    async def client_loop(client: httpx.AsyncClient, index: int) -> None:
-        for r in range(rounds):
-            results.append(await one_stream(client, url, PROMPTS[(index + r) % len(PROMPTS)], max_tokens))
-
-    started = time.perf_counter()
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients)) as client:
-        await asyncio.gather(*(client_loop(client, i) for i in range(clients)))
-    elapsed = time.perf_counter() - started
-    ttfts = sorted(ttft for ttft, _, _ in results)
-    total_tokens = sum(n for _, n, _ in results)
-    return {
-        "tokens_per_s": total_tokens / elapsed,
-        "ttft_p50": statistics.median(ttfts),
-        "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
-        "tokens": total_tokens,
-    }
+            proc.wait()
 
 
 def raw_default_threads() -> int:
@@ -133,7 +93,11 @@ def raw_default_threads() -> int:
 
 
 # Modules `python -m llama_cpp.server` imports that llama-cpp-python's [server] extra provides.
-RAW_SERVER_MODULES = {"starlette_context": "starlette-context", "sse_starlette": "sse-starlette", "pydantic_settings": "pydantic-settings"}
+RAW_SERVER_MODULES = {
+    "starlette_context": "starlette-context",
+    "sse_starlette": "sse-starlette",
+    "pydantic_settings": "pydantic-settings",
+}
 
 
 def missing_raw_server_packages() -> list[str]:
@@ -141,54 +105,165 @@ def missing_raw_server_packages() -> list[str]:
     return [package for module, package in RAW_SERVER_MODULES.items() if importlib.util.find_spec(module) is None]
 
 
-def main() -> None:
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's flags; ``--quick`` shrinks the run to a smoke test."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--model", default="smollm2", help="a GGUF (built-in name or .gguf path)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--concurrency", default="1,4,8")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="tandem's threads (default: its own default, one per physical core)")
-    args = parser.parse_args()
-    missing = missing_raw_server_packages()
-    if missing:  # one line, not llama_cpp.server's traceback from inside a child process
-        sys.exit(f"llama_cpp.server needs {' '.join(missing)} (llama-cpp-python's [server] extra): "
-                 f"run `bash scripts/setup.sh --dev` or `{sys.executable} -m pip install {' '.join(missing)}`")
+    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
+    parser.add_argument("--concurrency", default="1,4,8,16", help="client counts, comma-separated")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
+    parser.add_argument("--ctx-per-slot", type=int, default=256, help="context per slot (total = this x slots)")
+    parser.add_argument("--servers", default=",".join(ALL_SERVERS), help=f"subset of {','.join(ALL_SERVERS)}")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1,4 clients, 16 tokens, 1 round")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.max_tokens, args.rounds = "1,4", 16, 1
+    args.levels = [int(x) for x in args.concurrency.split(",")]
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if unknown := set(args.servers) - set(ALL_SERVERS):
+        parser.error(f"--servers: unknown {sorted(unknown)}; known: {', '.join(ALL_SERVERS)}")
+    return args
+
+
+def server_commands(args: argparse.Namespace, gguf: str, port: int) -> dict[str, list[str]]:
+    """Name -> command line of each llama.cpp-based server to measure, the anchor (llama-server) first."""
+    threads, slots = args.threads or physical_cores(), max(args.levels)
+    n_ctx = str(args.ctx_per_slot * slots)  # both servers split one total across their slots
+    commands: dict[str, list[str]] = {}
+    if "llama-server" in args.servers:
+        flags = f"--host 127.0.0.1 --port {port} -t {threads} -np {slots} -c {n_ctx} --no-webui"
+        commands["llama-server"] = [str(llama_server_binary()), "-m", gguf, *flags.split()]
+    if "tandem" in args.servers:
+        flags = f"--port {port} --backend llama.cpp --n-ctx {n_ctx} --n-parallel {slots} --n-threads {threads}"
+        commands["tandem"] = [sys.executable, "-m", "tandemlm.cli.main", "serve", gguf, *flags.split()]
+    if "llama_cpp.server" in args.servers:
+        flags = f"--port {port} --n_ctx {n_ctx} --interrupt_requests False"
+        raw = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, *flags.split()]
+        if not args.quick and threads != raw_default_threads():  # as it ships, too
+            commands[f"llama_cpp.server {raw_default_threads()} thr (default)"] = raw
+        commands[f"llama_cpp.server {threads} thr"] = [*raw, "--n_threads", str(threads)]
+    return commands
+
+
+def measure(command: list[str], port: int, levels: list[int], args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    """Starts one server, warms it up, and runs each load level against it."""
+    with server(command, port) as url:
+        asyncio.run(load(url, 1, 8, 1))  # warm-up
+        out = {}
+        for n in levels:
+            out[n] = asyncio.run(load(url, n, args.max_tokens, args.rounds))
+            print(f"  {n:>2} clients: {out[n]['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+        return out
+
+
+def _ms(value: float) -> str:
+    return f"{value * 1000:8.0f}" if not math.isnan(value) else "     nan"
+
+
+def header(width: int) -> str:
+    """The table's column titles."""
+    titles = " | ".join(f"{t:>8}" for t in ("TTFT p50", "TTFT p95", "TPOT p50", "TPOT p95", "ITL p95"))
+    return f"{'clients':>7} | {'server':<{width}} | {'tok/s':>7} | {titles} | {'tokens':>6}"
+
+
+def row(n: int, name: str, r: dict[str, float], width: int) -> str:
+    """One table line of absolute numbers (latencies in ms)."""
+    lat = " | ".join(_ms(r[k]) for k in METRICS[1:])
+    return f"{n:>7} | {name:<{width}} | {r['tokens_per_s']:7.1f} | {lat} | {r['tokens']:6.0f}"
+
+
+def ratio_row(n: int, label: str, q: dict[str, float], width: int) -> str:
+    """One table line of ratios ours/theirs (tok/s: above 1 is better; latencies: below 1 is better)."""
+    cells = " | ".join(f"{q[k]:7.2f}x" for k in METRICS[1:])
+    return f"{n:>7} | {label:<{width}} | {q['tokens_per_s']:6.2f}x | {cells} |"
+
+
+def target_lines(ours: dict[int, dict[str, float]], anchor: dict[int, dict[str, float]]) -> list[str]:
+    """Whether tandem meets TTFT p95 <= 1.0x and tokens/s >= 1.0x llama-server at 8 and 16 clients."""
+    lines = []
+    for n in TARGET_LEVELS:
+        if n in ours and n in anchor:
+            q = ratios(ours[n], anchor[n])
+            met = q["ttft_p95"] <= 1.0 and q["tokens_per_s"] >= 1.0
+            lines.append(
+                f"target at {n:>2} clients (TTFT p95 <= 1.0x, tok/s >= 1.0x llama-server): "
+                f"TTFT p95 {q['ttft_p95']:.2f}x, tok/s {q['tokens_per_s']:.2f}x -> {'met' if met else 'MISSED'}"
+            )
+    return lines
+
+
+def main() -> None:
+    """Runs every selected server at every level and prints the tables."""
+    args = parse_args()
+    if "llama_cpp.server" in args.servers and (missing := missing_raw_server_packages()):
+        # One line, not llama_cpp.server's traceback from inside a child process.
+        sys.exit(
+            f"llama_cpp.server needs {' '.join(missing)} (llama-cpp-python's [server] extra): "
+            f"run `bash scripts/setup.sh --dev` or `{sys.executable} -m pip install {' '.join(missing)}`"
+        )
     gguf = str(resolve_model(args.model).gguf_file())
-    levels = [int(x) for x in args.concurrency.split(",")]
     port = free_port()
-    threads = args.threads or physical_cores()
-    tandem = [sys.executable, "-m", "tandemlm.cli.main", "serve", gguf, "--port", str(port),
-              "--n-ctx", "4096", "--n-parallel", str(max(levels))]
-    raw = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
-           "--n_ctx", "4096", "--interrupt_requests", "False"]
-    # Both as they ship (each picks its own thread count), and llama_cpp.server given tandem's
-    # thread count, so the batching gain is shown apart from the thread-count default.
-    commands = {f"tandem ({threads} thr)": tandem + (["--n-threads", str(args.threads)] if args.threads else [])}
-    baselines = [f"llama_cpp.server ({raw_default_threads()} thr, default)"]
-    commands[baselines[0]] = raw
-    if threads != raw_default_threads():
-        baselines.append(f"llama_cpp.server ({threads} thr)")
-        commands[baselines[1]] = [*raw, "--n_threads", str(threads)]
+    commands = server_commands(args, gguf, port)
     results: dict[str, dict[int, dict[str, float]]] = {}
+    loads: dict[str, float] = {}  # the machine's 1-minute load average as each server started (others' work)
     for name, command in commands.items():
-        with server(command, port) as url:
-            asyncio.run(load(url, 1, 8, 1))  # warm-up
-            results[name] = {n: asyncio.run(load(url, n, args.max_tokens, args.rounds)) for n in levels}
-    ours_name = next(iter(commands))
-    width = max(len(name) for name in commands) + 8
-    print(f"model {args.model} ({gguf}), {args.max_tokens} tokens per request, {args.rounds} rounds, {os.cpu_count()} CPUs")
-    print(f"{'clients':>7} | {'server':<{width}} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p95':>8} | {'tokens':>6}")
-    for n in levels:
-        for name in commands:
-            r = results[name][n]
-            print(f"{n:>7} | {name:<{width}} | {r['tokens_per_s']:7.1f} | {r['ttft_p50']:7.2f}s | {r['ttft_p95']:7.2f}s | {r['tokens']:6.0f}")
-        ours = results[ours_name][n]
-        for name in baselines:
-            theirs = results[name][n]
-            label = "ratio vs " + name.split(" ", 1)[1]
-            print(f"{n:>7} | {label:<{width}} | {ours['tokens_per_s'] / theirs['tokens_per_s']:6.2f}x | "
-                  f"{ours['ttft_p50'] / theirs['ttft_p50']:7.2f}x | {ours['ttft_p95'] / theirs['ttft_p95']:7.2f}x")
+        print(f"{name} ...", file=sys.stderr)
+        loads[name] = os.getloadavg()[0]
+        results[name] = measure(command, port, args.levels, args)
+    hf_levels = sorted({1, min(8, max(args.levels))})
+    if "transformers" in args.servers:
+        print("tandem transformers ...", file=sys.stderr)
+        loads["tandem transformers"] = os.getloadavg()[0]
+        flags = f"--port {port} --backend transformers --n-parallel {max(hf_levels)}"
+        hf = [sys.executable, "-m", "tandemlm.cli.main", "serve", args.model, *flags.split()]
+        results["tandem transformers"] = measure(hf, port, hf_levels, args)
+
+    threads = args.threads or physical_cores()
+    version = importlib.metadata.version("llama-cpp-python")
+    print(
+        f"\n{date.today()} | {cpu_name()}, {os.cpu_count()} CPUs | model {args.model} ({Path(gguf).name}) | "
+        f"llama-cpp-python {version} | {threads} threads, {max(args.levels)} slots, "
+        f"{args.ctx_per_slot} ctx/slot | {args.max_tokens} tokens/request, {args.rounds} rounds | latencies in ms"
+    )
+    names = [name for name in commands if name in results]
+    width = max([len(f"tandem / {n}") for n in names] + [len("tandem transformers")])
+    print(header(width))
+    for n in args.levels:
+        for name in names:
+            print(row(n, name, results[name][n], width))
+        if "tandem" in results:
+            for name in (other for other in names if other != "tandem"):
+                q = ratios(results["tandem"][n], results[name][n])
+                print(ratio_row(n, f"tandem / {name}", q, width))
+    if "tandem" in results and "llama-server" in results:
+        print("\n".join(["", *target_lines(results["tandem"], results["llama-server"])]))
+    if "tandem transformers" in results:
+        hf_results = results["tandem transformers"]
+        print(f"\ntransformers backend ({args.model}, fp32, --n-parallel {max(hf_levels)}):")
+        for n in hf_levels:
+            print(row(n, "tandem transformers", hf_results[n], width))
+        if len(hf_levels) == 2:
+            top = hf_levels[-1]
+            print(ratio_row(top, f"{top} clients / 1 client", ratios(hf_results[top], hf_results[1]), width))
+    print("\nload average (1 min) as each server started: " + ", ".join(f"{k} {v:.1f}" for k, v in loads.items()))
+    if args.json:
+        meta = {"date": str(date.today()), "cpu": cpu_name(), "cpus": os.cpu_count(), "model": args.model}
+        meta |= {"llama_cpp_python": version, "threads": threads, "slots": max(args.levels), "load_average": loads}
+        meta |= {"ctx_per_slot": args.ctx_per_slot, "max_tokens": args.max_tokens, "rounds": args.rounds}
+        args.json.write_text(json.dumps({"meta": meta, "commands": commands, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""The pure helpers of ``bench/serve_load.py``: its statistics, its flags and the llama-server build cache.
+
+No server runs and nothing compiles here (the bench itself is never part of the test run).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import math
+import sys
+import tarfile
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _bench_module(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module(name)
+
+
+@pytest.fixture
+def clients(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    return _bench_module("_serve_clients", monkeypatch)
+
+
+@pytest.fixture
+def build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ModuleType:
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "cache"))
+    return _bench_module("build_llama_server", monkeypatch)
+
+
+def test_percentile_interpolates_and_skips_nan(clients: ModuleType) -> None:
+    assert clients.percentile([4.0, 1.0, 3.0, 2.0], 50) == pytest.approx(2.5)
+    assert clients.percentile([1.0, 2.0, 3.0, 4.0], 95) == pytest.approx(3.85)
+    assert clients.percentile([5.0, math.nan], 95) == 5.0
+    assert math.isnan(clients.percentile([math.nan], 50))
+
+
+def test_summarize_counts_tokens_over_wall_time_and_time_per_output_token(clients: ModuleType) -> None:
+    results = [
+        clients.StreamResult(ttft=0.5, tokens=11, total=1.5, gaps=[0.1] * 10),
+        clients.StreamResult(ttft=1.0, tokens=1, total=1.0, gaps=[]),  # one token: no TPOT
+    ]
+    stats = clients.summarize(results, elapsed=2.0)
+    assert stats["tokens_per_s"] == pytest.approx(6.0)
+    assert stats["tpot_p50"] == pytest.approx(0.1) and stats["tpot_p95"] == pytest.approx(0.1)
+    assert stats["ttft_p50"] == pytest.approx(0.75)
+    assert stats["itl_p95"] == pytest.approx(0.1)
+
+
+def test_ratios_are_ours_over_theirs_and_nan_without_a_baseline(clients: ModuleType) -> None:
+    ours = dict.fromkeys(clients.METRICS, 2.0)
+    theirs = {**dict.fromkeys(clients.METRICS, 4.0), "itl_p95": 0.0}
+    q = clients.ratios(ours, theirs)
+    assert q["tokens_per_s"] == 0.5 and q["ttft_p95"] == 0.5
+    assert math.isnan(q["itl_p95"])
+
+
+def test_quick_shrinks_the_run_and_unknown_servers_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    serve_load = _bench_module("serve_load", monkeypatch)
+    args = serve_load.parse_args(["--quick"])
+    assert args.levels == [1, 4] and args.rounds == 1 and args.max_tokens == 16
+    assert serve_load.parse_args([]).levels == [1, 4, 8, 16]
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--servers", "tandem,ollama"])
+
+
+def test_target_lines_say_met_or_missed(monkeypatch: pytest.MonkeyPatch) -> None:
+    serve_load = _bench_module("serve_load", monkeypatch)
+    anchor = {8: {"tokens_per_s": 100.0, "ttft_p95": 1.0}, 16: {"tokens_per_s": 100.0, "ttft_p95": 1.0}}
+    ours = {8: {"tokens_per_s": 110.0, "ttft_p95": 0.9}, 16: {"tokens_per_s": 90.0, "ttft_p95": 0.9}}
+    lines = serve_load.target_lines(ours, anchor)
+    assert lines[0].endswith("met") and lines[1].endswith("MISSED")
+
+
+def test_a_build_counts_only_once_its_marker_matches_version_and_flags(build: ModuleType, tmp_path: Path) -> None:
+    root = tmp_path / "llama-server-1.0"
+    binary = root / "build" / "bin" / "llama-server"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("")
+    assert build.cached_binary(root, "1.0") is None  # binary but no marker: an unfinished build
+    (root / build.MARKER).write_text(build.marker_text("1.0"))
+    assert build.cached_binary(root, "1.0") == binary
+    assert build.cached_binary(root, "1.1") is None
+    assert build.cached_binary(root, "1.0", (*build.CMAKE_FLAGS, "-DGGML_AVX512=OFF")) is None
+    binary.unlink()
+    assert build.cached_binary(root, "1.0") is None
+
+
+def test_llama_server_binary_uses_a_finished_build_without_compiling(
+    build: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = build.cache_dir() / "llama-server-1.0"
+    binary = root / "build" / "bin" / "llama-server"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("")
+    (root / build.MARKER).write_text(build.marker_text("1.0"))
+    monkeypatch.setattr(build, "run_with_status", lambda *a: pytest.fail("must not build"))
+    assert build.llama_server_binary("1.0") == binary
+
+
+def test_full_source_extracts_the_whole_vendored_tree_once(
+    build: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    sdist = tmp_path / "llama_cpp_python-1.0.tar.gz"
+    files = {"tools/server/CMakeLists.txt": b"add_executable()", "ggml/src/ggml.c": b"int x;", "CMakeLists.txt": b""}
+    with tarfile.open(sdist, "w:gz") as tar:
+        for relative, data in {**{f"vendor/llama.cpp/{k}": v for k, v in files.items()}, "setup.py": b""}.items():
+            info = tarfile.TarInfo(f"llama_cpp_python-1.0/{relative}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("TANDEM_LLAMA_CPP_SDIST", str(sdist))
+    tree = build.full_source("1.0")
+    assert (tree / "ggml" / "src" / "ggml.c").read_text() == "int x;"
+    assert not (tree / "setup.py").exists()
+    sdist.unlink()  # a second call finds the cache and needs no sdist
+    assert build.full_source("1.0") == tree
