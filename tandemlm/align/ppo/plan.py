@@ -18,6 +18,15 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tandemlm.align.ppo.model_shapes import (  # count_params_from_shapes also re-exported: tests import it from here
+    NON_DENSE_KEYS,
+    block_shapes,
+    config_dict,
+    count_on_meta,
+    count_params_from_shapes,
+    tied_embeddings,
+)
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -67,10 +76,6 @@ RUNTIME_BYTES = 0.5 * GIB
 DEFAULT_MARGIN = 0.10
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_QKV_BIAS_TYPES = {"qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl"}  # q/k/v biases config.json does not mention
-_QK_NORM_TYPES = {"qwen3", "qwen3_moe", "olmo2", "gemma3", "gemma3_text"}  # per-head q/k RMSNorms (head_dim each)
-_TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text"}  # tie embeddings when config.json is silent
-_NON_DENSE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "kv_lora_rank", "moe_intermediate_size")
 
 
 @dataclass
@@ -184,7 +189,7 @@ class MemoryPlan:
         return [(label, size, self.notes.get(label, "")) for label, size in rows]
 
 
-def lora_linear_shapes(inputs: PlanInputs) -> list[tuple[str, int, int]]:
+def lora_linearblock_shapes(inputs: PlanInputs) -> list[tuple[str, int, int]]:
     """(name, in_features, out_features) of each linear in one dense decoder layer."""
     h, q_dim = inputs.hidden_size, inputs.num_attention_heads * inputs.head_dim
     kv_dim, inter = inputs.num_kv_heads * inputs.head_dim, inputs.intermediate_size
@@ -194,13 +199,13 @@ def lora_linear_shapes(inputs: PlanInputs) -> list[tuple[str, int, int]]:
 
 def lora_param_count(inputs: PlanInputs) -> int:
     """Parameters of one LoRA adapter: r * (in + out) per adapted linear, over the adapted layers."""
-    per_layer = sum(i + o for name, i, o in lora_linear_shapes(inputs) if name in inputs.lora_modules)
+    per_layer = sum(i + o for name, i, o in lora_linearblock_shapes(inputs) if name in inputs.lora_modules)
     return inputs.lora_r * per_layer * inputs.adapted_layers
 
 
 def block_linear_params(inputs: PlanInputs) -> int:
     """Weights of the decoder blocks' linears (what bitsandbytes quantises to 4 bit), biases left out."""
-    return inputs.num_layers * sum(i * o for _, i, o in lora_linear_shapes(inputs))
+    return inputs.num_layers * sum(i * o for _, i, o in lora_linearblock_shapes(inputs))
 
 
 def kv_cache_bytes(inputs: PlanInputs) -> int:
@@ -216,7 +221,7 @@ def layer_activation_bytes(inputs: PlanInputs) -> float:
     numbers += a["layer_mlp"] * inputs.intermediate_size
     cast = 0.0
     if inputs.lora and inputs.dtype_bytes < 4:
-        cast = BYTES["lora_input_cast"] * sum(i for name, i, _ in lora_linear_shapes(inputs) if name in inputs.lora_modules)
+        cast = BYTES["lora_input_cast"] * sum(i for name, i, _ in lora_linearblock_shapes(inputs) if name in inputs.lora_modules)
     return numbers * inputs.dtype_bytes + cast
 
 
@@ -282,62 +287,6 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
     )
 
 
-def _as_dict(config: Any) -> dict[str, Any]:
-    """A config.json dict, or a transformers PretrainedConfig, as a plain dict (text part of composite configs)."""
-    raw: dict[str, Any] = dict(config) if isinstance(config, dict) else config.to_dict()
-    text = raw.get("text_config")
-    if isinstance(text, dict) and text:
-        merged = {k: v for k, v in raw.items() if k != "text_config"}
-        merged.update({k: v for k, v in text.items() if v is not None or k not in merged})
-        return merged
-    return raw
-
-
-def _shapes(cfg: dict[str, Any]) -> tuple[int, int, int, int, int]:
-    """(hidden, heads, kv_heads, head_dim, intermediate) of a config dict."""
-    h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    head_dim = int(cfg.get("head_dim") or h // heads)
-    return h, heads, int(cfg.get("num_key_value_heads") or heads), head_dim, int(cfg.get("intermediate_size") or 4 * h)
-
-
-def count_params_from_shapes(cfg: dict[str, Any]) -> int:
-    """Parameters of a dense decoder-only model from its config: embeddings, attention q/k/v/o (+ biases),
-    MLP gate/up/down (+ biases), RMSNorms, final norm and an untied lm_head."""
-    h, heads, kv_heads, head_dim, inter = _shapes(cfg)
-    layers, vocab, model_type = int(cfg["num_hidden_layers"]), int(cfg["vocab_size"]), str(cfg.get("model_type", ""))
-    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
-    attn = h * q_dim + 2 * h * kv_dim + q_dim * h
-    if cfg.get("attention_bias"):  # Llama-style attention_bias: every projection, o_proj included
-        attn += q_dim + 2 * kv_dim + h
-    elif model_type in _QKV_BIAS_TYPES:  # Qwen2: q/k/v only
-        attn += q_dim + 2 * kv_dim
-    if model_type in _QK_NORM_TYPES:
-        attn += 2 * head_dim
-    mlp = 3 * h * inter + ((2 * inter + h) if cfg.get("mlp_bias") else 0)
-    norms = 2 * h  # input and post-attention RMSNorms
-    return vocab * h + layers * (attn + mlp + norms) + h + (0 if _tied(cfg) else vocab * h)
-
-
-def _tied(cfg: dict[str, Any]) -> bool:
-    if "tie_word_embeddings" in cfg and cfg["tie_word_embeddings"] is not None:
-        return bool(cfg["tie_word_embeddings"])
-    return str(cfg.get("model_type", "")) in _TIED_BY_DEFAULT
-
-
-def _count_on_meta(cfg: dict[str, Any]) -> int:
-    """Exact parameter count of any architecture transformers knows, built on the meta device (no weights)."""
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError as exc:  # pragma: no cover - the runtime always has them
-        raise ValueError("this config is not a dense decoder: pass n_params (transformers is not importable)") from exc
-    values = {k: v for k, v in cfg.items() if k != "model_type"}
-    config = AutoConfig.for_model(cfg["model_type"], **values)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def settings_from_run(run: Any, cuda: bool | None = None) -> dict[str, Any]:
     """PlanInputs run settings from a PPO run config (``PPORunConfig`` or anything with its field names).
 
@@ -374,20 +323,20 @@ def inputs_from_config(config: Any, run: Any = None, *, n_params: int | None = N
     """:class:`PlanInputs` from a config.json dict or PretrainedConfig (``text_config`` nesting read), with run
     settings from ``run`` (see :func:`settings_from_run`) and/or keywords (``lora_r=8, batch_size=16``; keywords
     win). ``n_params`` is counted from the architecture's shapes when not given (meta device for MoE/MLA)."""
-    cfg = _as_dict(config)
-    h, heads, kv_heads, head_dim, inter = _shapes(cfg)
-    dense = not any(cfg.get(key) for key in _NON_DENSE_KEYS)
+    cfg = config_dict(config)
+    h, heads, kv_heads, head_dim, inter = block_shapes(cfg)
+    dense = not any(cfg.get(key) for key in NON_DENSE_KEYS)
     if cfg.get("kv_lora_rank"):  # MLA: transformers caches decompressed per-head keys (nope + rope) and values
         kv_heads = heads
         k_dim = int(cfg.get("qk_nope_head_dim", 0)) + int(cfg.get("qk_rope_head_dim", 0))
         head_dim = math.ceil((k_dim + int(cfg.get("v_head_dim") or k_dim)) / 2)
     if n_params is None:
-        n_params = count_params_from_shapes(cfg) if dense else _count_on_meta(cfg)
+        n_params = count_params_from_shapes(cfg) if dense else count_on_meta(cfg)
     values = {**(settings_from_run(run) if run is not None else {}), **settings}
     return PlanInputs(
         n_params=int(n_params), hidden_size=h, num_layers=int(cfg["num_hidden_layers"]), num_kv_heads=kv_heads,
         head_dim=head_dim, num_attention_heads=heads, intermediate_size=inter,
-        vocab_size=int(cfg["vocab_size"]), tie_word_embeddings=_tied(cfg), **values,
+        vocab_size=int(cfg["vocab_size"]), tie_word_embeddings=tied_embeddings(cfg), **values,
     )
 
 
