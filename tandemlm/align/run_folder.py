@@ -39,6 +39,7 @@ RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_PREFIX = "checkpoint-"
+FINAL_DIR, MERGED_DIR, PLOTS_DIR = "final", "merged", "plots"
 
 
 @dataclass
@@ -53,11 +54,11 @@ class RunFolder:
 
     @property
     def final(self) -> Path:
-        return self.dir / "final"
+        return self.dir / FINAL_DIR
 
     @property
     def merged(self) -> Path:
-        return self.dir / "merged"
+        return self.dir / MERGED_DIR
 
     @property
     def metrics(self) -> Path:
@@ -65,12 +66,29 @@ class RunFolder:
 
     @property
     def plots(self) -> Path:
-        return self.dir / "plots"
+        return self.dir / PLOTS_DIR
+
+    @property
+    def config_file(self) -> Path:
+        """config.yaml: the resolved config (read with a method's class by ``registry.open_run``)."""
+        return self.dir / CONFIG_FILE
 
     def info(self) -> dict[str, Any]:
         """The contents of run.json ({} before it is written)."""
         path = self.dir / RUN_FILE
         return json.loads(path.read_text()) if path.is_file() else {}
+
+    def read_info(self) -> dict[str, Any]:
+        """run.json for readers that show any folder (the UI): {} when absent, unreadable or not an object."""
+        try:
+            info = json.loads((self.dir / RUN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def plot_files(self) -> list[Path]:
+        """The PNGs under plots/, by name."""
+        return sorted(self.plots.glob("*.png"))
 
     def update_info(self, **values: Any) -> None:
         if is_main_process():

@@ -11,21 +11,33 @@ A run is a folder under the runs directory holding any of (``tandem align`` writ
     policy.gguf      or one GGUF file
 
 A folder counts as a run when it has at least one of these. Missing or damaged pieces are shown
-as missing, never raised. Pure functions, no Gradio.
+as missing, never raised. Pure functions, no Gradio. The names of align's files come from its
+run-folder API (``align.run_folder.RunFolder``); ``policy/`` and ``policy.gguf`` are the UI's own
+extras for policies made elsewhere.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tandemlm.align.metrics import read_metrics
+from tandemlm.align.run_folder import (
+    CONFIG_FILE,
+    FINAL_DIR,
+    MERGED_DIR,
+    METRICS_FILE,
+    PLOTS_DIR,
+    RUN_FILE,
+    RunFolder,
+)
 from tandemlm.errors import EngineError
 
-RUN_MARKERS = ("config.yaml", "run.json", "metrics.jsonl", "plots", "merged", "final", "policy", "policy.gguf")
-POLICY_FOLDERS = ("merged", "final", "policy")  # HF folders, most usable first
+EXTERNAL_POLICY = "policy"  # a folder (HF, or one .gguf inside) that another tool put in a run
+EXTERNAL_GGUF = "policy.gguf"
+RUN_MARKERS = (CONFIG_FILE, RUN_FILE, METRICS_FILE, PLOTS_DIR, MERGED_DIR, FINAL_DIR, EXTERNAL_POLICY, EXTERNAL_GGUF)
+POLICY_FOLDERS = (MERGED_DIR, FINAL_DIR, EXTERNAL_POLICY)  # HF folders, most usable first
 
 
 @dataclass
@@ -56,14 +68,15 @@ def list_runs(runs_dir: str | Path) -> list[RunInfo]:
 
 def read_run(path: Path) -> RunInfo:
     """Reads one run folder, tolerating any missing or damaged file."""
-    plots = sorted(path.glob("*.png")) + sorted((path / "plots").glob("*.png"))
-    config = path / "config.yaml"
+    run = RunFolder(path)
+    plots = sorted(path.glob("*.png")) + run.plot_files()
+    config = run.config_file
     config_text = config.read_text(encoding="utf-8", errors="replace") if config.is_file() else ""
     return RunInfo(
         name=path.name,
         path=path,
         plots=plots,
-        metrics=read_metrics(path / "metrics.jsonl"),
+        metrics=read_metrics(run.metrics),
         config_text=config_text,
         policy=find_policy(path),
     )
@@ -76,20 +89,16 @@ def find_policy(run_dir: Path) -> Path | None:
     for name in POLICY_FOLDERS:
         if (run_dir / name / "config.json").is_file():
             return run_dir / name
-    ggufs = sorted((run_dir / "policy").glob("*.gguf"))
+    ggufs = sorted((run_dir / EXTERNAL_POLICY).glob("*.gguf"))
     if ggufs:
         return ggufs[0]
-    single = run_dir / "policy.gguf"
+    single = run_dir / EXTERNAL_GGUF
     return single if single.is_file() else None
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:
     """run.json as a dict ({} when absent or unreadable)."""
-    try:
-        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
+    return RunFolder(Path(run_dir)).read_info()
 
 
 def resolve_model_ref(ref: str) -> str:

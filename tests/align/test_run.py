@@ -17,7 +17,7 @@ from tandemlm.align.callbacks import HackingWatch, hacking_signature
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.metrics import read_metrics, truncate_metrics
 from tandemlm.align.run import Run, prepare_run
-from tandemlm.align.run_folder import complete_checkpoints
+from tandemlm.align.run_folder import RunFolder, complete_checkpoints
 from tandemlm.align.sft import SFTRunConfig
 
 
@@ -116,6 +116,19 @@ def test_plots_are_drawn_for_logged_quantities(tmp_path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = {p.name for p in plot_metrics(metrics, tmp_path / "plots")}
     assert written == {"loss.png", "reward.png", "kl.png", "margins.png", "length.png"}
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(written)  # no temp PNG left
+    assert [p.name for p in RunFolder(tmp_path).plot_files()] == sorted(written)
+
+
+def test_run_folder_read_info_tolerates_what_a_reader_may_meet(tmp_path):
+    # The UI lists any folder through RunFolder.read_info; only training needs the strict info().
+    run = RunFolder(tmp_path)
+    assert run.read_info() == {}
+    for text in ("[1, 2]", '{"method": "sf', "\xff"):
+        (tmp_path / "run.json").write_text(text, encoding="latin-1")
+        assert run.read_info() == {}
+    (tmp_path / "run.json").write_text('{"method": "dpo"}')
+    assert run.read_info() == {"method": "dpo"} and run.config_file == tmp_path / "config.yaml"
 
 
 def test_a_failing_run_is_marked_failed_and_a_finished_one_resumes_to_nothing(tmp_path, tiny_llama):
