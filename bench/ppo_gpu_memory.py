@@ -4,9 +4,10 @@
     python bench/ppo_gpu_memory.py [--sizes 0.5b,1.5b,7b] [--tokenizer FOLDER] [--out DIR] [--steps 3]
     python bench/ppo_gpu_memory.py --sizes tiny-64,tiny-256 --batch-size 2 --prompt-length 16 --response-length 8
 
-Each size runs in a fresh process (its own peak; an out-of-memory size does not stop the others). The model is
-built from a Qwen2 config with random weights directly on the device (bf16 on a GPU, fp32 on CPU): no download,
-nothing written to disk. The pieces are the trainer's own (``ActorCritic``, ``TransformersSampler``,
+Each size runs in a fresh process (its own peak; an out-of-memory size does not stop the others), under
+``--timeout`` and, with ``--budget``, within the GPU check's time. The model is built from a Qwen2 config with random
+weights directly on the device (bf16 on a GPU, fp32 on CPU): no download, nothing written to disk. Those pieces and
+the table are ``_gpu_bench.py``'s, shared with ``align_gpu_memory.py`` (DPO and GRPO). The pieces are the trainer's own (``ActorCritic``, ``TransformersSampler``,
 ``PPOTrainer``, ``Distributed``); the reward is a scripted score of the response text (no reward model), and the
 prompts are random token ids of exactly ``--prompt-length`` tokens. Measured is ``trainer.peak_memory_mb``:
 ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on CPU. The plan is
@@ -19,45 +20,31 @@ length, the plan's worst case. Results go to ``--out`` as ``ppo_gpu_memory.json`
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _gpu_bench import (
+    SIZES,
+    default_tokenizer,
+    device_name,
+    distinct_share,
+    failed,
+    format_table,
+    measured_kind,
+    not_run_row,
+    params_label,
+    parse_list,
+    qwen2_config,
+    random_model,
+    report,
+    reset_peak,
+    run_jobs,
+    run_worker,
+)
 
-# Qwen2 shapes. 1.5b and 7b are DeepSeek-R1-Distill-Qwen-1.5B / -7B's config.json; R1 has no 0.5B distill, so
-# 0.5b is Qwen2.5-0.5B's (same family, tied embeddings). The tiny ones keep the real vocabulary for the tokenizer.
-QWEN2_VOCAB = 151936
-SIZES: dict[str, dict[str, Any]] = {
-    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-             "num_key_value_heads": 2, "vocab_size": QWEN2_VOCAB, "tie_word_embeddings": True},
-    "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-             "num_key_value_heads": 2, "vocab_size": QWEN2_VOCAB, "tie_word_embeddings": False},
-    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-           "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False},
-    "tiny-64": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "vocab_size": QWEN2_VOCAB, "tie_word_embeddings": True},
-    "tiny-256": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "vocab_size": QWEN2_VOCAB, "tie_word_embeddings": True},
-}
-# Shared by every size: no dropout (PPO's ratio needs it off), SDPA, the R1 distills' RoPE.
-COMMON: dict[str, Any] = {
-    "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "attention_dropout": 0.0,
-    "use_sliding_window": False, "initializer_range": 0.02,
-}
 RESULT_NAME = "ppo_gpu_memory"
-
-
-def qwen2_config(size: str) -> Any:
-    """The transformers ``Qwen2Config`` of ``size`` (a key of :data:`SIZES`)."""
-    from transformers import Qwen2Config
-
-    if size not in SIZES:
-        raise ValueError(f"--sizes: unknown size {size!r}; known: {', '.join(SIZES)}")
-    return Qwen2Config(**COMMON, **SIZES[size])
 
 
 def run_config(settings: dict[str, Any], cuda: bool) -> Any:
@@ -76,14 +63,14 @@ def run_config(settings: dict[str, Any], cuda: bool) -> Any:
 
 
 def scripted_score(rows: list[dict[str, Any]], texts: list[str]) -> list[float | None]:
-    """A cheap stand-in reward: the share of distinct characters in each response (in [0, 1])."""
-    return [len(set(text)) / max(1, len(text)) for text in texts]
+    """The bench's scripted reward (distinct-character share) in ``RewardMix``'s signature."""
+    return list(distinct_share(texts))
 
 
-def measure_size(size: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Builds ``size`` on the device, runs ``steps`` PPO steps and returns measured and planned memory and times."""
+def measure_size(job: dict[str, Any]) -> dict[str, Any]:
+    """Builds ``job["size"]`` on the device, runs ``steps`` PPO steps; returns measured and planned memory and times."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from tandemlm.align.ppo.method import actor_critic_from_model
     from tandemlm.align.ppo.plan import MIB, estimate, inputs_from_config
@@ -92,41 +79,35 @@ def measure_size(size: str, settings: dict[str, Any]) -> dict[str, Any]:
     from tandemlm.align.ppo.trainer import Distributed, PPOTrainer, peak_memory_mb
 
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    c = run_config(settings, cuda)
-    config = qwen2_config(size)
+    c = run_config(job, cuda)
+    config = qwen2_config(job["size"])
     plan = estimate(inputs_from_config(config, c))
-    tokenizer = AutoTokenizer.from_pretrained(settings["tokenizer"])
+    tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
     torch.manual_seed(c.seed)
     started = time.monotonic()
-    with device:  # random init straight on the device: a 7B never exists on the host
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if c.bf16 else torch.float32,
-                                                 attn_implementation="sdpa")
+    model = random_model(config, bool(c.bf16))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     ac = actor_critic_from_model(c, model)
     built = time.monotonic() - started
     generator = torch.Generator().manual_seed(c.seed)
-    rows_count = c.batch_size * settings["steps"]
-    prompt_ids = torch.randint(0, len(tokenizer) - 1000, (rows_count, settings["prompt_length"]), generator=generator)
+    rows_count = c.batch_size * job["steps"]
+    prompt_ids = torch.randint(0, len(tokenizer) - 1000, (rows_count, job["prompt_length"]), generator=generator)
     rows = [{"prompt": []} for _ in range(rows_count)]
     reward = RewardMix([("scripted", 1.0, scripted_score)])
     sampler = TransformersSampler(tokenizer, c.max_completion_length, c.temperature, c.top_k)
-    trainer = PPOTrainer(c, ac, tokenizer, rows, prompt_ids.tolist(), reward, Distributed(), settings["steps"], sampler)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    trainer = PPOTrainer(c, ac, tokenizer, rows, prompt_ids.tolist(), reward, Distributed(), job["steps"], sampler)
+    reset_peak()
     steps = []
-    for _ in range(settings["steps"]):
+    for _ in range(job["steps"]):
         stats = trainer.train_step()
         if cuda:
             torch.cuda.synchronize()
         steps.append(stats)
     timed = steps[1:] or steps  # the first step warms kernels and checks the sampler's log-probs
     return {
-        "size": size, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "dtype": "bf16" if c.bf16 else "fp32", "gradient_checkpointing": bool(c.gradient_checkpointing),
-        "params": plan.inputs.n_params,
-        "measured_peak_mb": peak_memory_mb(), "measured": "cuda max_memory_allocated" if cuda else "peak RSS",
+        "device": device_name(), "dtype": "bf16" if c.bf16 else "fp32",
+        "gradient_checkpointing": bool(c.gradient_checkpointing), "params": plan.inputs.n_params,
+        "measured_peak_mb": peak_memory_mb(), "measured": measured_kind(),
         "plan_peak_mb": plan.total / MIB, "plan_rollout_mb": plan.rollout_phase / MIB,
         "plan_update_mb": plan.update_phase / MIB, "build_s": built,
         "step_s": sum(s["rollout_s"] + s["update_s"] for s in timed) / len(timed),
@@ -138,36 +119,21 @@ def measure_size(size: str, settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_size(size: str, settings: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """:func:`measure_size` in a fresh process; a failure comes back as ``{"size", "error"}`` (one line)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps({**settings, "size": size})]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
-    except subprocess.TimeoutExpired:
-        return {"size": size, "error": f"ran past {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
-        return {"size": size, "error": f"exit {done.returncode}: {tail[0][:300]}"}
-    return json.loads(lines[-1])
-
-
-def format_table(results: list[dict[str, Any]]) -> str:
-    """Measured vs plan, one row per size (a failed size shows its error)."""
+def table(results: list[dict[str, Any]]) -> str:
+    """Measured vs plan, one row per size (a failed or skipped size shows why)."""
     header = ("size", "params", "dtype", "measured MiB", "plan MiB", "measured/plan", "s/step", "rollout s",
               "update s", "tok/s")
     rows = []
     for r in results:
-        if "error" in r:
-            rows.append((r["size"], "-", "-", "-", "-", "-", "-", "-", "-", f"error: {r['error']}"))
+        if "error" in r or "skipped" in r:
+            rows.append(not_run_row(r, (r["size"],), len(header)))
             continue
         rows.append((
-            r["size"], f"{r['params'] / 1e9:.2f}B" if r["params"] >= 1e8 else f"{r['params'] / 1e6:.1f}M", r["dtype"],
-            f"{r['measured_peak_mb']:.0f}", f"{r['plan_peak_mb']:.0f}", f"{r['measured_peak_mb'] / r['plan_peak_mb']:.2f}",
-            f"{r['step_s']:.2f}", f"{r['rollout_s']:.2f}", f"{r['update_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+            r["size"], params_label(r["params"]), r["dtype"], f"{r['measured_peak_mb']:.0f}", f"{r['plan_peak_mb']:.0f}",
+            f"{r['measured_peak_mb'] / r['plan_peak_mb']:.2f}", f"{r['step_s']:.2f}", f"{r['rollout_s']:.2f}",
+            f"{r['update_s']:.2f}", f"{r['tokens_per_s']:.0f}",
         ))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows])
+    return format_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,44 +150,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--no-gradient-checkpointing", action="store_true", help="on a GPU it is on by default, as in runs")
     p.add_argument("--timeout", type=float, default=150.0, help="seconds per size")
-    p.add_argument("--out", default=None, help="folder for ppo_gpu_memory.json and .txt")
+    p.add_argument("--budget", type=float, default=None, help="seconds for all sizes; sizes left when it runs out are skipped")
+    p.add_argument("--out", default=None, help=f"folder for {RESULT_NAME}.json and .txt")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one size in a fresh process
     args = p.parse_args(argv)
     if args.worker:
-        settings = json.loads(args.worker)
-        print(json.dumps(measure_size(settings.pop("size"), settings)))
-        return 0
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = [s for s in sizes if s not in SIZES]
-    if unknown:
-        p.error(f"--sizes: unknown {', '.join(unknown)}; known: {', '.join(SIZES)}")
-    tokenizer = args.tokenizer
-    if tokenizer is None:
-        from tandemlm.fixtures import tiny_model
-
-        tokenizer = str(tiny_model("qwen2"))
+        return run_worker(args.worker, measure_size)
+    sizes = parse_list(p, "--sizes", args.sizes, list(SIZES))
     settings = {
-        "tokenizer": tokenizer, "batch_size": args.batch_size, "minibatch_size": args.minibatch_size,
-        "ppo_epochs": args.ppo_epochs, "prompt_length": args.prompt_length, "response_length": args.response_length,
-        "lora_r": args.lora_r, "steps": args.steps, "gradient_checkpointing": not args.no_gradient_checkpointing,
+        "tokenizer": default_tokenizer(args.tokenizer), "batch_size": args.batch_size,
+        "minibatch_size": args.minibatch_size, "ppo_epochs": args.ppo_epochs, "prompt_length": args.prompt_length,
+        "response_length": args.response_length, "lora_r": args.lora_r, "steps": args.steps,
+        "gradient_checkpointing": not args.no_gradient_checkpointing,
     }
-    results = []
-    for size in sizes:
-        print(f"ppo bench: {size} ...", flush=True)
-        results.append(run_size(size, settings, args.timeout))
-    table = format_table(results)
+    jobs = [{**settings, "size": size} for size in sizes]
+    results = run_jobs(Path(__file__).resolve(), jobs, args.timeout, args.budget, "ppo bench")
     title = (
         f"PPO with LoRA r{args.lora_r}, batch {args.batch_size}, minibatch {args.minibatch_size}, "
         f"{args.ppo_epochs} PPO epoch(s), prompt {args.prompt_length} + response {args.response_length}; "
         "measured peak vs plan.estimate"
     )
-    print(f"{title}\n{table}")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{RESULT_NAME}.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2))
-        (out / f"{RESULT_NAME}.txt").write_text(f"{title}\n{table}\n")
-    return 1 if any("error" in r for r in results) else 0
+    report(args.out, RESULT_NAME, title, table(results), {"settings": settings, "results": results})
+    return 1 if failed(results) else 0
 
 
 if __name__ == "__main__":

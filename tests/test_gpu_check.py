@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,11 +27,11 @@ def run_script(*args: str, out: Path | None = None, timeout: float = 240) -> sub
 
 @pytest.mark.slow
 def test_cpu_dry_run_runs_every_step_and_prints_measured_beside_plan(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
-    done = run_script("--cpu-dry-run", out=tmp_path)
+    done = run_script("--cpu-dry-run", out=tmp_path, timeout=480)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    for step in ("[1/3] environment (cpu)", "[2/3] gpu-marked tests", "[3/3] PPO memory bench (tiny-64,tiny-256)",
-                 "gpu_check: all steps ran"):
+    for step in ("[1/4] environment (cpu)", "[2/4] gpu-marked tests", "[3/4] PPO memory bench (tiny-64,tiny-256)",
+                 "[4/4] DPO and GRPO memory bench (tiny-64)", "gpu_check: all steps ran"):
         assert step in output, f"missing {step!r}:\n{output[-3000:]}"
     assert "5 skipped" in output  # both test files import and their gpu tests are collected (they skip on CPU)
     table = (tmp_path / "ppo_gpu_memory.txt").read_text()
@@ -42,6 +43,18 @@ def test_cpu_dry_run_runs_every_step_and_prints_measured_beside_plan(tiny_qwen2_
         assert r["measured_peak_mb"] > 0 and r["plan_peak_mb"] > 0 and r["step_s"] > 0 and r["steps"] == 2
         assert 0.5 < r["measured_peak_mb"] / r["plan_peak_mb"] < 2.0  # the plan is in the right range on CPU too
     assert (tmp_path / "gpu_tests.xml").is_file()
+    align_table = (tmp_path / "align_gpu_memory.txt").read_text()
+    assert "method  size     params  dtype  measured MiB  plan MiB  s/step" in align_table
+    assert align_table in output.replace("\r", "")
+    rows = {line.split()[0]: line for line in align_table.splitlines()[2:]}
+    assert set(rows) == {"dpo", "grpo"} and all("tiny-64" in row and "no plan" in row for row in rows.values())
+    aligned = json.loads((tmp_path / "align_gpu_memory.json").read_text())["results"]
+    assert [(r["method"], r["size"]) for r in aligned] == [("dpo", "tiny-64"), ("grpo", "tiny-64")]
+    for r in aligned:
+        assert "error" not in r, r
+        assert r["measured_peak_mb"] > 0 and r["plan_peak_mb"] is None and r["step_s"] > 0 and r["steps"] == 2
+        assert r["dtype"] == "fp32" and math.isfinite(r["loss"])
+    assert aligned[1]["mean_completion_length"] == 8  # random weights never stop early: full generations
 
 
 def test_gpu_mode_and_bad_options_fail_in_one_line(tmp_path: Path) -> None:
@@ -52,10 +65,31 @@ def test_gpu_mode_and_bad_options_fail_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and done.stderr.strip() == "error: $OUT is not set (the folder results go to)"
 
 
-def test_bench_refuses_an_unknown_size() -> None:
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "ppo_gpu_memory.py"), "--sizes", "3b"],
-                          capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+def run_bench(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPO / "bench" / name), *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, check=False)
+
+
+@pytest.mark.parametrize("bench", ["ppo_gpu_memory.py", "align_gpu_memory.py"])
+def test_bench_refuses_an_unknown_size(bench: str) -> None:
+    done = run_bench(bench, "--sizes", "3b")
     assert done.returncode == 2 and "--sizes: unknown 3b; known: 0.5b, 1.5b, 7b, tiny-64, tiny-256" in done.stderr
+
+
+def test_align_bench_refuses_an_unknown_method() -> None:
+    done = run_bench("align_gpu_memory.py", "--methods", "dpo,kto")
+    assert done.returncode == 2 and "--methods: unknown kto; known: dpo, grpo" in done.stderr
+
+
+def test_jobs_past_the_check_budget_are_skipped_not_started(tmp_path: Path) -> None:
+    done = run_bench("align_gpu_memory.py", "--sizes", "0.5b,7b", "--budget", "10", "--tokenizer", "unused",
+                     "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "align bench:" not in done.stdout  # no job started: 10 s is under the least a job gets
+    results = json.loads((tmp_path / "align_gpu_memory.json").read_text())["results"]
+    assert [(r["method"], r["size"]) for r in results] == [("dpo", "0.5b"), ("grpo", "0.5b"), ("dpo", "7b"), ("grpo", "7b")]
+    assert all(r == {"method": r["method"], "size": r["size"], "skipped": "the check's time budget ran out"} for r in results)
+    assert done.stdout.count("skipped: the check's time budget ran out") == 4
 
 
 def test_prebuilt_fixture_folder_is_used_as_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

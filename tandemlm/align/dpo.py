@@ -11,11 +11,11 @@ import dataclasses
 import functools
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tandemlm.align.config import AlignConfig, help_field
 from tandemlm.align.errors import ConfigError
-from tandemlm.align.prepare import prepare
+from tandemlm.align.prepare import Prepared, prepare
 from tandemlm.align.run import Method, Run, train, trainer_args
 
 
@@ -76,20 +76,24 @@ def dpo_loss_types() -> tuple[str, ...]:
 
 def run_dpo(config: DPORunConfig) -> Run:
     """Trains ``config.model`` with DPO on ``config.dataset`` (preference pairs) and saves the run."""
+    p = prepare(config)
+    return train(dpo_trainer(p), p.run)
+
+
+def dpo_trainer(p: Prepared) -> Any:
+    """TRL's ``DPOTrainer`` on a prepared run, configured from its config (``bench/align_gpu_memory.py`` builds it too)."""
     from trl import DPOConfig, DPOTrainer
 
-    p = prepare(config)
     c = p.config
     args = trainer_args(
         DPOConfig, p.run, p.eval is not None,
         beta=c.beta, loss_type=c.loss_types, loss_weights=c.loss_weight_list, max_length=c.max_length,
         precompute_ref_log_probs=c.precompute_ref_log_probs,
     )
-    trainer = DPOTrainer(
+    return DPOTrainer(
         model=p.model, ref_model=None, args=args, train_dataset=p.train, eval_dataset=p.eval,
         processing_class=p.tokenizer, peft_config=p.peft_config,
     )
-    return train(trainer, p.run)
 
 
 METHOD = Method(DPORunConfig, run_dpo, "Direct preference optimisation from chosen/rejected pairs.")

@@ -9,11 +9,11 @@ LoRA), which TRL logs as ``kl``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tandemlm.align.config import AlignConfig, help_field, positive
 from tandemlm.align.errors import ConfigError
-from tandemlm.align.prepare import prepare
+from tandemlm.align.prepare import Prepared, prepare
 from tandemlm.align.rewards import build_rewards, check_reward_model, parse_reward_spec
 from tandemlm.align.run import Method, Run, train, trainer_args
 
@@ -64,9 +64,14 @@ class GRPORunConfig(AlignConfig):
 
 def run_grpo(config: GRPORunConfig) -> Run:
     """Trains ``config.model`` with GRPO on the prompts of ``config.dataset`` and saves the run."""
+    p = prepare(config)
+    return train(grpo_trainer(p), p.run)
+
+
+def grpo_trainer(p: Prepared) -> Any:
+    """TRL's ``GRPOTrainer`` on a prepared run, with the config's rewards (``bench/align_gpu_memory.py`` builds it too)."""
     from trl import GRPOConfig, GRPOTrainer
 
-    p = prepare(config)
     c = p.config
     funcs, weights, reward_tokenizers = build_rewards(c)
     args = trainer_args(
@@ -75,11 +80,10 @@ def run_grpo(config: GRPORunConfig) -> Run:
         top_k=c.top_k, beta=c.beta, num_iterations=c.num_iterations, reward_weights=weights,
         remove_unused_columns=False,  # the verifier reads the task and answer columns
     )
-    trainer = GRPOTrainer(
+    return GRPOTrainer(
         model=p.model, reward_funcs=funcs, args=args, train_dataset=p.train, eval_dataset=p.eval,
         processing_class=p.tokenizer, reward_processing_classes=reward_tokenizers, peft_config=p.peft_config,
     )
-    return train(trainer, p.run)
 
 
 METHOD = Method(GRPORunConfig, run_grpo, "Group-relative policy optimisation with verifier and/or reward-model rewards.")
