@@ -58,7 +58,7 @@ class EnginePool:
         with lock:  # one load per key, even when both slots ask at once
             engine = self._engines.get(key)
             if engine is None:
-                engine = self._load(target, backend)
+                engine = self._load(target, self._backend_beside_others(target.base, backend))
                 self._engines[key] = engine
             if target.adapter is not None:
                 engine = self._adapter_view(engine, key, target)  # the base stays loaded on failure
@@ -86,6 +86,28 @@ class EnginePool:
             self._adapters.clear()
         for engine in engines:
             engine.close()
+
+    def _backend_beside_others(self, base: str, backend: str) -> str:
+        """The backend to load ``base`` with, given the engines already open.
+
+        vLLM serves one model per process (and claims most of the GPU for it), so while another
+        model runs on vLLM, ``auto`` sends this one to transformers, and an explicit ``vllm`` is
+        refused with what to do instead. A LoRA run of the same base needs no second engine.
+        """
+        with self._guard:
+            other = next((k[0] for k, e in self._engines.items() if k[0] != base and e.info.backend == "vllm"), None)
+        if other is None or backend not in ("auto", "vllm"):
+            return backend
+        if backend == "vllm":
+            raise EngineError(
+                f"{other} already runs on vLLM, which serves one model per process: load {base} with the "
+                "transformers backend, or compare a LoRA run with its own base (one engine, adapter on and off)"
+            )
+        from tandemlm.deploy.auto import choose_backend
+        from tandemlm.models.resolve import resolve_model
+
+        source = _one_line(lambda: resolve_model(base), base, backend)
+        return "transformers" if choose_backend(source) == "vllm" else backend
 
     def _load(self, target: SlotModel, backend: str) -> Engine:
         options = dict(self._options)

@@ -96,3 +96,29 @@ def test_the_real_registry_resolves_and_reports_bad_references():
         slot.get()
     slot.set("smollm2", "mock")  # the mock backend through the real registry
     assert slot.get().info.backend == "mock"
+
+
+def test_auto_never_opens_a_second_vllm_engine_and_an_explicit_one_says_what_to_do(monkeypatch):
+    """vLLM serves one model per process: a second HF model goes to transformers under auto."""
+    import dataclasses
+
+    import tandemlm.deploy.auto as auto
+    import tandemlm.models.resolve as resolve
+
+    monkeypatch.setattr(auto, "choose_backend", lambda source: "vllm")  # as on a GPU with vLLM installed
+    monkeypatch.setattr(resolve, "resolve_model", lambda ref, **_: ref)
+
+    class BackendLoader(CountingLoader):
+        def __call__(self, model: str, backend: str, **options: object) -> RecordingEngine:
+            engine = super().__call__(model, backend, **options)
+            engine.info = dataclasses.replace(engine.info, backend="vllm" if backend in ("auto", "vllm") else backend)
+            return engine
+
+    loader = BackendLoader()
+    pool = EnginePool(loader)
+    first, _ = pool.acquire("policy-model", "auto")
+    second, _ = pool.acquire("reference-model", "auto")
+    assert (first.info.backend, second.info.backend) == ("vllm", "transformers")
+    assert [call[:2] for call in loader.calls] == [("policy-model", "auto"), ("reference-model", "transformers")]
+    with pytest.raises(EngineError, match=r"policy-model already runs on vLLM.*load other-model with the transformers backend"):
+        pool.acquire("other-model", "vllm")
