@@ -33,7 +33,7 @@ def test_cpu_dry_run_runs_every_step_and_prints_measured_beside_plan(tiny_qwen2_
     for step in ("[1/4] environment (cpu)", "[2/4] gpu-marked tests", "[3/4] PPO memory bench (tiny-64,tiny-256)",
                  "[4/4] DPO and GRPO memory bench (tiny-64)", "gpu_check: all steps ran"):
         assert step in output, f"missing {step!r}:\n{output[-3000:]}"
-    assert "5 skipped" in output  # both test files import and their gpu tests are collected (they skip on CPU)
+    assert "6 skipped" in output  # both test files import and their gpu tests are collected (they skip on CPU)
     table = (tmp_path / "ppo_gpu_memory.txt").read_text()
     assert "measured MiB  plan MiB  measured/plan" in table and table in output.replace("\r", "")
     results = json.loads((tmp_path / "ppo_gpu_memory.json").read_text())["results"]

@@ -129,3 +129,20 @@ def test_a_qlora_reward_run_is_scored_in_4bit_on_the_gpu(reward_run, tmp_path):
     assert getattr(model.base_model.model, "is_loaded_in_4bit", False)
     scores = score_conversations(model, tokenizer, [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]])
     assert len(scores) == 1 and scores[0] == scores[0]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_qlora_dpo_run_trains_and_evaluates_on_the_gpu_that_trained_it(tiny_llama, tmp_path):
+    """recipes/dpo.yaml's one-GPU shape: a 4-bit base with a LoRA adapter, then eval on the same GPU in 4-bit."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import one_batch, state_dict_of, train_tiny
+
+    from tandemlm.align.evaluate import EvalOptions, evaluate_run
+
+    data = one_batch("builtin:prefs_train", 2, tmp_path / "data")
+    run = train_tiny("dpo", tiny_llama, tmp_path / "run", dataset=data, lora=True, qlora=True, max_steps=2)
+    assert run.config.qlora and run.trained_in_4bit
+    assert any("lora_B" in name and t.abs().sum() > 0 for name, t in state_dict_of(run.final).items())
+    report = evaluate_run(run.dir, EvalOptions(datasets=["builtin:prefs_test"], prompts=2, device="cuda"))
+    assert report["pairs"]["n"] == 2

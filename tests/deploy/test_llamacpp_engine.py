@@ -513,3 +513,20 @@ def test_cancelling_a_long_prefill_stops_it_between_chunks(smollm2):
     assert results[0].finish_reason == "cancelled" and results[0].usage.completion_tokens == 0
     assert smollm2.prefilled_tokens - before < prompt_len  # at most one more chunk ran after the cancel
     assert collect(smollm2.chat(FRANCE, SamplingParams(temperature=0, max_tokens=4))).usage.completion_tokens > 0
+
+
+@pytest.mark.gpu
+def test_a_cuda_build_puts_the_model_on_the_gpu_by_default_and_answers_there():
+    import llama_cpp
+    import torch
+
+    if not torch.cuda.is_available() or not llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("needs a CUDA GPU and llama-cpp-python built with CUDA (scripts/setup.sh --gpu)")
+    free_before = torch.cuda.mem_get_info()[0]
+    engine = load_engine("smollm2", backend="llama.cpp", n_ctx=1024, n_parallel=2)
+    try:
+        assert torch.cuda.mem_get_info()[0] < free_before - 60 * 2**20  # the ~90 MB of Q4_1 weights went to the GPU
+        answer = collect(engine.chat(FRANCE, SamplingParams(temperature=0, max_tokens=24))).text
+        assert "Paris" in answer
+    finally:
+        engine.close()
