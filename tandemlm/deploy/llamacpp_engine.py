@@ -9,20 +9,18 @@ Sampling uses llama.cpp's own sampler chains, one per request, and llguidance fo
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from tandemlm.deploy.constraints import Grammars, Matcher
+from tandemlm.deploy.constraints import Grammars
 from tandemlm.deploy.engine import BaseEngine
-from tandemlm.deploy.llamacpp_lora import lora_gguf, next_group
+from tandemlm.deploy.llamacpp_adapters import LlamaCppAdapters
+from tandemlm.deploy.llamacpp_request import LlamaRequest
 from tandemlm.deploy.llamacpp_sampling import RequestSampler, logprob_record, plan_chain
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.scheduling import WorkQueue, common_prefix_len, drain_tokens
@@ -33,54 +31,7 @@ from tandemlm.models.chat_template import Message, render_chat_template
 from tandemlm.models.resolve import ModelSource
 
 
-@dataclass
-class _Request:
-    """One generation (or scoring) job owned by the scheduler thread once admitted."""
-
-    prompt: list[int]
-    params: SamplingParams | None  # None: a scoring job
-    adapter: str | None = None  # the LoRA adapter it decodes with (None: the base)
-    out: queue.Queue[Any] = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    seq_id: int = -1
-    n_past: int = 0  # prompt tokens already decoded
-    generated: list[int] = field(default_factory=list)
-    matcher: Matcher | None = None  # a constrained request's grammar, built before it queues
-    sampler: RequestSampler | None = None
-    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
-    score_targets: list[int] = field(default_factory=list)
-    score_top: int = 0  # alternatives a scoring job lists at each target
-    scores: list[GeneratedToken] = field(default_factory=list)
-
-    @property
-    def reserved(self) -> int:
-        extra = self.params.max_tokens if self.params else 0
-        return len(self.prompt) + extra
-
-    @property
-    def prefilling(self) -> bool:
-        return self.n_past < len(self.prompt)
-
-    @property
-    def n_generated(self) -> int:
-        return len(self.generated)
-
-    @property
-    def max_reuse(self) -> int:
-        """Most prompt tokens a cached prefix may cover: one must be decoded to get logits."""
-        if self.params is None:  # scoring needs logits from the position before the first target
-            return len(self.prompt) - len(self.score_targets) - 1
-        return len(self.prompt) - 1
-
-    def kv_tokens(self) -> list[int]:
-        """The tokens whose keys and values are in this sequence's cache right now."""
-        if self.prefilling or not self.generated:
-            return self.prompt[: self.n_past]
-        # The last sampled token is never decoded.
-        return self.prompt + self.generated[:-1]
-
-
-class LlamaCppEngine(BaseEngine):
+class LlamaCppEngine(LlamaCppAdapters, BaseEngine):
     """A GGUF model served with continuous batching."""
 
     features = frozenset(
@@ -162,7 +113,7 @@ class LlamaCppEngine(BaseEngine):
         self._grammars = Grammars(self._lltokenizer)
         self._bos = self._special_text(self._model.token_bos())
         self._eos = self._special_text(self._model.token_eos())
-        self._work: WorkQueue[_Request] = WorkQueue(self._loop, "llama.cpp-scheduler")
+        self._work: WorkQueue[LlamaRequest] = WorkQueue(self._loop, "llama.cpp-scheduler")
         self._work.start()
 
     # ---- tokenizer and template --------------------------------------------------------------
@@ -223,7 +174,7 @@ class LlamaCppEngine(BaseEngine):
     def stream_tokens(
         self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[GeneratedToken]:
-        request = _Request(
+        request = LlamaRequest(
             prompt=list(prompt_ids),
             params=params,
             adapter=self._check_adapter(params.adapter),
@@ -242,7 +193,7 @@ class LlamaCppEngine(BaseEngine):
     ) -> list[GeneratedToken]:
         if top < 0:
             raise EngineError(f"top must be a non-negative number of alternatives, got {top}")
-        request = _Request(
+        request = LlamaRequest(
             prompt=list(prompt_ids) + list(target_ids),
             params=None,
             adapter=self._check_adapter(adapter),
@@ -277,61 +228,15 @@ class LlamaCppEngine(BaseEngine):
         self._ll.llama_free(self._ctx)
         self._model.close()
 
-    def _submit(self, request: _Request) -> None:
+    def _submit(self, request: LlamaRequest) -> None:
         if request.reserved > self._n_ctx:
             raise EngineError(f"request needs {request.reserved} tokens but the context holds {self._n_ctx}")
         self._work.submit(request)
 
-    # ---- LoRA adapters (GGUF LoRA per context; see llamacpp_lora) -----------------------------
-    def _init_adapters(self) -> None:
-        self._loras: dict[str, Any] = {}  # name -> llama_adapter_lora pointer (freed with the model)
-        self._ctx_adapter: str | None = None  # the adapter set on the context now
-        self._last_group: str | None = None  # the adapter the previous step decoded
-        # The adapter each idle sequence's cache was computed with: a prefix is reused only under the same one.
-        self._idle_adapter: dict[int, str | None] = {}
-        self.builtin_base: Callable[[], Path] | None = None  # a built-in model's HF folder, for conversion
-        self.adapter_switches = 0  # times a step changed the context's adapter (tests read it)
-
-    def load_adapter(self, name: str, path: str) -> None:
-        """Loads the PEFT LoRA folder ``path`` as ``name``, converted to GGUF LoRA once (cached)."""
-        if name in self._loras:
-            raise EngineError(f"adapter {name!r} is already loaded")
-        gguf = lora_gguf(path, self.builtin_base)
-        adapter = self._ll.llama_adapter_lora_init(self._model.model, str(gguf).encode())
-        if not adapter:  # llama.cpp checks each tensor's shape against the model's
-            raise EngineError(
-                f"adapter {path} does not fit {self.info.model_id}: llama.cpp refused its GGUF LoRA {gguf}"
-            )
-        self._loras[name] = adapter
-
-    def loaded_adapters(self) -> list[str]:
-        return list(self._loras)
-
-    def _check_adapter(self, adapter: str | None) -> str | None:
-        if adapter is not None and adapter not in self._loras:
-            raise EngineError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(self._loras) or 'none'})")
-        return adapter
-
-    def _adapter_group(self, active: list[_Request]) -> list[_Request]:
-        """The requests this step decodes: those of one adapter, taken in turns, with it set on the context."""
-        group = next_group((request.adapter for request in active), self._last_group)
-        self._last_group = group
-        if group != self._ctx_adapter:  # llama.cpp applies the context's adapters to every sequence
-            if group is None:
-                status = self._ll.llama_set_adapters_lora(self._ctx, None, 0, None)
-            else:
-                adapters = (self._ll.llama_adapter_lora_p_ctypes * 1)(self._loras[group])
-                status = self._ll.llama_set_adapters_lora(self._ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
-            if status != 0:
-                raise RuntimeError(f"llama_set_adapters_lora returned {status}")
-            self._ctx_adapter = group
-            self.adapter_switches += 1
-        return [request for request in active if request.adapter == group]
-
     # ---- scheduler thread --------------------------------------------------------------------
     def _loop(self) -> None:
-        active: list[_Request] = []
-        pending: list[_Request] = []
+        active: list[LlamaRequest] = []
+        pending: list[LlamaRequest] = []
         while self._work.running:
             self._take_new(pending, block=not active and not pending)
             pending[:] = [r for r in pending if not self._drop_if_cancelled(r)]  # cancelled while queued
@@ -349,7 +254,7 @@ class LlamaCppEngine(BaseEngine):
         for request in active + pending:
             self._finish(request, error=EngineError("engine closed"))
 
-    def _take_new(self, pending: list[_Request], block: bool) -> None:
+    def _take_new(self, pending: list[LlamaRequest], block: bool) -> None:
         try:
             item = self._work.items.get(timeout=0.5) if block else self._work.items.get_nowait()
             while True:
@@ -359,7 +264,7 @@ class LlamaCppEngine(BaseEngine):
         except queue.Empty:
             return
 
-    def _admit(self, pending: list[_Request], active: list[_Request]) -> None:
+    def _admit(self, pending: list[LlamaRequest], active: list[LlamaRequest]) -> None:
         while pending and self._idle:
             request = pending[0]
             seq, reuse = self._best_idle(request)
@@ -386,7 +291,7 @@ class LlamaCppEngine(BaseEngine):
                     continue
             active.append(request)
 
-    def _best_idle(self, request: _Request) -> tuple[int, int]:
+    def _best_idle(self, request: LlamaRequest) -> tuple[int, int]:
         """The idle sequence whose cached tokens share the longest prefix with the request's prompt."""
         best, best_len = next(iter(self._idle)), -1
         for seq, tokens in self._idle.items():
@@ -402,18 +307,18 @@ class LlamaCppEngine(BaseEngine):
                 self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
                 self._idle[seq] = []
 
-    def _drop_if_cancelled(self, request: _Request) -> bool:
+    def _drop_if_cancelled(self, request: LlamaRequest) -> bool:
         if request.cancelled.is_set():
             self._finish(request)
             return True
         return False
 
-    def _step(self, active: list[_Request]) -> None:
+    def _step(self, active: list[LlamaRequest]) -> None:
         """One llama_decode over a token from every decoding sequence plus prompt chunks (of one adapter)."""
         active = self._adapter_group(active)
         batch, budget = self._batch, self._n_batch
         batch.n_tokens = 0
-        outputs: list[tuple[_Request, int]] = []
+        outputs: list[tuple[LlamaRequest, int]] = []
         for request in active:
             if not request.prefilling and budget > 0:
                 pos = len(request.prompt) + request.n_generated - 1
@@ -463,11 +368,11 @@ class LlamaCppEngine(BaseEngine):
         """The raw logits of batch output ``index`` (a view of llama.cpp's buffer until the next decode)."""
         return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
 
-    def _record_score(self, request: _Request, index: int) -> None:
+    def _record_score(self, request: LlamaRequest, index: int) -> None:
         target = request.score_targets[len(request.scores)]
         request.scores.append(logprob_record(self._logits(index), target, request.score_top))
 
-    def _sample(self, request: _Request, index: int) -> None:
+    def _sample(self, request: LlamaRequest, index: int) -> None:
         assert request.params is not None
         try:
             token = request.sampler.sample(self._ctx, index, self._logits)
@@ -488,7 +393,7 @@ class LlamaCppEngine(BaseEngine):
         if request.n_generated >= request.params.max_tokens:
             self._finish(request)
 
-    def _finish(self, request: _Request, result: Any = None, error: Exception | None = None) -> None:
+    def _finish(self, request: LlamaRequest, result: Any = None, error: Exception | None = None) -> None:
         if request.seq_id >= 0:
             if error is None:
                 self._idle[request.seq_id] = request.kv_tokens()
