@@ -21,15 +21,13 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandemlm.errors import EngineError
-from tandemlm.models.atomic import publish_folder
+from tandemlm.models.atomic import staging_folder
 from tandemlm.models.builtin import builtin_gguf, cache_dir
 
 if TYPE_CHECKING:
@@ -153,13 +151,8 @@ def tiny_model(arch: str) -> Path:
     target = cache_dir() / "fixtures" / f"{spec.name}-{spec_hash(spec)}"
     if (target / SPEC_FILE).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staging_folder(target, marker=SPEC_FILE) as staging:  # a concurrent test run's build is as good
         _build(spec, staging)
-        publish_folder(staging, target, SPEC_FILE)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tandemlm.errors import QuantizeError
-from tandemlm.models.atomic import atomic_write_text, make_world_readable, temp_path_for
+from tandemlm.models.atomic import atomic_path, atomic_write_text
 from tandemlm.models.gguf_info import read_gguf_info
 from tandemlm.quantize.cache import (
     content_key,
@@ -217,27 +217,26 @@ def _run_stages(
     seconds: dict[str, float] = {}
     stage = "convert"
     temp_dir = temp_folder(_cache_root(config))
-    unverified = temp_path_for(result_path, ".unverified", temp_dir)
     try:
-        with _timed(seconds, "convert", console, f"[1/3] convert {source.model_id} → {_stage1_type(source, qtype)} GGUF"):
-            intermediate = _convert(source, qtype, entry, temp_dir)
-        stage = "quantize"
-        with _timed(seconds, "quantize", console, f"[2/3] quantize → {qtype.label}"):
-            fallbacks = _quantize(intermediate, unverified, qtype, config.threads, console, temp_dir)
-        if fallbacks:
-            line = describe_fallbacks(fallbacks, qtype, len(read_gguf_info(unverified).tensors))
-            if config.strict:
-                raise QuantizeError(f"{line} (--strict)")
-            console.print(f"[yellow]warning:[/yellow] {line}")
-        stage = "verify"
-        reference = intermediate if qtype.stage == "quantize" else None
-        with _timed(seconds, "verify", console, "[3/3] verify: read back, run, compare"), console.status("verifying"):
-            verification = verify_gguf(unverified, qtype, source.hf_folder, reference, config.threads, config.trust_remote_code)
-        console.print(f"[green]✓[/green] verified: {verification.summary()}")
-        record = {"key": key, "type": qtype.name, "fallbacks": [vars(f) for f in fallbacks], "verification": verification.to_dict()}
-        atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
-        make_world_readable(unverified)
-        os.replace(unverified, result_path)  # only a verified file gets the result's name
+        # Renamed to the result's name only when the block ends: after the verify stage and its record.
+        with atomic_path(result_path, ".unverified", temp_dir) as unverified:
+            with _timed(seconds, "convert", console, f"[1/3] convert {source.model_id} → {_stage1_type(source, qtype)} GGUF"):
+                intermediate = _convert(source, qtype, entry, temp_dir)
+            stage = "quantize"
+            with _timed(seconds, "quantize", console, f"[2/3] quantize → {qtype.label}"):
+                fallbacks = _quantize(intermediate, unverified, qtype, config.threads, console, temp_dir)
+            if fallbacks:
+                line = describe_fallbacks(fallbacks, qtype, len(read_gguf_info(unverified).tensors))
+                if config.strict:
+                    raise QuantizeError(f"{line} (--strict)")
+                console.print(f"[yellow]warning:[/yellow] {line}")
+            stage = "verify"
+            reference = intermediate if qtype.stage == "quantize" else None
+            with _timed(seconds, "verify", console, "[3/3] verify: read back, run, compare"), console.status("verifying"):
+                verification = verify_gguf(unverified, qtype, source.hf_folder, reference, config.threads, config.trust_remote_code)
+            console.print(f"[green]✓[/green] verified: {verification.summary()}")
+            record = {"key": key, "type": qtype.name, "fallbacks": [vars(f) for f in fallbacks], "verification": verification.to_dict()}
+            atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full_error(entry, stage) from None
@@ -246,8 +245,6 @@ def _run_stages(
         if is_disk_full(exc):
             raise disk_full_error(entry, stage) from None
         raise
-    finally:
-        unverified.unlink(missing_ok=True)
     return QuantizeResult(result_path, qtype, False, fallbacks, verification, key, source.hf_folder, intermediate, seconds)
 
 
