@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.scheduling import WorkQueue, drain_tokens
-from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
+from tandemlm.deploy.types import OPTIONAL_FEATURES, EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.hardware import inference_precision
 from tandemlm.models.adapter_files import adapter_weights
@@ -35,18 +35,7 @@ if TYPE_CHECKING:  # hf_batch imports torch: loaded by the scheduler thread, not
 class HFEngine(BaseEngine):
     """A transformers causal LM with batched decoding of concurrent requests."""
 
-    features = frozenset(
-        {
-            "min_p",
-            "presence_penalty",
-            "frequency_penalty",
-            "logit_bias",
-            "logprobs",
-            "top_logprobs",
-            "response_format",
-            "adapter",
-        }
-    )
+    features = OPTIONAL_FEATURES
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ from tandemlm.deploy.llamacpp_request import LlamaRequest
 from tandemlm.deploy.llamacpp_sampling import RequestSampler, logprob_record, plan_chain
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.scheduling import WorkQueue, common_prefix_len, drain_tokens
-from tandemlm.deploy.types import EngineInfo, GeneratedToken, SamplingParams
+from tandemlm.deploy.types import OPTIONAL_FEATURES, EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.hardware import physical_cores
 from tandemlm.models.chat_template import Message, render_chat_template
@@ -34,18 +34,7 @@ from tandemlm.models.resolve import ModelSource
 class LlamaCppEngine(LlamaCppAdapters, BaseEngine):
     """A GGUF model served with continuous batching."""
 
-    features = frozenset(
-        {
-            "min_p",
-            "presence_penalty",
-            "frequency_penalty",
-            "logit_bias",
-            "logprobs",
-            "top_logprobs",
-            "response_format",
-            "adapter",
-        }
-    )
+    features = OPTIONAL_FEATURES
 
     def __init__(
         self,

@@ -128,6 +128,12 @@ class SamplingParams:
         return [name for name, on in used.items() if on]
 
 
+OPTIONAL_FEATURES = frozenset(
+    {"min_p", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format", "adapter"}
+)
+"""Every name :meth:`SamplingParams.features_used` can return: what a full model backend honours."""
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0

