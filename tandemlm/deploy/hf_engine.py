@@ -18,13 +18,13 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tandemlm.deploy.engine import BaseEngine
+from tandemlm.deploy.hf_tokenizer import HFTokenizerMethods
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.scheduling import WorkQueue, drain_tokens
 from tandemlm.deploy.types import OPTIONAL_FEATURES, EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.hardware import inference_precision
 from tandemlm.models.adapter_files import adapter_weights
-from tandemlm.models.chat_template import Message, render_with_tokenizer, tokenizer_special_tokens, tokenizer_template
 from tandemlm.models.resolve import ModelSource
 from tandemlm.models.stops import stop_ids
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # hf_batch imports torch: loaded by the scheduler thread, not
     from tandemlm.deploy.hf_batch import Batch, Row
 
 
-class HFEngine(BaseEngine):
+class HFEngine(HFTokenizerMethods, BaseEngine):
     """A transformers causal LM with batched decoding of concurrent requests."""
 
     features = OPTIONAL_FEATURES
@@ -68,6 +68,7 @@ class HFEngine(BaseEngine):
 
             kwargs["quantization_config"] = bnb_config(load_in_bits)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        self._tok_lock = threading.Lock()
         self.model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
         self.device = next(self.model.parameters()).device
         config = self.model.config
@@ -99,34 +100,10 @@ class HFEngine(BaseEngine):
         self._work: WorkQueue[Row] = WorkQueue(self._loop, "hf-scheduler")
         self._work.start()
 
-    # ---- tokenizer and template --------------------------------------------------------------
-    def render_chat(
-        self,
-        messages: Sequence[Message],
-        add_generation_prompt: bool = True,
-        tools: Sequence[dict[str, Any]] | None = None,
-    ) -> str:
-        return render_with_tokenizer(self.tokenizer, self.info.model_id, messages, add_generation_prompt, tools)
-
-    def chat_template_source(self) -> str | None:
-        return tokenizer_template(self.tokenizer)
-
-    def special_tokens(self) -> dict[str, str | None]:
-        return tokenizer_special_tokens(self.tokenizer)
-
-    def vocabulary_pieces(self) -> Iterator[str | bytes]:
-        # Byte-level tokens spell each byte as one character, so their length bounds the text's.
-        return iter(self.tokenizer.get_vocab())
-
+    # ---- tokenizer and template (the rest: HFTokenizerMethods) ---------------------------------
     def vocab_size(self) -> int:
         # The embedding may be padded past the tokenizer (or the tokenizer carry extra added tokens).
         return max(len(self.tokenizer), int(self.model.config.vocab_size))
-
-    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-    def detokenize(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- primitives --------------------------------------------------------------------------
     def check_params(self, params: SamplingParams) -> None:

