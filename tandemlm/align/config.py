@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tandemlm.align.errors import ConfigError, decode_utf8
+from tandemlm.align.launch import MODES
 from tandemlm.models.atomic import unwritable_reason
 from tandemlm.models.builtin import DEFAULT_MODEL
 
@@ -65,6 +66,11 @@ class AlignConfig:
     bf16: bool | None = help_field(None, "bfloat16 mixed precision (auto: on with a GPU that supports it).")
     threads: int = help_field(0, "CPU threads for torch (0 = torch's default). 1 is faster on a busy machine.")
     trust_remote_code: bool = help_field(False, "Run custom model code from the checkpoint.")
+    # ---- processes ---------------------------------------------------------------------------------
+    distributed: str | None = help_field(
+        None, "Start the run under accelerate launch: ddp (data parallel), zero2 or zero3 (DeepSpeed ZeRO)."
+    )
+    nproc: int | None = help_field(None, "Processes for --distributed (default: one per GPU, or 2 on a CPU).")
     # ---- checkpoints, logging, eval ---------------------------------------------------------------
     save_steps: int = help_field(50, "Checkpoint every N steps; a crash loses at most this many steps.")
     save_total_limit: int = help_field(2, "Checkpoints kept (older ones are deleted once a newer one is complete).")
@@ -99,6 +105,17 @@ class AlignConfig:
             raise ConfigError("qlora needs lora: set lora to true (or leave it unset)")
         if not self.model.strip():
             raise ConfigError("model must not be empty")
+        self._check_processes()
+
+    def _check_processes(self) -> None:
+        if self.distributed is not None:
+            one_of(self, "distributed", MODES)
+        if self.nproc is not None:
+            if self.distributed is None:
+                raise ConfigError("nproc needs distributed (ddp, zero2 or zero3)")
+            positive(self, "nproc")
+        if self.qlora and self.distributed == "zero3":
+            raise ConfigError("distributed: qlora does not combine with zero3 (4-bit weights cannot be sharded); use zero2 or ddp")
 
     def validate(self) -> None:
         """Checks that read the libraries' own lists or the filesystem; run before anything loads.

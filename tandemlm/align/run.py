@@ -10,6 +10,7 @@ transformers ``Trainer`` with the shared callbacks, resumes from the newest comp
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import time
@@ -250,21 +251,37 @@ def finish_run(run: Run, started: float, steps: int, trained: list[tuple[str, An
 
 
 def rank_digests(trained: list[tuple[str, Any]]) -> list[str]:
-    """A digest of the named trained tensors from every process (data-parallel ranks must agree).
+    """A digest of the full named trained tensors from every process (data-parallel ranks must agree).
 
     Recorded in run.json for multi-process runs: a cheap check that every rank took the same steps.
-
-    Under ZeRO-3 each rank holds only a shard, so the digests differ by design.
+    Under ZeRO-3 a rank holds only its shard of each parameter, so each one is gathered whole (one at
+    a time, to keep ZeRO-3's memory bound) before it is hashed; every process must call this.
     """
-    import hashlib
-
     from accelerate.utils import gather_object
 
+    return gather_object([tensor_digest(trained)])
+
+
+def tensor_digest(named: list[tuple[str, Any]]) -> str:
+    """A short hash of named tensors (names sorted, values as float32; ZeRO-3 parameters gathered whole):
+    equal tensors give equal digests, so a saved model can be checked against a run's ``rank_digests``."""
+    import hashlib
+
     digest = hashlib.sha256()
-    for name, param in sorted(trained, key=lambda item: item[0]):
-        digest.update(name.encode())
-        digest.update(param.detach().float().cpu().numpy().tobytes())
-    return gather_object([digest.hexdigest()[:16]])
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        with gathered(tensor):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def gathered(param: Any) -> contextlib.AbstractContextManager[Any]:
+    """A context in which ``param`` holds its full value: ZeRO-3 partitions it (shape ``(0,)`` outside)."""
+    if not hasattr(param, "ds_id"):  # DeepSpeed marks the parameters it partitions
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
 
 
 def record_session(run: Run, **values: Any) -> None:

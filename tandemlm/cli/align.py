@@ -91,6 +91,8 @@ def _run_method(name: str, config_file: Path | None, preset: str | None, overrid
     method = get_method(name)
     try:
         config = build_config(method.config_cls, config_file, preset, overrides)
+        if _launch_if_asked(name, config, config_file, preset, overrides):
+            return
         run = method.start(config)
     except RunFinished as exc:  # resuming a finished run: nothing to do, and nothing wrong
         Console(stderr=True).print(str(exc))
@@ -111,6 +113,42 @@ def _run_method(name: str, config_file: Path | None, preset: str | None, overrid
         console.print(f"next: tandem align eval {run.dir}   |   tandem merge {run.dir}")
     else:
         console.print(f"next: tandem align eval {run.dir}")
+
+
+def _launch_if_asked(name: str, config: Any, config_file: Path | None, preset: str | None, overrides: dict[str, Any]) -> bool:
+    """With ``--distributed`` (and not already launched): runs this same command under ``accelerate launch``.
+
+    Returns whether it did; a failed launch exits with the launched command's status.
+    """
+    from tandemlm.align.launch import default_nproc, inside_launch, launch, launch_command
+
+    if config.distributed is None or inside_launch():
+        return False
+    import torch
+
+    cuda = torch.cuda.is_available()
+    nproc = config.nproc or default_nproc(cuda)
+    command = launch_command(config.distributed, nproc, _align_args(name, config_file, preset, overrides), cuda)
+    status = launch(command)
+    if status:
+        raise typer.Exit(status)
+    return True
+
+
+def _align_args(name: str, config_file: Path | None, preset: str | None, overrides: dict[str, Any]) -> list[str]:
+    """``METHOD`` and the flags that were given, to run the same command in the launched processes."""
+    args = [name]
+    if config_file is not None:
+        args += ["--config", str(config_file)]
+    if preset is not None:
+        args += ["--preset", preset]
+    for key, value in overrides.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            args += [f"--{flag}", str(value)]
+    return args
 
 
 def _register_methods() -> None:

@@ -23,6 +23,7 @@ LOWER = {
     "tandemlm.align.presets",
     "tandemlm.align.sampling",
     "tandemlm.align.config",
+    "tandemlm.align.launch",
     "tandemlm.align.data",
     "tandemlm.align.datagen",
     "tandemlm.align.run_folder",

@@ -17,10 +17,11 @@ import torch
 from tandemlm.align.callbacks import HackingWatch, MetricsLogger, RichProgress
 from tandemlm.align.data import load_rows
 from tandemlm.align.errors import ConfigError
+from tandemlm.align.launch import under_deepspeed
 from tandemlm.align.metrics import append_jsonl, truncate_metrics
 from tandemlm.align.model import base_folder, load_model, load_tokenizer, lora_config, set_threads
 from tandemlm.align.ppo import checkpoint
-from tandemlm.align.ppo.config import PPORunConfig
+from tandemlm.align.ppo.config import ZERO_REFUSAL, PPORunConfig
 from tandemlm.align.ppo.policy import CRITIC, POLICY, ActorCritic
 from tandemlm.align.ppo.rollout import Sampler, TransformersSampler, tokenize_prompts
 from tandemlm.align.ppo.scoring import build_reward_mix, check_rows, reward_adapter, shares_base
@@ -38,6 +39,8 @@ def run_ppo(config: PPORunConfig) -> Run | None:
     if config.plan:
         print_plan(config)
         return None
+    if under_deepspeed():  # `accelerate launch --config_file zero3.yaml ... align ppo`
+        raise ConfigError(ZERO_REFUSAL)
     quiet_libraries()
     rows, _, path = load_rows(config.dataset, "ppo", keep_extra=True)
     check_rows(rows, config.rewards, str(path))

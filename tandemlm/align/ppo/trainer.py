@@ -32,6 +32,7 @@ from tandemlm.align.ppo import maths
 from tandemlm.align.ppo.policy import ActorCritic
 from tandemlm.align.ppo.rollout import Rollout, Sampler
 from tandemlm.align.ppo.scoring import RewardMix
+from tandemlm.align.run_folder import process_state
 
 SAMPLES_KEPT = 2  # responses per logged step written to samples.jsonl, for a person to read
 # Undefined rather than broken: explained variance when every return is equal (e.g. all scores 0).
@@ -54,10 +55,7 @@ class Distributed:
     """This process's rank and the collective operations the loop needs (no-ops in one process)."""
 
     def __init__(self) -> None:
-        from accelerate import PartialState
-
-        # cpu=True makes a torchrun-launched CPU process join the gloo world (as Trainer's use_cpu does).
-        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.state = process_state()
         self.rank, self.world = self.state.process_index, self.state.num_processes
 
     @property

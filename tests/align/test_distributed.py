@@ -1,0 +1,224 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes: every method ends where the one-process run ends.
+
+Each stage is one ``accelerate launch`` of the shipped ``recipes/accelerate/zero{2,3}.yaml`` running
+sft, reward, dpo, kto and grpo one after another (tests/align/distributed_runs.py), so the processes
+start once per stage. The one-process runs train in this process with the same seed and the same
+global batch (2 processes x per-device batch = one process x twice the batch) on 2 rows, full weights.
+
+Tolerance: two Adam steps at lr 1e-3 move weights by up to 2e-3; the ZeRO runs must stay within
+1e-4 of the one-process run (seen: 5e-5 at most, from the order of float reductions).
+GRPO samples its completions per process, so a one-process run draws others; its ZeRO-2 and
+ZeRO-3 runs (same per-process sampling) must agree with each other instead. PPO is our own trainer,
+which DeepSpeed does not shard: it refuses ZeRO in one line (test below).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import one_batch, state_dict_of
+
+from tandemlm.align.launch import ACCELERATE_CONFIGS, launch_env
+
+DRIVER = Path(__file__).with_name("distributed_runs.py")
+STAGES = ("zero2", "zero3")
+METHODS = ("sft", "reward", "dpo", "kto", "grpo")
+SAMPLED = ("grpo",)  # compared across stages, not with one process
+TOLERANCE = 1e-4
+MOVED = 1e-3  # the largest change two steps must make, so equal weights are not equal by standing still
+COMMON: dict[str, Any] = {
+    "max_steps": 2, "max_length": 64, "threads": 1, "save_steps": 50, "logging_steps": 1,
+    "learning_rate": 1e-3, "lr_scheduler": "constant", "lora": False, "seed": 0,
+}  # fmt: skip
+
+
+def per_device(method: str, data: dict[str, str], reward_model: Path) -> dict[str, Any]:
+    """``method``'s config for each of 2 processes (the one-process run doubles ``batch_size``)."""
+    table: dict[str, dict[str, Any]] = {
+        "sft": {"dataset": data["sft"], "batch_size": 1},
+        "reward": {"dataset": data["prefs"], "batch_size": 1},
+        "dpo": {"dataset": data["prefs"], "batch_size": 1},
+        "kto": {"dataset": data["prefs"], "batch_size": 2},  # 2 pairs unpaired: 4 rows
+        "grpo": {
+            "dataset": "builtin:capitals_train", "batch_size": 2, "num_generations": 2, "max_completion_length": 6,
+            "rewards": "reward_model", "reward_model": str(reward_model), "beta": 0.0,
+        },
+    }  # fmt: skip
+    return {**COMMON, **table[method]}
+
+
+def launch_runs(stage: str, spec: list[dict[str, Any]], folder: Path) -> float:
+    """Runs ``spec`` in one 2-process ``accelerate launch`` with ``stage``'s config; returns its wall time."""
+    spec_file = folder / f"{stage}.json"
+    spec_file.write_text(json.dumps(spec))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / f"{stage}.yaml"),
+        "--num_processes", "2", str(DRIVER), str(spec_file),
+    ]  # fmt: skip
+    env = {**launch_env(), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=560, env=env, cwd=folder)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("data")
+    return {"sft": one_batch("builtin:sft_train", 2, folder), "prefs": one_batch("builtin:prefs_train", 2, folder)}
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_llama: Path, data: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The one-process run of each compared method, in this process: final/ folders by method."""
+    from tandemlm.align.config import build_config
+    from tandemlm.align.registry import get_method, run_method
+
+    out = tmp_path_factory.mktemp("one")
+    finals = {}
+    for method in METHODS:
+        if method in SAMPLED:
+            continue
+        values = per_device(method, data, out / "reward")
+        values.update(model=str(tiny_llama), output_dir=str(out / method), batch_size=2 * values["batch_size"])
+        finals[method] = run_method(method, build_config(get_method(method).config_cls, overrides=values)).final
+    return finals
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tiny_llama: Path, data: dict[str, str], one_process: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Run folders by ``stage/method``: one launch per stage (GRPO scores with the one-process reward model)."""
+    runs = {}
+    for stage in STAGES:
+        folder = tmp_path_factory.mktemp(stage)
+        spec = []
+        for method in METHODS:
+            values = {**per_device(method, data, one_process["reward"].parent), "model": str(tiny_llama)}
+            spec.append({"method": method, "config": {**values, "output_dir": str(folder / method)}})
+            runs[f"{stage}/{method}"] = folder / method
+        seconds = launch_runs(stage, spec, folder)
+        print(f"{stage}: {len(METHODS)} methods x 2 steps on 2 processes in {seconds:.0f} s", file=sys.stderr)
+    return runs
+
+
+def kill_tree(pid: int) -> None:
+    """kill -9 on ``pid`` and everything it started: torchrun's workers run in sessions of their own."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_run_ends_with_the_one_process_weights(method: str, stage: str, zero_runs, one_process, tiny_llama):
+    from tandemlm.align.run import tensor_digest
+
+    run = zero_runs[f"{stage}/{method}"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["global_step"] == 2
+    assert len(info["sessions"]) == 1  # only the main process wrote run.json
+    saved = state_dict_of(run / "final")
+    # rank_digests hash the full parameters on each rank (ZeRO-3 gathers its shards): the saved model's own.
+    assert info["rank_digests"] == [tensor_digest(list(saved.items()))] * 2
+    if method in SAMPLED:
+        other = state_dict_of(zero_runs[f"{'zero3' if stage == 'zero2' else 'zero2'}/{method}"] / "final")
+    else:
+        other = state_dict_of(one_process[method])
+    assert set(saved) == set(other)  # the tied output layer is saved once, as one process saves it
+    assert max_difference(saved, other) <= TOLERANCE
+    base = state_dict_of(tiny_llama)
+    assert max(max_difference({k: saved[k]}, base) for k in saved if k in base) > MOVED
+
+
+@pytest.mark.slow
+def test_zero3_run_killed_mid_way_resumes_to_the_same_step_count(tiny_llama, data, tmp_path):
+    """``tandem align sft --distributed zero3``: kill -9 the whole launch after checkpoint 2, resume, 4 steps."""
+    out = tmp_path / "run"
+    args = [
+        str(Path(sys.executable).with_name("tandem")), "align", "sft", "--distributed", "zero3", "--nproc", "2",
+        "--model", str(tiny_llama), "--dataset", data["sft"], "--max-steps", "4", "--save-steps", "1",
+        "--batch-size", "1", "--max-length", "64", "--threads", "1", "--no-lora", "--output-dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "first.log"
+    with log.open("w") as stderr:
+        first = subprocess.Popen(args, stderr=stderr, text=True, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 400
+        while not (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint-2 before the run ended"
+            time.sleep(0.2)
+    finally:
+        kill_tree(first.pid)
+        first.wait()
+    assert "-m accelerate.commands.launch --config_file" in log.read_text().splitlines()[0]  # the command, on one line
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+
+    result = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["global_step"] == 4
+    assert int(info["sessions"][-1]["resumed_from"].split("-")[1]) >= 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows if "loss" in row]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["sft", "--distributed", "zero4"], "distributed must be one of ddp, zero2, zero3, got 'zero4'"),
+        (["sft", "--nproc", "2"], "nproc needs distributed (ddp, zero2 or zero3)"),
+        (["sft", "--distributed", "ddp", "--nproc", "0"], "nproc must be a positive integer, got 0"),
+        (["ppo", "--distributed", "zero3"], "distributed: ppo runs tandemlm's own trainer, which DeepSpeed ZeRO does not shard; use --distributed ddp"),
+    ],
+)
+def test_bad_distributed_flags_are_one_line_before_any_launch(flags, message, tmp_path):
+    from typer.testing import CliRunner
+
+    from tandemlm.cli.main import app
+
+    result = CliRunner().invoke(app, ["align", *flags, "--dataset", "builtin:capitals_train", "--output-dir", str(tmp_path / "run")])
+    assert (result.exit_code, result.output.strip()) == (2, f"error: {message}")
+
+
+def test_ppo_launched_with_a_deepspeed_config_refuses_in_one_line(tmp_path):
+    """``accelerate launch --config_file zero3.yaml ... align ppo`` (no --distributed): the same refusal."""
+    from typer.testing import CliRunner
+
+    from tandemlm.cli.main import app
+
+    args = ["align", "ppo", "--dataset", "builtin:capitals_train", "--output-dir", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args, env={"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: ppo runs tandemlm's own trainer, which DeepSpeed ZeRO does not shard; use --distributed ddp"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("mode", "cuda", "config"), [("ddp", False, "cpu.yaml"), ("ddp", True, "ddp.yaml"), ("zero3", False, "zero3.yaml")])
+def test_launch_command_picks_the_config_for_the_hardware(mode, cuda, config):
+    from tandemlm.align.launch import launch_command
+
+    command = launch_command(mode, 3, ["sft", "--max-steps", "2"], cuda=cuda)
+    assert command[1:] == [
+        "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / config), "--num_processes", "3",
+        "-m", "tandemlm.cli.main", "align", "sft", "--max-steps", "2",
+    ]  # fmt: skip
