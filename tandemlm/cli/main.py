@@ -149,6 +149,8 @@ def serve(
     n_gpu_layers: opt.NGpuLayers = None,
     dtype: opt.Dtype = None,
     trust_remote_code: opt.TrustRemoteCode = False,
+    tensor_parallel_size: opt.TensorParallel = 1,
+    pipeline_parallel_size: opt.PipelineParallel = 1,
     quantize: Annotated[str | None, typer.Option("--quantize", help="Quantize an HF MODEL to this type first (Q4_K_M, Q8_0, bnb-4bit, …), verify, then serve.")] = None,
     served_name: Annotated[str | None, typer.Option("--served-name", help="The name requests use for MODEL (default: its id).")] = None,
     extra_models: Annotated[
@@ -165,7 +167,11 @@ def serve(
         host=host, port=port, api_key=api_key, n_parallel=8 if n_parallel is None else n_parallel,
         max_queue=max_queue, max_body_mb=max_body_mb, allowed_hosts=allowed_hosts,
     )
-    engine_options = EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, config.n_parallel, dtype, trust_remote_code)
+    backend = opt.parallel_backend(backend, tensor_parallel_size, pipeline_parallel_size)
+    engine_options = EngineOptions(
+        backend, n_ctx, n_threads, n_gpu_layers, config.n_parallel, dtype, trust_remote_code,
+        tensor_parallel_size, pipeline_parallel_size,
+    )  # fmt: skip
     extras = opt.named_refs(extra_models or [], "--model")
     adapter_dirs = opt.adapter_folders(adapters or [])
     if adapter_dirs:

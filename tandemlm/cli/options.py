@@ -29,6 +29,8 @@ NGpuLayers = Annotated[int | None, typer.Option("--n-gpu-layers", help="llama.cp
 NParallel = Annotated[int | None, typer.Option("--n-parallel", help="Most requests decoded together in one batch.")]
 Dtype = Annotated[str | None, typer.Option("--dtype", help="transformers/vllm: auto, float32, bfloat16, float16.")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run custom model code from the checkpoint.")]
+TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", help="vllm: split each layer across N GPUs (tensor parallel).")]
+PipelineParallel = Annotated[int, typer.Option("--pipeline-parallel-size", help="vllm: split the layers into N stages, one per GPU (pipeline parallel).")]
 MaxQueue = Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a slot before 503s (0: none wait).")]
 MaxBodyMb = Annotated[float, typer.Option("--max-body-mb", help="Largest request body in MiB; larger ones get 413.")]
 AllowedHosts = Annotated[
@@ -51,9 +53,13 @@ class EngineOptions:
     n_parallel: int | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
+    tensor_parallel_size: int | None = None  # only vLLM takes these (see parallel_backend)
+    pipeline_parallel_size: int | None = None
 
     def load_kwargs(self) -> dict[str, Any]:
         return {
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
             "n_ctx": self.n_ctx,
             "n_threads": self.n_threads,
             "n_gpu_layers": self.n_gpu_layers,
@@ -89,6 +95,23 @@ def server_config(**values: Any) -> ServerConfig:
         field, _, rest = str(exc).partition(" ")
         fail(f"--{field.replace('_', '-')} {rest}")
         raise  # unreachable
+
+
+def parallel_backend(backend: str, tensor: int, pipeline: int) -> str:
+    """The backend that serves one model over ``tensor`` x ``pipeline`` GPUs: vLLM, the only one that splits a model.
+
+    ``auto`` becomes ``vllm`` when either size is above 1; another backend, or a size below 1, is one line naming the flag.
+    """
+    sizes = {"--tensor-parallel-size": tensor, "--pipeline-parallel-size": pipeline}
+    for flag, size in sizes.items():
+        if size < 1:
+            fail(f"{flag} must be a positive integer, got {size}")
+    asked = [flag for flag, size in sizes.items() if size > 1]
+    if not asked:
+        return backend
+    if backend not in ("auto", "vllm"):
+        fail(f"{asked[0]}: the {backend} backend runs a model on one device; only --backend vllm splits it across GPUs")
+    return "vllm"
 
 
 def flag_error(message: str) -> str:
