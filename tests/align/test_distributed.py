@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,18 +57,43 @@ def per_device(method: str, data: dict[str, str], reward_model: Path) -> dict[st
 
 
 def launch_runs(stage: str, spec: list[dict[str, Any]], folder: Path) -> float:
-    """Runs ``spec`` in one 2-process ``accelerate launch`` with ``stage``'s config; returns its wall time."""
+    """Runs ``spec`` on 2 processes with ``stage``'s config; returns the wall time.
+
+    ZeRO-2 runs as the README's multi-node recipe: two "machines" on this one (static rendezvous on
+    127.0.0.1), one process each; ZeRO-3 as one machine with 2 processes.
+    """
     spec_file = folder / f"{stage}.json"
     spec_file.write_text(json.dumps(spec))
-    command = [
+    launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / f"{stage}.yaml"),
-        "--num_processes", "2", str(DRIVER), str(spec_file),
+        "--num_processes", "2",
     ]  # fmt: skip
+    if stage == "zero2":
+        node = ["--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+        commands = [[*launch, *node, "--machine_rank", str(rank), str(DRIVER), str(spec_file)] for rank in (0, 1)]
+    else:
+        commands = [[*launch, str(DRIVER), str(spec_file)]]
     env = {**launch_env(), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=560, env=env, cwd=folder)
-    assert result.returncode == 0, result.stderr[-4000:]
+    logs = [folder / f"{stage}-{rank}.log" for rank in range(len(commands))]
+    processes = []
+    for command, log in zip(commands, logs, strict=True):
+        with log.open("w") as stderr:
+            processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=folder))
+    try:
+        codes = [process.wait(timeout=560) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                kill_tree(process.pid)
+    assert codes == [0] * len(commands), "\n".join(log.read_text()[-3000:] for log in logs)
     return time.monotonic() - started
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
