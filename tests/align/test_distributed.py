@@ -152,6 +152,7 @@ def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the first one sets up both launches (and, on a fresh cache, DeepSpeed's JIT build)
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_run_ends_with_the_one_process_weights(method: str, stage: str, zero_runs, one_process, tiny_llama):
