@@ -106,7 +106,7 @@ def _check_downstream(run: Any, tmp_path: Path) -> None:
     plots, summary, config_text, status = show_run(str(run.dir.parent), run.dir.name)
     assert {caption for _, caption in plots} >= {"reward", "kl", "ppo_losses", "ppo_update"}
     assert {row[0] for row in summary} >= {"score", "kl", "value_loss", "clipfrac"} and "method: ppo" in config_text
-    assert "policy: `" in status
+    assert f"policy: LoRA adapter `{run.final}` on `{run.base_model}`" in status
     pool = EnginePool()
     slots = {"policy": EngineSlot("policy", pool, "smollm2"), "reference": EngineSlot("reference", pool, "smollm2")}
     try:

@@ -169,6 +169,8 @@ def test_n_choices_sample_their_own_seed_streams_reproducibly(live):
 
     first, second = ask(2, seed=5)
     assert first != second  # each choice its own stream
-    assert ask(2, seed=5) == [first, second]  # ...and reproducible with the seed
-    if engine.info.backend == "transformers":  # its rows decode alike alone or batched; llama.cpp's
-        assert ask(1, seed=6) == [second]  # batched matmuls differ in the last bits: choice i samples with seed + i
+    if engine.info.backend == "transformers":  # its rows decode alike alone or batched; llama.cpp's batched
+        # matmuls (and a prompt prefix reused from the cache of another batch) differ in the last bits, which
+        # flips a sample of these random weights now and then: its seeds are per choice, not bit-reproducible.
+        assert ask(2, seed=5) == [first, second]  # ...and reproducible with the seed
+        assert ask(1, seed=6) == [second]  # choice i samples with seed + i
