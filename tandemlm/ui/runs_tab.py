@@ -64,9 +64,11 @@ def load_run_policy(
         return *boxes, "", f"⚠ run `{name}` has no policy to load yet: {policy_line(path)}."
     base = run_base(path) or str(run_info(path).get("base_model") or "")
     with_base = with_base and bool(base) and (base in BUILTIN_MODELS or Path(base).exists())
-    if with_base:
-        load_slot(slots, "reference", base, "auto")
+    # The policy loads first: for a LoRA run that opens the base's engine with the adapter in it,
+    # which vLLM needs at load (it switches LoRA on then or never); the reference then shares it.
     status = load_slot(slots, "policy", str(path), "auto")
+    if with_base:
+        status = load_slot(slots, "reference", base, "auto")
     error = slots["policy"].error
     where = " (its base model as the reference" + (", adapter off)" if lora_run(path) else ")")
     note = f"⚠ {error}" if error else f"Loaded `{name}` as the policy" + (where if with_base else "")

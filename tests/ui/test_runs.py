@@ -115,7 +115,46 @@ def test_load_policy_button_loads_the_runs_policy(tmp_path):
     base.mkdir()
     (root / "dpo-1" / "run.json").write_text(json.dumps({"method": "dpo", "base_model": str(base)}))
     policy_box, reference_box, models, status = load_run_policy(slots, str(root), "dpo-1")
-    assert loaded == [str(base), str(root / "dpo-1" / "policy" / "model-Q4_K_M.gguf")]
+    assert loaded == [str(root / "dpo-1" / "policy" / "model-Q4_K_M.gguf"), str(base)]  # the policy first
     assert (policy_box, reference_box) == (str(root / "dpo-1"), str(base))
     assert status == "Loaded `dpo-1` as the policy (its base model as the reference)"
     assert f"**policy**: `{root / 'dpo-1'}` loaded (mock" in models and f"`{base}` loaded (mock" in models
+
+
+def test_loading_a_lora_run_with_its_base_opens_one_engine_with_the_adapter_given_at_load(tmp_path):
+    """vLLM switches LoRA on only for adapters it gets at load: the policy (base + adapter) must load
+    first, so the reference (the same base, adapter off) shares that engine instead of opening it bare."""
+    from tandemlm.deploy.mock_engine import MockEngine
+    from tandemlm.ui.engines import EnginePool, EngineSlot
+
+    class AdapterMock(MockEngine):
+        def __init__(self, adapters: dict[str, str]) -> None:
+            super().__init__(model_id="base")
+            self.adapters = dict(adapters)
+
+        def loaded_adapters(self) -> list[str]:
+            return list(self.adapters)
+
+        def load_adapter(self, name: str, path: str) -> None:
+            raise AssertionError("the adapter should have come with the engine's load")
+
+    loads: list[tuple[str, dict]] = []
+
+    def loader(model: str, backend: str, **options: object) -> AdapterMock:
+        loads.append((model, dict(options)))
+        return AdapterMock(options.get("adapters", {}))  # type: ignore[arg-type]
+
+    base = tmp_path / "base"
+    base.mkdir()
+    run = tmp_path / "runs" / "dpo-lora"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text("method: dpo\n")
+    (run / "run.json").write_text(json.dumps({"method": "dpo", "base_model": str(base), "adapter": True, "status": "finished"}))
+    pool = EnginePool(loader)
+    slots = {"policy": EngineSlot("policy", pool, "x"), "reference": EngineSlot("reference", pool, "y")}
+    *_, note = load_run_policy(slots, str(run.parent), run.name)
+    assert note.startswith("Loaded"), note
+    assert len(loads) == 1 and loads[0][0] == str(base) and list(loads[0][1]["adapters"].values()) == [run.resolve() / "final"]
+    assert slots["policy"].get() is not slots["reference"].get()  # adapter view vs the base itself...
+    assert slots["policy"].get().base is slots["reference"].get()  # ...on one engine
