@@ -122,3 +122,28 @@ def test_auto_never_opens_a_second_vllm_engine_and_an_explicit_one_says_what_to_
     assert [call[:2] for call in loader.calls] == [("policy-model", "auto"), ("reference-model", "transformers")]
     with pytest.raises(EngineError, match=r"policy-model already runs on vLLM.*load other-model with the transformers backend"):
         pool.acquire("other-model", "vllm")
+
+
+@pytest.mark.gpu
+def test_the_apps_pool_puts_an_hf_model_on_the_gpu_and_compares_there(tiny_llama_dir):
+    """The UI on a GPU: ``auto`` loads an HF folder onto it (transformers, or vLLM when installed) in 16 bits."""
+    import torch
+
+    from tandemlm.deploy.engine import collect
+    from tandemlm.deploy.types import SamplingParams
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pool = EnginePool()
+    try:
+        policy, reference = EngineSlot("policy", pool, str(tiny_llama_dir)), EngineSlot("reference", pool, str(tiny_llama_dir))
+        engine = policy.get()
+        assert reference.get() is engine  # one engine for both sides
+        if engine.info.backend == "transformers":
+            assert engine.device.type == "cuda" and engine.model.dtype in (torch.bfloat16, torch.float16)
+        else:
+            assert engine.info.backend == "vllm"
+        reply = collect(engine.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4)))
+        assert reply.usage.completion_tokens > 0
+    finally:
+        pool.close()
