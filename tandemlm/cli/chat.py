@@ -15,7 +15,7 @@ from tandemlm.deploy.types import Delta, SamplingParams, Usage
 from tandemlm.errors import EngineError
 from tandemlm.models.chat_template import Message
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /help, /exit; Ctrl-C stops an answer"
 
 
 def stream_to_terminal(stream: Iterator[Delta], console: Console | None = None) -> tuple[str, Usage | None]:
@@ -85,6 +85,9 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None = None)
             continue
         if text in ("/exit", "/quit"):
             break
+        if text in ("/help", "/?"):
+            console.print(HELP)
+            continue
         if text == "/reset":
             history = []
             console.print("[dim]conversation cleared[/]")
@@ -105,6 +108,7 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None = None)
             console.print(f"[red]error:[/] {exc}")
             continue
         except KeyboardInterrupt:
+            print(flush=True)  # the partial answer (and the terminal's ^C) ends its line first
             console.print("[dim]stopped[/]")
             continue
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]

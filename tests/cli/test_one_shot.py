@@ -35,3 +35,10 @@ def test_generate_with_text_adds_nothing_on_stderr(reply):
 def test_chat_with_a_question_answers_once_and_exits(reply):
     result = runner.invoke(cli_main.app, ["chat", "smollm2", "What is the capital of France?"], input="never read\n")
     assert result.exit_code == 0 and result.stdout.strip() == "Paris."
+
+
+def test_chat_knows_help_and_names_the_commands(reply):
+    result = runner.invoke(cli_main.app, ["chat", "smollm2"], input="/help\n/frobnicate\nhello\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("/reset (forget the conversation)") >= 3  # banner, /help, the unknown command's hint
+    assert "unknown command /frobnicate" in result.output and "unknown command /help" not in result.output
