@@ -89,6 +89,7 @@ class LlamaCppEngine(LlamaCppAdapters, BaseEngine):
         # Observability (cheap counters the tests read): tokens sampled, and the most sequences one decode sampled for.
         self.sampled_tokens = 0
         self.prefilled_tokens = 0  # prompt tokens decoded (a cancelled prefill stops adding to it)
+        self.shared_prefix_tokens = 0  # prompt tokens taken from a running sequence's cells
         self.max_sequences_per_step = 0
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.metadata = self._model.metadata()
@@ -269,6 +270,7 @@ class LlamaCppEngine(LlamaCppAdapters, BaseEngine):
             if not self._ll.llama_memory_seq_rm(self._memory, seq, reuse, -1):
                 self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
                 reuse = 0
+            reuse = self._share_prefix(request, seq, reuse, active)
             request.seq_id, request.n_past = seq, reuse
             self.reused_tokens += reuse
             if request.params is not None:
@@ -279,6 +281,28 @@ class LlamaCppEngine(LlamaCppAdapters, BaseEngine):
                     self._finish(request, error=exc)
                     continue
             active.append(request)
+
+    def _share_prefix(self, request: LlamaRequest, seq: int, reuse: int, active: list[LlamaRequest]) -> int:
+        """Gives ``seq`` a running sequence's cached prefix when it beats ``reuse``; the new length.
+
+        Concurrent requests often share a system prompt or a whole prompt. In the one unified KV cache,
+        ``llama_memory_seq_cp`` tags the donor's cells with ``seq`` as well (no copy), so the request
+        prefills only what follows; either sequence may end first without touching the other's cells.
+        """
+        limit = max(request.max_reuse, 0)
+        donor, best = -1, reuse
+        for other in active:
+            if other.seq_id < 0 or other.adapter != request.adapter:
+                continue
+            common = min(common_prefix_len(other.kv_tokens(), request.prompt), limit)
+            if common > best:
+                donor, best = other.seq_id, common
+        if donor < 0:
+            return reuse
+        self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._ll.llama_memory_seq_cp(self._memory, donor, seq, 0, best)
+        self.shared_prefix_tokens += best
+        return best
 
     def _best_idle(self, request: LlamaRequest) -> tuple[int, int]:
         """The idle sequence whose cached tokens share the longest prefix with the request's prompt."""

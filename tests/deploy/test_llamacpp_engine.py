@@ -532,3 +532,20 @@ def test_a_cuda_build_puts_the_model_on_the_gpu_by_default_and_answers_there():
         assert "Paris" in answer
     finally:
         engine.close()
+
+
+def test_a_request_shares_the_cached_prompt_of_a_running_one_and_decodes_the_same(smollm2):
+    """Concurrent requests with one long prompt: the second takes the first's KV cells (no prefill)."""
+    messages = _long_prompt(smollm2, 600)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    alone = collect(smollm2.chat(messages, params)).text
+    smollm2._evict_idle(keep=-1)  # no idle cache left to reuse: only the running sequence can give its prefix
+    prompt_len = len(smollm2.tokenize(smollm2.render_chat(messages)))
+    first = smollm2.chat(messages, params)
+    first_text = next(first).text  # decoding: its whole prompt is in the cache
+    prefilled, shared = smollm2.prefilled_tokens, smollm2.shared_prefix_tokens
+    second = collect(smollm2.chat(messages, params)).text
+    first_text += collect(first).text
+    assert smollm2.shared_prefix_tokens - shared == prompt_len - 1  # all but the last prompt token
+    assert smollm2.prefilled_tokens - prefilled <= 2  # the second prefilled one token, not 600
+    assert second == alone and first_text == alone
