@@ -148,8 +148,8 @@ def load_reward_model(ref: str | Path, dtype: Any = None, device: str | None = N
         dtype, device = precision.torch_dtype(), precision.device
     check_reward_model(ref)
     path = Path(ref).expanduser()
-    if is_run_folder(path) and read_run_folder(path).is_adapter and not read_run_folder(path).merged.is_dir():
-        run = read_run_folder(path)
+    run = read_run_folder(path) if is_run_folder(path) else None
+    if run is not None and run.is_adapter and not run.merged.is_dir():
         four_bit = precision is not None and run.trained_in_4bit and precision.device.startswith("cuda")
         kwargs = inference_load_kwargs(precision, four_bit=True) if four_bit else {"dtype": dtype}  # type: ignore[arg-type]
         model, tokenizer = _adapter_reward_model(run, kwargs), load_tokenizer(run.final)
@@ -158,7 +158,7 @@ def load_reward_model(ref: str | Path, dtype: Any = None, device: str | None = N
             return model.eval(), tokenizer  # placed by bitsandbytes already: .to() is refused
         model = model.merge_and_unload()
     else:
-        folder = read_run_folder(path).model_folder() if is_run_folder(path) else path
+        folder = run.model_folder() if run is not None else path
         with refused_pickle(folder):
             model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype)
         tokenizer = load_tokenizer(folder)
