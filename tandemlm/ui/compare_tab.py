@@ -1,9 +1,11 @@
-"""Compare tab: one prompt, policy (left) and reference (right) streamed side by side, then where they diverge.
+"""Compare tab: a conversation with policy (left) and reference (right) streamed side by side, then where they diverge.
 
-Both answers stream at once (one thread per side; the engines batch concurrent requests). When
-both are done, each answer is scored under both models with ``token_logprobs`` and shown with
-its tokens coloured by ``log π_policy − log π_ref``, next to the judges' verdicts. The finished
-comparison is kept in a ``gr.State`` for the vote buttons (see ``vote_panel``).
+Both answers stream at once (one thread per side; the engines batch concurrent requests). Each
+side keeps its own conversation (see ``conversation``): a follow-up goes to each engine with the
+user's turns and that side's own earlier replies. When both answers are in, each is scored under
+both models (see ``scoring``) and shown with its tokens coloured by ``log π_policy − log π_ref``,
+next to the judges' verdicts. The finished turn is kept in a ``gr.State`` for the vote buttons
+(see ``vote_panel``); the colour scale redraws it without running the models again.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from typing import TYPE_CHECKING, Any
 from tandemlm.deploy.types import Delta, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.models.chat_template import Message
-from tandemlm.ui.arena import ALIASES, assign_sides, build_leaderboard, same_model_note, side_seeds
-from tandemlm.ui.chat_tab import chat_display, engine_messages, stats_line
-from tandemlm.ui.divergence import LEGEND_HTML, align_tokens, divergence_html
+from tandemlm.ui.arena import build_leaderboard, same_model_note, side_seeds
+from tandemlm.ui.chat_tab import Turn, stats_line
+from tandemlm.ui.conversation import BUSY, SIDE_KEYS, Conversation, RunGuard
+from tandemlm.ui.divergence import align_tokens, legend_html
 from tandemlm.ui.engines import EngineSlot
 from tandemlm.ui.judges import Judges, judge_line
 from tandemlm.ui.merge import DONE, merge_streams
 from tandemlm.ui.sampling import sampling_controls, sampling_params
+from tandemlm.ui.scoring import HIDDEN, ScoredAnswer, measure_note, score_answer
 from tandemlm.ui.stopping import StopFlag
 from tandemlm.ui.training_panel import build_training_panel
 from tandemlm.ui.vote_panel import Comparison, build_vote_panel
@@ -33,8 +37,9 @@ from tandemlm.ui.votes import Side
 if TYPE_CHECKING:
     from tandemlm.ui.models_panel import ModelsPanel
 
+__all__ = ["HIDDEN", "CompareView", "SideRun", "build_compare_tab", "compare_reply", "compare_views"]
+
 SIDES = {"left": "policy", "right": "reference"}  # which slot answers on which side (blind mode shuffles)
-HIDDEN = "<div class='tandem-divergence'><i>Divergence hidden until you vote (blind battle).</i></div>"
 
 
 @dataclass
@@ -67,9 +72,9 @@ class SideRun:
         self.finish = delta.finish_reason or self.finish
         self.elapsed = elapsed
 
-    def bot(self) -> list[dict[str, Any]]:
-        """Chatbot messages for this side (reasoning collapsible above the answer)."""
-        return chat_display([{"role": "assistant", "content": self.text, "reasoning": self.reasoning}])
+    def turn(self) -> Turn:
+        """This side's reply as a conversation turn (reasoning kept for the display, not sent back)."""
+        return {"role": "assistant", "content": self.text, "reasoning": self.reasoning}
 
     def stats(self) -> str:
         """The line under the answer: who, length, speed, judges, or the error."""
@@ -85,19 +90,27 @@ class SideRun:
 
 @dataclass
 class CompareView:
-    """Everything the tab's outputs show."""
+    """Everything the tab's outputs show, and the conversation and prompt box after this update."""
 
+    conversation: Conversation
     sides: dict[str, SideRun] = field(default_factory=dict)
+    user: str = ""  # the turn in flight: shown in both panes until it joins the conversation
+    streaming: bool = False
     divergence: dict[str, str] = field(default_factory=lambda: {"left": "", "right": ""})
     comparison: Comparison | None = None
     status: str = ""
+    box: str = ""  # the prompt box: emptied once the turn is in the conversation, kept to resend otherwise
+    busy: bool = False  # refused: another comparison of this session is running
 
     def values(self) -> tuple[Any, ...]:
         """Output values: left bot, right bot, left stats, right stats, left/right divergence, state, status."""
+        bots = [
+            self.conversation.display(key, self.user, side.turn() if side else None, self.streaming)
+            for key, side in ((key, self.sides.get(key)) for key in SIDE_KEYS)
+        ]
         left, right = self.sides.get("left"), self.sides.get("right")
         return (
-            left.bot() if left else [],
-            right.bot() if right else [],
+            *bots,
             left.stats() if left else "",
             right.stats() if right else "",
             self.divergence["left"],
@@ -108,6 +121,14 @@ class CompareView:
 
 
 def compare_reply(
+    slots: dict[str, EngineSlot], judges: Judges, prompt: str, system: str | None, *sampling: Any, **options: Any
+) -> Iterator[tuple[Any, ...]]:
+    """:func:`compare_views` as the tab's output values (see :meth:`CompareView.values`)."""
+    for view in compare_views(slots, judges, prompt, system, *sampling, **options):
+        yield view.values()
+
+
+def compare_views(
     slots: dict[str, EngineSlot],
     judges: Judges,
     prompt: str,
@@ -116,50 +137,92 @@ def compare_reply(
     stop: StopFlag | None = None,
     blind: bool = False,
     rng: random.Random | None = None,
-) -> Iterator[tuple[Any, ...]]:
-    """Streams both answers to ``prompt``, then scores divergence; problems are shown, never raised.
+    conversation: Conversation | None = None,
+    guard: RunGuard | None = None,
+) -> Iterator[CompareView]:
+    """Streams both answers to ``prompt`` as the next turn of ``conversation``, then scores divergence.
 
-    ``stop``, once set, ends both answers after their current tokens; a stopped comparison is not votable.
-    ``blind`` shuffles the sides (``rng``) and hides who answered until the vote.
+    Problems are shown, never raised. ``stop``, once set, ends both answers after their current
+    tokens (the partial answers join the conversation; a stopped turn is not votable). ``blind``
+    shuffles the sides (``rng``) and hides who answered until the vote; it is fixed when a
+    conversation starts. ``guard`` refuses a second comparison while one runs (``busy``).
     """
-    stop = stop or StopFlag()
+    guard = guard or RunGuard()
+    if not guard.begin():  # checked before arming the flag: a refused click must not undo a Stop press
+        yield CompareView(conversation or Conversation.start(), status=BUSY, box=prompt or "", busy=True)
+        return
+    try:
+        yield from _compare(slots, judges, prompt, system, sampling, stop or StopFlag(), blind, rng, conversation)
+    finally:
+        guard.end()
+
+
+def _compare(
+    slots: dict[str, EngineSlot],
+    judges: Judges,
+    prompt: str,
+    system: str | None,
+    sampling: Sequence[Any],
+    stop: StopFlag,
+    blind: bool,
+    rng: random.Random | None,
+    conversation: Conversation | None,
+) -> Iterator[CompareView]:
     stop.arm()
-    view = CompareView()
+    view = CompareView(conversation or Conversation.start(blind, rng), box=prompt or "")
     text = (prompt or "").strip()
     if not text:
         view.status = "Type a prompt first."
-        yield view.values()
+        yield view
         return
     try:
         params = sampling_params(*sampling)
     except EngineError as exc:
         view.status = f"⚠ {exc}"
-        yield view.values()
+        yield view
         return
-    messages = [*engine_messages([], system), {"role": "user", "content": text}]
-    seeds = side_seeds(params.seed, rng)
+    seeds, roles = side_seeds(params.seed, rng), view.conversation.roles
     view.sides = {
-        key: SideRun(role, slots[role].model, alias=ALIASES[key] if blind else "", seed=seeds[key])
-        for key, role in assign_sides(blind, rng).items()
+        key: SideRun(roles[key], slots[roles[key]].model, alias=view.conversation.alias(key), seed=seeds[key])
+        for key in SIDE_KEYS
     }
-    note = same_model_note(slots)
+    messages = {key: view.conversation.messages(key, system, text) for key in SIDE_KEYS}
+    note = _note(slots, view.conversation, blind)
+    view.user, view.streaming = text, True
     view.status = f"{note}  \ngenerating…" if note else "generating…"
     started = time.perf_counter()
     merged = merge_streams(_start(slots, view.sides, messages, params))
-    yield view.values()
+    yield view
     try:
         for batch in merged:
             _fold(view.sides, batch, time.perf_counter() - started)
             if stop.stopped:
                 for side in view.sides.values():
                     side.finish = side.finish or "stopped"
+                _keep_turn(view)
                 view.status = "stopped: nothing to vote on"
-                yield view.values()
+                yield view
                 return
-            yield view.values()
+            yield view
     finally:
         merged.close()  # stops both streams and frees the engines' slots
+    view.streaming = False
     yield from _finish(slots, judges, view, messages, params, note)
+
+
+def _note(slots: dict[str, EngineSlot], conversation: Conversation, blind: bool) -> str:
+    """The same-model warning, and a word when the blind box changed mid-conversation (it applies to the next)."""
+    notes = [same_model_note(slots)]
+    if conversation.user_turns and conversation.blind != blind:
+        mode = "a blind battle" if conversation.blind else "not blind"
+        notes.append(f"This conversation is {mode} to the end: the blind setting applies from the next new conversation.")
+    return "  \n".join(n for n in notes if n)
+
+
+def _keep_turn(view: CompareView) -> None:
+    """Moves the turn in flight into the conversation (the prompt box empties: the next message is a follow-up)."""
+    view.conversation = view.conversation.extend(view.user, {key: side.turn() for key, side in view.sides.items()})
+    view.user, view.box = "", ""
 
 
 def _fold(sides: dict[str, SideRun], batch: list[tuple[str, object]], elapsed: float) -> None:
@@ -174,14 +237,14 @@ def _fold(sides: dict[str, SideRun], batch: list[tuple[str, object]], elapsed: f
 
 
 def _start(
-    slots: dict[str, EngineSlot], sides: dict[str, SideRun], messages: list[Message], params: SamplingParams
+    slots: dict[str, EngineSlot], sides: dict[str, SideRun], messages: dict[str, list[Message]], params: SamplingParams
 ) -> dict[str, Iterator[Delta]]:
     streams = {}
     for key, side in sides.items():
         try:
             engine = slots[side.role].get()
             side.backend = engine.info.backend
-            streams[key] = engine.chat(messages, dataclasses.replace(params, seed=side.seed))
+            streams[key] = engine.chat(messages[key], dataclasses.replace(params, seed=side.seed))
         except EngineError as exc:  # load failure or a prompt over the context length
             side.error = str(exc)
     return streams
@@ -191,72 +254,87 @@ def _finish(
     slots: dict[str, EngineSlot],
     judges: Judges,
     view: CompareView,
-    messages: list[Message],
+    messages: dict[str, list[Message]],
     params: SamplingParams,
     note: str = "",
-) -> Iterator[tuple[Any, ...]]:
+) -> Iterator[CompareView]:
     sides = view.sides
-    ok = all(not s.error for s in sides.values())
-    for side in sides.values():
-        if not side.error:
-            side.judged = judge_line(judges, messages, side.text)
-    if ok:
-        view.comparison = Comparison(
-            prompt=messages,
-            left=_side(sides["left"]),
-            right=_side(sides["right"]),
-            params=params,
-            roles=(sides["left"].role, sides["right"].role),
-        )
-        view.status = "scoring divergence…"
-        yield view.values()
     for key, side in sides.items():
-        view.divergence[key] = _divergence(slots, messages, side) if ok else ""
-    blind = any(side.alias for side in sides.values())
-    if blind and view.comparison is not None:
-        view.comparison.reveal = _revealed(view)
-        view.divergence = {"left": HIDDEN, "right": HIDDEN}
-    view.status = "done: vote below" if ok else "⚠ one side failed; nothing to vote on"
-    view.status = f"{note}  \n{view.status}" if note else view.status
-    yield view.values()
+        if not side.error:
+            side.judged = judge_line(judges, messages[key], side.text)
+    if any(side.error for side in sides.values()):  # the turn stays out of the conversation: resend it
+        view.status = f"{note}  \n⚠ one side failed; nothing to vote on" if note else "⚠ one side failed; nothing to vote on"
+        yield view
+        return
+    _keep_turn(view)
+    view.status = "scoring divergence…"
+    yield view
+    blind = view.conversation.blind
+    view.comparison = Comparison(
+        prompt=messages["left"],
+        left=_side(sides["left"], messages["left"]),
+        right=_side(sides["right"], messages["right"]),
+        params=params,
+        roles=(sides["left"].role, sides["right"].role),
+        scores={key: _score(slots, messages[key], side, params) for key, side in sides.items()},
+        blind=blind,
+        reveal=_named(sides) if blind else None,
+    )
+    view.divergence = dict(zip(SIDE_KEYS, view.comparison.divergence(), strict=True))
+    view.status = f"{note}  \ndone: vote below" if note else "done: vote below"
+    yield view
 
 
-def _side(run: SideRun) -> Side:
-    return Side(run.model, run.backend, run.text, run.seed)
+def _side(run: SideRun, messages: list[Message]) -> Side:
+    return Side(run.model, run.backend, run.text, run.seed, context=list(messages))
 
 
-def _revealed(view: CompareView) -> tuple[str, str, str, str]:
-    """What a blind battle shows after the vote: the named stats lines and the divergence of each side."""
-    named = {key: dataclasses.replace(side, alias="") for key, side in view.sides.items()}
-    return named["left"].stats(), named["right"].stats(), view.divergence["left"], view.divergence["right"]
+def _named(sides: dict[str, SideRun]) -> tuple[str, str]:
+    """What a blind battle shows after the vote: each side's stats line with its role and model."""
+    left, right = (dataclasses.replace(sides[key], alias="").stats() for key in SIDE_KEYS)
+    return left, right
 
 
-def _divergence(slots: dict[str, EngineSlot], messages: Sequence[Message], side: SideRun) -> str:
-    title = f"{side.role} answer"
+def _score(slots: dict[str, EngineSlot], messages: Sequence[Message], side: SideRun, params: SamplingParams) -> ScoredAnswer:
+    """``side``'s answer (and reasoning) scored under policy and reference, the same text under both."""
+    title, note = f"{side.role} answer", measure_note(side.role, params, side.reasoning)
     try:
-        policy = slots["policy"].get().token_logprobs(messages, side.text)
-        reference = slots["reference"].get().token_logprobs(messages, side.text)
+        policy = score_answer(slots["policy"].get(), messages, side.reasoning, side.text)
+        reference = score_answer(slots["reference"].get(), messages, side.reasoning, side.text)
     except EngineError as exc:
-        return f"<div>⚠ could not score the {title}: {exc}</div>"
-    return divergence_html(align_tokens(policy, reference), title)
+        return ScoredAnswer(title, None, note, str(exc))
+    return ScoredAnswer(title, align_tokens(policy, reference), note)
+
+
+def rescale(comparison: Comparison | None, scale: float) -> tuple[str, str] | None:
+    """The finished comparison's divergence redrawn with full colour at ``scale`` nats; None when there is none."""
+    if comparison is None:
+        return None
+    return comparison.divergence(float(scale))
+
+
+def new_conversation(guard: RunGuard) -> str | None:
+    """Clears the Compare tab unless a comparison is running; returns the refusal, or None when cleared."""
+    return "A comparison is running: press Stop first, then New conversation." if guard.running else None
 
 
 def build_compare_tab(
     slots: dict[str, EngineSlot], judges: Judges, votes_path: str, runs_dir: str = "runs", models: ModelsPanel | None = None
 ) -> None:
-    """Lays out the Compare tab (prompt, two answers, divergence, votes, leaderboard, training); call inside ``gr.Tab``."""
+    """Lays out the Compare tab (prompt, two conversations, divergence, votes, leaderboard, training); call inside ``gr.Tab``."""
     import gradio as gr
 
     note = gr.Markdown(lambda: same_model_note(slots), elem_id="compare-same-model")
     with gr.Row():
         prompt = gr.Textbox(
-            placeholder="One prompt for both models (Enter runs)", show_label=False, lines=1, max_lines=8, scale=6,
-            elem_id="compare-input",
+            placeholder="A message to both models (Enter runs; follow-ups continue each side's conversation)",
+            show_label=False, lines=1, max_lines=8, scale=6, elem_id="compare-input",
         )
         blind = gr.Checkbox(False, label="blind battle", info="sides shuffled, names hidden until the vote",
                             scale=1, min_width=140, elem_id="compare-blind")
         run = gr.Button("Compare", variant="primary", scale=1, min_width=100, elem_id="compare-run")
         stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="compare-stop")
+        clear = gr.Button("New conversation", scale=1, min_width=120, elem_id="compare-clear")
     with gr.Accordion("system prompt and sampling", open=False):
         system = gr.Textbox(label="system prompt", lines=2, placeholder="optional")
         with gr.Row():
@@ -266,26 +344,49 @@ def build_compare_tab(
     with gr.Row(equal_height=False):
         for key in SIDES:
             with gr.Column():
-                bots[key] = gr.Chatbot(label=f"{key} answer", height=300, elem_id=f"compare-{key}-bot", buttons=["copy"])
+                bots[key] = gr.Chatbot(label=f"{key} side", height=300, elem_id=f"compare-{key}-bot", buttons=["copy"])
                 stats[key] = gr.Markdown(elem_id=f"compare-{key}-stats")
                 diverge[key] = gr.HTML(elem_id=f"compare-{key}-divergence")
-    gr.HTML(LEGEND_HTML)
-    comparison = gr.State(None)
-    flag = gr.State(StopFlag)  # a callable: one flag per browser session
+    with gr.Row():
+        legend = gr.HTML(legend_html())
+        scale = gr.Slider(0.25, 8.0, value=2.0, step=0.25, label="colour scale (nats)", min_width=200, scale=0,
+                          info="the |log π/π_ref| that gets full colour", elem_id="compare-scale")
+    comparison, conversation = gr.State(None), gr.State(None)
+    flag, guard = gr.State(StopFlag), gr.State(RunGuard)  # callables: one of each per browser session
     reveal = [stats["left"], stats["right"], diverge["left"], diverge["right"]]
-    vote_outputs, vote_events = build_vote_panel(comparison, votes_path, reveal)
+    vote_outputs, vote_events = build_vote_panel(comparison, votes_path, reveal, scale)
     refresh_board, board_outputs = build_leaderboard(votes_path)
     for event in vote_events:
         event.then(refresh_board, outputs=board_outputs, show_progress="hidden")
     if models is not None:
         build_training_panel(slots, votes_path, runs_dir, models)
 
-    def reply(stop_flag: StopFlag, blind_battle: bool, text: str, system_prompt: str, *sampling: Any) -> Iterator[tuple[Any, ...]]:
-        yield from compare_reply(slots, judges, text, system_prompt, *sampling, stop=stop_flag, blind=blind_battle)
+    def reply(stop_flag: StopFlag, run_guard: RunGuard, state: Conversation | None, blind_battle: bool, text: str,
+              system_prompt: str, *sampling: Any) -> Iterator[tuple[Any, ...]]:
+        for view in compare_views(slots, judges, text, system_prompt, *sampling, stop=stop_flag, blind=blind_battle,
+                                  conversation=state, guard=run_guard):
+            if view.busy:  # a toast: the running comparison's next update would overwrite the status line at once
+                gr.Warning(view.status)
+                yield (*(gr.skip(),) * 7, view.status, gr.skip(), gr.skip())
+                return
+            yield (*view.values(), view.conversation, view.box)
 
-    outputs = [bots["left"], bots["right"], stats["left"], stats["right"], diverge["left"], diverge["right"],
-               comparison, status]
+    def restart(run_guard: RunGuard) -> tuple[Any, ...]:
+        refusal = new_conversation(run_guard)
+        if refusal is not None:
+            gr.Warning(refusal)
+            return (*(gr.skip(),) * 7, refusal, *(gr.skip(),) * 3)
+        return [], [], "", "", "", "", None, "New conversation: the next message starts it.", None, "", ""
+
+    def redraw(state: Comparison | None, value: float) -> tuple[Any, ...]:
+        shown = rescale(state, value)
+        return (*(shown if shown is not None else (gr.skip(), gr.skip())), legend_html(float(value)))
+
+    shown = [bots["left"], bots["right"], stats["left"], stats["right"], diverge["left"], diverge["right"], comparison, status]
     for trigger in (run.click, prompt.submit):
-        trigger(reply, [flag, blind, prompt, system, *controls], outputs, show_progress="hidden", concurrency_limit=8)
+        trigger(reply, [flag, guard, conversation, blind, prompt, system, *controls], [*shown, conversation, prompt],
+                show_progress="hidden", concurrency_limit=8)
         trigger(lambda: ("", "", same_model_note(slots)), outputs=[*vote_outputs, note], queue=False)
     stop.click(lambda stop_flag: stop_flag.stop(), flag, None, queue=False)
+    clear.click(restart, guard, [*shown, conversation, prompt, vote_outputs[1]], queue=False)
+    scale.change(redraw, [comparison, scale], [diverge["left"], diverge["right"], legend], queue=False)

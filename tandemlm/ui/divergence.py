@@ -105,9 +105,9 @@ def _top_html(diffs: Sequence[TokenDiff]) -> str:
     return f"<div style='font-size:0.85em'>Most divergent tokens (log π/π_ref, nats): {items}</div>"
 
 
-def divergence_html(diffs: Sequence[TokenDiff], title: str, scale: float = 2.0) -> str:
+def divergence_html(diffs: Sequence[TokenDiff], title: str, scale: float = 2.0, note: str = "") -> str:
     """The response with each span coloured by its log-ratio (hover shows the numbers), under a KL header
-    and above the most divergent tokens listed with their numbers."""
+    (and ``note``: what the sum measures) and above the most divergent tokens listed with their numbers."""
     if not diffs:
         return f"<div class='tandem-divergence'><b>{html.escape(title)}</b>: no tokens to score</div>"
     total = sequence_kl(diffs)
@@ -118,21 +118,29 @@ def divergence_html(diffs: Sequence[TokenDiff], title: str, scale: float = 2.0) 
         f"{html.escape(d.text)}</span>"
         for d in diffs
     )
+    measured = f"<div style='font-size:0.85em'>{html.escape(note)}</div>" if note else ""
     return (
         "<div class='tandem-divergence'>"
         f"<div><b>{html.escape(title)}</b>: Σ log π/π_ref = <b>{total:+.3f}</b> nats over {len(diffs)} tokens "
-        f"(mean {total / len(diffs):+.3f})</div>"
+        f"(mean {total / len(diffs):+.3f})</div>{measured}"
         "<div style='white-space:pre-wrap;line-height:1.8;font-family:ui-monospace,monospace;font-size:0.9em'>"
         f"{spans}</div>{_top_html(diffs)}</div>"
     )
 
 
-LEGEND_HTML = (
-    "<div style='font-size:0.85em'>"
-    f"<span style='background:{ratio_color(2.0)};color:#fff'>&nbsp;blue&nbsp;</span>: your policy finds this token "
-    f"likelier than the reference does; <span style='background:{ratio_color(-2.0)};color:#fff'>&nbsp;red&nbsp;</span>: "
-    "the reference finds it likelier (full colour at |log-ratio| ≥ 2 nats; hover a token for its numbers). "
-    "Σ log π/π_ref sums that over the answer: on the policy's own answer it is a one-sample estimate of "
-    "KL(policy ‖ reference), unbiased only when sampled at temperature 1 and top-p 1; on the reference's "
-    "answer it says how much likelier the policy finds the reference's words.</div>"
-)
+def legend_html(scale: float = 2.0) -> str:
+    """The colour key under the Compare tab's answers, for full colour at ``|log-ratio| ≥ scale`` nats."""
+    return (
+        "<div style='font-size:0.85em'>"
+        f"<span style='background:{ratio_color(scale, scale)};color:#fff'>&nbsp;blue&nbsp;</span>: your policy finds "
+        f"this token likelier than the reference does; <span style='background:{ratio_color(-scale, scale)};"
+        "color:#fff'>&nbsp;red&nbsp;</span>: the reference finds it likelier "
+        f"(full colour at |log-ratio| ≥ {scale:g} nats; hover a token for its numbers). "
+        "Both models score at temperature 1 with no top-p or top-k filter. Σ log π/π_ref sums that over the "
+        "answer: on the policy's own answer it is a one-sample estimate of KL(policy ‖ reference), unbiased "
+        "only when sampled at temperature 1, top-p 1, top-k off; on the reference's answer it says how much "
+        "likelier the policy finds the reference's words.</div>"
+    )
+
+
+LEGEND_HTML = legend_html()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandemlm.deploy.types import SamplingParams
 from tandemlm.models.chat_template import Message
+from tandemlm.ui.scoring import HIDDEN, ScoredAnswer
 from tandemlm.ui.votes import Label, Side, append_record, preference_record
 
 if TYPE_CHECKING:
@@ -24,7 +25,11 @@ BUTTONS: dict[str, str] = {"left": "← Left is better", "right": "Right is bett
 
 @dataclass
 class Comparison:
-    """A finished comparison waiting for a vote."""
+    """A finished turn of a comparison waiting for a vote.
+
+    ``prompt`` is the left side's conversation up to this turn; each side's own is in its
+    ``context`` (the two differ from the second turn on: each saw its own earlier replies).
+    """
 
     prompt: list[Message]
     left: Side
@@ -32,7 +37,16 @@ class Comparison:
     params: SamplingParams
     voted: str | None = None
     roles: tuple[str, str] = ("policy", "reference")  # which slot answered left and right
-    reveal: tuple[str, str, str, str] | None = None  # blind battle: stats and divergence to show after the vote
+    reveal: tuple[str, str] | None = None  # blind battle: the named stats lines to show after the vote
+    scores: dict[str, ScoredAnswer] = field(default_factory=dict)  # side -> its answer scored under both models
+    blind: bool = False
+
+    def divergence(self, scale: float = 2.0) -> tuple[str, str]:
+        """Left and right divergence views at ``scale`` (hidden in a blind battle until the vote)."""
+        if self.blind and not self.voted:
+            return HIDDEN, HIDDEN
+        left, right = (self.scores[key].html(scale) if key in self.scores else "" for key in ("left", "right"))
+        return left, right
 
 
 def record_vote(votes_path: str, comparison: Comparison | None, label: Label, edited: str = "") -> tuple[str, Comparison | None]:
@@ -70,12 +84,12 @@ def export_votes(votes_path: str) -> tuple[str | None, str]:
 
 
 def build_vote_panel(
-    comparison: gr.State, votes_path: str, reveal: list[gr.components.Component]
+    comparison: gr.State, votes_path: str, reveal: list[gr.components.Component], scale: gr.Slider | None = None
 ) -> tuple[list[gr.components.Component], list[Any]]:
     """Vote buttons, the edit box, the votes file line, and export; call inside the Compare tab.
 
     ``reveal`` (left stats, right stats, left divergence, right divergence) get a blind battle's
-    names and divergence once it is voted on. Returns the edit box and vote status (for the tab to
+    names and divergence (at the colour ``scale``) once it is voted on. Returns the edit box and vote status (for the tab to
     clear when a new comparison starts) and the vote events (to chain the leaderboard refresh on).
     """
     import gradio as gr
@@ -95,15 +109,16 @@ def build_vote_panel(
         export = gr.Button("Export votes (JSONL)", size="sm", elem_id="vote-export")
         download = gr.File(label="votes file", interactive=False, height=90, elem_id="vote-file")
 
-    def vote(state: Comparison | None, text: str, label: Label) -> tuple[Any, ...]:
+    def vote(state: Comparison | None, text: str, label: Label, value: float = 2.0) -> tuple[Any, ...]:
         status, state = record_vote(votes_path, state, label, text or "")
-        shown = state.reveal if state is not None and state.voted and state.reveal else (gr.skip(),) * 4
+        revealed = state is not None and state.voted and state.reveal
+        shown = (*state.reveal, *state.divergence(float(value))) if revealed else (gr.skip(),) * 4
         return status, state, *shown, votes_summary(votes_path)
 
     events = [
         button.click(
-            lambda state, text, label=label: vote(state, text, label),
-            [comparison, edit],
+            lambda state, text, value=2.0, label=label: vote(state, text, label, value),
+            [comparison, edit, *([scale] if scale is not None else [])],
             [vote_status, comparison, *reveal, votes_info],
             concurrency_limit=None,
         )

@@ -2,7 +2,9 @@
 
 Each line is one record in TRL's conversational preference format (``prompt`` a list of messages,
 ``chosen``/``rejected`` one assistant message each), as DPOTrainer and RewardTrainer take it, plus
-who answered, the sampling settings and when. Ties and "both bad" are kept for the record with
+who answered, the sampling settings and when. In a multi-turn comparison ``prompt`` is the whole
+conversation so far as the chosen answer saw it (each side keeps its own earlier replies); a side
+whose own conversation differs from ``prompt`` carries it as ``context``. Ties and "both bad" are kept for the record with
 ``chosen``/``rejected`` set to null; :func:`read_pairs` (and ``tandem align``) skips them.
 
 Appends are atomic across threads and processes: one ``os.write`` of one whole line under an
@@ -36,6 +38,7 @@ class Side:
     backend: str
     response: str
     seed: int | None = None  # the sampling seed this side actually used
+    context: list[Message] | None = None  # the conversation this side answered (None: the record's prompt)
 
 
 def preference_record(
@@ -46,19 +49,25 @@ def preference_record(
     params: SamplingParams,
     edited: str | None = None,
 ) -> dict[str, Any]:
-    """Builds one record; ``edited`` (optional) replaces the better answer as ``chosen``."""
+    """Builds one record; ``edited`` (optional) replaces the better answer as ``chosen``.
+
+    ``prompt`` is the conversation of the chosen side when the sides carry their own ``context``
+    (so chosen follows the history it was written for), else ``prompt`` as given.
+    """
     if label not in LABELS:
         raise ValueError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
+    better = right if label == "right" else left
+    shown = [dict(m) for m in (better.context if better.context is not None else prompt)]
     record: dict[str, Any] = {
-        "prompt": [dict(m) for m in prompt],
+        "prompt": shown,
         "chosen": None,
         "rejected": None,
         "label": label,
         "chosen_model": None,
         "rejected_model": None,
         "edited": False,
-        "left": asdict(left),
-        "right": asdict(right),
+        "left": _side_record(left, shown),
+        "right": _side_record(right, shown),
         "sampling": asdict(params),
         "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "schema": SCHEMA,
@@ -70,6 +79,14 @@ def preference_record(
         record["rejected"] = [{"role": "assistant", "content": worse.response}]
         record["chosen_model"], record["rejected_model"] = better.model, worse.model
         record["edited"] = text != better.response
+    return record
+
+
+def _side_record(side: Side, prompt: list[dict[str, Any]]) -> dict[str, Any]:
+    """``side`` as stored: its ``context`` only where it differs from the record's prompt (single-turn: never)."""
+    record = asdict(side)
+    if record["context"] is None or [dict(m) for m in record["context"]] == prompt:
+        del record["context"]
     return record
 
 

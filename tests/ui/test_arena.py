@@ -31,7 +31,8 @@ def test_blind_battles_shuffle_sides_and_hide_names_and_divergence_until_the_vot
     status, voted = record_vote(str(tmp_path / "votes.jsonl"), comparison, "right")
     left_role = "policy" if comparison.left.model == "pol" else "reference"
     assert f"Left was the **{left_role}** (`{comparison.left.model}`)" in status
-    named_left, named_right, div_left, div_right = voted.reveal
+    named_left, named_right = voted.reveal
+    div_left, div_right = voted.divergence()
     assert named_right.split(" · ")[0].endswith("(mock)")
     assert named_left.startswith(f"**{left_role}** `{comparison.left.model}` (mock)") and "Σ log π/π_ref" in div_left + div_right
 

@@ -13,7 +13,8 @@ SAMPLING = (64, 0.7, 1.0, 0, -1)
 
 
 def _text(bot: list[dict]) -> str:
-    return bot[-1]["content"] if bot else ""
+    """The answer in a pane (the pane also shows the user's message above it)."""
+    return bot[-1]["content"] if bot and bot[-1]["role"] == "assistant" else ""
 
 
 def _run(slots, prompt="hi", judges=None, system=None):
@@ -67,7 +68,7 @@ def test_a_model_that_fails_to_load_shows_on_its_side_and_the_other_still_answer
     slots = make_slots()
     slots["reference"].set("/no/such/model")
     *_, (left, right, _, right_stats, left_div, _, comparison, status) = _run(slots)
-    assert left[-1]["content"] == "hello" and right == []
+    assert left[-1]["content"] == "hello" and right == [{"role": "user", "content": "hi"}]
     assert right_stats.endswith("⚠ model path /no/such/model does not exist")
     assert comparison is None and status.startswith("⚠ one side failed") and left_div == ""
     assert "⚠ model path /no/such/model does not exist" in slots["reference"].status()

@@ -54,11 +54,15 @@ def test_compare_divergence_is_policy_minus_reference_with_a_per_token_mean():
     """Through the Compare tab's scoring: the policy slot's log-probs minus the reference slot's, on numbers by hand."""
     from types import SimpleNamespace
 
-    from tandemlm.ui.compare_tab import SideRun, _divergence
+    from tandemlm.deploy.types import SamplingParams
+    from tandemlm.ui.compare_tab import SideRun, _score
 
     def slot(logprobs):
-        engine = SimpleNamespace(token_logprobs=lambda messages, text: logprobs)
+        engine = SimpleNamespace(token_logprobs=lambda messages, text: logprobs, render_chat=lambda messages: "<|assistant|>")
         return SimpleNamespace(get=lambda: engine)
+
+    def _divergence(slots, messages, side):
+        return _score(slots, messages, side, SamplingParams()).html()
 
     policy = [("Par", -0.1), ("is", -1.2), ("!", -0.7)]
     reference = [("Par", -2.3), ("is", -0.2), ("!", -0.7)]
