@@ -104,11 +104,12 @@ class CompareView:
 
     def values(self) -> tuple[Any, ...]:
         """Output values: left bot, right bot, left stats, right stats, left/right divergence, state, status."""
-        bots = [
-            self.conversation.display(key, self.user, side.turn() if side else None, self.streaming)
-            for key, side in ((key, self.sides.get(key)) for key in SIDE_KEYS)
-        ]
         left, right = self.sides.get("left"), self.sides.get("right")
+        # Until the turn joins the conversation, its message and the answers so far are shown after it.
+        bots = [
+            self.conversation.display(key, self.user, side.turn() if side and self.user else None, self.streaming)
+            for key, side in (("left", left), ("right", right))
+        ]
         return (
             *bots,
             left.stats() if left else "",
@@ -306,29 +307,19 @@ def _score(slots: dict[str, EngineSlot], messages: Sequence[Message], side: Side
     return ScoredAnswer(title, align_tokens(policy, reference), note)
 
 
-def rescale(comparison: Comparison | None, scale: float) -> tuple[str, str] | None:
-    """The finished comparison's divergence redrawn with full colour at ``scale`` nats; None when there is none."""
-    if comparison is None:
-        return None
-    return comparison.divergence(float(scale))
-
-
-def new_conversation(guard: RunGuard) -> str | None:
-    """Clears the Compare tab unless a comparison is running; returns the refusal, or None when cleared."""
-    return "A comparison is running: press Stop first, then New conversation." if guard.running else None
-
-
 def build_compare_tab(
     slots: dict[str, EngineSlot], judges: Judges, votes_path: str, runs_dir: str = "runs", models: ModelsPanel | None = None
 ) -> None:
     """Lays out the Compare tab (prompt, two conversations, divergence, votes, leaderboard, training); call inside ``gr.Tab``."""
     import gradio as gr
 
+    from tandemlm.ui.compare_events import redraw_event, restart_event, turn_event
+
     note = gr.Markdown(lambda: same_model_note(slots), elem_id="compare-same-model")
     with gr.Row():
         prompt = gr.Textbox(
-            placeholder="A message to both models (Enter runs; follow-ups continue each side's conversation)",
-            show_label=False, lines=1, max_lines=8, scale=6, elem_id="compare-input",
+            placeholder="A message to both models (Enter runs; the next one is a follow-up)", show_label=False,
+            lines=1, max_lines=8, scale=6, elem_id="compare-input",
         )
         blind = gr.Checkbox(False, label="blind battle", info="sides shuffled, names hidden until the vote",
                             scale=1, min_width=140, elem_id="compare-blind")
@@ -340,17 +331,7 @@ def build_compare_tab(
         with gr.Row():
             controls = sampling_controls("compare")
     status = gr.Markdown(elem_id="compare-status")
-    bots, stats, diverge = {}, {}, {}
-    with gr.Row(equal_height=False):
-        for key in SIDES:
-            with gr.Column():
-                bots[key] = gr.Chatbot(label=f"{key} side", height=300, elem_id=f"compare-{key}-bot", buttons=["copy"])
-                stats[key] = gr.Markdown(elem_id=f"compare-{key}-stats")
-                diverge[key] = gr.HTML(elem_id=f"compare-{key}-divergence")
-    with gr.Row():
-        legend = gr.HTML(legend_html())
-        scale = gr.Slider(0.25, 8.0, value=2.0, step=0.25, label="colour scale (nats)", min_width=200, scale=0,
-                          info="the |log π/π_ref| that gets full colour", elem_id="compare-scale")
+    bots, stats, diverge, legend, scale = _panes()
     comparison, conversation = gr.State(None), gr.State(None)
     flag, guard = gr.State(StopFlag), gr.State(RunGuard)  # callables: one of each per browser session
     reveal = [stats["left"], stats["right"], diverge["left"], diverge["right"]]
@@ -361,32 +342,32 @@ def build_compare_tab(
     if models is not None:
         build_training_panel(slots, votes_path, runs_dir, models)
 
-    def reply(stop_flag: StopFlag, run_guard: RunGuard, state: Conversation | None, blind_battle: bool, text: str,
-              system_prompt: str, *sampling: Any) -> Iterator[tuple[Any, ...]]:
-        for view in compare_views(slots, judges, text, system_prompt, *sampling, stop=stop_flag, blind=blind_battle,
-                                  conversation=state, guard=run_guard):
-            if view.busy:  # a toast: the running comparison's next update would overwrite the status line at once
-                gr.Warning(view.status)
-                yield (*(gr.skip(),) * 7, view.status, gr.skip(), gr.skip())
-                return
-            yield (*view.values(), view.conversation, view.box)
+    def turn(*inputs: Any) -> Iterator[tuple[Any, ...]]:
+        yield from turn_event(slots, judges, *inputs)
 
-    def restart(run_guard: RunGuard) -> tuple[Any, ...]:
-        refusal = new_conversation(run_guard)
-        if refusal is not None:
-            gr.Warning(refusal)
-            return (*(gr.skip(),) * 7, refusal, *(gr.skip(),) * 3)
-        return [], [], "", "", "", "", None, "New conversation: the next message starts it.", None, "", ""
-
-    def redraw(state: Comparison | None, value: float) -> tuple[Any, ...]:
-        shown = rescale(state, value)
-        return (*(shown if shown is not None else (gr.skip(), gr.skip())), legend_html(float(value)))
-
-    shown = [bots["left"], bots["right"], stats["left"], stats["right"], diverge["left"], diverge["right"], comparison, status]
+    shown = [*bots.values(), *stats.values(), *diverge.values(), comparison, status, conversation, prompt]
     for trigger in (run.click, prompt.submit):
-        trigger(reply, [flag, guard, conversation, blind, prompt, system, *controls], [*shown, conversation, prompt],
+        trigger(turn, [flag, guard, conversation, blind, prompt, system, *controls], shown,
                 show_progress="hidden", concurrency_limit=8)
         trigger(lambda: ("", "", same_model_note(slots)), outputs=[*vote_outputs, note], queue=False)
     stop.click(lambda stop_flag: stop_flag.stop(), flag, None, queue=False)
-    clear.click(restart, guard, [*shown, conversation, prompt, vote_outputs[1]], queue=False)
-    scale.change(redraw, [comparison, scale], [diverge["left"], diverge["right"], legend], queue=False)
+    clear.click(restart_event, guard, [*shown, vote_outputs[1]], queue=False)
+    scale.change(redraw_event, [comparison, scale], [*diverge.values(), legend], queue=False, show_progress="hidden")
+
+
+def _panes() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Any, Any]:
+    """The two conversations with their stats and divergence, the colour key and its scale slider."""
+    import gradio as gr
+
+    bots, stats, diverge = {}, {}, {}
+    with gr.Row(equal_height=False):
+        for key in SIDES:
+            with gr.Column():
+                bots[key] = gr.Chatbot(label=f"{key} side", height=300, elem_id=f"compare-{key}-bot", buttons=["copy"])
+                stats[key] = gr.Markdown(elem_id=f"compare-{key}-stats")
+                diverge[key] = gr.HTML(elem_id=f"compare-{key}-divergence")
+    with gr.Row(equal_height=False):
+        legend = gr.HTML(legend_html())
+        scale = gr.Slider(0.25, 8.0, value=2.0, step=0.25, label="colour scale (nats)", min_width=220, scale=0,
+                          info="|log π/π_ref| that gets full colour", elem_id="compare-scale")
+    return bots, stats, diverge, legend, scale

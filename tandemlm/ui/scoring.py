@@ -40,12 +40,16 @@ class Continuation:
 
 
 def continuation(reasoning: str, answer: str) -> Continuation:
-    """The text a side sampled: ``<think>\\nreasoning</think>\\n\\nanswer``, or just the answer without reasoning."""
+    """The text a side sampled: ``<think>\\nreasoning</think>\\n\\nanswer``, or just the answer without reasoning.
+
+    Reasoning without an answer is taken as a block the model never closed (it ran out of tokens),
+    so no ``</think>`` it did not write is scored.
+    """
     if not reasoning:
         return Continuation(answer, 0, 0)
     # A template that opens the block leaves "\n" in the prompt; a model that opens it itself
     # emits that "\n" as the reasoning's first character: both become the same text here.
-    text = THINK_HEAD + reasoning.removeprefix("\n") + THINK_TAIL + answer
+    text = THINK_HEAD + reasoning.removeprefix("\n") + (THINK_TAIL + answer if answer else "")
     return Continuation(text, len(THINK_HEAD), len(text) - len(answer))
 
 
@@ -101,7 +105,7 @@ def unbiased(params: SamplingParams) -> bool:
 
 def measure_note(role: str, params: SamplingParams, reasoning: str = "", include_reasoning: bool = True) -> str:
     """One sentence saying exactly what ``Σ log π/π_ref`` over ``role``'s answer measures here."""
-    scope = "its reasoning and answer" if reasoning and include_reasoning else "its answer"
+    scope = "reasoning and answer" if reasoning and include_reasoning else "answer"
     if reasoning and not include_reasoning:
         scope += " (after its reasoning, not scored)"
     what = (

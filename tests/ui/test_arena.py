@@ -72,3 +72,23 @@ def test_leaderboard_tables_rank_the_models_in_the_votes_file(make_slots, tmp_pa
     assert board[0][1] > 1000 > board[1][1]
     assert ["pol", "ref", "70%", 5] in pairs and ["ref", "pol", "30%", 5] in pairs
     assert note.startswith("5 battles")
+
+
+def test_a_blind_battle_keeps_its_hidden_sides_for_the_whole_conversation(make_slots, tmp_path):
+    from tandemlm.ui.compare_tab import compare_views
+
+    slots, rng = make_slots("hello", "world"), random.Random(3)
+    conversation, sides = None, set()
+    for text in ("hi", "more", "and more"):
+        *_, view = compare_views(slots, Judges(), text, None, *RANDOM_SEED, blind=True, rng=rng, conversation=conversation)
+        conversation = view.conversation
+        sides.add((view.comparison.left.model, view.comparison.right.model))
+        left_stats, right_stats = view.values()[2:4]
+        assert (left_stats.split(" · ")[0], right_stats.split(" · ")[0]) == ("**model A**", "**model B**")
+        assert view.divergence == {"left": HIDDEN, "right": HIDDEN}
+    assert len(sides) == 1 and conversation.user_turns == 3  # one coin flip per conversation, not per turn
+    status, voted = record_vote(str(tmp_path / "votes.jsonl"), view.comparison, "left")
+    assert "Left was the" in status and voted.reveal[0].startswith(("**policy** `pol`", "**reference** `ref`"))
+    assert "Σ log π/π_ref" in voted.divergence()[0]
+    [record] = [json.loads(line) for line in (tmp_path / "votes.jsonl").read_text().splitlines()]
+    assert [m["content"] for m in record["prompt"] if m["role"] == "user"] == ["hi", "more", "and more"]

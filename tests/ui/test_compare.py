@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import re
 
-from tandemlm.ui.compare_tab import compare_reply
+from tandemlm.ui.compare_events import CLEARED, RUNNING, restart_event, turn_event
+from tandemlm.ui.compare_tab import compare_reply, compare_views
+from tandemlm.ui.conversation import RunGuard
 from tandemlm.ui.judges import Judges
 from tandemlm.ui.stopping import StopFlag
 
@@ -92,3 +94,94 @@ def test_stop_ends_both_answers_and_leaves_nothing_to_vote_on(make_slots):
     assert comparison is None and status == "stopped: nothing to vote on"
     engines = {slots[role].get() for role in ("policy", "reference")}
     assert sum(engine.cancelled for engine in engines) == 2  # both requests freed
+
+
+def _record_chats(slots) -> dict[str, list[list[dict]]]:
+    """What each slot's engine is sent, per role."""
+    sent: dict[str, list[list[dict]]] = {"policy": [], "reference": []}
+    for role in sent:
+        engine = slots[role].get()
+        real = engine.chat
+
+        def chat(messages, params, tools=None, real=real, role=role):
+            sent[role].append([dict(m) for m in messages])
+            return real(messages, params, tools)
+
+        engine.chat = chat
+    return sent
+
+
+def _turn(slots, text, conversation=None, **options):
+    *_, view = compare_views(slots, Judges(), text, "Be brief.", *SAMPLING, conversation=conversation, **options)
+    return view
+
+
+def test_a_follow_up_sends_each_side_its_own_history_and_both_panes_show_the_user_turns(make_slots):
+    slots = make_slots("hello", "world")
+    sent = _record_chats(slots)
+    first = _turn(slots, "hi")
+    assert first.box == "" and first.conversation.user_turns == 1  # the box empties: the next message follows up
+    second = _turn(slots, "and then?", first.conversation)
+    system = {"role": "system", "content": "Be brief."}
+    assert sent["policy"][-1] == [system, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                  {"role": "user", "content": "and then?"}]
+    assert sent["reference"][-1][2] == {"role": "assistant", "content": "world"}  # its own reply, not the policy's
+    left, right, *_, comparison, status = second.values()
+    assert [(m["role"], m["content"]) for m in left] == [
+        ("user", "hi"), ("assistant", "hello"), ("user", "and then?"), ("assistant", "hello")]
+    assert [m["content"] for m in right if m["role"] == "user"] == ["hi", "and then?"]
+    assert status == "done: vote below" and comparison.prompt == sent["policy"][-1]
+    assert comparison.right.context == sent["reference"][-1]
+
+
+def test_the_user_turn_shows_in_both_panes_while_the_answers_stream(make_slots):
+    updates = [v.values() for v in compare_views(make_slots("a" * 10, "b" * 10, delay=0.01), Judges(), "hi", None, *SAMPLING)]
+    assert updates[0][0] == updates[0][1] == [{"role": "user", "content": "hi"}]
+    assert any(u[0][0] == {"role": "user", "content": "hi"} and 0 < len(_text(u[0])) < 10 for u in updates)
+
+
+def test_a_failed_turn_stays_out_of_the_conversation_and_keeps_the_message_to_resend(make_slots):
+    slots = make_slots()
+    first = _turn(slots, "hi")
+    slots["reference"].set("/no/such/model")
+    failed = _turn(slots, "again", first.conversation)
+    assert failed.conversation is first.conversation and failed.box == "again" and failed.comparison is None
+
+
+def test_a_second_compare_while_one_runs_is_refused_with_a_message_and_the_first_goes_on(make_slots):
+    slots, guard, flag = make_slots("a" * 100, "b" * 100, delay=0.01), RunGuard(), StopFlag()
+    running = compare_views(slots, Judges(), "hi", None, *SAMPLING, guard=guard, stop=flag)
+    next(running)
+    flag.stop()  # a Stop press the refused click must not undo (it would re-arm the flag)
+    [refused] = list(compare_views(slots, Judges(), "hi", None, *SAMPLING, guard=guard, stop=flag))
+    assert refused.busy and refused.status == "A comparison is already running: wait for it or press Stop."
+    *_, last = list(running)
+    assert last.status == "stopped: nothing to vote on" and not guard.running
+    assert _turn(slots, "hi", guard=guard).status == "done: vote below"  # free again once the first ended
+
+
+def test_the_compare_handler_shows_the_refusal_as_a_toast_and_leaves_the_other_outputs(make_slots):
+    import gradio as gr
+    import pytest
+
+    guard = RunGuard()
+    assert guard.begin()
+    with pytest.warns(UserWarning, match="already running"):
+        [update] = list(turn_event(make_slots(), Judges(), StopFlag(), guard, None, False, "hi", None, *SAMPLING))
+    assert update[7] == "A comparison is already running: wait for it or press Stop."
+    assert all(value == gr.skip() for index, value in enumerate(update) if index != 7) and len(update) == 10
+
+
+def test_new_conversation_clears_everything_but_not_while_a_comparison_runs(make_slots):
+    import pytest
+
+    guard = RunGuard()
+    cleared = restart_event(guard)
+    assert cleared[:8] == ([], [], "", "", "", "", None, CLEARED) and cleared[8:] == (None, "", "")
+    guard.begin()
+    with pytest.warns(UserWarning, match="press Stop first"):
+        refused = restart_event(guard)
+    assert refused[7] == RUNNING and refused[8] != None  # noqa: E711 - a skip update, not a cleared state
+    updates = list(turn_event(make_slots("hello", "world"), Judges(), StopFlag(), RunGuard(), None, False, "hi", None, *SAMPLING))
+    *_, conversation, box = updates[-1]
+    assert conversation.user_turns == 1 and box == ""

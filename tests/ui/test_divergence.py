@@ -84,3 +84,40 @@ def test_top_divergent_tokens_are_listed_with_numbers_and_strong_colour_gets_whi
     assert "Most divergent tokens (log π/π_ref, nats): <code>&#x27;Par&#x27;</code> +2.20 (policy -0.10, reference -2.30)" in html
     assert "color:#fff" in html and text_color(0.4) == "inherit"  # white only where the colour is strong
     assert "both models score this answer the same" in divergence_html([TokenDiff("a", -1.0, -1.0)], "same")
+
+
+def test_the_colour_scale_redraws_the_finished_comparison_without_running_the_models(make_slots):
+    from tandemlm.ui.compare_events import redraw_event
+    from tandemlm.ui.compare_tab import compare_views
+    from tandemlm.ui.judges import Judges
+
+    slots = make_slots("hello", "world")
+    *_, view = compare_views(slots, Judges(), "hi", None, 64, 0.7, 1.0, 0, -1)
+    engines = [slots[role].get() for role in ("policy", "reference")]
+    for engine in engines:  # from here on any model call fails the test
+        engine.token_logprobs = engine.chat = lambda *args, **kwargs: pytest.fail("the models ran again")
+    import math
+
+    kl = 4 * (math.log(0.9) - math.log(0.01))  # 4 of 5 characters differ, +4.5 nats each (see test_compare)
+    assert ratio_color(4.5, 2.0) in view.divergence["left"]  # the default: full colour from 2 nats
+    left, right, legend = redraw_event(view.comparison, 9.0)
+    assert ratio_color(4.5, 9.0) == "rgba(37, 99, 235, 0.50)" and ratio_color(4.5, 9.0) in left
+    assert ratio_color(4.5, 2.0) not in left and ratio_color(-4.5, 9.0) in right
+    assert f"<b>+{kl:.3f}</b>" in left and "full colour at |log-ratio| ≥ 9 nats" in legend
+
+
+def test_redrawing_a_blind_battle_keeps_it_hidden_until_the_vote(make_slots, tmp_path):
+    import random
+
+    import gradio as gr
+
+    from tandemlm.ui.compare_events import redraw_event
+    from tandemlm.ui.compare_tab import HIDDEN, compare_views
+    from tandemlm.ui.judges import Judges
+    from tandemlm.ui.vote_panel import record_vote
+
+    *_, view = compare_views(make_slots(), Judges(), "hi", None, 64, 0.7, 1.0, 0, -1, blind=True, rng=random.Random(0))
+    assert redraw_event(view.comparison, 4.0)[:2] == (HIDDEN, HIDDEN)
+    _, voted = record_vote(str(tmp_path / "v.jsonl"), view.comparison, "tie")
+    assert "Σ log π/π_ref" in redraw_event(voted, 4.0)[0]
+    assert redraw_event(None, 4.0)[:2] == (gr.skip(), gr.skip())  # nothing finished yet: the panes keep what they show

@@ -147,3 +147,36 @@ def test_export_copies_a_snapshot(tmp_path):
     record_vote(str(path), _comparison(), "tie")
     copy, status = export_votes(str(path))
     assert copy != str(path) and open(copy).read() == path.read_text() and status == "1 records exported."
+
+
+def _multi_turn_votes(path) -> tuple[list[dict], list[dict]]:
+    """Turn 2 of a comparison: each side saw its own first reply; the right one wins."""
+    head = [{"role": "user", "content": "Capital of France?"}]
+    left_history = [*head, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"}]
+    right_history = [*head, {"role": "assistant", "content": "London."}, {"role": "user", "content": "And Italy?"}]
+    left = Side("policy-run", "mock", "Rome.", 1, context=left_history)
+    right = Side("smollm2", "mock", "Milan.", 2, context=right_history)
+    comparison = Comparison(prompt=left_history, left=left, right=right, params=SamplingParams())
+    record_vote(str(path), comparison, "right")
+    return left_history, right_history
+
+
+def test_a_later_turn_stores_the_conversation_so_far_as_the_prompt_and_trains_as_dpo_data(tmp_path):
+    from tandemlm.align.data import load_dataset as load_training_data
+
+    path = tmp_path / "votes.jsonl"
+    left_history, right_history = _multi_turn_votes(path)
+    [record] = read_records(path)
+    # The prompt is the conversation the chosen answer followed; the other side's own one is kept beside it.
+    assert record["prompt"] == right_history and record["chosen"] == [{"role": "assistant", "content": "Milan."}]
+    assert record["left"]["context"] == left_history and "context" not in record["right"]
+    append_record(path, preference_record(PROMPT, LEFT, RIGHT, "left", SamplingParams()))  # a single-turn vote too
+    rows = load_training_data(str(path), "dpo")  # what `tandem align dpo --dataset votes.jsonl` trains on
+    assert rows.num_rows == 2 and rows[0]["prompt"] == right_history and set(rows.column_names) == {"prompt", "chosen", "rejected"}
+    assert [p["prompt"] for p in read_pairs(path)] == [right_history, PROMPT]
+
+
+def test_single_turn_records_carry_no_context():
+    left, right = Side("a", "m", "x", context=list(PROMPT)), Side("b", "m", "y", context=list(PROMPT))
+    record = preference_record(PROMPT, left, right, "left", SamplingParams())
+    assert record["prompt"] == PROMPT and "context" not in record["left"] and "context" not in record["right"]
