@@ -16,12 +16,22 @@ from typing import TYPE_CHECKING
 from tandemlm.models.builtin import DEFAULT_MODEL
 from tandemlm.ui.engines import EnginePool, EngineSlot
 from tandemlm.ui.judges import Judges
-from tandemlm.ui.models_panel import warm_up
+from tandemlm.ui.models_panel import panel_values, slots_status, warm_up
 
 if TYPE_CHECKING:
     import gradio as gr
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+# Fits a 1024×700 laptop screen (issue 14): the chat input on the first screen, long model paths on
+# one line (they scroll sideways instead of pushing the panel down), the chat as tall as the screen allows.
+UI_CSS = """
+#models-panel textarea { white-space: pre; overflow-x: auto; }
+#models-panel button { white-space: nowrap; }
+#model-status :is(p, code) { font-size: var(--text-sm); line-height: 1.4; margin: 0; }
+#chat-bot { height: clamp(220px, calc(100vh - 400px), 720px) !important; }
+#runs-plots .thumbnail-item { aspect-ratio: auto; height: auto; }
+"""
 
 
 @dataclass
@@ -91,7 +101,11 @@ def create_app(config: UIConfig, slots: dict[str, EngineSlot], judges: Judges | 
                 build_compare_tab(slots, judges or Judges(), str(config.votes), str(config.runs_dir), models)
             with gr.Tab("Runs", id="runs"):
                 build_runs_tab(slots, str(config.runs_dir), models, tabs)
-        demo.load(lambda: warm_up(slots), outputs=models.status)
+        # A reload shows what the slots hold now, not the launch defaults (at once, before any load);
+        # the warm-up follows it, so its status is the last word.
+        demo.load(
+            lambda: [*panel_values(slots), slots_status(slots)], outputs=[*models.fields, models.status], queue=False
+        ).then(lambda: warm_up(slots), outputs=models.status)
     return demo
 
 
@@ -113,6 +127,7 @@ def launch(config: UIConfig, judges: Judges | None = None) -> None:
             auth=config.credentials(),
             allowed_paths=allowed,
             ssr_mode=False,
+            css=UI_CSS,
             footer_links=["gradio", "settings"],
         )
     finally:

@@ -155,6 +155,11 @@ def _one_line(action: Callable[[], Any], what: str, backend: str) -> Any:
         raise EngineError(f"could not load {what} ({backend}): {message}") from None
 
 
+def _naming(message: str, model: str, backend: str) -> str:
+    """``message`` with the model it is about in front, unless it names it already."""
+    return message if model in message else f"could not load {model} ({backend}): {message}"
+
+
 def _prime(engine: Engine) -> None:
     """Answers one short chat message so the user's first message does not pay for first-use set-up.
 
@@ -179,20 +184,55 @@ class EngineSlot:
         self.role = role
         self.model = model
         self.backend = backend
-        self.error: str | None = None
+        self.error: str | None = None  # why ``model`` itself does not load
+        self.failed: str | None = None  # the last Load that failed while the slot kept ``model`` (loaded)
         self._pool = pool
         self._engine: Engine | None = None
         self._held: Key | None = None
         self._lock = threading.Lock()
+        self._switching = threading.Lock()
 
     def set(self, model: str, backend: str = "auto") -> None:
-        """Points the slot at another model; it loads on the next :meth:`get`."""
+        """Points the slot at another model; it loads on the next :meth:`get` (the old engine goes now).
+
+        The Load button uses :meth:`load` instead, which keeps the old engine when the new one fails.
+        """
         model, backend = model.strip(), backend or "auto"
         with self._lock:
             if (model, backend) == (self.model, self.backend) and self._engine is not None:
                 return
             self._drop()
-            self.model, self.backend, self.error = model, backend, None
+            self.model, self.backend, self.error, self.failed = model, backend, None, None
+
+    def load(self, model: str, backend: str = "auto") -> Engine:
+        """Loads ``model`` now and only then swaps it in; raises EngineError (one line) when it fails.
+
+        A failed load leaves a loaded engine in place (it goes on answering, and ``failed`` says what
+        failed for the status line); with nothing loaded to keep, the slot names the new model and
+        keeps its error, as :meth:`set` and :meth:`get` would. The engine in use goes on answering
+        while the new one loads. Both are in memory for that while, so a model that only fits once
+        the old one is gone fails here (and the old one stays).
+        """
+        model, backend = model.strip(), backend or "auto"
+        with self._switching:  # one switch at a time; chats keep using the old engine meanwhile
+            with self._lock:
+                if (model, backend) == (self.model, self.backend) and self._engine is not None:
+                    self.failed = None
+                    return self._engine
+            try:
+                engine, held = self._pool.acquire(model, backend)
+            except EngineError as exc:
+                with self._lock:
+                    if self._engine is None:
+                        self.model, self.backend, self.error, self.failed = model, backend, str(exc), None
+                    else:
+                        self.failed = _naming(str(exc), model, backend)
+                raise
+            with self._lock:
+                self._drop()
+                self._engine, self._held = engine, held
+                self.model, self.backend, self.error, self.failed = model, backend, None, None
+                return engine
 
     def get(self) -> Engine:
         """The slot's engine, loading it if needed; raises EngineError (also kept in ``error``)."""
@@ -215,14 +255,24 @@ class EngineSlot:
         """Whether the engine is loaded now."""
         return self._engine is not None
 
+    @property
+    def problem(self) -> str | None:
+        """What went wrong, as one line: the last failed Load and what the slot kept, or its own load error."""
+        if self.failed and self._engine is not None:
+            return f"{self.failed}; `{self.model}` is still loaded"
+        return self.error
+
     def status(self) -> str:
-        """One line for the UI: loaded (with backend and context), not loaded yet, or the load error."""
-        if self.error:
+        """One line for the UI: loaded (with backend and context), not loaded yet, or what failed."""
+        if self.error and not (self.failed and self._engine is not None):
             return f"**{self.role}**: ⚠ {self.error}"
         if self._engine is not None:
             info = self._engine.info
             lora = f"LoRA on `{self._held[0]}`, " if isinstance(self._engine, AdapterView) and self._held else ""
-            return f"**{self.role}**: `{self.model}` loaded ({lora}{info.backend}, context {info.context_length})"
+            loaded = f"({lora}{info.backend}, context {info.context_length})"
+            if self.failed:
+                return f"**{self.role}**: ⚠ {self.problem} {loaded}"
+            return f"**{self.role}**: `{self.model}` loaded {loaded}"
         return f"**{self.role}**: `{self.model}` (loads on first use)"
 
     def _drop(self) -> None:

@@ -117,10 +117,13 @@ def resolve_model_ref(ref: str) -> str:
 
 
 def metrics_summary(rows: list[dict[str, Any]]) -> list[list[Any]]:
-    """``[name, first, last, min, max]`` for each numeric metric, for a small table."""
+    """``[name, first, last, min, max]`` for each numeric metric, for a small table (4 significant digits).
+
+    Full floats (0.6931471805599453) would make every column wide; 4 digits keep the table readable.
+    """
     columns: dict[str, list[float]] = {}
     for row in rows:
         for key, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 columns.setdefault(key, []).append(float(value))
-    return [[k, v[0], v[-1], min(v), max(v)] for k, v in columns.items()]
+    return [[k, *(float(f"{x:.4g}") for x in (v[0], v[-1], min(v), max(v)))] for k, v in columns.items()]

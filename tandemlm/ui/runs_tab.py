@@ -67,9 +67,9 @@ def load_run_policy(
     # The policy loads first: for a LoRA run that opens the base's engine with the adapter in it,
     # which vLLM needs at load (it switches LoRA on then or never); the reference then shares it.
     status = load_slot(slots, "policy", str(path), "auto")
-    if with_base:
+    error = slots["policy"].problem  # a failed policy keeps the old one, so the reference stays too
+    if with_base and not error:
         status = load_slot(slots, "reference", base, "auto")
-    error = slots["policy"].error
     where = " (its base model as the reference" + (", adapter off)" if lora_run(path) else ")")
     note = f"⚠ {error}" if error else f"Loaded `{name}` as the policy" + (where if with_base else "")
     return slots["policy"].model, slots["reference"].model, status, note
@@ -85,17 +85,25 @@ def build_runs_tab(slots: dict[str, EngineSlot], runs_dir: str, models: ModelsPa
         load = gr.Button("Load policy into Compare", scale=1, elem_id="runs-load")
         with_base = gr.Button("Compare with base", variant="primary", scale=1, elem_id="runs-compare-base")
     status = gr.Markdown(show_run(runs_dir, None)[3], elem_id="runs-status")
-    plots = gr.Gallery(label="plots", columns=2, height="auto", format="png", elem_id="runs-plots")
-    with gr.Row():
-        summary = gr.Dataframe(headers=SUMMARY_HEADERS, label="metrics (metrics.jsonl)", interactive=False)
-        config = gr.Code(label="config.yaml", language="yaml", interactive=False)
+    # Plots are drawn whole (contain, not the gallery's square crop), two to a row even when there is
+    # one; the table gets the full width and wraps, so a 1024 px screen shows every column.
+    plots = gr.Gallery(
+        label="plots", columns=2, height=340, object_fit="contain", fit_columns=False, format="png",
+        elem_id="runs-plots",
+    )
+    summary = gr.Dataframe(
+        headers=SUMMARY_HEADERS, label="metrics (metrics.jsonl)", interactive=False, wrap=True, max_height=420,
+        elem_id="runs-metrics",
+    )
+    with gr.Accordion("config.yaml", open=False):
+        config = gr.Code(language="yaml", interactive=False, show_label=False)
 
     refresh.click(lambda: gr.Dropdown(choices=run_names(runs_dir)), outputs=pick, queue=False)
     pick.change(lambda name: show_run(runs_dir, name), pick, [plots, summary, config, status])
 
     def load_policy(name: str | None, base: bool = False) -> tuple[Any, ...]:
         policy_box, reference_box, model_status, run_status = load_run_policy(slots, runs_dir, name, with_base=base)
-        selected = gr.Tabs(selected="compare") if model_status and not slots["policy"].error else gr.Tabs()
+        selected = gr.Tabs(selected="compare") if model_status and not slots["policy"].problem else gr.Tabs()
         return policy_box, reference_box, model_status or gr.Markdown(), run_status, selected
 
     outputs = [models.boxes["policy"], models.boxes["reference"], models.status, status, tabs]

@@ -51,9 +51,25 @@ def test_building_the_app_loads_no_model(make_slots, tmp_path):
 
 def test_the_backend_dropdown_offers_real_backends_but_not_the_test_only_mock(make_slots, tmp_path):
     demo = create_app(UIConfig(votes=tmp_path / "v.jsonl", runs_dir=tmp_path), make_slots())
-    dropdowns = [b for b in demo.blocks.values() if type(b).__name__ == "Dropdown" and b.label == "backend"]
+    dropdowns = [b for b in demo.blocks.values() if type(b).__name__ == "Dropdown" and b.label in ("policy backend", "reference backend")]
     assert len(dropdowns) == 2  # policy and reference
     for dropdown in dropdowns:
         offered = {choice[0] if isinstance(choice, tuple) else choice for choice in dropdown.choices}
         assert {"auto", "transformers", "llama.cpp", "vllm"} <= offered
         assert "mock" not in offered
+
+
+def test_a_page_load_fills_the_model_boxes_with_what_the_slots_hold_now(make_slots, tmp_path):
+    """After a reload the boxes show the models loaded now, not the launch defaults: Load then swaps nothing by surprise."""
+    slots = make_slots()
+    demo = create_app(UIConfig(policy="pol", reference="ref", votes=tmp_path / "v.jsonl", runs_dir=tmp_path), slots)
+    slots["policy"].load("ref", "llama.cpp")  # after launch, say from another tab
+    shown = {}
+    for fn in demo.fns.values():  # the page-load events that fill the Models panel
+        if any(event == "load" for _, event in fn.targets) and any(b.elem_id in ("model-policy", "model-status") for b in fn.outputs):
+            values = fn.fn()
+            values = values if len(fn.outputs) > 1 else [values]
+            shown.update({block.elem_id: value for block, value in zip(fn.outputs, values, strict=True)})
+    assert (shown["model-policy"], shown["model-policy-backend"]) == ("ref", "llama.cpp")
+    assert (shown["model-reference"], shown["model-reference-backend"]) == ("ref", "auto")
+    assert "**policy**: `ref` loaded" in shown["model-status"]

@@ -147,3 +147,63 @@ def test_the_apps_pool_puts_an_hf_model_on_the_gpu_and_compares_there(tiny_llama
         assert reply.usage.completion_tokens > 0
     finally:
         pool.close()
+
+
+class PickyLoader(CountingLoader):
+    """Loads any model but ``broken.gguf``, which fails as a damaged file does; notes what was open at each load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open_at_load: list[list[str]] = []
+
+    def __call__(self, model: str, backend: str, **options: object) -> RecordingEngine:
+        self.open_at_load.append([e.info.model_id for e in self.engines if not e.closed])
+        if model == "broken.gguf":
+            raise ValueError("llama.cpp: failed to load model")
+        return super().__call__(model, backend, **options)
+
+
+def test_a_failed_load_keeps_the_working_model_loaded_and_says_so_in_one_line():
+    loader = PickyLoader()
+    slot = EngineSlot("policy", EnginePool(loader), "good")
+    working = slot.load("good")
+    with pytest.raises(EngineError, match=r"^could not load broken.gguf \(auto\): llama.cpp: failed to load model$"):
+        slot.load("broken.gguf")
+    assert slot.get() is working and not working.closed and (slot.model, slot.backend) == ("good", "auto")
+    assert slot.status() == (
+        "**policy**: ⚠ could not load broken.gguf (auto): llama.cpp: failed to load model; "
+        "`good` is still loaded (mock, context 2048)"
+    )
+    newer = slot.load("better")  # the next good Load swaps, and only once the new model is in
+    assert loader.open_at_load[-1] == ["good"] and working.closed and slot.get() is newer
+    assert slot.status() == "**policy**: `better` loaded (mock, context 2048)"
+
+
+def test_a_failed_load_with_nothing_loaded_names_the_new_model_and_its_error():
+    slot = EngineSlot("policy", EnginePool(PickyLoader()), "good")
+    with pytest.raises(EngineError):
+        slot.load("broken.gguf")
+    assert slot.model == "broken.gguf" and not slot.loaded and slot.failed is None
+    assert slot.status() == "**policy**: ⚠ could not load broken.gguf (auto): llama.cpp: failed to load model"
+
+
+def test_the_load_button_keeps_the_working_model_on_a_bad_path_or_backend(make_slots):
+    """The panel's handler, through the real registry for the backend: the old model still answers."""
+    from tandemlm.deploy.engine import collect
+    from tandemlm.deploy.types import SamplingParams
+    from tandemlm.ui.models_panel import load_slot
+
+    slots = make_slots()
+    assert "**policy**: `pol` loaded" in load_slot(slots, "policy", "pol", "auto")
+    status = load_slot(slots, "policy", "/no/such/model.gguf", "auto")
+    policy_line = status.split("  \n")[0]
+    assert policy_line == "**policy**: ⚠ model path /no/such/model.gguf does not exist; `pol` is still loaded (mock, context 2048)"
+    reply = collect(slots["policy"].get().chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=8)))
+    assert reply.text == "hello"
+    assert "⚠ type a policy model" in load_slot(slots, "policy", "  ", "auto") and slots["policy"].loaded
+
+    registry = EngineSlot("reference", EnginePool(), "smollm2", "mock")
+    working = registry.load("smollm2", "mock")
+    with pytest.raises(EngineError, match=r"^could not load smollm2 \(no-such-backend\): unknown backend 'no-such-backend'"):
+        registry.load("smollm2", "no-such-backend")
+    assert registry.get() is working and registry.status().endswith("; `smollm2` is still loaded (mock, context 2048)")
