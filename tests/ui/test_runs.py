@@ -158,3 +158,24 @@ def test_loading_a_lora_run_with_its_base_opens_one_engine_with_the_adapter_give
     assert len(loads) == 1 and loads[0][0] == str(base) and list(loads[0][1]["adapters"].values()) == [run.resolve() / "final"]
     assert slots["policy"].get() is not slots["reference"].get()  # adapter view vs the base itself...
     assert slots["policy"].get().base is slots["reference"].get()  # ...on one engine
+
+
+def test_a_run_whose_policy_fails_to_load_leaves_both_working_models_in_place(tmp_path):
+    root = _make_runs(tmp_path)
+    base = tmp_path / "base-model"
+    base.mkdir()
+    (root / "dpo-1" / "run.json").write_text(json.dumps({"method": "dpo", "base_model": str(base)}))
+
+    def loader(model: str, backend: str, **_: object):
+        if model.endswith(".gguf"):
+            raise EngineError(f"{model} is damaged")  # the run's policy; its base would load fine
+        return get_backend("mock").load(None, model_id=Path(model).name)
+
+    pool = EnginePool(loader)
+    slots = {"policy": EngineSlot("policy", pool, "pol"), "reference": EngineSlot("reference", pool, "ref")}
+    working = slots["policy"].get(), slots["reference"].get()
+    policy_box, reference_box, models, status = load_run_policy(slots, str(root), "dpo-1", with_base=True)
+    # nothing is swapped (not even the reference to the run's base), and the boxes say so
+    assert (policy_box, reference_box) == ("pol", "ref") and (slots["policy"].get(), slots["reference"].get()) == working
+    assert status.startswith("⚠ ") and status.endswith("model-Q4_K_M.gguf is damaged; `pol` is still loaded")
+    assert "**reference**: `ref` loaded" in models
