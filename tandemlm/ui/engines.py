@@ -87,6 +87,32 @@ class EnginePool:
         for engine in engines:
             engine.close()
 
+    def must_close_first(self, held: Key | None, model: str, backend: str) -> bool:
+        """Whether ``model`` wants vLLM while the engine ``held`` (one user) is the vLLM engine in its way.
+
+        vLLM serves one model per process, so that user's engine has to close before the new one
+        can load there; loading beside it would put the new model on transformers (``auto``) or be
+        refused (``vllm``).
+        """
+        if held is None or backend not in ("auto", "vllm"):
+            return False
+        with self._guard:
+            engine = self._engines.get(held)
+            others = [k for k, e in self._engines.items() if k != held and e.info.backend == "vllm"]
+            sole = engine is not None and engine.info.backend == "vllm" and self._users.get(held) == 1
+        try:
+            base = _resolve(model).base
+            if not sole or others or base == held[0]:  # the same base: an adapter view, no second engine
+                return False
+            if backend == "vllm":
+                return True
+            from tandemlm.deploy.auto import choose_backend
+            from tandemlm.models.resolve import resolve_model
+
+            return choose_backend(_one_line(lambda: resolve_model(base), base, backend)) == "vllm"
+        except EngineError:
+            return False  # a bad reference: the load itself fails and says why, the old engine untouched
+
     def _backend_beside_others(self, base: str, backend: str) -> str:
         """The backend to load ``base`` with, given the engines already open.
 
@@ -211,7 +237,9 @@ class EngineSlot:
         failed for the status line); with nothing loaded to keep, the slot names the new model and
         keeps its error, as :meth:`set` and :meth:`get` would. The engine in use goes on answering
         while the new one loads. Both are in memory for that while, so a model that only fits once
-        the old one is gone fails here (and the old one stays).
+        the old one is gone fails here (and the old one stays). vLLM is the exception: it serves one
+        model per process, so a slot's own vLLM engine closes first when the new model wants vLLM,
+        and is loaded again if the new one fails.
         """
         model, backend = model.strip(), backend or "auto"
         with self._switching:  # one switch at a time; chats keep using the old engine meanwhile
@@ -219,6 +247,8 @@ class EngineSlot:
                 if (model, backend) == (self.model, self.backend) and self._engine is not None:
                     self.failed = None
                     return self._engine
+                if self._pool.must_close_first(self._held, model, backend):
+                    return self._load_after_closing(model, backend)
             try:
                 engine, held = self._pool.acquire(model, backend)
             except EngineError as exc:
@@ -249,6 +279,26 @@ class EngineSlot:
                 raise
             self.error = None
             return self._engine
+
+    def _load_after_closing(self, model: str, backend: str) -> Engine:
+        """Closes the slot's vLLM engine, loads ``model``, and on failure loads the old model back.
+
+        Called with ``_lock`` held, so no chat reloads the old model halfway through.
+        """
+        old = self.model, self.backend
+        self._drop()
+        try:
+            self._engine, self._held = self._pool.acquire(model, backend)
+        except EngineError as exc:
+            try:
+                self._engine, self._held = self._pool.acquire(*old)
+            except EngineError:  # nothing working to keep any more: the slot names the new model
+                self.model, self.backend, self.error, self.failed = model, backend, str(exc), None
+                raise exc from None
+            self.failed = _naming(str(exc), model, backend)
+            raise
+        self.model, self.backend, self.error, self.failed = model, backend, None, None
+        return self._engine
 
     @property
     def loaded(self) -> bool:

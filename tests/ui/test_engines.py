@@ -207,3 +207,33 @@ def test_the_load_button_keeps_the_working_model_on_a_bad_path_or_backend(make_s
     with pytest.raises(EngineError, match=r"^could not load smollm2 \(no-such-backend\): unknown backend 'no-such-backend'"):
         registry.load("smollm2", "no-such-backend")
     assert registry.get() is working and registry.status().endswith("; `smollm2` is still loaded (mock, context 2048)")
+
+
+def test_a_slots_own_vllm_engine_closes_before_the_next_vllm_model_and_comes_back_if_that_fails(monkeypatch):
+    """vLLM serves one model per process: trying the new model beside the old one would put it on transformers."""
+    import dataclasses
+
+    import tandemlm.deploy.auto as auto
+    import tandemlm.models.resolve as resolve
+
+    monkeypatch.setattr(auto, "choose_backend", lambda source: "vllm")  # as on a GPU with vLLM installed
+    monkeypatch.setattr(resolve, "resolve_model", lambda ref, **_: ref)
+
+    class VllmLoader(PickyLoader):
+        def __call__(self, model: str, backend: str, **options: object) -> RecordingEngine:
+            engine = super().__call__(model, backend, **options)
+            engine.info = dataclasses.replace(engine.info, backend="vllm" if backend in ("auto", "vllm") else backend)
+            return engine
+
+    loader = VllmLoader()
+    pool = EnginePool(loader)
+    policy, reference = EngineSlot("policy", pool, "a"), EngineSlot("reference", pool, "b", "transformers")
+    first, _ = policy.get(), reference.get()
+    second = policy.load("c")
+    assert loader.open_at_load[-1] == ["b"] and first.closed and second.info.backend == "vllm"
+    with pytest.raises(EngineError, match=r"^could not load broken\.gguf \(vllm\)"):
+        policy.load("broken.gguf", "vllm")
+    assert second.closed and loader.open_at_load[-2:] == [["b"], ["b"]]  # tried with c closed, then c again
+    assert loader.calls[-1][:2] == ("c", "auto")
+    assert policy.model == "c" and policy.get().info.backend == "vllm" and not policy.get().closed
+    assert policy.status().endswith("; `c` is still loaded (vllm, context 2048)")
