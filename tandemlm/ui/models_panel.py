@@ -1,6 +1,7 @@
 """The Models panel above the tabs: which model is the policy and which the reference, with Load buttons.
 
-A model that fails to load shows its one-line error here; the app keeps running with the other.
+A model that fails to load shows its one-line error here; the app keeps running with the other,
+and a Load that fails keeps the model that was working (the line says so).
 """
 
 from __future__ import annotations
