@@ -92,3 +92,13 @@ def test_a_blind_battle_keeps_its_hidden_sides_for_the_whole_conversation(make_s
     assert "Σ log π/π_ref" in voted.divergence()[0]
     [record] = [json.loads(line) for line in (tmp_path / "votes.jsonl").read_text().splitlines()]
     assert [m["content"] for m in record["prompt"] if m["role"] == "user"] == ["hi", "more", "and more"]
+
+
+def test_ticking_blind_mid_conversation_keeps_the_conversation_as_it_started_and_says_so(make_slots):
+    from tandemlm.ui.compare_tab import compare_views
+
+    slots = make_slots()
+    *_, first = compare_views(slots, Judges(), "hi", None, *RANDOM_SEED)
+    *_, second = compare_views(slots, Judges(), "more", None, *RANDOM_SEED, blind=True, conversation=first.conversation)
+    assert second.values()[2].startswith("**policy** `pol`") and second.divergence["left"] != HIDDEN
+    assert "This conversation is not blind to the end" in second.status and second.status.endswith("done: vote below")
