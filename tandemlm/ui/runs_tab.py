@@ -104,8 +104,10 @@ def build_runs_tab(slots: dict[str, EngineSlot], runs_dir: str, models: ModelsPa
     def load_policy(name: str | None, base: bool = False) -> tuple[Any, ...]:
         policy_box, reference_box, model_status, run_status = load_run_policy(slots, runs_dir, name, with_base=base)
         selected = gr.Tabs(selected="compare") if model_status and not slots["policy"].problem else gr.Tabs()
-        return policy_box, reference_box, model_status or gr.Markdown(), run_status, selected
+        backends = slots["policy"].backend, slots["reference"].backend  # a run loads with auto: the dropdowns follow
+        return policy_box, reference_box, *backends, model_status or gr.Markdown(), run_status, selected
 
-    outputs = [models.boxes["policy"], models.boxes["reference"], models.status, status, tabs]
+    boxes = [models.boxes["policy"], models.boxes["reference"], models.backends["policy"], models.backends["reference"]]
+    outputs = [*boxes, models.status, status, tabs]
     load.click(load_policy, pick, outputs)
     with_base.click(lambda name: load_policy(name, base=True), pick, outputs)
