@@ -41,14 +41,20 @@ def turn_event(
     guard: RunGuard,
     conversation: Conversation | None,
     blind: bool,
+    unbiased_kl: bool,
     text: str,
     system: str | None,
     *sampling: Any,
 ) -> Iterator[tuple[Any, ...]]:
-    """Compare (click or Enter): the next turn of the conversation, or a refusal while one runs."""
-    for view in compare_views(
-        slots, judges, text, system, *sampling, stop=stop, blind=blind, conversation=conversation, guard=guard
-    ):
+    """Compare (click or Enter): the next turn of the conversation, or a refusal while one runs.
+
+    ``unbiased_kl`` (its checkbox) samples both sides at T=1, top-p 1, top-k off instead of the sliders' values.
+    """
+    views = compare_views(
+        slots, judges, text, system, *sampling,
+        stop=stop, blind=blind, conversation=conversation, guard=guard, unbiased_kl=bool(unbiased_kl),
+    )
+    for view in views:
         if view.busy:
             yield _refused(view.status, TURN_OUTPUTS)
             return

@@ -28,7 +28,7 @@ from tandemlm.ui.engines import EngineSlot
 from tandemlm.ui.judges import Judges, judge_line
 from tandemlm.ui.merge import DONE, merge_streams
 from tandemlm.ui.sampling import sampling_controls, sampling_params
-from tandemlm.ui.scoring import HIDDEN, ScoredAnswer, measure_note, score_answer
+from tandemlm.ui.scoring import HIDDEN, ScoredAnswer, at_temperature_one, measure_note, score_answer
 from tandemlm.ui.stopping import StopFlag
 from tandemlm.ui.training_panel import build_training_panel
 from tandemlm.ui.vote_panel import Comparison, build_vote_panel
@@ -140,6 +140,7 @@ def compare_views(
     rng: random.Random | None = None,
     conversation: Conversation | None = None,
     guard: RunGuard | None = None,
+    unbiased_kl: bool = False,
 ) -> Iterator[CompareView]:
     """Streams both answers to ``prompt`` as the next turn of ``conversation``, then scores divergence.
 
@@ -147,13 +148,16 @@ def compare_views(
     tokens (the partial answers join the conversation; a stopped turn is not votable). ``blind``
     shuffles the sides (``rng``) and hides who answered until the vote; it is fixed when a
     conversation starts. ``guard`` refuses a second comparison while one runs (``busy``).
+    ``unbiased_kl`` samples both sides at T=1, top-p 1, top-k off whatever ``sampling`` says.
     """
     guard = guard or RunGuard()
     if not guard.begin():  # checked before arming the flag: a refused click must not undo a Stop press
         yield CompareView(conversation or Conversation.start(), status=BUSY, box=prompt or "", busy=True)
         return
     try:
-        yield from _compare(slots, judges, prompt, system, sampling, stop or StopFlag(), blind, rng, conversation)
+        yield from _compare(
+            slots, judges, prompt, system, sampling, stop or StopFlag(), blind, rng, conversation, unbiased_kl
+        )
     finally:
         guard.end()
 
@@ -168,6 +172,7 @@ def _compare(
     blind: bool,
     rng: random.Random | None,
     conversation: Conversation | None,
+    unbiased_kl: bool = False,
 ) -> Iterator[CompareView]:
     stop.arm()
     view = CompareView(conversation or Conversation.start(blind, rng), box=prompt or "")
@@ -182,6 +187,7 @@ def _compare(
         view.status = f"⚠ {exc}"
         yield view
         return
+    params = at_temperature_one(params) if unbiased_kl else params
     seeds, roles = side_seeds(params.seed, rng), view.conversation.roles
     view.sides = {
         key: SideRun(roles[key], slots[roles[key]].model, alias=view.conversation.alias(key), seed=seeds[key])
@@ -330,6 +336,8 @@ def build_compare_tab(
         system = gr.Textbox(label="system prompt", lines=2, placeholder="optional")
         with gr.Row():
             controls = sampling_controls("compare")
+        unbiased_kl = gr.Checkbox(False, label="Unbiased KL: sample at T=1, top-p 1, top-k off", elem_id="compare-unbiased-kl",
+                                  info="both sides, whatever the sliders say, so Σ log π/π_ref is an unbiased KL estimate")
     status = gr.Markdown(elem_id="compare-status")
     bots, stats, diverge, legend, scale = _panes()
     comparison, conversation = gr.State(None), gr.State(None)
@@ -347,7 +355,7 @@ def build_compare_tab(
 
     shown = [*bots.values(), *stats.values(), *diverge.values(), comparison, status, conversation, prompt]
     for trigger in (run.click, prompt.submit):
-        trigger(turn, [flag, guard, conversation, blind, prompt, system, *controls], shown,
+        trigger(turn, [flag, guard, conversation, blind, unbiased_kl, prompt, system, *controls], shown,
                 show_progress="hidden", concurrency_limit=8)
         trigger(lambda: ("", "", same_model_note(slots)), outputs=[*vote_outputs, note], queue=False)
     stop.click(lambda stop_flag: stop_flag.stop(), flag, None, queue=False)

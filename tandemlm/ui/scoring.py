@@ -16,6 +16,7 @@ holds (``<think>\\n``) left out of its text, and only the span the label names c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -101,6 +102,16 @@ def score_answer(
 def unbiased(params: SamplingParams) -> bool:
     """Whether answers sampled with ``params`` come from the model's own distribution (T=1, no filter)."""
     return params.temperature == 1.0 and params.top_p == 1.0 and params.top_k == 0
+
+
+def at_temperature_one(params: SamplingParams) -> SamplingParams:
+    """``params`` sampling from the models' own distributions: temperature 1, top-p 1, top-k off.
+
+    What Compare's "unbiased KL" box sends both sides instead of the sliders' values, so that
+    ``Σ log π/π_ref`` over the policy's answer is an unbiased estimate (:func:`unbiased` holds);
+    max tokens, seed and every other setting are kept.
+    """
+    return dataclasses.replace(params, temperature=1.0, top_p=1.0, top_k=0)
 
 
 def measure_note(role: str, params: SamplingParams, reasoning: str = "", include_reasoning: bool = True) -> str:

@@ -167,7 +167,7 @@ def test_the_compare_handler_shows_the_refusal_as_a_toast_and_leaves_the_other_o
     guard = RunGuard()
     assert guard.begin()
     with pytest.warns(UserWarning, match="already running"):
-        [update] = list(turn_event(make_slots(), Judges(), StopFlag(), guard, None, False, "hi", None, *SAMPLING))
+        [update] = list(turn_event(make_slots(), Judges(), StopFlag(), guard, None, False, False, "hi", None, *SAMPLING))
     assert update[7] == "A comparison is already running: wait for it or press Stop."
     assert all(value == gr.skip() for index, value in enumerate(update) if index != 7) and len(update) == 10
 
@@ -182,6 +182,43 @@ def test_new_conversation_clears_everything_but_not_while_a_comparison_runs(make
     with pytest.warns(UserWarning, match="press Stop first"):
         refused = restart_event(guard)
     assert refused[7] == RUNNING and refused[8] != None  # noqa: E711 - a skip update, not a cleared state
-    updates = list(turn_event(make_slots("hello", "world"), Judges(), StopFlag(), RunGuard(), None, False, "hi", None, *SAMPLING))
+    slots = make_slots("hello", "world")
+    updates = list(turn_event(slots, Judges(), StopFlag(), RunGuard(), None, False, False, "hi", None, *SAMPLING))
     *_, conversation, box = updates[-1]
     assert conversation.user_turns == 1 and box == ""
+
+
+def _record_params(slots) -> dict[str, list]:
+    """The SamplingParams each slot's engine is sent, per role."""
+    sent: dict[str, list] = {"policy": [], "reference": []}
+    for role in sent:
+        engine = slots[role].get()
+        real = engine.chat
+
+        def chat(messages, params, tools=None, real=real, role=role):
+            sent[role].append(params)
+            return real(messages, params, tools)
+
+        engine.chat = chat
+    return sent
+
+
+def test_the_unbiased_kl_box_samples_both_sides_at_t1_over_the_sliders_and_the_label_says_unbiased(make_slots):
+    sliders = (64, 0.7, 0.9, 40, 7)  # max tokens, temperature, top-p, top-k, seed
+    for ticked, sampled in ((True, (1.0, 1.0, 0)), (False, (0.7, 0.9, 40))):
+        slots = make_slots("hello", "world")
+        sent = _record_params(slots)
+        updates = list(turn_event(slots, Judges(), StopFlag(), RunGuard(), None, False, ticked, "hi", None, *sliders))
+        *_, (_, _, _, _, left_div, right_div, comparison, status, _, _) = updates
+        assert status == "done: vote below"
+        for role in ("policy", "reference"):
+            [params] = sent[role]
+            assert (params.temperature, params.top_p, params.top_k) == sampled, (ticked, role)
+            assert (params.max_tokens, params.seed) == (64, 7)  # the other settings are the sliders' still
+        assert (comparison.params.temperature, comparison.params.top_p, comparison.params.top_k) == sampled
+        if ticked:
+            assert "KL(policy ‖ reference); unbiased: this answer was sampled at T=1, top-p 1." in left_div
+            assert "unbiased: this answer was sampled at T=1" in right_div
+        else:
+            assert "biased: this answer was sampled at T=0.7, top-p 0.9, top-k 40, not T=1" in left_div
+            assert "unbiased:" not in left_div and "unbiased:" not in right_div
