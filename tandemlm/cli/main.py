@@ -233,7 +233,7 @@ def _adapter_views(engine: Engine, adapters: dict[str, Path], parent: str) -> di
 
 @app.command()
 def ui(
-    policy: Annotated[str, typer.Option("--policy", help="Policy: a model (name, folder, .gguf, hub id) or an alignment run folder.")] = opt.DEFAULT,
+    policy: Annotated[str, typer.Option("--policy", help="Policy: a model (name, folder, .gguf, hub id) or an alignment run folder; default demo:ppo-capitals, the shipped PPO capitals LoRA on smollm2.")] = "demo:ppo-capitals",
     reference: Annotated[str | None, typer.Option("--reference", help="Reference model (default: the built-in model).")] = None,
     policy_backend: Annotated[str, typer.Option("--policy-backend", help="Backend for the policy (auto, llama.cpp, transformers, vllm).")] = "auto",
     reference_backend: Annotated[str, typer.Option("--reference-backend", help="Backend for the reference.")] = "auto",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from tandemlm.models.builtin import DEFAULT_MODEL
 from tandemlm.ui.engines import EnginePool, EngineSlot
 from tandemlm.ui.judges import Judges
+from tandemlm.ui.model_refs import DEMO_POLICY
 from tandemlm.ui.models_panel import panel_values, slots_status, warm_up
 
 if TYPE_CHECKING:
@@ -38,7 +39,10 @@ UI_CSS = """
 class UIConfig:
     """Settings of ``tandem ui``; each field mirrors a flag."""
 
-    policy: str = field(default=DEFAULT_MODEL, metadata={"help": "Policy model or alignment run folder."})
+    policy: str = field(
+        default=DEMO_POLICY,
+        metadata={"help": f"Policy model or alignment run folder (default {DEMO_POLICY}: the shipped PPO capitals LoRA on smollm2)."},
+    )
     reference: str | None = field(default=None, metadata={"help": "Reference model (default: the built-in model)."})
     policy_backend: str = field(default="auto", metadata={"help": "Backend for the policy."})
     reference_backend: str = field(default="auto", metadata={"help": "Backend for the reference."})

@@ -1,7 +1,9 @@
 """A LoRA run in Compare: policy = base + adapter, reference = the same base with the adapter off, one engine.
 
 Runs → "Compare with base" on a LoRA run must load the base once (no merge), give the adapted
-side its own per-token scores, and give exactly zero divergence when both sides are the base.
+side its own per-token scores, and give exactly zero divergence when both sides are the base. The
+same holds for the demo adapter shipped in the package (``demo:ppo-capitals``, the app's default
+policy), whose base must resolve by its built-in name on any machine.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from tandemlm.align.run_folder import RunFolder
 from tandemlm.deploy import llamacpp_lora
 from tandemlm.deploy.engine import AdapterView
 from tandemlm.deploy.registry import load_engine
+from tandemlm.errors import EngineError
 from tandemlm.ui.compare_tab import compare_reply
 from tandemlm.ui.engines import EnginePool, EngineSlot
 from tandemlm.ui.judges import Judges
+from tandemlm.ui.model_refs import DEMO_POLICY, DEMO_RUNS, SlotModel, base_ref, resolve_slot_model, run_base
 from tandemlm.ui.runs_tab import load_run_policy, show_run
 
 GREEDY = (8, 0.0, 1.0, 0, 0)  # max tokens, temperature, top-p, top-k, seed
@@ -55,13 +60,13 @@ def _lora_run(root: Path, adapter: Path, model: Path, base_folder: Path) -> Path
     return run
 
 
-def _slots(loads: list[tuple[str, str, dict]]) -> dict[str, EngineSlot]:
+def _slots(loads: list[tuple[str, str, dict]], policy: str = "smollm2", backend: str = "auto") -> dict[str, EngineSlot]:
     def loader(model: str, backend: str, **options: object):
         loads.append((model, backend, options))
         return load_engine(model, backend, n_ctx=1024, **options)
 
     pool = EnginePool(loader)
-    return {"policy": EngineSlot("policy", pool, "smollm2"), "reference": EngineSlot("reference", pool, "smollm2")}
+    return {"policy": EngineSlot("policy", pool, policy, backend), "reference": EngineSlot("reference", pool, "smollm2", backend)}
 
 
 def _divergence_total(html: str) -> float:
@@ -83,7 +88,13 @@ def test_compare_with_base_puts_the_adapter_on_and_off_in_one_engine(backend, ad
     policy, reference = slots["policy"].get(), slots["reference"].get()
     assert isinstance(policy, AdapterView) and policy.base is reference and policy.info.backend == backend
     assert f"LoRA on `{base}`" in slots["policy"].status()
+    _adapter_on_then_off(slots, str(base))
+    assert len(loads) == 1
 
+
+def _adapter_on_then_off(slots: dict[str, EngineSlot], base: str) -> None:
+    """Compare with the adapter on (its own per-token scores, non-zero divergence), then with the base on both sides (zero)."""
+    policy, reference = slots["policy"].get(), slots["reference"].get()
     *_, (_, _, _, _, left_div, right_div, comparison, status) = list(compare_reply(slots, Judges(), MESSAGES[0]["content"], None, *GREEDY))
     assert status.startswith("done") and comparison is not None
     answer = comparison.left.response
@@ -92,7 +103,46 @@ def test_compare_with_base_puts_the_adapter_on_and_off_in_one_engine(backend, ad
     assert max(abs(a - b) for (_, a), (_, b) in zip(on, off, strict=True)) > 0.1  # the adapter changes the scores
     assert abs(_divergence_total(left_div)) > 0.1 and abs(_divergence_total(right_div)) > 0.1
 
-    slots["policy"].set(str(base))  # adapter off on both sides: the same model, scored twice
+    slots["policy"].set(base, slots["policy"].backend)  # adapter off on both sides: the same model, scored twice
     *_, (_, _, _, _, left_div, right_div, _, _) = list(compare_reply(slots, Judges(), MESSAGES[0]["content"], None, *GREEDY))
     assert _divergence_total(left_div) == 0.0 and _divergence_total(right_div) == 0.0
-    assert len(loads) == 1
+
+
+DEMO_RUN = DEMO_RUNS[DEMO_POLICY]
+
+
+def test_the_demo_run_ships_a_small_safetensors_adapter_on_the_builtin_base():
+    files = sorted(str(p.relative_to(DEMO_RUN)) for p in DEMO_RUN.rglob("*") if p.is_file())
+    assert files == ["config.yaml", "eval.json", "final/adapter_config.json", "final/adapter_model.safetensors",
+                     "metrics.jsonl", "run.json"]
+    assert sum(p.stat().st_size for p in DEMO_RUN.rglob("*") if p.is_file()) < 8_000_000
+    info = json.loads((DEMO_RUN / "run.json").read_text())
+    assert (info["method"], info["model"], info["adapter"], info["status"]) == ("ppo", "smollm2", True, "finished")
+    assert resolve_slot_model(DEMO_POLICY) == SlotModel("smollm2", DEMO_RUN / "final", DEMO_RUN.name)
+    assert run_base(DEMO_POLICY) == "smollm2"  # what "Train DPO on these votes" trains by default
+
+
+def test_the_demo_base_resolves_by_its_builtin_name_when_this_machines_path_is_gone(tmp_path):
+    run = tmp_path / "demo"
+    shutil.copytree(DEMO_RUN, run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "base_model": "/another/machine/.cache/tandemlm/models/smollm2-hf"}))
+    assert base_ref(RunFolder(run)) == "smollm2"
+
+
+def test_a_missing_demo_run_is_one_line_naming_the_script(monkeypatch, tmp_path):
+    monkeypatch.setitem(DEMO_RUNS, DEMO_POLICY, tmp_path / "absent")
+    with pytest.raises(EngineError, match=r"train_demo_adapter\.sh"):
+        resolve_slot_model(DEMO_POLICY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
+def test_the_shipped_demo_adapter_moves_the_scores_and_its_base_alone_does_not(backend):
+    loads: list[tuple[str, str, dict]] = []
+    slots = _slots(loads, DEMO_POLICY, backend)
+    policy, reference = slots["policy"].get(), slots["reference"].get()
+    assert isinstance(policy, AdapterView) and policy.base is reference and policy.info.backend == backend
+    assert slots["policy"].status().startswith(f"**policy**: `{DEMO_POLICY}` loaded (LoRA on `smollm2`, {backend}")
+    _adapter_on_then_off(slots, "smollm2")
+    assert [(m, b) for m, b, _ in loads] == [("smollm2", backend)]  # one engine, adapter on and off

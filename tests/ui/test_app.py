@@ -10,11 +10,15 @@ from tandemlm.ui import app as ui_app
 from tandemlm.ui.app import UIConfig, create_app
 
 
-def test_defaults_use_the_builtin_model_for_both_sides_on_localhost():
+def test_defaults_put_the_shipped_demo_adapter_against_the_builtin_model_on_localhost(monkeypatch):
     config = UIConfig()
     assert (config.policy, config.reference, config.host, config.share, config.auth) == (
-        "smollm2", "smollm2", "127.0.0.1", False, None,
+        "demo:ppo-capitals", "smollm2", "127.0.0.1", False, None,
     )
+    seen = []
+    monkeypatch.setattr(ui_app, "launch", seen.append)
+    assert CliRunner().invoke(cli, ["ui"]).exit_code == 0  # `tandem ui` with no flags opens on the demo too
+    assert (seen[0].policy, seen[0].reference) == ("demo:ppo-capitals", "smollm2")
 
 
 @pytest.mark.parametrize(
