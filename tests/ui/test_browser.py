@@ -1,8 +1,11 @@
 """End to end in real headless Chromium: ``tandem ui`` as a user starts it, driven through the page.
 
 Chat runs the built-in model; Compare puts it against the tiny random Llama (same tokenizer, so
-the divergence view has real colour). Needs Debian's ``chromium`` (``scripts/setup.sh --dev``
-installs it) and the ``playwright`` package; skips cleanly without them. No browser is downloaded.
+the divergence view has real colour). The walk-through starts ``tandem ui`` with no model flags, as a
+new user does: the shipped demo adapter against its base, a blind battle, votes, the leaderboard,
+"Train DPO on these votes" and the new run as the policy, with a screenshot of each step in
+``$TANDEM_TEST_ARTIFACTS`` (else pytest's tmp folder). Needs Debian's ``chromium`` (``scripts/setup.sh
+--dev`` installs it) and the ``playwright`` package; skips cleanly without them. No browser is downloaded.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,25 +78,22 @@ def _write_run(runs: Path) -> None:
     image.save(run / "loss.png")
 
 
-@pytest.fixture(scope="module")
-def ui_server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_gguf: Path) -> Iterator[tuple[str, Path, Path]]:
-    """Starts ``tandem ui`` (smollm2 policy, tiny Llama reference); yields (url, votes file, work dir)."""
-    pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install -e '.[dev]')")
-    work = tmp_path_factory.mktemp("ui")
+@contextmanager
+def _tandem_ui(work: Path, *flags: str) -> Iterator[tuple[str, Path]]:
+    """Runs ``tandem ui FLAGS`` (votes and runs in ``work``) until the block ends; yields (url, votes file)."""
     votes, runs, log = work / "votes.jsonl", work / "runs", work / "tandem-ui.log"
-    _write_run(runs)
     port = _free_port()
     command = [
-        sys.executable, "-m", "tandemlm.cli.main", "ui", "--port", str(port), "--reference", str(tiny_llama_gguf),
+        sys.executable, "-m", "tandemlm.cli.main", "ui", "--port", str(port), *flags,
         "--votes", str(votes), "--runs-dir", str(runs),
     ]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_up(url, process, log)
-        yield url, votes, work
+        yield url, votes
     finally:
         process.terminate()
         try:
@@ -101,7 +103,19 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_gguf: Path) -
 
 
 @pytest.fixture(scope="module")
-def page(ui_server: tuple[str, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def ui_server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_gguf: Path) -> Iterator[tuple[str, Path, Path]]:
+    """Starts ``tandem ui`` (smollm2 policy, tiny Llama reference); yields (url, votes file, work dir)."""
+    pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install -e '.[dev]')")
+    work = tmp_path_factory.mktemp("ui")
+    _write_run(work / "runs")
+    with _tandem_ui(work, "--policy", "smollm2", "--reference", str(tiny_llama_gguf)) as (url, votes):
+        yield url, votes, work
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One headless Chromium (a playwright persistent context) for the module's pages."""
+    pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install -e '.[dev]')")
     from playwright.sync_api import sync_playwright
 
     profile = tmp_path_factory.mktemp("chromium-profile")
@@ -110,24 +124,38 @@ def page(ui_server: tuple[str, Path, Path], tmp_path_factory: pytest.TempPathFac
             str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
             viewport={"width": 1400, "height": 1000},
         )
-        page = context.new_page()
-        page.set_default_timeout(120_000)
-        page.goto(ui_server[0])
-        page.wait_for_selector("#chat-input textarea")
         try:
-            yield page
+            yield context
         finally:
             context.close()
             shutil.rmtree(profile, ignore_errors=True)
 
 
-def _wait_for_text(page, selector: str, text: str) -> None:
+def _open(browser: Any, url: str) -> Any:
+    page = browser.new_page()
+    page.set_default_timeout(120_000)
+    page.goto(url)
+    page.wait_for_selector("#chat-input textarea")
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(ui_server: tuple[str, Path, Path], browser: Any) -> Iterator[Any]:
+    page = _open(browser, ui_server[0])
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+def _wait_for_text(page, selector: str, text: str, timeout_s: float | None = None) -> None:
     """Waits until ``selector`` shows ``text``; on timeout the failure says what it showed instead."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     query = f"document.querySelector({json.dumps(selector)})"
+    wait = {} if timeout_s is None else {"timeout": timeout_s * 1000}
     try:
-        page.wait_for_function(f"{query} && {query}.innerText.includes({json.dumps(text)})")
+        page.wait_for_function(f"{query} && {query}.innerText.includes({json.dumps(text)})", **wait)
     except PlaywrightTimeout:
         shown = {s: page.evaluate("s => document.querySelector(s)?.innerText", s) for s in (selector, "#model-status")}
         pytest.fail(f"{selector} never showed {text!r}; the page shows {shown}")
@@ -228,3 +256,121 @@ def test_bad_input_is_shown_in_the_page_and_the_app_stays_up(page):
     page.click("#model-reference-load")
     _wait_for_text(page, "#model-status", "⚠ model path /no/such/model.gguf does not exist")
     assert "policy: smollm2 loaded" in page.inner_text("#model-status")
+
+
+# ---------------------------------------------------------------------------------------------
+# The walk-through: `tandem ui` with no model flags, from the first screen to a run trained on the votes.
+
+BATTLE_PROMPTS = ("What is the capital of France?", "Name the capital city of Japan.")  # two votes: two DPO pairs
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    """``tandem ui`` as a new user starts it (no model flags); yields (url, votes file, work dir)."""
+    pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install -e '.[dev]')")
+    work = tmp_path_factory.mktemp("demo-ui")
+    with _tandem_ui(work) as (url, votes):
+        yield url, votes, work
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the walk-through's screenshots go: ``$TANDEM_TEST_ARTIFACTS``, else a pytest tmp folder."""
+    named = os.environ.get("TANDEM_TEST_ARTIFACTS")
+    folder = Path(named).expanduser() if named else tmp_path_factory.mktemp("walkthrough-shots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _shot(page: Any, folder: Path, name: str) -> None:
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def _open_accordion(page: Any, label: str) -> None:
+    page.locator(".label-wrap", has_text=label).first.click()
+
+
+def _blind_battle_and_vote(page: Any, prompt: str, shots: Path, first: bool) -> None:
+    """One blind battle: names and divergence hidden until the vote, shown after it."""
+    page.fill("#compare-input textarea", prompt)
+    page.click("#compare-run")
+    # Set when the battle ends (the previous battle's divergence was revealed, and its status said "vote below").
+    _wait_for_text(page, "#compare-left-divergence", "hidden until you vote")
+    _wait_for_text(page, "#compare-status", "vote below")
+    stats = page.inner_text("#compare-left-stats") + page.inner_text("#compare-right-stats")
+    assert "model A" in stats and "model B" in stats, stats
+    assert "demo:ppo-capitals" not in stats and "smollm2" not in stats, stats  # names hidden
+    if first:
+        _shot(page, shots, "02-blind-battle")
+    page.click("#vote-left")
+    _wait_for_text(page, "#vote-status", "Recorded left")
+    revealed = page.inner_text("#vote-status")
+    assert "demo:ppo-capitals" in revealed and "smollm2" in revealed, revealed
+    _wait_for_text(page, "#compare-left-divergence", "Σ log π/π_ref")  # shown once voted
+    if first:
+        _shot(page, shots, "03-voted-names-revealed")
+
+
+@pytest.mark.timeout(1800)
+def test_walkthrough_demo_adapter_to_a_run_trained_on_blind_votes(browser, demo_server, shots):
+    url, votes, _work = demo_server
+    page = _open(browser, url)
+    try:
+        # 1. The first screen: the shipped PPO adapter on smollm2 as the policy, the same base (adapter off) as the reference.
+        _wait_for_text(page, "#model-status", "policy: demo:ppo-capitals loaded (LoRA on smollm2")
+        _wait_for_text(page, "#model-status", "reference: smollm2 loaded")
+        assert page.input_value("#model-policy textarea") == "demo:ppo-capitals"
+        assert page.input_value("#model-reference textarea") == "smollm2"
+        _shot(page, shots, "01-first-screen")
+
+        # 2-3. Blind battles in Compare, one vote each (each left/right vote is a DPO pair).
+        page.get_by_role("tab", name="Compare").click()
+        assert "same model" not in page.inner_text("#compare-same-model")
+        page.get_by_text("system prompt and sampling").click()
+        _set_number(page, "#compare-max-tokens", 16)
+        page.locator("#compare-blind input").check()
+        for i, prompt in enumerate(BATTLE_PROMPTS):
+            _blind_battle_and_vote(page, prompt, shots, first=i == 0)
+        records = [json.loads(line) for line in votes.read_text().splitlines()]
+        assert len(records) == 2 and all(r["label"] == "left" for r in records)
+        assert all({r["chosen_model"], r["rejected_model"]} == {"demo:ppo-capitals", "smollm2"} for r in records)
+        _wait_for_text(page, "#vote-file-info", "2 usable DPO pairs")
+
+        # 4. The leaderboard counts both battles between the two models.
+        _open_accordion(page, "Leaderboard (from the votes file)")
+        _wait_for_text(page, "#leaderboard-note", "2 battles")
+        board = page.inner_text("#leaderboard")
+        assert "demo:ppo-capitals" in board and "smollm2" in board, board
+        _shot(page, shots, "04-leaderboard")
+
+        # 5. Train DPO on these votes: 2 steps on the policy's base.
+        _open_accordion(page, "Train DPO on these votes")
+        assert page.input_value("#train-model textarea") == "smollm2"  # the demo run's base, not the run itself
+        steps = page.locator("#train-steps input")
+        steps.fill("2")
+        steps.press("Tab")
+        page.click("#train-start")
+        _wait_for_text(page, "#train-status", "votes-dpo-")  # the progress bar (or, on a fast machine, already done)
+        _shot(page, shots, "05-training")
+        _wait_for_text(page, "#train-status", "✓ Trained", timeout_s=900)
+        assert "(2 steps" in page.inner_text("#train-status"), page.inner_text("#train-status")
+        _shot(page, shots, "06-trained")
+
+        # 6. The new run loads as the policy (LoRA on smollm2) against its base, and the Runs tab lists it.
+        page.click("#train-load")
+        page.wait_for_function("document.querySelector('#model-policy textarea').value.includes('votes-dpo-')")
+        policy = page.input_value("#model-policy textarea")
+        assert "votes-dpo-" in policy and (Path(policy) / "final" / "adapter_config.json").is_file(), policy
+        _wait_for_text(page, "#model-status", f"policy: {policy} loaded (LoRA on smollm2")
+        assert page.input_value("#model-reference textarea") == "smollm2"
+        _shot(page, shots, "07-new-run-as-policy")
+        page.get_by_role("tab", name="Runs").click()
+        page.get_by_role("button", name="Refresh", exact=True).click()
+        page.locator("#runs-pick input").click()
+        page.get_by_role("option", name=Path(policy).name).click()
+        _wait_for_text(page, "#runs-status", "policy: LoRA adapter")
+        _shot(page, shots, "08-runs-tab")
+    finally:
+        page.close()
