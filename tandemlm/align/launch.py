@@ -1,7 +1,8 @@
 """``--distributed ddp|zero2|zero3``: a run started for the user under ``accelerate launch``.
 
 The launched processes run the same ``tandem align METHOD`` command (without ``--distributed``) with
-one of the shipped configs in ``recipes/accelerate/``: ``cpu.yaml`` or ``ddp.yaml`` for data parallel
+one of the configs shipped in the package, ``tandemlm/align/accelerate/`` (``recipes/accelerate`` in a
+source checkout links there): ``cpu.yaml`` or ``ddp.yaml`` for data parallel
 (CPU processes over gloo, or one process per GPU), ``zero2.yaml``/``zero3.yaml`` for DeepSpeed. The
 ZeRO configs leave mixed precision to the run's ``bf16`` field (auto: on with a GPU that has it), so
 one file serves a CPU and a GPU. DeepSpeed JIT-compiles its shared-memory allreduce on a CPU the
@@ -19,7 +20,7 @@ from pathlib import Path
 from tandemlm.align.errors import ConfigError
 from tandemlm.models.builtin import cache_dir
 
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate"  # package data: works from a wheel too
 # --distributed value -> (config on a CPU, config with GPUs)
 MODES: dict[str, tuple[str, str]] = {
     "ddp": ("cpu.yaml", "ddp.yaml"),  # plain data parallel: a full copy per process
@@ -45,7 +46,7 @@ def accelerate_config(mode: str, cuda: bool) -> Path:
         raise ConfigError(f"distributed must be one of {', '.join(MODES)}, got {mode!r}")
     path = ACCELERATE_CONFIGS / MODES[mode][1 if cuda else 0]
     if not path.is_file():
-        raise ConfigError(f"distributed: {path} is missing (the accelerate configs ship in the source tree's recipes/)")
+        raise ConfigError(f"distributed: {path} is missing; reinstall tandemlm (the accelerate configs ship in the package)")
     if mode in DEEPSPEED_MODES:
         check_deepspeed()
     return path

@@ -275,13 +275,17 @@ def tensor_digest(named: list[tuple[str, Any]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def gathered(param: Any) -> contextlib.AbstractContextManager[Any]:
-    """A context in which ``param`` holds its full value: ZeRO-3 partitions it (shape ``(0,)`` outside)."""
-    if not hasattr(param, "ds_id"):  # DeepSpeed marks the parameters it partitions
+def gathered(params: Any, modifier_rank: int | None = None) -> contextlib.AbstractContextManager[Any]:
+    """A context in which ``params`` (one tensor or a list) hold their full values: ZeRO-3 partitions
+    them (shape ``(0,)`` outside). Every process must enter it. With ``modifier_rank``, what that
+    process writes into them is partitioned to every process on exit."""
+    params = list(params) if isinstance(params, (list, tuple)) else [params]
+    partitioned = [p for p in params if hasattr(p, "ds_id")]  # DeepSpeed marks the parameters it partitions
+    if not partitioned:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
 
 
 def record_session(run: Run, **values: Any) -> None:

@@ -7,9 +7,10 @@ global batch (2 processes x per-device batch = one process x twice the batch) on
 
 Tolerance: two Adam steps at lr 1e-3 move weights by up to 2e-3; the ZeRO runs must stay within
 1e-4 of the one-process run (seen: 5e-5 at most, from the order of float reductions).
-GRPO samples its completions per process, so a one-process run draws others; its ZeRO-2 and
-ZeRO-3 runs (same per-process sampling) must agree with each other instead. PPO is our own trainer,
-which DeepSpeed does not shard: it refuses ZeRO in one line (test below).
+GRPO and PPO sample their completions per process, so a one-process run draws others; their ZeRO-2
+and ZeRO-3 runs (same per-process sampling) must agree with each other instead, and PPO's (our own
+trainer: an engine each for actor and critic) also with its plain data-parallel run on 2 processes,
+full weights and LoRA (the critic's adapter then sits on its own base copy).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from tandemlm.align.launch import ACCELERATE_CONFIGS, launch_env
 
 DRIVER = Path(__file__).with_name("distributed_runs.py")
 STAGES = ("zero2", "zero3")
-METHODS = ("sft", "reward", "dpo", "kto", "grpo")
-SAMPLED = ("grpo",)  # compared across stages, not with one process
+METHODS = ("sft", "reward", "dpo", "kto", "grpo", "ppo", "ppo-lora")  # a run's name; its method before "-"
+SAMPLED = ("grpo", "ppo", "ppo-lora")  # compared across stages, not with one process
+WITH_DDP = ("ppo", "ppo-lora")  # also launched with plain data parallel (cpu.yaml) to compare with
 TOLERANCE = 1e-4
+ZERO3_VLLM = "rollout_backend: vllm needs the whole actor adapter in each process; use --distributed zero2 or ddp"
 MOVED = 1e-3  # the largest change two steps must make, so equal weights are not equal by standing still
 COMMON: dict[str, Any] = {
     "max_steps": 2, "max_length": 64, "threads": 1, "save_steps": 50, "logging_steps": 1,
@@ -52,8 +55,18 @@ def per_device(method: str, data: dict[str, str], reward_model: Path) -> dict[st
             "dataset": "builtin:capitals_train", "batch_size": 2, "num_generations": 2, "max_completion_length": 6,
             "rewards": "reward_model", "reward_model": str(reward_model), "beta": 0.0,
         },
+        "ppo": {
+            "dataset": "builtin:capitals_train", "batch_size": 2, "minibatch_size": 2, "ppo_epochs": 1,
+            "max_completion_length": 6, "max_length": 96, "rewards": "reward_model", "reward_model": str(reward_model),
+        },
     }  # fmt: skip
+    table["ppo-lora"] = {**table["ppo"], "lora": True}
     return {**COMMON, **table[method]}
+
+
+def spec_entry(run: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The driver's entry for the run named ``run`` (``ppo-lora`` runs the ppo method)."""
+    return {"method": run.split("-")[0], "config": values}
 
 
 def launch_runs(stage: str, spec: list[dict[str, Any]], folder: Path) -> float:
@@ -128,10 +141,18 @@ def zero_runs(tiny_llama: Path, data: dict[str, str], one_process: dict[str, Pat
         spec = []
         for method in METHODS:
             values = {**per_device(method, data, one_process["reward"].parent), "model": str(tiny_llama)}
-            spec.append({"method": method, "config": {**values, "output_dir": str(folder / method)}})
+            spec.append(spec_entry(method, {**values, "output_dir": str(folder / method)}))
             runs[f"{stage}/{method}"] = folder / method
         seconds = launch_runs(stage, spec, folder)
-        print(f"{stage}: {len(METHODS)} methods x 2 steps on 2 processes in {seconds:.0f} s", file=sys.stderr)
+        print(f"{stage}: {len(METHODS)} runs x 2 steps on 2 processes in {seconds:.0f} s", file=sys.stderr)
+    folder = tmp_path_factory.mktemp("ddp")
+    spec = []
+    for method in WITH_DDP:
+        values = {**per_device(method, data, one_process["reward"].parent), "model": str(tiny_llama)}
+        spec.append(spec_entry(method, {**values, "output_dir": str(folder / method)}))
+        runs[f"ddp/{method}"] = folder / method
+    seconds = launch_runs("cpu", spec, folder)
+    print(f"ddp: {len(WITH_DDP)} runs x 2 steps on 2 processes in {seconds:.0f} s", file=sys.stderr)
     return runs
 
 
@@ -162,6 +183,9 @@ def test_zero_run_ends_with_the_one_process_weights(method: str, stage: str, zer
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["global_step"] == 2
     assert len(info["sessions"]) == 1  # only the main process wrote run.json
+    if method in WITH_DDP:
+        check_ppo_run(run, [zero_runs[f"{other}/{method}"] for other in ("ddp", *STAGES) if other != stage], tiny_llama)
+        return
     saved = state_dict_of(run / "final")
     # rank_digests hash the full parameters on each rank (ZeRO-3 gathers its shards): the saved model's own.
     assert info["rank_digests"] == [tensor_digest(list(saved.items()))] * 2
@@ -173,6 +197,45 @@ def test_zero_run_ends_with_the_one_process_weights(method: str, stage: str, zer
     assert max_difference(saved, other) <= TOLERANCE
     base = state_dict_of(tiny_llama)
     assert max(max_difference({k: saved[k]}, base) for k in saved if k in base) > MOVED
+
+
+def check_ppo_run(run: Path, others: list[Path], tiny_llama: Path) -> None:
+    """A PPO run's actor, critic and value head equal the other launches' and moved from where they began."""
+    info = json.loads((run / "run.json").read_text())
+    assert len(set(info["rank_digests"])) == 1  # both ranks hold the same actor, critic and value head
+    parts = {"actor": run / "final", "critic": run / "final" / "critic"}
+    for name, folder in parts.items():
+        saved = state_dict_of(folder)
+        for other in others:
+            theirs = state_dict_of(other / folder.relative_to(run))
+            assert set(saved) == set(theirs), name
+            assert max_difference(saved, theirs) <= TOLERANCE, f"{name} differs from {other}"
+    actor = state_dict_of(parts["actor"])
+    if (run / "final" / "adapter_config.json").is_file():  # LoRA: B starts at zero
+        assert max(v.abs().max().item() for k, v in actor.items() if "lora_B" in k) > MOVED
+    else:
+        base = state_dict_of(tiny_llama)
+        assert max(max_difference({k: actor[k]}, base) for k in actor if k in base) > MOVED
+    value_head = state_dict_of(parts["critic"])["summary.weight"]
+    assert value_head.abs().max().item() > 0  # the critic trained (it starts at zero)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_ppo_resumed_under_zero3_ends_where_the_unbroken_run_ends(zero_runs, one_process, tiny_llama, data, tmp_path):
+    """One step and a checkpoint, then ``resume`` to step 2 in a new launch: the unbroken ZeRO-3 run's weights.
+
+    Step 2 lands there only if each process gets its shard of Adam's moments back and ZeRO's fp32
+    master copy takes the loaded weights (else it steps from the adapters' initial values).
+    """
+    values = {**per_device("ppo-lora", data, one_process["reward"].parent), "model": str(tiny_llama)}
+    values.update(output_dir=str(tmp_path / "run"), save_steps=1)
+    launch_runs("zero3", [spec_entry("ppo-lora", {**values, "max_steps": 1})], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "checkpoint-1").glob("optim-*.pt")) == ["optim-0.pt", "optim-1.pt"]
+    launch_runs("zero3", [spec_entry("ppo-lora", {**values, "resume": True})], tmp_path)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["global_step"] == 2 and info["sessions"][-1]["resumed_from"] == "checkpoint-1"
+    check_ppo_run(tmp_path / "run", [zero_runs["zero3/ppo-lora"]], tiny_llama)
 
 
 @pytest.mark.slow
@@ -215,7 +278,7 @@ def test_zero3_run_killed_mid_way_resumes_to_the_same_step_count(tiny_llama, dat
         (["sft", "--distributed", "zero4"], "distributed must be one of ddp, zero2, zero3, got 'zero4'"),
         (["sft", "--nproc", "2"], "nproc needs distributed (ddp, zero2 or zero3)"),
         (["sft", "--distributed", "ddp", "--nproc", "0"], "nproc must be a positive integer, got 0"),
-        (["ppo", "--distributed", "zero3"], "distributed: ppo runs tandemlm's own trainer, which DeepSpeed ZeRO does not shard; use --distributed ddp"),
+        (["ppo", "--distributed", "zero3", "--rollout-backend", "vllm"], ZERO3_VLLM),
     ],
 )
 def test_bad_distributed_flags_are_one_line_before_any_launch(flags, message, tmp_path):
@@ -227,16 +290,16 @@ def test_bad_distributed_flags_are_one_line_before_any_launch(flags, message, tm
     assert (result.exit_code, result.output.strip()) == (2, f"error: {message}")
 
 
-def test_ppo_launched_with_a_deepspeed_config_refuses_in_one_line(tmp_path):
-    """``accelerate launch --config_file zero3.yaml ... align ppo`` (no --distributed): the same refusal."""
+def test_ppo_launched_with_zero3_and_vllm_rollouts_refuses_in_one_line(tmp_path):
+    """``accelerate launch --config_file zero3.yaml ... align ppo --rollout-backend vllm`` (no --distributed)."""
     from typer.testing import CliRunner
 
     from tandemlm.cli.main import app
 
-    args = ["align", "ppo", "--dataset", "builtin:capitals_train", "--output-dir", str(tmp_path / "run")]
-    result = CliRunner().invoke(app, args, env={"ACCELERATE_USE_DEEPSPEED": "true"})
-    assert result.exit_code == 2
-    assert result.output.strip() == "error: ppo runs tandemlm's own trainer, which DeepSpeed ZeRO does not shard; use --distributed ddp"
+    args = ["align", "ppo", "--dataset", "builtin:capitals_train", "--rollout-backend", "vllm", "--output-dir", str(tmp_path / "run")]
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    result = CliRunner().invoke(app, args, env=env)
+    assert (result.exit_code, result.output.strip()) == (2, f"error: {ZERO3_VLLM}")
     assert not (tmp_path / "run").exists()
 
 

@@ -11,7 +11,8 @@ Files::
     actor.safetensors        the actor's LoRA weights (or the full actor)
     critic.safetensors       the critic's LoRA weights (or the full critic backbone)
     value_head.safetensors   the value head
-    optim.pt                 both optimizers and both schedulers
+    optim.pt                 both optimizers and both schedulers (under ZeRO: optim-<rank>.pt, each
+                             process's shard of the optimizer states)
     rng-<rank>.pt            torch (CPU and CUDA), Python and NumPy RNG states of each process
     trainer_state.json       step, data cursor, KL controller; written last
 """
@@ -29,6 +30,7 @@ import torch
 
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.ppo.policy import CRITIC, POLICY, ActorCritic
+from tandemlm.align.run import gathered
 from tandemlm.models.atomic import replace_dir
 from tandemlm.models.pickle_guard import refused_pickle
 
@@ -56,38 +58,61 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
-def _lora_weights(ac: ActorCritic, adapter: str) -> dict[str, torch.Tensor]:
+def lora_weights(model: Any, adapter: str) -> dict[str, torch.Tensor]:
+    """The PEFT state dict of ``adapter`` on ``model``, whole (ZeRO-3 shards gathered; every process calls this)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(ac.model, adapter_name=adapter).items()}
+    with gathered([p for n, p in model.named_parameters() if f".{adapter}." in n]):
+        return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
 
 
-def save_weights(ac: ActorCritic, folder: Path) -> None:
-    """actor, critic and value head as safetensors in ``folder``."""
-    from safetensors.torch import save_file, save_model
+def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict, whole (ZeRO-3 shards gathered), tied tensors once; every process calls this."""
+    with gathered(list(module.parameters())):
+        named = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    seen: dict[tuple[int, ...], str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):  # tied duplicates: keep the first name
+        key = (id(param),)
+        if key in seen and name in named:
+            del named[name]
+        seen.setdefault(key, name)
+    return named
 
+
+def trained_weights(ac: ActorCritic) -> dict[str, dict[str, torch.Tensor]]:
+    """File stem -> tensors of everything PPO trains (every process must call this under ZeRO-3)."""
     if ac.lora:
-        save_file(_lora_weights(ac, POLICY), str(folder / "actor.safetensors"))
-        save_file(_lora_weights(ac, CRITIC), str(folder / "critic.safetensors"))
+        weights = {"actor": lora_weights(ac.model, POLICY), "critic": lora_weights(ac.critic_model, CRITIC)}
     else:
-        save_model(ac.model, str(folder / "actor.safetensors"))  # drops tied duplicates
-        save_model(ac.critic_model, str(folder / "critic.safetensors"))
-    save_file(ac.value_head.state_dict(), str(folder / "value_head.safetensors"))
+        weights = {"actor": full_weights(ac.model), "critic": full_weights(ac.critic_model)}
+    return {**weights, "value_head": full_weights(ac.value_head)}
+
+
+def save_weights(ac: ActorCritic, folder: Path | None) -> None:
+    """actor, critic and value head as safetensors in ``folder`` (None: this process only helps gather)."""
+    from safetensors.torch import save_file
+
+    weights = trained_weights(ac)
+    if folder is not None:
+        for stem, tensors in weights.items():
+            save_file(tensors, str(folder / f"{stem}.safetensors"))
 
 
 def load_weights(ac: ActorCritic, folder: Path) -> None:
     from safetensors.torch import load_file, load_model
 
-    if ac.lora:
-        from peft import set_peft_model_state_dict
+    # Under ZeRO-3 every process reads the same files into the gathered weights; rank 0's are re-partitioned.
+    with gathered([p for _, p in ac.trained()], modifier_rank=0):
+        if ac.lora:
+            from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(ac.model, load_file(str(folder / "actor.safetensors")), adapter_name=POLICY)
-        set_peft_model_state_dict(ac.model, load_file(str(folder / "critic.safetensors")), adapter_name=CRITIC)
-        ac.model.set_adapter(POLICY)
-    else:
-        load_model(ac.model, str(folder / "actor.safetensors"))
-        load_model(ac.critic_model, str(folder / "critic.safetensors"))
-    ac.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
+            set_peft_model_state_dict(ac.model, load_file(str(folder / "actor.safetensors")), adapter_name=POLICY)
+            set_peft_model_state_dict(ac.critic_model, load_file(str(folder / "critic.safetensors")), adapter_name=CRITIC)
+            ac.model.set_adapter(POLICY)
+        else:
+            load_model(ac.model, str(folder / "actor.safetensors"))
+            load_model(ac.critic_model, str(folder / "critic.safetensors"))
+        ac.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
 
 
 def save_checkpoint(
@@ -100,10 +125,13 @@ def save_checkpoint(
     if is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_weights(ac, staging)
+    save_weights(ac, staging if is_main else None)
+    if is_main and not training.get("sharded"):
         torch.save(training, staging / "optim.pt")
     barrier()
     torch.save(rng_state(), staging / f"rng-{rank}.pt")
+    if training.get("sharded"):  # ZeRO: each process keeps its own shard of the optimizer state
+        torch.save(training, staging / f"optim-{rank}.pt")
     barrier()
     if is_main:
         (staging / STATE_FILE).write_text(json.dumps({"global_step": step, **state}, indent=2) + "\n")
@@ -125,11 +153,14 @@ def prune(checkpoints: Path, keep: int) -> None:
 def load_checkpoint(folder: Path, ac: ActorCritic, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restores weights and this process's RNGs; returns (optimizer/scheduler states, trainer state)."""
     load_weights(ac, folder)
-    with refused_pickle(folder / "optim.pt"):
-        training = torch.load(folder / "optim.pt", weights_only=True)
     rng_file = folder / f"rng-{rank}.pt"
     if not rng_file.is_file():
         raise ConfigError(f"--resume: {folder} was saved by fewer processes (no {rng_file.name}); resume with as many")
+    optim = folder / "optim.pt" if (folder / "optim.pt").is_file() else folder / f"optim-{rank}.pt"
+    if not optim.is_file():  # a ZeRO checkpoint holds one optimizer shard per process
+        raise ConfigError(f"--resume: {folder} has no optim.pt or {optim.name}; resume with the launch that saved it")
+    with refused_pickle(optim):
+        training = torch.load(optim, weights_only=True)
     with refused_pickle(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=True))
     return training, json.loads((folder / STATE_FILE).read_text())

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 from tandemlm.align.config import AlignConfig, help_field, non_negative, one_of, positive
 from tandemlm.align.errors import ConfigError
-from tandemlm.align.launch import DEEPSPEED_MODES
 from tandemlm.align.rewards import check_reward_model, parse_reward_spec
 
-# PPO's own loop averages gradients itself and never hands its model to DeepSpeed, so ZeRO would not shard it.
-ZERO_REFUSAL = "ppo runs tandemlm's own trainer, which DeepSpeed ZeRO does not shard; use --distributed ddp"
+# vLLM gets the actor's adapter after every update; under ZeRO-3 no process holds that adapter whole.
+ZERO3_VLLM_REFUSAL = "rollout_backend: vllm needs the whole actor adapter in each process; use --distributed zero2 or ddp"
 
 KL_ESTIMATORS = ("k1", "k3")
 ROLLOUT_BACKENDS = ("transformers", "vllm")
@@ -103,8 +102,8 @@ class PPORunConfig(AlignConfig):
             raise ConfigError("trl_args: ppo is tandemlm's own trainer, not TRL's; set its fields directly")
         if self.report_to != "none":
             raise ConfigError(f"report_to: ppo writes metrics.jsonl and plots only; got {self.report_to!r} (use none)")
-        if self.distributed in DEEPSPEED_MODES:
-            raise ConfigError(f"distributed: {ZERO_REFUSAL}")
+        if self.distributed == "zero3" and self.rollout_backend == "vllm":
+            raise ConfigError(ZERO3_VLLM_REFUSAL)
 
     def _check_rewards(self) -> None:
         names = {name for name, _ in parse_reward_spec(self.rewards)}  # raises ConfigError naming `rewards`

@@ -17,11 +17,11 @@ import torch
 from tandemlm.align.callbacks import HackingWatch, MetricsLogger, RichProgress
 from tandemlm.align.data import load_rows
 from tandemlm.align.errors import ConfigError
-from tandemlm.align.launch import under_deepspeed
 from tandemlm.align.metrics import append_jsonl, truncate_metrics
 from tandemlm.align.model import base_folder, load_model, load_tokenizer, lora_config, set_threads
 from tandemlm.align.ppo import checkpoint
-from tandemlm.align.ppo.config import ZERO_REFUSAL, PPORunConfig
+from tandemlm.align.ppo.config import ZERO3_VLLM_REFUSAL, PPORunConfig
+from tandemlm.align.ppo.optim import load_weights_whole, zero_stage
 from tandemlm.align.ppo.policy import CRITIC, POLICY, ActorCritic
 from tandemlm.align.ppo.rollout import Sampler, TransformersSampler, tokenize_prompts
 from tandemlm.align.ppo.scoring import build_reward_mix, check_rows, reward_adapter, shares_base
@@ -39,8 +39,10 @@ def run_ppo(config: PPORunConfig) -> Run | None:
     if config.plan:
         print_plan(config)
         return None
-    if under_deepspeed():  # `accelerate launch --config_file zero3.yaml ... align ppo`
-        raise ConfigError(ZERO_REFUSAL)
+    if config.rollout_backend == "vllm" and zero_stage() == 3:  # launched with zero3.yaml, not --distributed
+        raise ConfigError(ZERO3_VLLM_REFUSAL)
+    if zero_stage() == 3:
+        load_weights_whole()  # the engines shard actor and critic; copies and the reward model stay whole
     quiet_libraries()
     rows, _, path = load_rows(config.dataset, "ppo", keep_extra=True)
     check_rows(rows, config.rewards, str(path))
@@ -53,6 +55,7 @@ def run_ppo(config: PPORunConfig) -> Run | None:
         raise ConfigError("lora_dropout: ppo trains with dropout off (it would make old and new log-probs differ); set 0")
     if c.rollout_backend == "vllm":
         from tandemlm.align.ppo.vllm_rollout import check_config
+
 
         check_config(c)  # refuse before any weights load
     tokenizer = load_tokenizer(folder, c.trust_remote_code)
@@ -84,7 +87,8 @@ def build_sampler(c: PPORunConfig, ac: ActorCritic, tokenizer: Any, folder: Path
         from tandemlm.align.ppo.vllm_rollout import VLLMSampler
 
         return VLLMSampler(folder, c, tokenizer)
-    return TransformersSampler(tokenizer, c.max_completion_length, c.temperature, c.top_k)
+    # ZeRO-3 gathers weights in every forward, a collective: processes done early keep stepping with the others.
+    return TransformersSampler(tokenizer, c.max_completion_length, c.temperature, c.top_k, synced=zero_stage() == 3)
 
 
 def print_plan(config: PPORunConfig) -> None:
@@ -118,7 +122,8 @@ def actor_critic_from_model(
     hidden = int(model.config.get_text_config().hidden_size)
     actor_lora = lora_config(c, model)
     critic_lora = critic_init[0] if critic_init else actor_lora
-    ac = ActorCritic(model, actor_lora, critic_lora, hidden)
+    stage = zero_stage()  # DeepSpeed: one module per engine (the critic's adapter on its own base copy)
+    ac = ActorCritic(model, actor_lora, critic_lora, hidden, separate_critic=stage > 0, skip_prefix=stage == 3)
     if critic_init:
         from peft import set_peft_model_state_dict
 
@@ -224,25 +229,20 @@ def _loop(run: Run, trainer: PPOTrainer, total: int, dist: Distributed) -> None:
 def save_final(run: Run, ac: ActorCritic, tokenizer: Any, dist: Distributed) -> Path:
     """final/: the actor as a PEFT adapter (or full weights) with the tokenizer; final/critic/ holds the critic."""
     staging = run.dir / ".final.partial"
+    weights = checkpoint.trained_weights(ac)  # every process: ZeRO-3 gathers the shards
     if dist.is_main:
         from safetensors.torch import save_file
 
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        (staging / "critic").mkdir(parents=True)
         if ac.lora:
-            from peft import get_peft_model_state_dict
-
             ac.model.peft_config[POLICY].save_pretrained(str(staging))
-            save_file(
-                {k: v.contiguous() for k, v in get_peft_model_state_dict(ac.model, adapter_name=POLICY).items()},
-                str(staging / "adapter_model.safetensors"),
-            )
+            save_file(weights["actor"], str(staging / "adapter_model.safetensors"))
         else:
-            ac.model.save_pretrained(str(staging), safe_serialization=True)
+            ac.model.save_pretrained(str(staging), state_dict=weights["actor"], safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
-        (staging / "critic").mkdir()
-        checkpoint.save_weights(ac, staging / "critic")
-        (staging / "critic" / "actor.safetensors").unlink()  # the actor is final/ itself
+        for stem in ("critic", "value_head"):  # the actor is final/ itself
+            save_file(weights[stem], str(staging / "critic" / f"{stem}.safetensors"))
         replace_dir(staging, run.final)
     dist.barrier()
     return run.final

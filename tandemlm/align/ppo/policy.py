@@ -7,7 +7,9 @@
   when the reward run is a LoRA run on the same base (see scoring.py).
 
 Only one copy of the base weights is ever in memory. A full fine-tune (``lora: false``) keeps a
-trainable actor, a separate trainable critic backbone and a frozen reference copy instead.
+trainable actor, a separate trainable critic backbone and a frozen reference copy instead. Under
+DeepSpeed ZeRO the critic's adapter sits on a copy of the base of its own (``separate_critic``):
+an engine owns one module and one optimizer, and actor and critic step separately (``optim.py``).
 
 When the adapters sit only on the top layers (``lora_layers``), the layers below are the same for
 every role and never change: :meth:`ActorCritic.prefix` runs them once per rollout, and every later
@@ -66,16 +68,28 @@ def backbone(model: Any) -> nn.Module:
 class ActorCritic:
     """Actor, critic and reference over one base; switch roles with :meth:`actor`, :meth:`critic`, :meth:`reference`."""
 
-    def __init__(self, model: Any, actor_lora: Any, critic_lora: Any, hidden_size: int) -> None:
-        """``model`` is the causal LM; ``*_lora`` are peft ``LoraConfig`` (both None: full fine-tune)."""
+    def __init__(
+        self, model: Any, actor_lora: Any, critic_lora: Any, hidden_size: int, separate_critic: bool = False,
+        skip_prefix: bool = False,
+    ) -> None:
+        """``model`` is the causal LM; ``*_lora`` are peft ``LoraConfig`` (both None: full fine-tune).
+
+        ``separate_critic`` puts the critic adapter on a copy of the base (DeepSpeed needs one module per
+        optimizer: ``optim.EngineStep``); ``skip_prefix`` runs every pass from the tokens (ZeRO-3 gathers
+        weights layer by layer in forward hooks, which a forward stopped half-way would leave gathered).
+        """
         self.lora = actor_lora is not None
         if self.lora:
             from peft import get_peft_model
 
+            critic_base = copy.deepcopy(model) if separate_critic else None
             self.model = get_peft_model(model, actor_lora, adapter_name=POLICY)
-            self.model.add_adapter(CRITIC, critic_lora)
+            if critic_base is not None:  # adapters drawn in the same order as below: the same initial weights
+                self.critic_model = get_peft_model(critic_base, critic_lora, adapter_name=CRITIC)
+            else:
+                self.model.add_adapter(CRITIC, critic_lora)
+                self.critic_model = self.model
             self.model.set_adapter(POLICY)
-            self.critic_model = self.model
             self.reference_model = None
         else:
             self.model = model
@@ -83,7 +97,12 @@ class ActorCritic:
             self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
         device = next(model.parameters()).device
         self.value_head = ValueHead(hidden_size).to(device)
-        self.frozen_layers = _first_adapted_layer(actor_lora, critic_lora)
+        self.frozen_layers = 0 if skip_prefix else _first_adapted_layer(actor_lora, critic_lora)
+        self.separate_critic = self.critic_model is not self.model
+
+    def critic_module(self) -> nn.Module:
+        """Every module the critic trains (its adapter's model or backbone, and the value head), as one."""
+        return nn.ModuleDict({"critic": self.critic_model, "value_head": self.value_head})
 
     # ---- the frozen prefix ---------------------------------------------------------------------------
 
@@ -131,7 +150,7 @@ class ActorCritic:
         head = list(self.value_head.parameters())
         if not self.lora:
             return [*self.critic_model.parameters(), *head]
-        return [*(p for n, p in self.model.named_parameters() if f".{CRITIC}." in n), *head]
+        return [*(p for n, p in self.critic_model.named_parameters() if f".{CRITIC}." in n), *head]
 
     def trained(self) -> list[tuple[str, nn.Parameter]]:
         """Every trained tensor by name: both adapters (or the full actor and critic) and the value head."""
@@ -139,7 +158,8 @@ class ActorCritic:
         if not self.lora:
             named += [(f"actor.{n}", p) for n, p in self.model.named_parameters()]
             return named + [(f"critic.{n}", p) for n, p in self.critic_model.named_parameters()]
-        return named + [(n, p) for n, p in self.model.named_parameters() if f".{POLICY}." in n or f".{CRITIC}." in n]
+        named += [(n, p) for n, p in self.model.named_parameters() if f".{POLICY}." in n]
+        return named + [(n, p) for n, p in self.critic_model.named_parameters() if f".{CRITIC}." in n]
 
     # ---- roles ------------------------------------------------------------------------------------
 
@@ -174,6 +194,9 @@ class ActorCritic:
         """The critic's backbone (decoder stack) with the critic adapter active."""
         if not self.lora:
             yield self.critic_model
+            return
+        if self.separate_critic:
+            yield backbone(self.critic_model.get_base_model())
             return
         with self.adapter(CRITIC):
             self._trainable(self.critic_parameters())

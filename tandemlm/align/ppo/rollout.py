@@ -97,9 +97,12 @@ class ChosenLogprobs:
 @torch.no_grad()
 def sample(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], prompt_ids: list[list[int]], max_new_tokens: int,
-    temperature: float, top_k: int,
+    temperature: float, top_k: int, synced: bool = False,
 ) -> Rollout:
-    """Samples one response per prompt with ``model.generate`` (batched, left-padded, KV cache)."""
+    """Samples one response per prompt with ``model.generate`` (batched, left-padded, KV cache).
+
+    ``synced`` (ZeRO-3): a process whose rows all ended keeps running forward passes until every
+    process is done, since each forward gathers the sharded weights with the others."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -110,7 +113,9 @@ def sample(
         pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
     )
     recorder = ChosenLogprobs(temperature)
-    sequences = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=[recorder])
+    sequences = model.generate(
+        input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=[recorder], synced_gpus=synced,
+    )
     tokens = sequences[:, ids.shape[1] :]
     sampler_logprobs = recorder.finish(sequences)
     response_mask, ended = response_mask_from(tokens, stops)
@@ -149,10 +154,13 @@ class TransformersSampler(Sampler):
 
     same_weights = True
 
-    def __init__(self, tokenizer: Any, max_new_tokens: int, temperature: float, top_k: int) -> None:
+    def __init__(self, tokenizer: Any, max_new_tokens: int, temperature: float, top_k: int, synced: bool = False) -> None:
         self.tokenizer, self.max_new_tokens, self.temperature, self.top_k = tokenizer, max_new_tokens, temperature, top_k
+        self.synced = synced
 
     def __call__(self, ac: Any, rows: list[dict[str, Any]], prompt_ids: list[list[int]]) -> Rollout:
         with ac.actor() as model:
             model.eval()
-            return sample(model, self.tokenizer, rows, prompt_ids, self.max_new_tokens, self.temperature, self.top_k)
+            return sample(
+                model, self.tokenizer, rows, prompt_ids, self.max_new_tokens, self.temperature, self.top_k, self.synced,
+            )

@@ -14,7 +14,8 @@ One step (``batch_size`` prompts per process):
    exploding value loss stops the run naming the step and the quantity (the last checkpoint stays).
 
 Under ``accelerate launch`` every process rolls out its own prompts and gradients are averaged
-across processes before each optimizer step, so all ranks keep the same weights.
+across processes before each optimizer step, so all ranks keep the same weights; with a DeepSpeed
+ZeRO config the actor and the critic each step in an engine of their own (``optim.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.ppo import maths
+from tandemlm.align.ppo.optim import EngineStep, LocalStep, OptimizerStep, deepspeed_config, zero_stage
 from tandemlm.align.ppo.policy import ActorCritic
 from tandemlm.align.ppo.rollout import Rollout, Sampler
 from tandemlm.align.ppo.scoring import RewardMix
@@ -94,11 +96,9 @@ class PPOTrainer:
 
         self.config, self.ac, self.tokenizer, self.reward, self.dist = config, ac, tokenizer, reward, dist
         self.rows, self.prompt_ids, self.sampler = rows, prompt_ids, sampler
-        self.actor_params, self.critic_params = ac.actor_parameters(), ac.critic_parameters()
-        self.actor_opt = torch.optim.AdamW(self.actor_params, lr=config.learning_rate, weight_decay=0.0)
-        self.critic_opt = torch.optim.AdamW(self.critic_params, lr=config.critic_lr, weight_decay=0.0)
-        self.actor_sched = get_scheduler(config.lr_scheduler, self.actor_opt, config.warmup_steps, total_steps)
-        self.critic_sched = get_scheduler(config.lr_scheduler, self.critic_opt, config.warmup_steps, total_steps)
+        self.actor_opt, self.critic_opt = optimizer_steps(config, ac, dist)
+        self.actor_sched = get_scheduler(config.lr_scheduler, self.actor_opt.optimizer, config.warmup_steps, total_steps)
+        self.critic_sched = get_scheduler(config.lr_scheduler, self.critic_opt.optimizer, config.warmup_steps, total_steps)
         self.kl_ctl: Any = (
             maths.AdaptiveKLController(config.beta, config.target_kl, config.kl_horizon)
             if config.adaptive_kl else maths.FixedKLController(config.beta)
@@ -111,6 +111,7 @@ class PPOTrainer:
 
     def training_state(self) -> dict[str, Any]:
         return {
+            "sharded": isinstance(self.actor_opt, EngineStep),
             "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
             "actor_sched": self.actor_sched.state_dict(), "critic_sched": self.critic_sched.state_dict(),
         }
@@ -279,9 +280,9 @@ class PPOTrainer:
                 )
                 loss, pg = maths.policy_loss(logprobs, part["logprobs"], part["advantages"], mask, c.cliprange, c.dual_clip)
                 mean_entropy = maths.masked_mean(entropy, mask)
-                ((loss - c.entropy_coef * mean_entropy) * share).backward()
+                self.actor_opt.backward((loss - c.entropy_coef * mean_entropy) * share)
                 _accumulate(stats, {"policy_loss": loss.item(), "entropy": mean_entropy.item(), **pg}, share)
-        stats["actor_grad_norm"] = self._optimizer_step(self.actor_params, self.actor_opt)
+        stats["actor_grad_norm"] = self.actor_opt.step()
         return stats
 
     def _critic_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -293,17 +294,10 @@ class PPOTrainer:
                 mask = part["response_mask"]
                 values = ac.values(decoder, part["input_ids"], part["attention_mask"], mask.shape[1], prefix=part.get("prefix"))
                 loss, vf = maths.value_loss(values, part["values"], part["returns"], mask, c.cliprange_value or None)
-                (loss * share).backward()
+                self.critic_opt.backward(loss * share)
                 _accumulate(stats, {"value_loss": loss.item(), **vf}, share)
-        stats["critic_grad_norm"] = self._optimizer_step(self.critic_params, self.critic_opt)
+        stats["critic_grad_norm"] = self.critic_opt.step()
         return stats
-
-    def _optimizer_step(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> float:
-        self.dist.average_gradients(params)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(norm)
 
     # ---- health ---------------------------------------------------------------------------------------
 
@@ -319,6 +313,21 @@ class PPOTrainer:
                 f"step {self.step}: value_loss {stats['value_loss']:.4g} exceeds max_value_loss {self.config.max_value_loss:g} "
                 "(exploding critic; lower critic_learning_rate or reward_clip); stopped, the last checkpoint is kept"
             )
+
+
+def optimizer_steps(config: Any, ac: ActorCritic, dist: Distributed) -> tuple[OptimizerStep, OptimizerStep]:
+    """The actor's and the critic's optimizers: DeepSpeed engines under a ZeRO launch, else local AdamW."""
+    stage = zero_stage()
+    if not stage:
+        return (
+            LocalStep(ac.actor_parameters(), config.learning_rate, config.max_grad_norm, dist),
+            LocalStep(ac.critic_parameters(), config.critic_lr, config.max_grad_norm, dist),
+        )
+    settings = deepspeed_config(stage, config.max_grad_norm, bool(config.bf16), dist.world)
+    return (
+        EngineStep(ac.model, ac.actor_parameters(), config.learning_rate, settings),
+        EngineStep(ac.critic_module(), ac.critic_parameters(), config.critic_lr, settings),
+    )
 
 
 def _accumulate(stats: dict[str, float], values: dict[str, float], share: float) -> None:
