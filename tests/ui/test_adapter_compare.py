@@ -136,13 +136,25 @@ def test_a_missing_demo_run_is_one_line_naming_the_script(monkeypatch, tmp_path)
         resolve_slot_model(DEMO_POLICY)
 
 
+def _vllm_or_skip() -> None:
+    from tandemlm.deploy import vllm_engine
+
+    if reason := vllm_engine.unavailable_reason():
+        pytest.skip(f"vLLM cannot run here: {reason}")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
+@pytest.mark.parametrize("backend", ["transformers", "llama.cpp", "vllm"])
 def test_the_shipped_demo_adapter_moves_the_scores_and_its_base_alone_does_not(backend):
+    if backend == "vllm":
+        _vllm_or_skip()
     loads: list[tuple[str, str, dict]] = []
     slots = _slots(loads, DEMO_POLICY, backend)
-    policy, reference = slots["policy"].get(), slots["reference"].get()
-    assert isinstance(policy, AdapterView) and policy.base is reference and policy.info.backend == backend
-    assert slots["policy"].status().startswith(f"**policy**: `{DEMO_POLICY}` loaded (LoRA on `smollm2`, {backend}")
-    _adapter_on_then_off(slots, "smollm2")
-    assert [(m, b) for m, b, _ in loads] == [("smollm2", backend)]  # one engine, adapter on and off
+    try:
+        policy, reference = slots["policy"].get(), slots["reference"].get()
+        assert isinstance(policy, AdapterView) and policy.base is reference and policy.info.backend == backend
+        assert slots["policy"].status().startswith(f"**policy**: `{DEMO_POLICY}` loaded (LoRA on `smollm2`, {backend}")
+        _adapter_on_then_off(slots, "smollm2")
+        assert [(m, b) for m, b, _ in loads] == [("smollm2", backend)]  # one engine, adapter on and off
+    finally:
+        slots["policy"]._pool.close()  # vLLM holds one engine per process: free it for the next test
