@@ -91,7 +91,7 @@ def create_app(config: UIConfig, slots: dict[str, EngineSlot], judges: Judges | 
     import gradio as gr
 
     from tandemlm.ui.chat_tab import build_chat_tab
-    from tandemlm.ui.compare_tab import build_compare_tab
+    from tandemlm.ui.compare_layout import build_compare_tab
     from tandemlm.ui.models_panel import build_models_panel
     from tandemlm.ui.runs_tab import build_runs_tab
 

@@ -1,6 +1,6 @@
 """The Compare tab's Gradio handlers: a turn, a new conversation, a redraw at another colour scale.
 
-Each returns the values for the outputs :func:`tandemlm.ui.compare_tab.build_compare_tab` wires
+Each returns the values for the outputs :func:`tandemlm.ui.compare_layout.build_compare_tab` wires
 (``gr.skip()`` where an output must keep what it shows) and raises its refusals as a toast
 (``gr.Warning``): the status line alone would be overwritten by the running comparison's next
 update at once. Plain functions, so tests call them without a browser.
