@@ -19,7 +19,7 @@
 #   held-out (eval.json):     verifier accuracy 0.533 vs the base's 0.250 (+0.283), KL 0.156 nats/token
 #                             (2.19 per response), win-rate 0.642 by verifier (57 W/117 T/6 L), mean length 14.0 vs 20.0
 #                             (the README's numbers exactly: seeded, one thread)
-#   shipped: 5.1 MB, of which final/adapter_model.safetensors is 5.2 MB (1.31M LoRA parameters in fp32: r16 on
+#   shipped: 5.26 MB in all, of which final/adapter_model.safetensors is 5.22 MB (1.31M LoRA parameters in fp32: r16 on
 #            all linear layers of the last 8 of 30 layers)
 set -euo pipefail
 
