@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -59,8 +60,9 @@ def percentile(values: list[float], q: float) -> float:
     return data[low] + (data[high] - data[low]) * (rank - low)
 
 
-def summarize(results: list[StreamResult], elapsed: float) -> dict[str, float]:
-    """Aggregate tokens/s over ``elapsed`` wall seconds, and TTFT / TPOT / ITL percentiles."""
+def summarize(results: list[StreamResult], elapsed: float, failed: int = 0) -> dict[str, float]:
+    """Aggregate tokens/s over ``elapsed`` wall seconds, and TTFT / TPOT / ITL percentiles of the finished
+    requests; ``failed`` requests (dropped connections, errors) are counted apart and deliver no tokens."""
     ttfts = [r.ttft for r in results]
     tpots = [r.tpot for r in results]
     gaps = [gap for r in results for gap in r.gaps]
@@ -74,6 +76,7 @@ def summarize(results: list[StreamResult], elapsed: float) -> dict[str, float]:
         "itl_p95": percentile(gaps, 95),
         "tokens": tokens,
         "requests": len(results),
+        "failed": failed,
         "seconds": elapsed,
     }
 
@@ -130,10 +133,15 @@ async def one_stream(client: httpx.AsyncClient, url: str, model: str, prompt: st
 async def load(url: str, clients: int, max_tokens: int, rounds: int) -> dict[str, float]:
     """``clients`` concurrent streaming clients, each sending ``rounds`` requests back to back."""
     results: list[StreamResult] = []
+    failures: list[str] = []
 
     async def client_loop(client: httpx.AsyncClient, model: str, index: int) -> None:
         for r in range(rounds):
-            results.append(await one_stream(client, url, model, PROMPTS[(index + r) % len(PROMPTS)], max_tokens))
+            prompt = PROMPTS[(index + r) % len(PROMPTS)]
+            try:
+                results.append(await one_stream(client, url, model, prompt, max_tokens))
+            except (httpx.HTTPError, RuntimeError) as exc:  # a dropped connection is a result, not the end of the run
+                failures.append(f"{type(exc).__name__}: {exc}")
 
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients)) as client:
         # The served model's own name: a server that routes by name answers others with 404.
@@ -141,4 +149,6 @@ async def load(url: str, clients: int, max_tokens: int, rounds: int) -> dict[str
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client, model, i) for i in range(clients)))
         elapsed = time.perf_counter() - started
-    return summarize(results, elapsed)
+    if failures:
+        print(f"  {url}: {len(failures)} of {clients * rounds} requests failed, first: {failures[0][:200]}", file=sys.stderr)
+    return summarize(results, elapsed, len(failures))

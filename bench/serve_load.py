@@ -176,13 +176,13 @@ def _ms(value: float) -> str:
 def header(width: int) -> str:
     """The table's column titles."""
     titles = " | ".join(f"{t:>8}" for t in ("TTFT p50", "TTFT p95", "TPOT p50", "TPOT p95", "ITL p95"))
-    return f"{'clients':>7} | {'server':<{width}} | {'tok/s':>7} | {titles} | {'tokens':>6}"
+    return f"{'clients':>7} | {'server':<{width}} | {'tok/s':>7} | {titles} | {'tokens':>6} | {'failed':>6}"
 
 
 def row(n: int, name: str, r: dict[str, float], width: int) -> str:
     """One table line of absolute numbers (latencies in ms)."""
     lat = " | ".join(_ms(r[k]) for k in METRICS[1:])
-    return f"{n:>7} | {name:<{width}} | {r['tokens_per_s']:7.1f} | {lat} | {r['tokens']:6.0f}"
+    return f"{n:>7} | {name:<{width}} | {r['tokens_per_s']:7.1f} | {lat} | {r['tokens']:6.0f} | {r.get('failed', 0):6.0f}"
 
 
 def ratio_row(n: int, label: str, q: dict[str, float], width: int) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import math
 import sys
 import tarfile
@@ -51,6 +52,31 @@ def test_summarize_counts_tokens_over_wall_time_and_time_per_output_token(client
     assert stats["tpot_p50"] == pytest.approx(0.1) and stats["tpot_p95"] == pytest.approx(0.1)
     assert stats["ttft_p50"] == pytest.approx(0.75)
     assert stats["itl_p95"] == pytest.approx(0.1)
+
+
+def test_a_dropped_connection_is_counted_and_the_load_level_goes_on(clients: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama-server dropped one connection at 16 clients in a paired run, and the bench used to stop there."""
+    import asyncio
+
+    import httpx
+
+    posts = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        posts.append(request)
+        if len(posts) == 2:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        chunk = {"choices": [{"delta": {"content": "hi"}}]}
+        body = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    real = httpx.AsyncClient
+    monkeypatch.setattr(clients.httpx, "AsyncClient", lambda **kw: real(transport=httpx.MockTransport(handler), **kw))
+    stats = asyncio.run(clients.load("http://server/v1", clients=2, max_tokens=4, rounds=2))
+    assert len(posts) == 4 and stats["failed"] == 1 and stats["requests"] == 3
+    assert stats["tokens"] == 6  # 2 tokens from each finished request, none from the dropped one
 
 
 def test_ratios_are_ours_over_theirs_and_nan_without_a_baseline(clients: ModuleType) -> None:
