@@ -56,6 +56,8 @@ CLI_CASES: list[tuple[str, int, str]] = [
     ("align sft --dataset /no/file.jsonl", 2, r"dataset /no/file.jsonl does not exist"),
     ("align sft --dataset {csv}", 2, r"unsupported file type '.csv'"),
     ("align dpo --dataset {sft_rows}", 2, r"row 1: missing field 'chosen'"),
+    ("align compare {empty_dir} {empty_dir}", 2, r"empty is not a run folder \(run.json or config.yaml is missing\)"),
+    ("align compare {empty_dir} --out runs.jpg", 2, r"--out runs.jpg must be a file name ending in .png"),
     # ---- quantize
     ("quantize smollm2 --type q9", 2, r"unknown quant type 'q9'; known: f32, f16"),
     ("quantize smollm2 --threads 0", 2, r"--threads must be at least 1, got 0"),

@@ -25,6 +25,13 @@ _CPU_DEMO: dict[str, Any] = {
     "eval_max_new_tokens": 24,
 }
 
+# Shared by the critic-free family's cpu-demo rows (capitals, verifier reward, like ppo's).
+_GROUP_DEMO: dict[str, Any] = {
+    **_CPU_DEMO, "dataset": "builtin:capitals_train", "eval_dataset": "builtin:capitals_test",
+    "max_steps": 30, "batch_size": 16, "minibatch_size": 8, "num_generations": 4, "max_completion_length": 24,
+    "temperature": 1.0, "top_k": 0, "rewards": "verifier",
+}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "sft": {
         "cpu-demo": {**_CPU_DEMO, "dataset": "builtin:sft_train", "max_steps": 20, "batch_size": 8, "learning_rate": 2e-4},
@@ -62,15 +69,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "rewards": "verifier",
         },
     },
-    "grpo": {
-        "cpu-demo": {
-            **_CPU_DEMO, "dataset": "builtin:capitals_train", "eval_dataset": "builtin:capitals_test",
-            # 4 prompts x 4 samples per step. At lr 2e-4 with 2 prompts per step the verifier score barely
-            # moved in 30 steps (KL 0.008); 1e-3 on 16 completions lifts it with KL held by beta.
-            "max_steps": 30, "batch_size": 16, "num_generations": 4, "max_completion_length": 24,
-            "temperature": 1.0, "top_k": 0, "learning_rate": 1e-3, "beta": 0.04, "rewards": "verifier",
-        },
-    },
+    # The critic-free family: 4 prompts x 4 samples per step for 30 steps, the same 480 generated samples as ppo's
+    # cpu-demo (DAPO's dynamic sampling may draw more: its `samples` metric counts them). Two minibatches per
+    # rollout, so the second is off-policy and each algorithm's clip acts.
+    "grpo": {"cpu-demo": {**_GROUP_DEMO, "learning_rate": 1e-3, "beta": 0.04}},
+    "dapo": {"cpu-demo": {**_GROUP_DEMO, "learning_rate": 1e-3, "max_sampling_tries": 3}},
+    "gspo": {"cpu-demo": {**_GROUP_DEMO, "learning_rate": 1e-3}},
+    "dcpo": {"cpu-demo": {**_GROUP_DEMO, "learning_rate": 1e-3}},
 }
 
 

@@ -120,6 +120,18 @@ def _reward_model_reward(config: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def check_reward_sources(config: Any) -> None:
+    """One line unless ``config.rewards`` parses and each source it names has its setting.
+
+    ``config`` has ``rewards``, ``reward_model`` and ``reward_url`` (every RL method's config does).
+    """
+    names = {name for name, _ in parse_reward_spec(config.rewards)}  # raises ConfigError naming `rewards`
+    if "reward_model" in names and not config.reward_model:
+        raise ConfigError("rewards uses reward_model but reward_model (a reward run folder) is not set")
+    if "http" in names and not config.reward_url:
+        raise ConfigError("rewards uses http but reward_url is not set")
+
+
 def check_reward_model(ref: str | Path) -> None:
     """Fails with one line unless ``ref`` is a reward run folder or an HF model folder (reads no weights)."""
     path = Path(ref).expanduser()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import types
 import typing
 from pathlib import Path
@@ -20,7 +21,7 @@ from tandemlm.cli.options import fail
 
 app = typer.Typer(
     name="align",
-    help="Align models: sft, reward, dpo, kto, grpo (TRL trainers) and ppo (our own); then eval, merge.",
+    help="Align models: sft, reward, dpo, kto, grpo (TRL trainers) and ppo (our own); then eval, merge, compare.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -206,6 +207,47 @@ def merge_command(
 
 
 app.command("merge")(merge_command)
+
+
+@app.command("compare")
+def compare_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (tandem align ...) to put side by side.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the two-panel figure (.png).")] = Path("compare.png"),
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the rows' numbers to this JSON file.")] = None,
+) -> None:
+    """Runs side by side: a table of samples, train score and KL, eval gain, win-rate; a score and frontier figure."""
+    from rich.console import Console
+
+    from tandemlm.align.compare import HEADERS, read_rows, table_note, table_rows, write_figure
+    from tandemlm.models.atomic import atomic_write_text
+
+    if out.suffix.lower() != ".png":  # checked before reading anything: nothing is half done
+        fail(f"--out {out} must be a file name ending in .png")
+    try:
+        rows = read_rows(runs)
+        figure = write_figure(rows, out)
+        if json_file is not None:
+            json_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(json_file, json.dumps([row.as_dict() for row in rows], indent=2) + "\n")
+    except OSError as exc:  # an unwritable --out or --json
+        fail(f"{exc.filename or out}: {exc.strerror or exc}")
+        return
+    except _user_errors() as exc:
+        fail(_message(exc))
+        return
+    console = Console()
+    console.print(_compare_table(HEADERS, table_rows(rows), table_note(rows)))
+    console.print(f"figure: {figure}" + (f"   rows: {json_file}" if json_file else ""))
+
+
+def _compare_table(headers: list[str], rows: list[list[str]], note: str) -> Any:
+    """One column per run, one line per quantity: 16 quantities side by side would not fit a terminal."""
+    from rich.table import Table
+
+    table = Table("", *(cells[0] for cells in rows), title="alignment runs", caption=note or None)
+    for index, header in enumerate(headers[1:], start=1):
+        table.add_row(header, *(cells[index] for cells in rows))
+    return table
 
 
 @app.command("make-data")

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tandemlm.align.compare import RunRow, read_row
+from tandemlm.align.errors import ConfigError
 from tandemlm.align.metrics import read_metrics
 from tandemlm.align.run_folder import (
     CONFIG_FILE,
@@ -127,3 +129,18 @@ def metrics_summary(rows: list[dict[str, Any]]) -> list[list[Any]]:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 columns.setdefault(key, []).append(float(value))
     return [[k, *(float(f"{x:.4g}") for x in (v[0], v[-1], min(v), max(v)))] for k, v in columns.items()]
+
+
+def compare_rows(runs_dir: str | Path, names: list[str]) -> tuple[list[RunRow], list[str]]:
+    """Comparison rows of the named runs, and one line per name that could not be read.
+
+    The tab lists folders align did not write (a ``policy/`` dropped in, metrics only), which are not
+    runs to compare: they are left out with a line saying why, and the rest are still compared.
+    """
+    rows, problems = [], []
+    for name in names:
+        try:
+            rows.append(read_row(Path(runs_dir) / name))
+        except (ConfigError, OSError) as exc:
+            problems.append(f"`{name}`: {exc}")
+    return rows, problems

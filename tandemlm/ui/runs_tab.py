@@ -1,16 +1,19 @@
 """Runs tab: alignment runs under the runs folder, their plots and metrics, "Load policy into Compare"
-and "Compare with base" (a LoRA run: one base engine, adapter on for the policy, off for the reference)."""
+and "Compare with base" (a LoRA run: one base engine, adapter on for the policy, off for the reference),
+and "Compare runs": the ticked runs' outcomes in one table and figure (``align.compare``, as the CLI's)."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tandemlm.align.compare import FIGURE_FILE, HEADERS, table_note, table_rows, write_figure
 from tandemlm.models.builtin import BUILTIN_MODELS
 from tandemlm.ui.engines import EngineSlot
 from tandemlm.ui.model_refs import lora_run, run_base
 from tandemlm.ui.models_panel import ModelsPanel, load_slot
-from tandemlm.ui.runs import find_policy, list_runs, metrics_summary, read_run, run_info
+from tandemlm.ui.runs import compare_rows, find_policy, list_runs, metrics_summary, read_run, run_info
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -45,6 +48,22 @@ def show_run(runs_dir: str, name: str | None) -> tuple[list[tuple[str, str]], li
     run = read_run(path)
     status = f"`{run.name}`: {len(run.metrics)} logged steps, {len(run.plots)} plots, {policy_line(path)}."
     return [(str(p), p.stem) for p in run.plots], metrics_summary(run.metrics), run.config_text, status
+
+
+def compare_runs(runs_dir: str, names: list[str] | None) -> tuple[list[list[str]], str | None, str]:
+    """(table rows under ``compare.HEADERS``, the figure's path, status line) for the ticked runs.
+
+    A ticked folder that is not a run is named in the status and left out; nothing is raised.
+    """
+    if not names:
+        return [], None, "Tick the runs to compare."
+    rows, problems = compare_rows(runs_dir, names)
+    figure = None
+    if rows:
+        # A fresh temp folder per comparison: Gradio serves files from there, and two clicks never share one.
+        figure = str(write_figure(rows, Path(tempfile.mkdtemp(prefix="tandem-compare-")) / FIGURE_FILE))
+    lines = [f"{len(rows)} of {len(names)} runs compared.", table_note(rows), *(f"⚠ {p}" for p in problems)]
+    return table_rows(rows), figure, "  \n".join(line for line in lines if line)
 
 
 def load_run_policy(
@@ -97,8 +116,13 @@ def build_runs_tab(slots: dict[str, EngineSlot], runs_dir: str, models: ModelsPa
     )
     with gr.Accordion("config.yaml", open=False):
         config = gr.Code(language="yaml", interactive=False, show_label=False)
+    ticked = _build_compare(runs_dir)
 
-    refresh.click(lambda: gr.Dropdown(choices=run_names(runs_dir)), outputs=pick, queue=False)
+    def refreshed() -> tuple[Any, Any]:
+        names = run_names(runs_dir)
+        return gr.Dropdown(choices=names), gr.CheckboxGroup(choices=names)
+
+    refresh.click(refreshed, outputs=[pick, ticked], queue=False)
     pick.change(lambda name: show_run(runs_dir, name), pick, [plots, summary, config, status])
 
     def load_policy(name: str | None, base: bool = False) -> tuple[Any, ...]:
@@ -111,3 +135,23 @@ def build_runs_tab(slots: dict[str, EngineSlot], runs_dir: str, models: ModelsPa
     outputs = [*boxes, models.status, status, tabs]
     load.click(load_policy, pick, outputs)
     with_base.click(lambda name: load_policy(name, base=True), pick, outputs)
+
+
+def _build_compare(runs_dir: str) -> gr.CheckboxGroup:
+    """The "Compare runs" section: tick runs, get one table and the score/frontier figure; returns the ticks."""
+    import gradio as gr
+
+    with gr.Accordion("Compare runs", open=False):
+        with gr.Row():
+            ticked = gr.CheckboxGroup(run_names(runs_dir), label="runs to compare", scale=4, elem_id="runs-compare-pick")
+            button = gr.Button("Compare runs", scale=1, elem_id="runs-compare")
+        status = gr.Markdown(elem_id="runs-compare-status")
+        table = gr.Dataframe(
+            headers=HEADERS, label="runs side by side", interactive=False, wrap=True, elem_id="runs-compare-table"
+        )
+        figure = gr.Image(
+            type="filepath", format="png", label="(a) score against samples, (b) reward–KL frontier",
+            interactive=False, elem_id="runs-compare-figure",
+        )
+    button.click(lambda names: compare_runs(runs_dir, names), ticked, [table, figure, status])
+    return ticked

@@ -3,7 +3,11 @@ and one reward run shared by the tests that need a reward model."""
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +112,34 @@ def reward_run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> An
     out = tmp_path_factory.mktemp("reward")
     data = one_batch("builtin:prefs_train", 2, out / "data")  # batch_size 2: both steps see these 2 pairs
     return train_tiny("reward", tiny_llama, out / "run", dataset=data, lora=True, lora_layers=1)
+
+
+@pytest.fixture
+def score_server() -> Iterator[Callable[[Callable[[int, list[str]], list[float]]], str]]:
+    """Starts an HTTP scorer answering ``{"scores": score(call_number, responses)}``; yields a starter returning its URL."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(score: Callable[[int, list[str]], list[float]]) -> str:
+        calls = [0]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                calls[0] += 1
+                answer = json.dumps({"scores": score(calls[0], body["responses"])}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/score"
+
+    yield start
+    for server in servers:
+        server.shutdown()

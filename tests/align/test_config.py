@@ -9,7 +9,7 @@ import pytest
 from tandemlm.align.config import build_config, resolve_auto
 from tandemlm.align.dpo import DPORunConfig
 from tandemlm.align.errors import ConfigError
-from tandemlm.align.grpo import GRPORunConfig
+from tandemlm.align.ppo.group_config import GRPORunConfig
 from tandemlm.align.sft import SFTRunConfig
 
 
@@ -58,7 +58,7 @@ def test_yaml_errors_name_file_and_key(tmp_path):
 
 
 def test_grpo_checks_group_size_and_rewards():
-    with pytest.raises(ConfigError, match=r"batch_size \* grad_accum \(6\) must be a multiple of num_generations \(4\)"):
+    with pytest.raises(ConfigError, match=r"batch_size \(6\) must be a multiple of num_generations \(4\)"):
         build_config(GRPORunConfig, overrides={"batch_size": 6, "num_generations": 4})
     with pytest.raises(ConfigError, match="rewards: unknown reward 'judge'; known rewards: http, reward_model, verifier"):
         build_config(GRPORunConfig, overrides={"rewards": "judge:1"})

@@ -1,16 +1,16 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes: every method ends where the one-process run ends.
 
 Each stage is one ``accelerate launch`` of the shipped ``recipes/accelerate/zero{2,3}.yaml`` running
-sft, reward, dpo, kto and grpo one after another (tests/align/distributed_runs.py), so the processes
+sft, reward, dpo, kto, grpo and ppo one after another (tests/align/distributed_runs.py), so the processes
 start once per stage. The one-process runs train in this process with the same seed and the same
 global batch (2 processes x per-device batch = one process x twice the batch) on 2 rows, full weights.
 
 Tolerance: two Adam steps at lr 1e-3 move weights by up to 2e-3; the ZeRO runs must stay within
 1e-4 of the one-process run (seen: 5e-5 at most, from the order of float reductions).
-GRPO and PPO sample their completions per process, so a one-process run draws others; their ZeRO-2
-and ZeRO-3 runs (same per-process sampling) must agree with each other instead, and PPO's (our own
-trainer: an engine each for actor and critic) also with its plain data-parallel run on 2 processes,
-full weights and LoRA (the critic's adapter then sits on its own base copy).
+GRPO and PPO (our own RL trainer) sample their completions per process, so a one-process run draws
+others; their ZeRO-2 and ZeRO-3 runs (same per-process sampling) must agree with each other and with
+their plain data-parallel run on 2 processes instead: GRPO with full weights, PPO (an engine each for
+actor and critic) with full weights and LoRA (the critic's adapter then sits on its own base copy).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ DRIVER = Path(__file__).with_name("distributed_runs.py")
 STAGES = ("zero2", "zero3")
 METHODS = ("sft", "reward", "dpo", "kto", "grpo", "ppo", "ppo-lora")  # a run's name; its method before "-"
 SAMPLED = ("grpo", "ppo", "ppo-lora")  # compared across stages, not with one process
-WITH_DDP = ("ppo", "ppo-lora")  # also launched with plain data parallel (cpu.yaml) to compare with
+WITH_DDP = ("grpo", "ppo", "ppo-lora")  # also launched with plain data parallel (cpu.yaml) to compare with
 TOLERANCE = 1e-4
 ZERO3_VLLM = "rollout_backend: vllm needs the whole actor adapter in each process; use --distributed zero2 or ddp"
 MOVED = 1e-3  # the largest change two steps must make, so equal weights are not equal by standing still
@@ -184,7 +184,7 @@ def test_zero_run_ends_with_the_one_process_weights(method: str, stage: str, zer
     assert info["status"] == "finished" and info["global_step"] == 2
     assert len(info["sessions"]) == 1  # only the main process wrote run.json
     if method in WITH_DDP:
-        check_ppo_run(run, [zero_runs[f"{other}/{method}"] for other in ("ddp", *STAGES) if other != stage], tiny_llama)
+        check_rl_run(run, [zero_runs[f"{other}/{method}"] for other in ("ddp", *STAGES) if other != stage], tiny_llama)
         return
     saved = state_dict_of(run / "final")
     # rank_digests hash the full parameters on each rank (ZeRO-3 gathers its shards): the saved model's own.
@@ -199,11 +199,13 @@ def test_zero_run_ends_with_the_one_process_weights(method: str, stage: str, zer
     assert max(max_difference({k: saved[k]}, base) for k in saved if k in base) > MOVED
 
 
-def check_ppo_run(run: Path, others: list[Path], tiny_llama: Path) -> None:
-    """A PPO run's actor, critic and value head equal the other launches' and moved from where they began."""
+def check_rl_run(run: Path, others: list[Path], tiny_llama: Path) -> None:
+    """An RL run's actor (and PPO's critic and value head) equal the other launches' and moved from where they began."""
     info = json.loads((run / "run.json").read_text())
     assert len(set(info["rank_digests"])) == 1  # both ranks hold the same actor, critic and value head
-    parts = {"actor": run / "final", "critic": run / "final" / "critic"}
+    critic = info["method"] == "ppo"
+    assert (run / "final" / "critic").is_dir() == critic  # the critic-free algorithms save none
+    parts = {"actor": run / "final", **({"critic": run / "final" / "critic"} if critic else {})}
     for name, folder in parts.items():
         saved = state_dict_of(folder)
         for other in others:
@@ -216,8 +218,9 @@ def check_ppo_run(run: Path, others: list[Path], tiny_llama: Path) -> None:
     else:
         base = state_dict_of(tiny_llama)
         assert max(max_difference({k: actor[k]}, base) for k in actor if k in base) > MOVED
-    value_head = state_dict_of(parts["critic"])["summary.weight"]
-    assert value_head.abs().max().item() > 0  # the critic trained (it starts at zero)
+    if critic:
+        value_head = state_dict_of(parts["critic"])["summary.weight"]
+        assert value_head.abs().max().item() > 0  # the critic trained (it starts at zero)
 
 
 @pytest.mark.slow
@@ -235,7 +238,7 @@ def test_ppo_resumed_under_zero3_ends_where_the_unbroken_run_ends(zero_runs, one
     launch_runs("zero3", [spec_entry("ppo-lora", {**values, "resume": True})], tmp_path)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["global_step"] == 2 and info["sessions"][-1]["resumed_from"] == "checkpoint-1"
-    check_ppo_run(tmp_path / "run", [zero_runs["zero3/ppo-lora"]], tiny_llama)
+    check_rl_run(tmp_path / "run", [zero_runs["zero3/ppo-lora"]], tiny_llama)
 
 
 @pytest.mark.slow

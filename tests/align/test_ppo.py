@@ -7,10 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -33,37 +30,6 @@ PPO_METRICS = (
 )
 # Deterministic quantities a resumed run must reproduce (timings and memory are not).
 REPRODUCIBLE = ("score", "kl", "non_score_reward", "beta", "policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "completions/mean_length")
-
-
-@pytest.fixture
-def score_server() -> Iterator[Callable[[Callable[[int, list[str]], list[float]]], str]]:
-    """Starts an HTTP scorer answering ``{"scores": score(call_number, responses)}``; yields a starter returning its URL."""
-    servers: list[ThreadingHTTPServer] = []
-
-    def start(score: Callable[[int, list[str]], list[float]]) -> str:
-        calls = [0]
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                calls[0] += 1
-                answer = json.dumps({"scores": score(calls[0], body["responses"])}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}/score"
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 def test_ppo_trains_actor_and_critic_on_one_base_and_logs_everything(tiny_llama, reward_run, tmp_path):
@@ -238,7 +204,7 @@ def test_a_sampler_on_stale_weights_is_caught(tiny_llama, tmp_path, monkeypatch,
     [
         ({"batch_size": 6, "minibatch_size": 4}, "batch_size (6) must be a multiple of minibatch_size (4)"),
         ({"eval_steps": 5}, "eval_steps: ppo does not evaluate during training"),
-        ({"trl_args": {"x": 1}}, "trl_args: ppo is tandemlm's own trainer"),
+        ({"trl_args": {"x": 1}}, "trl_args: ppo runs on tandemlm's own RL trainer"),
         ({"report_to": "wandb"}, "report_to: ppo writes metrics.jsonl and plots only"),
         ({"rewards": "http"}, "rewards uses http but reward_url is not set"),
         ({"rewards": "judge"}, "rewards: unknown reward 'judge'; known rewards: http, reward_model, verifier"),
@@ -362,7 +328,7 @@ def test_missing_eos_penalty_lowers_the_score_of_cut_off_responses(tiny_llama, t
 
 def test_http_reward_serves_grpo_shaped_calls_and_fails_in_one_line(score_server):
     """The same endpoint scores GRPO's conversational completions; a dead or wrong endpoint is one line naming it."""
-    from tandemlm.align.grpo import GRPORunConfig
+    from tandemlm.align.ppo.group_config import GRPORunConfig
     from tandemlm.align.rewards import HttpReward
 
     url = score_server(lambda call, responses: [float(len(r)) for r in responses])

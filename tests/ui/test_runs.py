@@ -12,7 +12,7 @@ from tandemlm.deploy.registry import get_backend
 from tandemlm.errors import EngineError
 from tandemlm.ui.engines import EnginePool, EngineSlot
 from tandemlm.ui.runs import list_runs, metrics_summary, resolve_model_ref
-from tandemlm.ui.runs_tab import load_run_policy, run_names, show_run
+from tandemlm.ui.runs_tab import compare_runs, load_run_policy, run_names, show_run
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000")  # header is enough here
 
@@ -54,6 +54,24 @@ def test_show_run_gives_plots_metrics_and_config(tmp_path):
     assert show_run(str(root), None)[3] == f"2 runs in `{root}`."
     assert show_run(str(tmp_path / "none"), None)[3].startswith("No runs")
     assert show_run(str(root), "deleted")[3].startswith("⚠ run `deleted` is gone")
+
+
+def test_compare_runs_shows_the_table_and_figure_and_names_what_is_not_a_run(tmp_path):
+    from tandemlm.align.compare import HEADERS
+
+    root = _make_runs(tmp_path)
+    ppo = root / "ppo-a"
+    ppo.mkdir()
+    (ppo / "config.yaml").write_text("method: ppo\nbatch_size: 4\n")
+    (ppo / "run.json").write_text(json.dumps({"method": "ppo", "global_step": 2, "wall_time_s": 30.0}))
+    (ppo / "metrics.jsonl").write_text('{"step": 1, "score": 0.2, "kl": 0.0}\n{"step": 2, "score": 0.4, "kl": 0.05}\n')
+    table, figure, status = compare_runs(str(root), ["ppo-a", "grpo-2"])
+    assert len(table) == 1 and dict(zip(HEADERS, table[0], strict=True))["samples"] == "8*"  # 2 steps × 4 prompts
+    assert figure is not None and Path(figure).read_bytes()[:4] == b"\x89PNG"
+    assert status.startswith("1 of 2 runs compared.") and "⚠ `grpo-2`: " in status and "is not a run folder" in status
+    assert compare_runs(str(root), []) == ([], None, "Tick the runs to compare.")
+    _, figure, status = compare_runs(str(root), ["notes"])
+    assert figure is None and "⚠ `notes`" in status
 
 
 def test_metrics_summary_ignores_non_numbers():

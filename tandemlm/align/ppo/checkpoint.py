@@ -1,4 +1,4 @@
-"""PPO checkpoints that resume exactly: weights, optimizers, schedulers, KL controller, RNGs, data cursor.
+"""RL checkpoints that resume exactly: weights, optimizers, schedulers, KL controller, RNGs, data cursor.
 
 A checkpoint is built in ``checkpoints/.checkpoint-N.partial`` and renamed to ``checkpoint-N``
 only when every file is written, with ``trainer_state.json`` (the marker ``run_folder`` checks)
@@ -9,8 +9,8 @@ plain numbers saved with ``torch.save`` and read back with ``weights_only=True``
 Files::
 
     actor.safetensors        the actor's LoRA weights (or the full actor)
-    critic.safetensors       the critic's LoRA weights (or the full critic backbone)
-    value_head.safetensors   the value head
+    critic.safetensors       the critic's LoRA weights (or the full critic backbone); PPO only
+    value_head.safetensors   the value head; PPO only
     optim.pt                 both optimizers and both schedulers (under ZeRO: optim-<rank>.pt, each
                              process's shard of the optimizer states)
     rng-<rank>.pt            torch (CPU and CUDA), Python and NumPy RNG states of each process
@@ -80,11 +80,14 @@ def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def trained_weights(ac: ActorCritic) -> dict[str, dict[str, torch.Tensor]]:
-    """File stem -> tensors of everything PPO trains (every process must call this under ZeRO-3)."""
-    if ac.lora:
-        weights = {"actor": lora_weights(ac.model, POLICY), "critic": lora_weights(ac.critic_model, CRITIC)}
-    else:
-        weights = {"actor": full_weights(ac.model), "critic": full_weights(ac.critic_model)}
+    """File stem -> tensors of everything the run trains (every process must call this under ZeRO-3).
+
+    ``actor`` always; ``critic`` and ``value_head`` only for PPO (the critic-free algorithms have none).
+    """
+    weights = {"actor": lora_weights(ac.model, POLICY) if ac.lora else full_weights(ac.model)}
+    if not ac.has_critic:
+        return weights
+    weights["critic"] = lora_weights(ac.critic_model, CRITIC) if ac.lora else full_weights(ac.critic_model)
     return {**weights, "value_head": full_weights(ac.value_head)}
 
 
@@ -107,12 +110,15 @@ def load_weights(ac: ActorCritic, folder: Path) -> None:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(ac.model, load_file(str(folder / "actor.safetensors")), adapter_name=POLICY)
-            set_peft_model_state_dict(ac.critic_model, load_file(str(folder / "critic.safetensors")), adapter_name=CRITIC)
+            if ac.has_critic:
+                set_peft_model_state_dict(ac.critic_model, load_file(str(folder / "critic.safetensors")), adapter_name=CRITIC)
             ac.model.set_adapter(POLICY)
         else:
             load_model(ac.model, str(folder / "actor.safetensors"))
-            load_model(ac.critic_model, str(folder / "critic.safetensors"))
-        ac.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
+            if ac.has_critic:
+                load_model(ac.critic_model, str(folder / "critic.safetensors"))
+        if ac.value_head is not None:
+            ac.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
 
 
 def save_checkpoint(

@@ -1,15 +1,65 @@
-"""The maths of RLHF-PPO, one formula per function, on [batch, response_tokens] tensors.
+"""The maths of RL on language models, one formula per function, on [batch, response_tokens] tensors.
 
 ``mask`` is 1.0 on real response tokens and 0.0 on padding, which may sit on either side of a row; rows may
 have different lengths. Masked-out positions never influence a result (their values may be anything finite
-or not), and per-token outputs are 0 there. Losses average over all masked tokens of the batch:
-``sum(x * mask) / sum(mask)``.
+or not), and per-token outputs are 0 there. PPO's losses average over all masked tokens of the batch:
+``sum(x * mask) / sum(mask)``; ``policy_loss`` offers the other aggregations of :func:`aggregate_tokens`.
+The critic-free family (GRPO, DAPO, GSPO, DCPO) lives in :mod:`tandemlm.align.ppo.group_maths` and is
+re-exported here under the same names.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from tandemlm.align.ppo.group_maths import (
+    ADVANTAGE_SCALES,
+    AGGREGATES,
+    _per_token,
+    _real,
+    aggregate_tokens,
+    cumulative_reward_stats,
+    dynamic_clip_bounds,
+    group_advantages,
+    nonzero_groups,
+    overlong_penalty,
+    sequence_policy_loss,
+    smooth_advantages,
+)
+
+__all__ = [
+    "ADVANTAGE_SCALES",
+    "AGGREGATES",
+    "DEFAULT_BETA",
+    "DEFAULT_CLIP",
+    "DEFAULT_GAMMA",
+    "DEFAULT_LAM",
+    "DEFAULT_REWARD_CLIP",
+    "DEFAULT_VALUE_CLIP",
+    "KL_KINDS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "aggregate_tokens",
+    "cumulative_reward_stats",
+    "dynamic_clip_bounds",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "group_advantages",
+    "kl_penalty",
+    "kl_rewards",
+    "last_token_index",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "nonzero_groups",
+    "overlong_penalty",
+    "policy_loss",
+    "sequence_policy_loss",
+    "smooth_advantages",
+    "value_loss",
+]
 
 DEFAULT_GAMMA = 1.0
 DEFAULT_LAM = 0.95
@@ -18,11 +68,6 @@ DEFAULT_VALUE_CLIP = 0.2
 DEFAULT_REWARD_CLIP = 5.0
 DEFAULT_BETA = 0.05
 KL_KINDS = ("k1", "k3")
-
-
-def _real(mask: Tensor) -> Tensor:
-    """The mask as booleans: True on real tokens."""
-    return mask > 0 if mask.dtype != torch.bool else mask
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -126,39 +171,65 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 
 def policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float,
-    dual_clip: float | None = None,
+    dual_clip: float | None = None, clip_high: float | None = None, aggregate: str = "token-mean",
+    bounds: tuple[Tensor, Tensor] | None = None, group_size: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """PPO's clipped surrogate: masked mean of ``max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip))``.
+    """PPO's clipped surrogate ``max(-A * ratio, -A * clip(ratio, low, high))`` per token, then aggregated.
 
-    ``ratio = exp(logp - old_logp)``. With ``dual_clip = c > 1`` (Ye et al. 2020), tokens with ``A < 0`` are
-    further capped at ``-c * A``. Stats: ``clipfrac`` (share of masked tokens where the clipped branch wins, so
-    their gradient is 0), ``dual_clipfrac`` (share capped by the dual clip, also gradient 0), ``approx_kl``
-    (masked mean of ``0.5 * (logp - old_logp)^2``), ``approx_kl_k3`` (of ``ratio - 1 - log ratio``), ``ratio_mean``.
+    ``ratio = exp(logp - old_logp)``. The band is ``[1 - clip, 1 + clip_high]`` (``clip_high`` defaults to ``clip``;
+    a larger one is DAPO's clip-higher, arXiv 2503.14476), or per token ``bounds = (low, high)``, tensors
+    [batch, T] that replace it (DCPO, see :func:`dynamic_clip_bounds`). ``advantages`` are [batch, T], or [batch]
+    for one per response (GRPO) broadcast over its tokens. With ``dual_clip = c > 1`` (Ye et al. 2020), tokens
+    with ``A < 0`` are further capped at ``-c * A``. ``aggregate`` and ``group_size``: see :func:`aggregate_tokens`
+    (default: masked mean over all real tokens of the batch, PPO's and DAPO's). Stats: ``clipfrac`` (share of real
+    tokens where the clipped branch wins, so their gradient is 0), ``clipfrac_low``/``clipfrac_high`` (those with
+    the ratio below/above the band), ``dual_clipfrac`` (share capped by the dual clip, also gradient 0),
+    ``approx_kl`` (masked mean of ``0.5 * (logp - old_logp)^2``), ``approx_kl_k3`` (of ``ratio - 1 - log ratio``),
+    ``ratio_mean``; all are shares or means over the real tokens of the batch, whatever ``aggregate``.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     real = _real(mask)
     log_ratio = torch.where(real, logprobs - old_logprobs, 0.0)  # 0 on padding: no inf/nan even in gradients
-    advantages = torch.where(real, advantages, 0.0)
+    advantages = _per_token(advantages, real)
     ratio = torch.exp(log_ratio)
+    low, high = _ratio_band(real, clip, clip_high, bounds)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    clipped = -advantages * ratio.clamp(low, high)
     per_token = torch.maximum(unclipped, clipped)
     dual_capped = torch.zeros_like(real)
     if dual_clip is not None:
         cap = -advantages * dual_clip
         dual_capped = (advantages < 0) & (per_token > cap)
         per_token = torch.where(dual_capped, cap, per_token)
-    loss = masked_mean(per_token, mask)
+    loss = aggregate_tokens(per_token, mask, aggregate, group_size)
     with torch.no_grad():
+        won = clipped > unclipped
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+            "clipfrac": masked_mean(won.float(), mask).item(),
+            "clipfrac_low": masked_mean((won & (ratio < low)).float(), mask).item(),
+            "clipfrac_high": masked_mean((won & (ratio > high)).float(), mask).item(),
             "dual_clipfrac": masked_mean(dual_capped.float(), mask).item(),
             "approx_kl": masked_mean(0.5 * log_ratio**2, mask).item(),
             "approx_kl_k3": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
             "ratio_mean": masked_mean(ratio, mask).item(),
         }
     return loss, stats
+
+
+def _ratio_band(
+    real: Tensor, clip: float, clip_high: float | None, bounds: tuple[Tensor, Tensor] | None
+) -> tuple[float | Tensor, float | Tensor]:
+    """The ratio's clip band: ``(1 - clip, 1 + clip_high)``, or the per-token ``bounds``.
+
+    Padding needs no cleaning here: its ratio is 1 and its advantage 0, and the aggregation drops it.
+    """
+    if bounds is None:
+        return 1.0 - clip, 1.0 + (clip if clip_high is None else clip_high)
+    low, high = bounds
+    if low.shape != real.shape or high.shape != real.shape:
+        raise ValueError(f"bounds must be two [batch, T]={tuple(real.shape)} tensors, got {tuple(low.shape)} and {tuple(high.shape)}")
+    return low, high
 
 
 def value_loss(

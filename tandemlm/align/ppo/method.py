@@ -1,8 +1,10 @@
-"""``tandem align ppo``: set-up, resume and final save around :class:`~tandemlm.align.ppo.trainer.PPOTrainer`.
+"""``tandem align ppo|grpo|dapo|gspo|dcpo``: set-up, resume and final save around the RL trainer.
 
-Order matters for a fast, clear failure: the config and data are checked and the prompts counted
-before any weights load; ``--plan`` stops there. Then the run folder, the base (once), the actor
-and critic adapters, the reward mix, and the loop with checkpoints every ``save_steps``.
+PPO runs :class:`~tandemlm.align.ppo.trainer.PPOTrainer` (actor and critic); the critic-free algorithms
+run :class:`~tandemlm.align.ppo.group_trainer.GroupTrainer` (actor only) on the same machinery. Order
+matters for a fast, clear failure: the config and data are checked and the prompts counted before any
+weights load; ``--plan`` stops there. Then the run folder, the base (once), the adapters, the reward
+mix, and the loop with checkpoints every ``save_steps``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from tandemlm.align.errors import ConfigError
 from tandemlm.align.metrics import append_jsonl, truncate_metrics
 from tandemlm.align.model import base_folder, load_model, load_tokenizer, lora_config, set_threads
 from tandemlm.align.ppo import checkpoint
-from tandemlm.align.ppo.config import ZERO3_VLLM_REFUSAL, PPORunConfig
+from tandemlm.align.ppo.config import ZERO3_VLLM_REFUSAL, PPORunConfig, RLRunConfig
+from tandemlm.align.ppo.group_trainer import GroupTrainer
 from tandemlm.align.ppo.optim import load_weights_whole, zero_stage
 from tandemlm.align.ppo.policy import CRITIC, POLICY, ActorCritic
+from tandemlm.align.ppo.rl_trainer import Distributed, RLTrainer
 from tandemlm.align.ppo.rollout import Sampler, TransformersSampler, tokenize_prompts
 from tandemlm.align.ppo.scoring import build_reward_mix, check_rows, reward_adapter, shares_base
-from tandemlm.align.ppo.trainer import Distributed, PPOTrainer
+from tandemlm.align.ppo.trainer import PPOTrainer
 from tandemlm.align.prepare import quiet_libraries
 from tandemlm.align.run import Run, finish_run, prepare_run, record_session
 from tandemlm.align.run_folder import latest_checkpoint
@@ -34,8 +38,8 @@ from tandemlm.models.atomic import replace_dir
 SAMPLES_FILE = "samples.jsonl"  # a few prompts, responses and scores per logged step
 
 
-def run_ppo(config: PPORunConfig) -> Run | None:
-    """Trains ``config.model`` with PPO on the prompts of ``config.dataset``; ``plan`` only prints the memory plan."""
+def run_ppo(config: RLRunConfig) -> Run | None:
+    """Trains ``config.model`` with its algorithm on the prompts of ``config.dataset``; ``plan`` only prints the memory plan."""
     if config.plan:
         print_plan(config)
         return None
@@ -50,9 +54,9 @@ def run_ppo(config: PPORunConfig) -> Run | None:
     folder = base_folder(config.model, config.trust_remote_code)
     dist = Distributed()
     run = prepare_run(config, folder)
-    c: PPORunConfig = run.config  # auto fields resolved
+    c: RLRunConfig = run.config  # auto fields resolved
     if c.uses_lora and c.lora_dropout:
-        raise ConfigError("lora_dropout: ppo trains with dropout off (it would make old and new log-probs differ); set 0")
+        raise ConfigError(f"lora_dropout: {c.method} trains with dropout off (it would make old and new log-probs differ); set 0")
     if c.rollout_backend == "vllm":
         from tandemlm.align.ppo.vllm_rollout import check_config
 
@@ -66,7 +70,8 @@ def run_ppo(config: PPORunConfig) -> Run | None:
     torch.manual_seed(c.seed + dist.rank)  # sampling differs per process; the adapters above did not
     total = _total_steps(c, len(rows), dist.world)
     sampler = build_sampler(c, ac, tokenizer, folder)
-    trainer = PPOTrainer(c, ac, tokenizer, rows, prompt_ids, reward, dist, total, sampler)
+    trainer_class: type[RLTrainer] = PPOTrainer if c.has_critic else GroupTrainer
+    trainer = trainer_class(c, ac, tokenizer, rows, prompt_ids, reward, dist, total, sampler)
     resumed = _maybe_resume(run, trainer, dist)
     sampler.sync(ac, trainer.step)  # a resumed actor must reach a separate sampler before the first rollout
     started = time.monotonic()
@@ -81,7 +86,7 @@ def run_ppo(config: PPORunConfig) -> Run | None:
     return run
 
 
-def build_sampler(c: PPORunConfig, ac: ActorCritic, tokenizer: Any, folder: Path) -> Sampler:
+def build_sampler(c: RLRunConfig, ac: ActorCritic, tokenizer: Any, folder: Path) -> Sampler:
     """transformers generation on the actor itself, or a vLLM engine that gets the adapter after each update."""
     if c.rollout_backend == "vllm":
         from tandemlm.align.ppo.vllm_rollout import VLLMSampler
@@ -91,7 +96,7 @@ def build_sampler(c: PPORunConfig, ac: ActorCritic, tokenizer: Any, folder: Path
     return TransformersSampler(tokenizer, c.max_completion_length, c.temperature, c.top_k, synced=zero_stage() == 3)
 
 
-def print_plan(config: PPORunConfig) -> None:
+def print_plan(config: RLRunConfig) -> None:
     """``--plan``: the memory estimate from the model's config.json alone (no weights load, none needed)."""
     from transformers import AutoConfig
 
@@ -103,16 +108,17 @@ def print_plan(config: PPORunConfig) -> None:
     print(format_plan(estimate(inputs), available_memory()))
 
 
-def build_actor_critic(c: PPORunConfig, folder: Path) -> ActorCritic:
-    """The base (loaded once), actor and critic adapters (same seed on every process), value head."""
+def build_actor_critic(c: RLRunConfig, folder: Path) -> ActorCritic:
+    """The base (loaded once), actor (and PPO's critic) adapters (same seed on every process), value head."""
     torch.manual_seed(c.seed)
-    return actor_critic_from_model(c, load_model(folder, c), _critic_from_reward(c, folder))
+    critic_init = _critic_from_reward(c, folder) if isinstance(c, PPORunConfig) else None
+    return actor_critic_from_model(c, load_model(folder, c), critic_init)
 
 
 def actor_critic_from_model(
-    c: PPORunConfig, model: Any, critic_init: tuple[Any, dict[str, torch.Tensor], torch.Tensor] | None = None,
+    c: RLRunConfig, model: Any, critic_init: tuple[Any, dict[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> ActorCritic:
-    """Actor and critic on an already built ``model``: dropout off, checkpointing as configured, adapters from ``c``.
+    """Actor (and PPO's critic) on an already built ``model``: dropout off, checkpointing as configured.
 
     ``critic_init`` (a reward run's LoRA config, weights and head) starts the critic as that reward model.
     """
@@ -123,7 +129,9 @@ def actor_critic_from_model(
     actor_lora = lora_config(c, model)
     critic_lora = critic_init[0] if critic_init else actor_lora
     stage = zero_stage()  # DeepSpeed: one module per engine (the critic's adapter on its own base copy)
-    ac = ActorCritic(model, actor_lora, critic_lora, hidden, separate_critic=stage > 0, skip_prefix=stage == 3)
+    ac = ActorCritic(
+        model, actor_lora, critic_lora, hidden, separate_critic=stage > 0, skip_prefix=stage == 3, with_critic=c.has_critic,
+    )
     if critic_init:
         from peft import set_peft_model_state_dict
 
@@ -155,7 +163,7 @@ def _disable_dropout(model: Any) -> None:
             module.p = 0.0
 
 
-def _check_prompt_lengths(prompt_ids: list[list[int]], c: PPORunConfig, source: str) -> None:
+def _check_prompt_lengths(prompt_ids: list[list[int]], c: RLRunConfig, source: str) -> None:
     limit = c.max_length - c.max_completion_length
     if limit < 1:
         raise ConfigError(f"max_length ({c.max_length}) must exceed max_completion_length ({c.max_completion_length})")
@@ -167,14 +175,16 @@ def _check_prompt_lengths(prompt_ids: list[list[int]], c: PPORunConfig, source: 
             )
 
 
-def _total_steps(c: PPORunConfig, rows: int, world: int) -> int:
-    per_epoch = rows // (c.batch_size * world)
+def _total_steps(c: RLRunConfig, rows: int, world: int) -> int:
+    per_epoch = rows // (c.prompts_per_step * world)
     if per_epoch < 1:
-        raise ConfigError(f"dataset has {rows} prompts, fewer than one step needs (batch_size {c.batch_size} x {world} processes)")
+        raise ConfigError(
+            f"dataset has {rows} prompts, fewer than one step needs ({c.prompts_per_step} per process x {world} processes)"
+        )
     return c.max_steps if c.max_steps > 0 else max(1, int(c.epochs * per_epoch))
 
 
-def _maybe_resume(run: Run, trainer: PPOTrainer, dist: Distributed) -> str | None:
+def _maybe_resume(run: Run, trainer: RLTrainer, dist: Distributed) -> str | None:
     if not run.config.resume:
         return None
     for leftover in run.checkpoints.glob(".checkpoint-*.partial"):  # a save that a kill interrupted
@@ -189,7 +199,7 @@ def _maybe_resume(run: Run, trainer: PPOTrainer, dist: Distributed) -> str | Non
     return found.name
 
 
-def _loop(run: Run, trainer: PPOTrainer, total: int, dist: Distributed) -> None:
+def _loop(run: Run, trainer: RLTrainer, total: int, dist: Distributed) -> None:
     from transformers import TrainerState
 
     c = run.config
@@ -227,22 +237,24 @@ def _loop(run: Run, trainer: PPOTrainer, total: int, dist: Distributed) -> None:
 
 
 def save_final(run: Run, ac: ActorCritic, tokenizer: Any, dist: Distributed) -> Path:
-    """final/: the actor as a PEFT adapter (or full weights) with the tokenizer; final/critic/ holds the critic."""
+    """final/: the actor as a PEFT adapter (or full weights) with the tokenizer; final/critic/ holds PPO's critic."""
     staging = run.dir / ".final.partial"
     weights = checkpoint.trained_weights(ac)  # every process: ZeRO-3 gathers the shards
     if dist.is_main:
         from safetensors.torch import save_file
 
         shutil.rmtree(staging, ignore_errors=True)
-        (staging / "critic").mkdir(parents=True)
+        staging.mkdir(parents=True)
         if ac.lora:
             ac.model.peft_config[POLICY].save_pretrained(str(staging))
             save_file(weights["actor"], str(staging / "adapter_model.safetensors"))
         else:
             ac.model.save_pretrained(str(staging), state_dict=weights["actor"], safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
-        for stem in ("critic", "value_head"):  # the actor is final/ itself
-            save_file(weights[stem], str(staging / "critic" / f"{stem}.safetensors"))
+        if ac.has_critic:
+            (staging / "critic").mkdir()
+            for stem in ("critic", "value_head"):  # the actor is final/ itself
+                save_file(weights[stem], str(staging / "critic" / f"{stem}.safetensors"))
         replace_dir(staging, run.final)
     dist.barrier()
     return run.final

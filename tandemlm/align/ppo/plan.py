@@ -105,6 +105,7 @@ class PlanInputs:
     gradient_checkpointing: bool = True
     full_finetune: bool = False  # actor and critic are full copies, plus a frozen reference copy
     reward_model_params: int = 0  # a separate reward model held in memory (0: verifier, HTTP or a LoRA reward)
+    critic: bool = True  # PPO trains a critic (adapter + value head); the critic-free algorithms do not
 
     def __post_init__(self) -> None:
         if self.full_finetune or not self.lora:
@@ -226,36 +227,37 @@ def layer_activation_bytes(inputs: PlanInputs) -> float:
 
 
 def estimate(inputs: PlanInputs) -> MemoryPlan:
-    """Expected memory of each part of a PPO run with these settings."""
+    """Expected memory of each part of an RL run (PPO, or a critic-free one with ``critic=False``) with these settings."""
     b, h, n = inputs.dtype_bytes, inputs.hidden_size, inputs.n_params
     lm_head = 0 if inputs.tie_word_embeddings else inputs.vocab_size * h
-    head_params = h + 1  # value head weight + bias
+    head_params = h + 1 if inputs.critic else 0  # value head weight + bias
+    roles = "actor + critic" if inputs.critic else "actor"
     notes: dict[str, str] = {}
     lora = 0
     if inputs.full_finetune:
-        critic = n - lm_head  # the critic is a copy of the decoder stack: an untied lm_head is not copied
+        critic = n - lm_head if inputs.critic else 0  # a copy of the decoder stack: an untied lm_head is not copied
         weights, adapters, trained = (2 * n + critic) * b, 0, n + critic
         optimizer = trained * (BYTES["adam_states"] + (BYTES["master"] if b < 4 else 0))
         gradients = max(n, critic + head_params) * b
-        notes["weights"] = f"actor + critic + frozen reference, {'bf16' if b == 2 else 'fp32'}"
-        notes["optimizer"] = "AdamW 2 fp32 states" + (" + fp32 master" if b < 4 else "") + ", actor + critic"
+        notes["weights"] = f"{roles} + frozen reference, {'bf16' if b == 2 else 'fp32'}"
+        notes["optimizer"] = "AdamW 2 fp32 states" + (" + fp32 master" if b < 4 else "") + f", {roles}"
     else:
         lora = lora_param_count(inputs)
-        trained = 2 * lora
+        trained = (2 if inputs.critic else 1) * lora
         if inputs.qlora:
             quantised = block_linear_params(inputs)
             weights = quantised * (BYTES["nf4"] + BYTES["nf4_constants"]) + (n - quantised) * BYTES["kbit_unquantised"]
-            notes["weights"] = "NF4 block linears + fp32 rest; one base for actor, critic, reference"
+            notes["weights"] = f"NF4 block linears + fp32 rest; one base for {roles}, reference"
         else:
             weights = n * b
-            notes["weights"] = "one base for actor, critic, reference"
+            notes["weights"] = f"one base for {roles}, reference"
         adapters = trained * BYTES["adapter"]
         optimizer = trained * BYTES["adam_states"]
         gradients = (lora + head_params) * BYTES["adapter"]
-        notes["adapters"] = f"actor + critic, {lora:,} params each (r={inputs.lora_r})"
-        notes["optimizer"] = "AdamW 2 fp32 states, adapters + value head"
+        notes["adapters"] = f"{roles}, {lora:,} params each (r={inputs.lora_r})"
+        notes["optimizer"] = "AdamW 2 fp32 states, adapters" + (" + value head" if inputs.critic else "")
     optimizer += head_params * BYTES["adam_states"]
-    notes["gradients"] = "one role at a time (critic, then actor)"
+    notes["gradients"] = "one role at a time (critic, then actor)" if inputs.critic else "the actor's"
 
     rows, seq, response = inputs.micro_batch, inputs.seq_len, inputs.response_length
     grad_layers = inputs.num_layers if inputs.full_finetune else inputs.adapted_layers
@@ -311,11 +313,12 @@ def settings_from_run(run: Any, cuda: bool | None = None) -> dict[str, Any]:
         "lora_modules": ALL_LINEAR if target == "all-linear" else tuple(t.strip() for t in target.split(",") if t.strip()),
         "dtype_bytes": 2 if auto("bf16") else 4,
         "batch_size": int(run.batch_size),
-        "minibatch_size": int(getattr(run, "minibatch_size", run.batch_size)),
+        "minibatch_size": int(getattr(run, "rows_per_minibatch", None) or getattr(run, "minibatch_size", run.batch_size)),
         "grad_accum": int(getattr(run, "grad_accum", 1)),
         "prompt_length": max(1, int(run.max_length) - response),
         "response_length": response,
         "gradient_checkpointing": auto("gradient_checkpointing"),
+        "critic": bool(getattr(run, "has_critic", True)),
     }
 
 

@@ -70,35 +70,39 @@ class ActorCritic:
 
     def __init__(
         self, model: Any, actor_lora: Any, critic_lora: Any, hidden_size: int, separate_critic: bool = False,
-        skip_prefix: bool = False,
+        skip_prefix: bool = False, with_critic: bool = True,
     ) -> None:
         """``model`` is the causal LM; ``*_lora`` are peft ``LoraConfig`` (both None: full fine-tune).
 
         ``separate_critic`` puts the critic adapter on a copy of the base (DeepSpeed needs one module per
         optimizer: ``optim.EngineStep``); ``skip_prefix`` runs every pass from the tokens (ZeRO-3 gathers
         weights layer by layer in forward hooks, which a forward stopped half-way would leave gathered).
+        ``with_critic=False`` (the critic-free algorithms) builds the actor and the reference only.
         """
         self.lora = actor_lora is not None
+        self.has_critic = with_critic
+        self.critic_model: Any = None
+        self.value_head: ValueHead | None = None
         if self.lora:
             from peft import get_peft_model
 
-            critic_base = copy.deepcopy(model) if separate_critic else None
+            critic_base = copy.deepcopy(model) if separate_critic and with_critic else None
             self.model = get_peft_model(model, actor_lora, adapter_name=POLICY)
             if critic_base is not None:  # adapters drawn in the same order as below: the same initial weights
                 self.critic_model = get_peft_model(critic_base, critic_lora, adapter_name=CRITIC)
-            else:
+            elif with_critic:
                 self.model.add_adapter(CRITIC, critic_lora)
                 self.critic_model = self.model
             self.model.set_adapter(POLICY)
             self.reference_model = None
         else:
             self.model = model
-            self.critic_model = copy.deepcopy(backbone(model))
+            self.critic_model = copy.deepcopy(backbone(model)) if with_critic else None
             self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
-        device = next(model.parameters()).device
-        self.value_head = ValueHead(hidden_size).to(device)
-        self.frozen_layers = 0 if skip_prefix else _first_adapted_layer(actor_lora, critic_lora)
-        self.separate_critic = self.critic_model is not self.model
+        if with_critic:
+            self.value_head = ValueHead(hidden_size).to(next(model.parameters()).device)
+        self.frozen_layers = 0 if skip_prefix else _first_adapted_layer(actor_lora, *([critic_lora] if with_critic else []))
+        self.separate_critic = with_critic and self.critic_model is not self.model
 
     def critic_module(self) -> nn.Module:
         """Every module the critic trains (its adapter's model or backbone, and the value head), as one."""
@@ -147,6 +151,8 @@ class ActorCritic:
         return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n]
 
     def critic_parameters(self) -> list[nn.Parameter]:
+        if self.value_head is None:
+            return []
         head = list(self.value_head.parameters())
         if not self.lora:
             return [*self.critic_model.parameters(), *head]
@@ -154,11 +160,15 @@ class ActorCritic:
 
     def trained(self) -> list[tuple[str, nn.Parameter]]:
         """Every trained tensor by name: both adapters (or the full actor and critic) and the value head."""
-        named = [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
         if not self.lora:
-            named += [(f"actor.{n}", p) for n, p in self.model.named_parameters()]
+            named = [(f"actor.{n}", p) for n, p in self.model.named_parameters()]
+        else:
+            named = [(n, p) for n, p in self.model.named_parameters() if f".{POLICY}." in n]
+        if self.value_head is None:
+            return named
+        named = [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()] + named
+        if not self.lora:
             return named + [(f"critic.{n}", p) for n, p in self.critic_model.named_parameters()]
-        named += [(n, p) for n, p in self.model.named_parameters() if f".{POLICY}." in n]
         return named + [(n, p) for n, p in self.critic_model.named_parameters() if f".{CRITIC}." in n]
 
     # ---- roles ------------------------------------------------------------------------------------

@@ -37,12 +37,47 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def subset(self, index: list[int]) -> Rollout:
+        """A rollout of rows ``index`` only (sampling-time fields; extras are filled later)."""
+        picked = torch.tensor(index, dtype=torch.long)
+        return Rollout(
+            rows=[self.rows[i] for i in index], input_ids=self.input_ids[picked], attention_mask=self.attention_mask[picked],
+            response_mask=self.response_mask[picked], ended=self.ended[picked], texts=[self.texts[i] for i in index],
+            sampler_logprobs=self.sampler_logprobs[picked],
+        )
+
     def take(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors of rows ``index`` (input ids, masks and every extra), for a minibatch."""
         picked = {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
                   "response_mask": self.response_mask[index]}
         picked.update({k: v[index] for k, v in self.extras.items() if v.dim() and v.shape[0] == len(self)})
         return picked
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of different prompt and response widths as one: prompts left-padded, responses right-padded."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_width = max(p.input_ids.shape[1] - p.response_len for p in parts)
+    response_width = max(p.response_len for p in parts)
+
+    def padded(part: Rollout, ids: torch.Tensor, fill: int) -> torch.Tensor:
+        prompt, response = ids[:, : ids.shape[1] - part.response_len], ids[:, ids.shape[1] - part.response_len :]
+        left = prompt.new_full((len(part), prompt_width - prompt.shape[1]), fill)
+        right = response.new_full((len(part), response_width - response.shape[1]), fill)
+        return torch.cat([left, prompt, response, right], dim=1)
+
+    def right(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros((t.shape[0], response_width - t.shape[1]))], dim=1)
+
+    return Rollout(
+        rows=[r for p in parts for r in p.rows],
+        input_ids=torch.cat([padded(p, p.input_ids, pad_id) for p in parts]),
+        attention_mask=torch.cat([padded(p, p.attention_mask, 0) for p in parts]),
+        response_mask=torch.cat([right(p.response_mask) for p in parts]),
+        ended=torch.cat([p.ended for p in parts]), texts=[t for p in parts for t in p.texts],
+        sampler_logprobs=torch.cat([right(p.sampler_logprobs) for p in parts]),
+    )
 
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[Conversation]) -> list[list[int]]:
