@@ -21,9 +21,12 @@ PLOTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "accuracy": ("Preference accuracy", "fraction", ("rewards/accuracies", "accuracy", "eval_rewards/accuracies", "eval_accuracy")),
     "length": ("Mean response length", "tokens", ("completions/mean_length", "eval_completions/mean_length")),
-    # PPO's own health: the two losses, and how far each update moved the policy and how well the critic predicts.
-    "ppo_losses": ("PPO losses", "loss", ("policy_loss", "value_loss")),
-    "ppo_update": ("PPO update", "value", ("clipfrac", "approx_kl", "explained_variance", "entropy", "eos_rate")),
+    # The RL trainer's health: the losses, and how far each update moved the policy (and how well PPO's critic predicts).
+    "ppo_losses": ("Policy and value losses", "loss", ("policy_loss", "value_loss")),
+    "ppo_update": ("Policy update", "value", ("clipfrac", "approx_kl", "explained_variance", "entropy", "eos_rate")),
+    # The critic-free algorithms: how many responses moved the policy, and DAPO's dropped groups.
+    "utilization": ("Responses with a non-zero advantage", "fraction", ("response_utilization",)),
+    "groups": ("Groups dropped and re-sampled", "groups per step", ("groups_dropped", "groups_resampled")),
 }
 
 

@@ -21,7 +21,7 @@ from tandemlm.cli.options import fail
 
 app = typer.Typer(
     name="align",
-    help="Align models: sft, reward, dpo, kto, grpo (TRL trainers) and ppo (our own); then eval, merge, compare.",
+    help="Align models: sft, reward, dpo, kto (TRL trainers); ppo, grpo, dapo, gspo, dcpo (our own RL trainer); then eval, merge, compare.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -51,6 +51,8 @@ def test_each_algorithm_trains_on_the_builtin_model_and_logs_the_metrics(method,
     assert records[0]["response_utilization"] == 1.0  # distinct texts: every response has an advantage
     assert ("kl_loss" in records[-1]) == (method == "grpo")  # only GRPO puts the KL inside its loss by default
     assert not (run.final / "critic").exists()  # no critic, no value head
+    for plot in ("reward", "kl", "utilization", "groups", "ppo_update"):
+        assert (run.plots / f"{plot}.png").is_file(), plot
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in state_dict_of(run.final).items())
 
 

@@ -186,3 +186,37 @@ def test_says_how_to_install_vllm_when_it_is_missing(tiny_llama, tmp_path, monke
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
     with pytest.raises(ConfigError, match=r"rollout_backend vllm: vllm is not installed; pip install 'tandemlm\[gpu\]'"):
         check_config(ppo_config(tiny_llama, tmp_path / "run"))
+
+
+def test_grpo_trains_on_vllm_rollouts_checking_logprobs_every_step(setup, tiny_llama, tmp_path, score_server, monkeypatch):
+    """A critic-free algorithm on the same vLLM sampler: each prompt's group reaches vLLM, the trainer compares
+    vLLM's log-probs with its own after every update's sync, and a sync that never happens stops the run."""
+    from tandemlm.align.config import build_config
+    from tandemlm.align.ppo.group_config import GRPORunConfig
+    from tandemlm.align.ppo.group_trainer import GroupTrainer
+    from tandemlm.align.ppo.method import build_actor_critic
+    from tandemlm.align.ppo.rl_trainer import Distributed, TrainingStopped
+    from tandemlm.align.ppo.scoring import build_reward_mix
+
+    url = score_server(lambda call, responses: [len(r) / 10 for r in responses])
+    values = {
+        **TINY, **PPO_VLLM, "model": str(tiny_llama), "output_dir": str(tmp_path / "run"), "batch_size": 4,
+        "num_generations": 2, "minibatch_size": 2, "rewards": "http", "reward_url": url, "max_steps": 3,
+    }
+    values.pop("ppo_epochs", None)
+    config = build_config(GRPORunConfig, overrides=values)
+    config.gradient_checkpointing, config.bf16 = False, False
+    ac = build_actor_critic(config, tiny_llama)
+    assert not ac.has_critic
+    sampler, tokenizer = setup["sampler"], setup["tokenizer"]
+    trainer = GroupTrainer(config, ac, tokenizer, setup["rows"], setup["prompt_ids"],
+                           build_reward_mix(config, ac, tokenizer, tiny_llama), Distributed(), 3, sampler)
+    sampler.sync(ac, 0)
+    first, second = trainer.train_step(), trainer.train_step()
+    assert first["samples"] == 4.0 and second["samples"] == 8.0
+    assert first["rollout_logprob_diff"] < 1e-3 and second["rollout_logprob_diff"] < 1e-3  # checked every step
+    assert second["kl"] != 0.0  # the update moved the actor, and vLLM sampled from the moved actor
+    monkeypatch.setattr(sampler, "sync", lambda ac, step: None)  # the next update never reaches vLLM
+    set_actor_lora_b(ac, 4)
+    with pytest.raises(TrainingStopped, match=r"^step 3: rollout log-probs differ from the trainer's"):
+        trainer.train_step()

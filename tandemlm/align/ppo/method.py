@@ -9,6 +9,8 @@ mix, and the loop with checkpoints every ``save_steps``.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ from tandemlm.align.prepare import quiet_libraries
 from tandemlm.align.run import Run, finish_run, prepare_run, record_session
 from tandemlm.align.run_folder import latest_checkpoint
 from tandemlm.models.atomic import replace_dir
+from tandemlm.models.builtin import BUILTIN_MODELS
 
 SAMPLES_FILE = "samples.jsonl"  # a few prompts, responses and scores per logged step
 
@@ -97,15 +100,92 @@ def build_sampler(c: RLRunConfig, ac: ActorCritic, tokenizer: Any, folder: Path)
 
 
 def print_plan(config: RLRunConfig) -> None:
-    """``--plan``: the memory estimate from the model's config.json alone (no weights load, none needed)."""
-    from transformers import AutoConfig
+    """``--plan``: the memory estimate from the model's config.json alone (no weights load or download)."""
+    from tandemlm.align.ppo.plan import estimate, format_plan, inputs_from_config
 
-    from tandemlm.align.ppo.plan import available_memory, estimate, format_plan, inputs_from_config
+    raw, source = plan_config_json(config.model, config.trust_remote_code)
+    try:
+        inputs = inputs_from_config(_typed_config(raw), config)
+    except KeyError as exc:
+        raise ConfigError(f"model {config.model}: {source} has no {exc.args[0]!r}; the plan needs a decoder's config") from None
+    except ValueError as exc:  # PlanInputs' checks (e.g. lora_layers past the model's layers)
+        raise ConfigError(f"model {config.model}: {exc}") from None
+    plan = estimate(inputs)
+    print(format_plan(plan, _plan_budget(config, plan.weights)))
 
-    local = Path(config.model).expanduser()
-    folder = local if (local / "config.json").is_file() else base_folder(config.model, config.trust_remote_code)
-    inputs = inputs_from_config(AutoConfig.from_pretrained(folder, trust_remote_code=config.trust_remote_code), config)
-    print(format_plan(estimate(inputs), available_memory()))
+
+def plan_config_json(ref: str, trust_remote_code: bool = False) -> tuple[dict[str, Any], Path]:
+    """(config.json as a dict, where it was read) for ``--plan``, fetching nothing but that one file.
+
+    ``ref`` may be a config.json path, a folder holding one, or a hub id: only its config.json is fetched
+    (``hf_hub_download``), from the local Hugging Face cache alone under HF_HUB_OFFLINE. Run folders and
+    built-in names resolve locally as training would.
+    """
+    path = Path(ref).expanduser()
+    if path.suffix == ".json":  # never a hub id: "folder/config.json" would otherwise look like one
+        if not path.is_file():
+            raise ConfigError(f"model: config file {path} does not exist")
+        file = path
+    elif (path / "config.json").is_file():
+        file = path / "config.json"
+    elif _is_hub_id(ref):
+        file = _hub_config_file(ref)
+    else:
+        file = base_folder(ref, trust_remote_code) / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"model: {file} is not a readable config.json ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model: {file} is not a config.json (it holds no JSON object)")
+    return raw, file
+
+
+def _is_hub_id(ref: str) -> bool:
+    """``org/name`` that is no local path, run folder or built-in name (resolve_model's order)."""
+    text = ref.strip()
+    if Path(text).expanduser().exists() or text in BUILTIN_MODELS:
+        return False
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf")
+
+
+def _hub_config_file(repo: str) -> Path:
+    """The hub repo's config.json alone: fetched when the hub answers, else the cached copy (HF_HUB_OFFLINE: cache only)."""
+    from huggingface_hub import constants, hf_hub_download
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; the environment now is what the user set.
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+    try:
+        return Path(hf_hub_download(repo, "config.json", local_files_only=offline))
+    except Exception as exc:  # noqa: BLE001 - not cached, no network, gated, no such repo: all end in the one line
+        why = "HF_HUB_OFFLINE is set" if offline else f"the hub did not give it ({str(exc).splitlines()[0][:200]})"
+        raise ConfigError(
+            f"model {repo}: no config.json to plan from: {why} and none is cached in {constants.HF_HUB_CACHE}; "
+            "pass --model a local model folder or a path to the model's config.json"
+        ) from None
+
+
+def _typed_config(raw: dict[str, Any]) -> Any:
+    """transformers' config class for a known ``model_type`` (it fills the defaults a config.json leaves out,
+    e.g. Gemma 3's text_config); the plain dict for custom code, which is never run for a plan."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    return CONFIG_MAPPING[model_type].from_dict(raw) if model_type in CONFIG_MAPPING else raw
+
+
+def _plan_budget(config: RLRunConfig, weights: int) -> tuple[str, int]:
+    """(label, bytes) the trainer may use: the device's memory, less what an in-process vLLM engine takes."""
+    from tandemlm.align.ppo.plan import available_memory
+
+    label, size = available_memory()
+    if config.rollout_backend != "vllm":
+        return label, size
+    from tandemlm.align.ppo.vllm_rollout import CPU_KV_CACHE_BYTES, GPU_MEMORY_UTILIZATION
+
+    if label.startswith("GPU"):  # vLLM claims this share of the whole GPU up front (weights + KV cache)
+        return f"{label} less vLLM's {GPU_MEMORY_UTILIZATION:.0%}", int(size * (1 - GPU_MEMORY_UTILIZATION))
+    return f"{label} less vLLM's weights and KV cache", max(0, size - weights - CPU_KV_CACHE_BYTES)
 
 
 def build_actor_critic(c: RLRunConfig, folder: Path) -> ActorCritic:
