@@ -1,5 +1,6 @@
 """What the GPU memory benches share (``ppo_gpu_memory.py``, ``align_gpu_memory.py``): the random-initialised
-DeepSeek-R1-Distill-Qwen-class models, the scripted reward, one job per fresh process under a timeout and the
+DeepSeek-R1-Distill-Qwen-class models, the scripted reward, steps of tandem's RL trainer measured beside its memory
+plan (:func:`measure_rl`: PPO, and GRPO in the align bench), one job per fresh process under a timeout and the
 check's time budget, and the table they print and write.
 
 A bench script runs each job (one method at one size) as ``python SCRIPT --worker JSON`` in a fresh process, so each
@@ -108,6 +109,80 @@ def default_tokenizer(folder: str | None) -> str:
 def distinct_share(texts: Sequence[str]) -> list[float]:
     """A cheap scripted reward: the share of distinct characters in each text, in [0, 1] (no reward model)."""
     return [len(set(text)) / max(1, len(text)) for text in texts]
+
+
+def scripted_score(rows: list[dict[str, Any]], texts: list[str]) -> list[float | None]:
+    """The scripted reward (distinct-character share) as a source of the RL trainer's ``RewardMix``."""
+    return list(distinct_share(texts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps of tandem's RL trainer (PPO, GRPO) beside its memory plan
+
+
+def measure_rl(job: dict[str, Any], config: Any, trainer_class: Any, *, verifier: bool = False) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Builds ``job["size"]`` on the device, runs ``job["steps"]`` steps of ``trainer_class`` (``PPOTrainer`` or
+    ``GroupTrainer``) with ``config``; returns measured and planned memory and times, and each step's logged stats.
+
+    The pieces are the ones ``tandem align`` runs (``actor_critic_from_model``, ``build_sampler``, ``Distributed``,
+    the trainer); the prompts are random token ids of exactly ``job["prompt_length"]`` tokens, and the plan is
+    ``plan.estimate(plan.inputs_from_config(model config, config))`` (the config's ``has_critic`` says whether a
+    critic is planned). The reward is the scripted score; with ``verifier`` the rows also carry an arithmetic task
+    random weights fail (0) and the mix starts with tandem's own verifier (``build_reward_mix``), as a run's would.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from tandemlm.align.model import set_threads
+    from tandemlm.align.ppo.method import actor_critic_from_model, build_sampler
+    from tandemlm.align.ppo.plan import MIB, estimate, inputs_from_config
+    from tandemlm.align.ppo.rl_trainer import Distributed, peak_memory_mb
+    from tandemlm.align.ppo.scoring import RewardMix, build_reward_mix
+
+    c, cuda = config, torch.cuda.is_available()
+    set_threads(c.threads)
+    model_config = qwen2_config(job["size"])
+    plan = estimate(inputs_from_config(model_config, c))
+    tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
+    torch.manual_seed(c.seed)
+    started = time.monotonic()
+    model = random_model(model_config, bool(c.bf16))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    ac = actor_critic_from_model(c, model)
+    built = time.monotonic() - started
+    generator = torch.Generator().manual_seed(c.seed)
+    rows_count = c.prompts_per_step * job["steps"]
+    prompt_ids = torch.randint(0, len(tokenizer) - 1000, (rows_count, job["prompt_length"]), generator=generator)
+    task = {"task": "arithmetic", "answer": "42"} if verifier else {}
+    rows = [{"prompt": [], **task} for _ in range(rows_count)]
+    folder = Path(job["tokenizer"])  # the base folder build_reward_mix / build_sampler would read: unused here
+    reward = build_reward_mix(c, ac, tokenizer, folder) if verifier else RewardMix([])
+    reward.sources.append(("distinct_chars", 1.0, scripted_score))
+    sampler = build_sampler(c, ac, tokenizer, folder)
+    trainer = trainer_class(c, ac, tokenizer, rows, prompt_ids.tolist(), reward, Distributed(), job["steps"], sampler)
+    reset_peak()
+    steps = []
+    for _ in range(job["steps"]):
+        stats = trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        steps.append(stats)
+    timed = steps[1:] or steps  # the first step warms kernels and checks the sampler's log-probs
+    result = {
+        "device": device_name(), "dtype": "bf16" if c.bf16 else "fp32",
+        "gradient_checkpointing": bool(c.gradient_checkpointing), "params": plan.inputs.n_params,
+        "measured_peak_mb": peak_memory_mb(), "measured": measured_kind(),
+        "plan_peak_mb": plan.total / MIB, "plan_rollout_mb": plan.rollout_phase / MIB,
+        "plan_update_mb": plan.update_phase / MIB, "build_s": built,
+        "first_step_s": steps[0]["rollout_s"] + steps[0]["update_s"],
+        "step_s": sum(s["rollout_s"] + s["update_s"] for s in timed) / len(timed),
+        "rollout_s": sum(s["rollout_s"] for s in timed) / len(timed),
+        "update_s": sum(s["update_s"] for s in timed) / len(timed),
+        "tokens_per_s": sum(s["tokens_per_s"] for s in timed) / len(timed),
+        "mean_response_length": sum(s["completions/mean_length"] for s in steps) / len(steps),
+        "rollout_logprob_diff": steps[0].get("rollout_logprob_diff"), "steps": len(steps),
+    }
+    return result, steps
 
 
 # ---------------------------------------------------------------------------------------------

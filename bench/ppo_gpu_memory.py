@@ -7,9 +7,10 @@
 Each size runs in a fresh process (its own peak; an out-of-memory size does not stop the others), under
 ``--timeout`` and, with ``--budget``, within the GPU check's time. The model is built from a Qwen2 config with random
 weights directly on the device (bf16 on a GPU, fp32 on CPU): no download, nothing written to disk. Those pieces and
-the table are ``_gpu_bench.py``'s, shared with ``align_gpu_memory.py`` (DPO and GRPO). The pieces are the trainer's own (``ActorCritic``, ``TransformersSampler``,
-``PPOTrainer``, ``Distributed``); the reward is a scripted score of the response text (no reward model), and the
-prompts are random token ids of exactly ``--prompt-length`` tokens. Measured is ``trainer.peak_memory_mb``:
+the table are ``_gpu_bench.py``'s, shared with ``align_gpu_memory.py`` (DPO, and GRPO on this same trainer machinery:
+``measure_rl``). The pieces are the trainer's own (``ActorCritic``, ``TransformersSampler``, ``PPOTrainer``,
+``Distributed``); the reward is a scripted score of the response text (no reward model), and the prompts are random
+token ids of exactly ``--prompt-length`` tokens. Measured is ``trainer.peak_memory_mb``:
 ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on CPU. The plan is
 ``plan.estimate(plan.inputs_from_config(config, run))`` for the same run settings.
 
@@ -21,25 +22,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from _gpu_bench import (
     SIZES,
     default_tokenizer,
-    device_name,
-    distinct_share,
     failed,
     format_table,
-    measured_kind,
+    measure_rl,
     not_run_row,
     params_label,
     parse_list,
-    qwen2_config,
-    random_model,
     report,
-    reset_peak,
     run_jobs,
     run_worker,
 )
@@ -62,61 +57,14 @@ def run_config(settings: dict[str, Any], cuda: bool) -> Any:
     )
 
 
-def scripted_score(rows: list[dict[str, Any]], texts: list[str]) -> list[float | None]:
-    """The bench's scripted reward (distinct-character share) in ``RewardMix``'s signature."""
-    return list(distinct_share(texts))
-
-
 def measure_size(job: dict[str, Any]) -> dict[str, Any]:
     """Builds ``job["size"]`` on the device, runs ``steps`` PPO steps; returns measured and planned memory and times."""
     import torch
-    from transformers import AutoTokenizer
 
-    from tandemlm.align.ppo.method import actor_critic_from_model
-    from tandemlm.align.ppo.plan import MIB, estimate, inputs_from_config
-    from tandemlm.align.ppo.rollout import TransformersSampler
-    from tandemlm.align.ppo.scoring import RewardMix
-    from tandemlm.align.ppo.trainer import Distributed, PPOTrainer, peak_memory_mb
+    from tandemlm.align.ppo.trainer import PPOTrainer
 
-    cuda = torch.cuda.is_available()
-    c = run_config(job, cuda)
-    config = qwen2_config(job["size"])
-    plan = estimate(inputs_from_config(config, c))
-    tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
-    torch.manual_seed(c.seed)
-    started = time.monotonic()
-    model = random_model(config, bool(c.bf16))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    ac = actor_critic_from_model(c, model)
-    built = time.monotonic() - started
-    generator = torch.Generator().manual_seed(c.seed)
-    rows_count = c.batch_size * job["steps"]
-    prompt_ids = torch.randint(0, len(tokenizer) - 1000, (rows_count, job["prompt_length"]), generator=generator)
-    rows = [{"prompt": []} for _ in range(rows_count)]
-    reward = RewardMix([("scripted", 1.0, scripted_score)])
-    sampler = TransformersSampler(tokenizer, c.max_completion_length, c.temperature, c.top_k)
-    trainer = PPOTrainer(c, ac, tokenizer, rows, prompt_ids.tolist(), reward, Distributed(), job["steps"], sampler)
-    reset_peak()
-    steps = []
-    for _ in range(job["steps"]):
-        stats = trainer.train_step()
-        if cuda:
-            torch.cuda.synchronize()
-        steps.append(stats)
-    timed = steps[1:] or steps  # the first step warms kernels and checks the sampler's log-probs
-    return {
-        "device": device_name(), "dtype": "bf16" if c.bf16 else "fp32",
-        "gradient_checkpointing": bool(c.gradient_checkpointing), "params": plan.inputs.n_params,
-        "measured_peak_mb": peak_memory_mb(), "measured": measured_kind(),
-        "plan_peak_mb": plan.total / MIB, "plan_rollout_mb": plan.rollout_phase / MIB,
-        "plan_update_mb": plan.update_phase / MIB, "build_s": built,
-        "step_s": sum(s["rollout_s"] + s["update_s"] for s in timed) / len(timed),
-        "rollout_s": sum(s["rollout_s"] for s in timed) / len(timed),
-        "update_s": sum(s["update_s"] for s in timed) / len(timed),
-        "tokens_per_s": sum(s["tokens_per_s"] for s in timed) / len(timed),
-        "mean_response_length": sum(s["completions/mean_length"] for s in steps) / len(steps),
-        "rollout_logprob_diff": steps[0].get("rollout_logprob_diff"), "steps": len(steps),
-    }
+    result, _ = measure_rl(job, run_config(job, torch.cuda.is_available()), PPOTrainer)
+    return result
 
 
 def table(results: list[dict[str, Any]]) -> str:

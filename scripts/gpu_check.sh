@@ -25,11 +25,12 @@
 #   3. bench/ppo_gpu_memory.py: PPO steps with LoRA on random-initialised R1-Distill-Qwen-class configs (0.5b, 1.5b,
 #      7b; bf16, gradient checkpointing) built on the GPU: measured torch.cuda.max_memory_allocated beside
 #      plan.estimate, seconds per step. Writes $OUT/ppo_gpu_memory.{json,txt}.
-#   4. bench/align_gpu_memory.py: DPO and GRPO steps with LoRA on the same configs and settings, TRL's trainers from
-#      the carried wheels built as `tandem align dpo/grpo` builds them (GRPO: 64-token generations, verifier plus a
-#      scripted reward, no reward model): measured peak beside "no plan" (tandem's memory plan is PPO's), seconds
-#      per step. Writes $OUT/align_gpu_memory.{json,txt}. The CPU dry run does one tiny size (each job is a fresh
-#      process that imports TRL: seconds on a busy CI machine).
+#   4. bench/align_gpu_memory.py: DPO and GRPO steps with LoRA on the same configs and settings. DPO is TRL's
+#      trainer from the carried wheels as `tandem align dpo` builds it: measured peak beside "no plan". GRPO is
+#      tandem's own RL trainer as `tandem align grpo` trains (GroupTrainer, 8 completions per step in groups of 8,
+#      64-token generations, verifier plus a scripted reward, no reward model; it needs no wheels): measured peak
+#      beside plan.estimate (the plan without a critic). Seconds per step. Writes $OUT/align_gpu_memory.{json,txt}.
+#      The CPU dry run does one tiny size (each job is a fresh process: seconds on a busy CI machine).
 # Not here yet: QLoRA (no bitsandbytes there), vLLM and llama.cpp offload (neither is on the image).
 # Time: step 2 is cut at 150 s, each PPO size at 100 s, each DPO/GRPO size at 60 s, and the benches keep to one
 # budget: every bench job has ended 450 s after the start (PPO leaves the last 200 s of it to step 4; a job that

@@ -44,17 +44,24 @@ def test_cpu_dry_run_runs_every_step_and_prints_measured_beside_plan(tiny_qwen2_
         assert 0.5 < r["measured_peak_mb"] / r["plan_peak_mb"] < 2.0  # the plan is in the right range on CPU too
     assert (tmp_path / "gpu_tests.xml").is_file()
     align_table = (tmp_path / "align_gpu_memory.txt").read_text()
-    assert "method  size     params  dtype  measured MiB  plan MiB  s/step" in align_table
+    assert "method  size     params  dtype  measured MiB  plan MiB  measured/plan  s/step" in align_table
     assert align_table in output.replace("\r", "")
-    rows = {line.split()[0]: line for line in align_table.splitlines()[2:]}
-    assert set(rows) == {"dpo", "grpo"} and all("tiny-64" in row and "no plan" in row for row in rows.values())
+    rows = {line.split()[0]: line for line in align_table.splitlines()[2:]}  # after the title and header
+    assert set(rows) == {"dpo", "grpo"} and all("tiny-64" in row for row in rows.values())
+    assert "no plan" in rows["dpo"] and "no plan" not in rows["grpo"]  # GRPO is our trainer: the plan covers it
     aligned = json.loads((tmp_path / "align_gpu_memory.json").read_text())["results"]
     assert [(r["method"], r["size"]) for r in aligned] == [("dpo", "tiny-64"), ("grpo", "tiny-64")]
     for r in aligned:
         assert "error" not in r, r
-        assert r["measured_peak_mb"] > 0 and r["plan_peak_mb"] is None and r["step_s"] > 0 and r["steps"] == 2
+        assert r["measured_peak_mb"] > 0 and r["step_s"] > 0 and r["steps"] == 2
         assert r["dtype"] == "fp32" and math.isfinite(r["loss"])
-    assert aligned[1]["mean_completion_length"] == 8  # random weights never stop early: full generations
+    dpo, grpo = aligned
+    assert dpo["plan_peak_mb"] is None and dpo["plan"] == "no plan"
+    assert grpo["plan"] == "plan.estimate" and grpo["plan_peak_mb"] > 0
+    assert f"{grpo['plan_peak_mb']:.0f}" in rows["grpo"].split()  # the table shows the JSON's plan
+    assert 0.5 < grpo["measured_peak_mb"] / grpo["plan_peak_mb"] < 2.0  # the critic-free plan is in range on CPU too
+    assert grpo["mean_completion_length"] == 8  # random weights never stop early: full generations
+    assert grpo["rollout_logprob_diff"] is not None  # tandem's GroupTrainer ran (it checks the sampler on step 1)
 
 
 def test_gpu_mode_and_bad_options_fail_in_one_line(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_recipes_load_as_their_method():
     from tandemlm.align.registry import get_method
 
     recipes = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
-    assert {p.stem for p in recipes} >= {"sft", "reward", "dpo", "grpo", "kto"}
+    assert {p.stem for p in recipes} >= {"sft", "reward", "dpo", "kto", "ppo", "grpo", "dapo", "gspo", "dcpo"}
     for recipe in recipes:
         config = build_config(get_method(recipe.stem).config_cls, recipe)
         assert config.lora is True and config.model  # one-GPU recipes train adapters

@@ -63,6 +63,11 @@ QWEN2_7B = {  # Qwen/Qwen2-7B config.json (published)
 }
 
 
+# deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B config.json (published): Qwen2.5-1.5B's shapes, embeddings untied.
+R1_DISTILL_QWEN_15B = {**QWEN25_15B, "tie_word_embeddings": False}
+RL_RECIPES = ("ppo", "grpo", "dapo", "gspo", "dcpo")
+
+
 def small(**settings: object) -> PlanInputs:
     base = {"batch_size": 2, "minibatch_size": 2, "prompt_length": 10, "response_length": 6, "lora_r": 4}
     return inputs_from_config(SMALL, **{**base, **settings})
@@ -231,3 +236,93 @@ def test_plan_from_the_cli_loads_nothing_and_prints_every_part(tiny_llama_dir):
         assert part in result.output
     assert "fits in" in result.output or "does not fit" in result.output
     assert "done" not in result.output  # nothing trained
+
+
+# --plan on a hub id reads config.json alone: from a temporary HF cache here, offline, with sockets refused.
+CACHED_REPO = "tandem-test/cached-qwen"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def plan_cli(model: str, *flags: str) -> object:
+    """``tandem align grpo --plan --model MODEL FLAGS`` in this process."""
+    from typer.testing import CliRunner
+
+    from tandemlm.cli.main import app
+
+    args = ["align", "grpo", "--plan", "--model", model, "--dataset", "builtin:arithmetic_train", "--lora", *flags]
+    return CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[object]]:
+    """(an empty HF hub cache, the network attempts made): HF_HOME/HF_HUB_CACHE point to tmp, HF_HUB_OFFLINE=1,
+    and every socket connection is refused and recorded (an attempt the code swallows still fails the test)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # huggingface_hub read the variable at import
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args)
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return cache, attempts
+
+
+def test_plan_reads_a_cached_hub_config_offline(offline_hub_cache: tuple[Path, list[object]]) -> None:
+    cache, attempts = offline_hub_cache
+    repo = cache / ("models--" + CACHED_REPO.replace("/", "--"))  # huggingface_hub's cache layout
+    snapshot = repo / "snapshots" / REVISION
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(QWEN25_15B))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    before = sorted(cache.rglob("*"))
+
+    result = plan_cli(CACHED_REPO)
+    assert result.exit_code == 0, result.output
+    assert "1.54B params" in result.output and "= peak" in result.output  # QWEN25_15B's count: its config was read
+    assert sorted(cache.rglob("*")) == before  # nothing fetched: no blob, lock or marker written
+    # A config.json path works too; the verdict then leaves room for an in-process vLLM engine.
+    result = plan_cli(str(snapshot / "config.json"), "--rollout-backend", "vllm")
+    assert result.exit_code == 0, result.output
+    assert "1.54B params" in result.output and "less vLLM's" in result.output
+    assert attempts == []
+
+
+def test_plan_of_an_uncached_hub_id_offline_is_one_line(offline_hub_cache: tuple[Path, list[object]]) -> None:
+    cache, attempts = offline_hub_cache
+    result = plan_cli("tandem-test/not-cached")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for part in ("model tandem-test/not-cached", "HF_HUB_OFFLINE", str(cache), "path to the model's config.json"):
+        assert part in lines[0]
+    assert attempts == [] and list(cache.iterdir()) == []
+
+
+def test_rl_recipes_fit_a_24_gib_gpu_by_the_plan() -> None:
+    """Each RL recipe says it fits one 24 GB GPU: the plan agrees, with vLLM's share left free where it samples."""
+    from tandemlm.align.config import build_config
+    from tandemlm.align.ppo.method import plan_budget
+    from tandemlm.align.registry import get_method
+
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    for method in RL_RECIPES:
+        config = build_config(get_method(method).config_cls, recipes / f"{method}.yaml")
+        assert config.model == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" and config.uses_lora, method
+        plan = estimate(inputs_from_config(R1_DISTILL_QWEN_15B, config))
+        assert plan.inputs.n_params == pytest.approx(1.78e9, rel=0.01)  # the distill's 3.55 GB of bf16 weights
+        label, budget = plan_budget(config, plan.weights, ("GPU (test)", 24 * GIB))
+        if config.rollout_backend == "vllm":
+            assert budget == int(24 * GIB * 0.7) and "vLLM" in label
+        assert fits(plan, budget), (method, plan.total / GIB, budget / GIB)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -111,7 +113,7 @@ def print_plan(config: RLRunConfig) -> None:
     except ValueError as exc:  # PlanInputs' checks (e.g. lora_layers past the model's layers)
         raise ConfigError(f"model {config.model}: {exc}") from None
     plan = estimate(inputs)
-    print(format_plan(plan, _plan_budget(config, plan.weights)))
+    print(format_plan(plan, plan_budget(config, plan.weights)))
 
 
 def plan_config_json(ref: str, trust_remote_code: bool = False) -> tuple[dict[str, Any], Path]:
@@ -155,14 +157,28 @@ def _hub_config_file(repo: str) -> Path:
 
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; the environment now is what the user set.
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+    # Without a network hf_hub_download retries for half a minute before it falls back to the cache: ask first.
+    unreachable = not offline and not _hub_answers(constants.ENDPOINT)
     try:
-        return Path(hf_hub_download(repo, "config.json", local_files_only=offline))
+        return Path(hf_hub_download(repo, "config.json", local_files_only=offline or unreachable))
     except Exception as exc:  # noqa: BLE001 - not cached, no network, gated, no such repo: all end in the one line
-        why = "HF_HUB_OFFLINE is set" if offline else f"the hub did not give it ({str(exc).splitlines()[0][:200]})"
+        why = "HF_HUB_OFFLINE is set" if offline else (
+            f"{constants.ENDPOINT} cannot be reached" if unreachable else f"the hub did not give it ({str(exc).splitlines()[0][:200]})"
+        )
         raise ConfigError(
             f"model {repo}: no config.json to plan from: {why} and none is cached in {constants.HF_HUB_CACHE}; "
             "pass --model a local model folder or a path to the model's config.json"
         ) from None
+
+
+def _hub_answers(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a TCP connection (a quick probe, as resolve_model makes)."""
+    url = urlsplit(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or (80 if url.scheme == "http" else 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _typed_config(raw: dict[str, Any]) -> Any:
@@ -174,11 +190,12 @@ def _typed_config(raw: dict[str, Any]) -> Any:
     return CONFIG_MAPPING[model_type].from_dict(raw) if model_type in CONFIG_MAPPING else raw
 
 
-def _plan_budget(config: RLRunConfig, weights: int) -> tuple[str, int]:
-    """(label, bytes) the trainer may use: the device's memory, less what an in-process vLLM engine takes."""
+def plan_budget(config: RLRunConfig, weights: int, available: tuple[str, int] | None = None) -> tuple[str, int]:
+    """(label, bytes) the trainer may use: ``available`` (this machine's, by default), less what an in-process
+    vLLM engine takes for itself with ``rollout_backend: vllm`` (``weights``: the plan's, vLLM's copy on CPU)."""
     from tandemlm.align.ppo.plan import available_memory
 
-    label, size = available_memory()
+    label, size = available if available is not None else available_memory()
     if config.rollout_backend != "vllm":
         return label, size
     from tandemlm.align.ppo.vllm_rollout import CPU_KV_CACHE_BYTES, GPU_MEMORY_UTILIZATION

@@ -409,7 +409,7 @@ def format_plan(plan: MemoryPlan, available: tuple[str, int] | None = None, marg
     inputs = plan.inputs
     mode = "full fine-tune" if inputs.full_finetune else ("QLoRA" if inputs.qlora else "LoRA")
     head = (
-        f"PPO memory plan: {_count(inputs.n_params)} params, {mode}, "
+        f"{'PPO' if inputs.critic else 'critic-free RL'} memory plan: {_count(inputs.n_params)} params, {mode}, "
         f"{'bf16' if inputs.dtype_bytes == 2 else 'fp32'}, batch {inputs.batch_size}, "
         f"minibatch {inputs.minibatch_size}, prompt {inputs.prompt_length} + response {inputs.response_length}, "
         f"gradient checkpointing {'on' if inputs.gradient_checkpointing else 'off'}"
