@@ -1,14 +1,20 @@
-"""Training data in TRL's conversational formats, loaded and checked before any model loads.
+"""Training data in TRL's dataset types, standard (plain text) or conversational, loaded and checked before any model loads.
 
 Sources: ``.jsonl``, ``.json`` (a list of rows), ``.parquet``, a folder saved by ``datasets``
-(``save_to_disk``), or ``builtin:NAME`` for a file shipped in ``tandemlm/data/``. Formats, one row
-per kind (TRL's names):
+(``save_to_disk``), or ``builtin:NAME`` for a file shipped in ``tandemlm/data/``. Types, one row
+per kind (TRL's "Dataset formats and types"; our format names first):
 
-- ``messages``: ``{"messages": [...]}`` (SFT)
-- ``prompt_completion``: ``{"prompt": [...], "completion": [...]}`` (SFT)
-- ``preference``: ``{"prompt": [...], "chosen": [...], "rejected": [...]}``, prompt optional (reward, DPO, KTO)
-- ``unpaired``: ``{"prompt": [...], "completion": [...], "label": true|false}`` (KTO)
-- ``prompt``: ``{"prompt": [...], ...extra columns for reward functions}`` (GRPO)
+- ``messages`` / ``text`` (language modeling): ``{"messages": [...]}`` or ``{"text": "..."}`` (SFT)
+- ``prompt_completion``: ``{"prompt": ..., "completion": ...}`` (SFT)
+- ``preference``: ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (reward, DPO, KTO); without
+  ``prompt`` it is implicit, the shared start of chosen and rejected, and taken out with TRL's ``extract_prompt``
+- ``unpaired``: ``{"prompt": ..., "completion": ..., "label": true|false}`` (KTO)
+- ``prompt``: ``{"prompt": [...], ...extra columns for reward functions}`` (the RL methods)
+
+Each ``...`` is plain text (TRL's *standard* form) or a list of ``{role, content}`` messages
+(*conversational*); a file keeps one form in every field of every row. Plain text reaches the
+trainer as it is, so it never goes through a chat template: TRL's trainers do the same. The RL
+methods and eval read conversations only (:data:`CONVERSATIONS_ONLY`).
 
 Every bad input is one line naming the file, row (1-based) and field. Preference rows voted
 ``tie`` or ``both_bad`` in the UI (``label`` column) carry no preference and are skipped.
@@ -36,16 +42,23 @@ class DataError(ValueError):
     """Bad training data; the message is one line naming the file, row and field."""
 
 
+STANDARD, CONVERSATIONAL = "standard", "conversational"  # TRL's names: plain text, or a list of messages
+BOTH_FORMS = (STANDARD, CONVERSATIONAL)
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
     required: tuple[str, ...]
-    conversations: tuple[str, ...]  # fields that must hold a list of messages
-    keep_extra: bool  # extra columns travel with the rows (GRPO reward functions read them)
+    content: tuple[str, ...]  # fields holding plain text or a conversation, in one form per file
+    keep_extra: bool  # extra columns travel with the rows (RL reward functions read them)
+    forms: tuple[str, ...] = BOTH_FORMS
+    other_form: str = ""  # where a row in the form this format does not take belongs
 
 
 FORMATS: dict[str, Format] = {
-    "messages": Format("messages", ("messages",), ("messages",), False),
+    "messages": Format("messages", ("messages",), ("messages",), False, (CONVERSATIONAL,), "plain text goes in 'text'"),
+    "text": Format("text", ("text",), ("text",), False, (STANDARD,), "conversations go in 'messages'"),
     "prompt_completion": Format("prompt_completion", ("prompt", "completion"), ("prompt", "completion"), False),
     "preference": Format("preference", ("chosen", "rejected"), ("prompt", "chosen", "rejected"), False),
     "unpaired": Format("unpaired", ("prompt", "completion", "label"), ("prompt", "completion"), False),
@@ -53,7 +66,7 @@ FORMATS: dict[str, Format] = {
 }
 # What each method reads, best match first.
 METHOD_FORMATS: dict[str, tuple[str, ...]] = {
-    "sft": ("messages", "prompt_completion"),
+    "sft": ("messages", "text", "prompt_completion"),
     "reward": ("preference",),
     "dpo": ("preference",),
     "kto": ("unpaired", "preference"),
@@ -61,6 +74,10 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "ppo": ("prompt",),
     "eval": ("preference", "prompt"),
 }
+# Readers in tandem's own code (not TRL's), which chat with the model: plain text is refused rather than sent
+# through a chat template, which TRL never does to it (its GRPO samples a plain-text prompt as raw text).
+# Every RL method (ppo, grpo, dapo, gspo, dcpo) loads its data as "ppo".
+CONVERSATIONS_ONLY: dict[str, str] = {"grpo": "the RL methods read", "ppo": "the RL methods read", "eval": "eval reads"}
 
 
 def builtin_datasets() -> list[str]:
@@ -173,10 +190,49 @@ def check_conversation(value: Any, where: str) -> None:
             raise DataError(f"{where}[{index}].content must be a string")
 
 
-def validate_rows(rows: list[dict[str, Any]], fmt: Format, source: str) -> None:
-    """Checks every row against ``fmt``; the first bad one raises, naming its row and field."""
+def form_of(value: Any, where: str) -> str:
+    """``standard`` for non-blank text, ``conversational`` for a valid conversation; anything else fails naming ``where``."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where} is empty")
+        return STANDARD
+    if isinstance(value, list):
+        check_conversation(value, where)
+        return CONVERSATIONAL
+    raise DataError(f"{where} must be text or a list of {{role, content}} messages, got {type(value).__name__}")
+
+
+def _describe(form: str) -> str:
+    return "plain text" if form == STANDARD else "a conversation"
+
+
+def row_form(row: dict[str, Any], fmt: Format, method: str, where: str) -> str:
+    """The one form of ``row``'s content fields, checked against what ``fmt`` and ``method`` take."""
+    forms = {key: form_of(row[key], f"{where}: field {key!r}") for key in fmt.content if key in row}
+    (first, form), *rest = forms.items()
+    for key, other in rest:
+        if other != form:
+            raise DataError(
+                f"{where}: field {key!r} is {_describe(other)} but field {first!r} is {_describe(form)}; "
+                "a row's fields must all be plain text or all be conversations"
+            )
+    if form not in fmt.forms:
+        if form == STANDARD:
+            raise DataError(f"{where}: field {first!r} is a string, not a conversation ({fmt.other_form})")
+        raise DataError(f"{where}: field {first!r} is a conversation, not a string ({fmt.other_form})")
+    if form == STANDARD and method in CONVERSATIONS_ONLY:
+        raise DataError(
+            f"{where}: field {first!r} is plain text, but {CONVERSATIONS_ONLY[method]} only conversations "
+            "(a list of {role, content} messages, e.g. [{\"role\": \"user\", \"content\": ...}])"
+        )
+    return form
+
+
+def validate_rows(rows: list[dict[str, Any]], fmt: Format, source: str, method: str) -> None:
+    """Checks every row against ``fmt`` and ``method`` and all rows share one form; the first bad one raises, naming its row and field."""
     from tandemlm.align.tasks import TASKS
 
+    first: tuple[int, str] | None = None  # (row number, form) of the first checked row
     for number, row in enumerate(rows, 1):
         where = f"{source} row {number}"
         if fmt.name == "preference" and row.get("label") in SKIPPED_VOTES:
@@ -184,9 +240,15 @@ def validate_rows(rows: list[dict[str, Any]], fmt: Format, source: str) -> None:
         for key in fmt.required:
             if key not in row:
                 raise DataError(f"{where}: missing field {key!r}")
-        for key in fmt.conversations:
-            if key in row:
-                check_conversation(row[key], f"{where}: field {key!r}")
+        form = row_form(row, fmt, method, where)
+        if first is None:
+            first = (number, form)
+        elif form != first[1]:
+            key = next(k for k in fmt.content if k in row)
+            raise DataError(
+                f"{where}: field {key!r} is {_describe(form)}, but row {first[0]} holds {'plain text' if first[1] == STANDARD else 'conversations'}; "
+                "every row of a file must take one form (plain text or conversations)"
+            )
         if fmt.name == "unpaired" and not isinstance(row["label"], bool):
             raise DataError(f"{where}: field 'label' must be true or false, got {row['label']!r}")
         if fmt.name in ("preference",) and "label" in row and not isinstance(row["label"], (str, type(None))):
@@ -198,22 +260,47 @@ def validate_rows(rows: list[dict[str, Any]], fmt: Format, source: str) -> None:
                 raise DataError(f"{where}: field 'answer' must be a string when 'task' is set")
 
 
+def split_implicit_prompt(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """A preference row without ``prompt`` split by TRL's ``extract_prompt``: the shared start of chosen and
+    rejected (messages, or text) becomes the prompt. Rows it would split wrongly fail naming ``where``."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    shortest = min(len(chosen), len(rejected))
+    if chosen[:shortest] == rejected[:shortest]:  # extract_prompt would cut inside the shared part
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' do not differ after their shared start, so there is no answer to prefer")
+    if chosen[0] != rejected[0]:
+        raise DataError(
+            f"{where}: no field 'prompt', and fields 'chosen' and 'rejected' share no start to take as the "
+            "implicit prompt; add a 'prompt' field or put the prompt at the start of both"
+        )
+    from trl.data_utils import extract_prompt
+
+    split = extract_prompt({"chosen": chosen, "rejected": rejected})
+    if isinstance(split["prompt"], str) and not split["prompt"].strip():  # only spaces in common
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' share only whitespace, no implicit prompt; add a 'prompt' field")
+    return {**row, **split}
+
+
 def load_rows(ref: str, method: str, keep_extra: bool = False) -> tuple[list[dict[str, Any]], Format, Path]:
     """Reads and validates ``ref`` for ``method``; returns clean rows, their format and the file.
 
-    Columns a trainer does not read are dropped unless ``keep_extra`` (eval reads e.g. ``kind``).
+    Preference rows come back with an explicit ``prompt`` (see :func:`split_implicit_prompt`). Columns a
+    trainer does not read are dropped unless ``keep_extra`` (eval reads e.g. ``kind``).
     """
     path = resolve_data_path(ref)
     source = str(path)
     rows = read_rows(path)
     fmt = detect_format(rows[0], method, source)
-    validate_rows(rows, fmt, source)
+    validate_rows(rows, fmt, source, method)
     if fmt.name == "preference":
-        rows = [row for row in rows if row.get("label") not in SKIPPED_VOTES]
+        rows = [
+            row if "prompt" in row else split_implicit_prompt(row, f"{source} row {number}")
+            for number, row in enumerate(rows, 1)
+            if row.get("label") not in SKIPPED_VOTES
+        ]
         if not rows:
             raise DataError(f"{source}: every row is a tie or both_bad vote; no preferences to learn from")
     if not (fmt.keep_extra or keep_extra):
-        keep = set(FORMATS[fmt.name].conversations) | set(FORMATS[fmt.name].required)
+        keep = set(fmt.content) | set(fmt.required)
         if fmt.name == "preference":
             keep.discard("label")  # a UI vote, not KTO's boolean label
         rows = [{k: v for k, v in row.items() if k in keep} for row in rows]
@@ -221,22 +308,17 @@ def load_rows(ref: str, method: str, keep_extra: bool = False) -> tuple[list[dic
 
 
 def load_dataset(ref: str, method: str) -> Dataset:
-    """``ref`` as a ``datasets.Dataset`` in the shape ``method``'s TRL trainer reads."""
+    """``ref`` as a ``datasets.Dataset`` in the shape ``method``'s TRL trainer reads.
+
+    KTO gets preference pairs unpaired by TRL's ``unpair_preference_dataset``, one row at a time, so each
+    pair's desirable row is followed by its undesirable one.
+    """
     from datasets import Dataset
 
     rows, fmt, _ = load_rows(ref, method)
+    data = Dataset.from_list(rows)
     if method == "kto" and fmt.name == "preference":
-        rows = unpair(rows)
-    return Dataset.from_list(rows)
+        from trl.data_utils import unpair_preference_dataset
 
-
-def unpair(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Preference pairs -> KTO's thumbs-up/down rows: each pair gives one desirable and one undesirable."""
-    out = []
-    for number, row in enumerate(rows, 1):
-        if "prompt" not in row:
-            raise DataError(f"row {number}: KTO needs an explicit 'prompt' field to split pairs into thumbs-up/down rows")
-        prompt = row["prompt"]
-        out.append({"prompt": prompt, "completion": row["chosen"], "label": True})
-        out.append({"prompt": prompt, "completion": row["rejected"], "label": False})
-    return out
+        data = unpair_preference_dataset(data, batch_size=1)
+    return data

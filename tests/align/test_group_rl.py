@@ -162,3 +162,16 @@ def test_dcpo_resumes_after_kill_9_with_the_same_metrics_and_weights(tiny_llama,
         for key in (*REPRODUCIBLE, "samples"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)
     assert not changed_tensors(state_dict_of(out / "final"), state_dict_of(tmp_path / "whole" / "final"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_a_lora_run_trains_on_the_gpu(method, tiny_llama, tmp_path, score_server):
+    """Without QLoRA nothing else places the base: the trainer must put it on the GPU (CUDA memory is used)."""
+    url = score_server(text_score)
+    values = {**GROUP_TINY, "minibatch_size": 2}
+    if method == "ppo":
+        values = {k: v for k, v in values.items() if k != "num_generations"}
+    run = train_tiny(method, tiny_llama, tmp_path / "run", **values, rewards="http", reward_url=url)
+    assert run.config.bf16  # resolved for the GPU
+    assert [r for r in read_metrics(run.metrics) if "score" in r][-1]["peak_memory_mb"] > 1.0  # CUDA MiB, not RSS

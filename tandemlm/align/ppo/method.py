@@ -209,7 +209,16 @@ def build_actor_critic(c: RLRunConfig, folder: Path) -> ActorCritic:
     """The base (loaded once), actor (and PPO's critic) adapters (same seed on every process), value head."""
     torch.manual_seed(c.seed)
     critic_init = _critic_from_reward(c, folder) if isinstance(c, PPORunConfig) else None
-    return actor_critic_from_model(c, load_model(folder, c), critic_init)
+    return actor_critic_from_model(c, _on_device(load_model(folder, c), c), critic_init)
+
+
+def _on_device(model: Any, c: RLRunConfig) -> Any:
+    """The base on this process's GPU when there is one (QLoRA loads there already; DeepSpeed engines place theirs)."""
+    if c.qlora or zero_stage():
+        return model
+    from accelerate import PartialState
+
+    return model.to(PartialState().device)
 
 
 def actor_critic_from_model(

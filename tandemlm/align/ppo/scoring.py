@@ -155,10 +155,10 @@ class SharedBaseRewardModel:
 class SeparateRewardModel:
     """A reward model in its own weights (a full fine-tune, or a run on another base)."""
 
-    def __init__(self, ref: str | Path, dtype: Any) -> None:
+    def __init__(self, ref: str | Path, dtype: Any, device: str = "cpu") -> None:
         from tandemlm.align.rewards import load_reward_model
 
-        self.model, self.tokenizer = load_reward_model(ref, dtype)
+        self.model, self.tokenizer = load_reward_model(ref, dtype, device)
 
     def __call__(self, rows: list[dict[str, Any]], texts: list[str]) -> list[float | None]:
         from tandemlm.align.rewards import score_conversations
@@ -170,5 +170,5 @@ def reward_model_source(ref: str, ac: ActorCritic, tokenizer: Any, base_folder: 
     """The cheapest way to score with reward run ``ref``: an adapter on our base when it can be one."""
     if ac.lora and shares_base(ref, base_folder):
         return SharedBaseRewardModel(ref, ac, tokenizer)
-    dtype = next(ac.model.parameters()).dtype
-    return SeparateRewardModel(ref, dtype)
+    weight = next(ac.model.parameters())
+    return SeparateRewardModel(ref, weight.dtype, str(weight.device))
