@@ -143,3 +143,25 @@ def score_server() -> Iterator[Callable[[Callable[[int, list[str]], list[float]]
     yield start
     for server in servers:
         server.shutdown()
+
+
+def kill_at_first_checkpoint(command: list[str], out: Path, env: dict[str, str], limit: float = 300) -> int:
+    """Starts ``command`` (a training run writing to ``out``), kill -9s it once a complete checkpoint exists;
+    returns that checkpoint's step."""
+    import signal
+    import subprocess
+    import time
+
+    from tandemlm.align.run_folder import complete_checkpoints
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + limit
+    try:
+        while not complete_checkpoints(out / "checkpoints") if (out / "checkpoints").is_dir() else True:
+            assert process.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return int(complete_checkpoints(out / "checkpoints")[-1].name.split("-")[1])

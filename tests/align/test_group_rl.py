@@ -8,16 +8,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import changed_tensors, metric_values, state_dict_of, train_tiny
+from conftest import changed_tensors, kill_at_first_checkpoint, metric_values, state_dict_of, train_tiny
 
 from tandemlm.align.metrics import read_metrics
-from tandemlm.align.run_folder import complete_checkpoints
 
 ALGORITHMS = ("grpo", "dapo", "gspo", "dcpo")
 # 2 prompts x 2 samples per step, two minibatches (the second is off-policy, so the clips act), 6 tokens.
@@ -139,18 +137,7 @@ def test_dcpo_resumes_after_kill_9_with_the_same_metrics_and_weights(tiny_llama,
                            env=env, capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "broken"
-    process = subprocess.Popen(_command("dcpo", tiny_llama, out, url, data, "--max-steps", str(steps)), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    try:
-        while not complete_checkpoints(out / "checkpoints") if (out / "checkpoints").is_dir() else True:
-            assert process.poll() is None, "training ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        process.kill()
-        process.wait()
-    resumed_from = int(complete_checkpoints(out / "checkpoints")[-1].name.split("-")[1])
+    resumed_from = kill_at_first_checkpoint(_command("dcpo", tiny_llama, out, url, data, "--max-steps", str(steps)), out, env)
     assert resumed_from < steps
     again = subprocess.run(_command("dcpo", tiny_llama, out, url, data, "--max-steps", str(steps), "--resume"),
                            env=env, capture_output=True, text=True, timeout=600)

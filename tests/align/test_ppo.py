@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import changed_tensors, chat_once, state_dict_of, tiny_config, train_tiny
+from conftest import changed_tensors, chat_once, kill_at_first_checkpoint, state_dict_of, tiny_config, train_tiny
 
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.metrics import read_metrics
@@ -132,18 +130,8 @@ def test_resume_after_kill_9_logs_the_same_metrics_as_an_unbroken_run(tiny_llama
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     out = tmp_path / "broken"
-    process = subprocess.Popen(_ppo_command(tiny_llama, out, url, "--max-steps", str(steps)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    try:
-        while not complete_checkpoints(out / "checkpoints") if (out / "checkpoints").is_dir() else True:
-            assert process.poll() is None, "training ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    resumed_from = kill_at_first_checkpoint(_ppo_command(tiny_llama, out, url, "--max-steps", str(steps)), out, env)
     (out / "checkpoints" / ".checkpoint-6.partial").mkdir(exist_ok=True)  # what a kill mid-save leaves
-    resumed_from = int(complete_checkpoints(out / "checkpoints")[-1].name.split("-")[1])
     assert resumed_from < steps
     again = subprocess.run(_ppo_command(tiny_llama, out, url, "--max-steps", str(steps), "--resume"), env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
