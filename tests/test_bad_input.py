@@ -56,6 +56,11 @@ CLI_CASES: list[tuple[str, int, str]] = [
     ("align sft --dataset /no/file.jsonl", 2, r"dataset /no/file.jsonl does not exist"),
     ("align sft --dataset {csv}", 2, r"unsupported file type '.csv'"),
     ("align dpo --dataset {sft_rows}", 2, r"row 1: missing field 'chosen'"),
+    ("align dpo --dataset {mixed_forms}", 2, r"mixed_forms.jsonl row 2: field 'prompt' is a conversation, but row 1 holds plain text"),
+    ("align reward --dataset {mixed_row}", 2, r"mixed_row.jsonl row 1: field 'chosen' is a conversation but field 'prompt' is plain text"),
+    ("align dpo --dataset {no_shared_start}", 2, r"no_shared_start.jsonl row 1: no field 'prompt', and fields 'chosen' and 'rejected' share no start"),
+    ("align grpo --dataset {text_prompts}", 2, r"text_prompts.jsonl row 1: field 'prompt' is plain text, but the RL methods read only conversations"),
+    ("align sft --dataset {text_messages}", 2, r"text_messages.jsonl row 1: field 'messages' is a string, not a conversation \(plain text goes in 'text'\)"),
     ("align compare {empty_dir} {empty_dir}", 2, r"empty is not a run folder \(run.json or config.yaml is missing\)"),
     ("align compare {empty_dir} --out runs.jpg", 2, r"--out runs.jpg must be a file name ending in .png"),
     # ---- quantize
@@ -138,6 +143,13 @@ def files(tmp_path_factory) -> dict[str, str]:
     (tmp / "grpo.yaml").write_text("method: grpo\n")
     (tmp / "data.csv").write_text("prompt,completion\na,b\n")
     (tmp / "sft_rows.jsonl").write_text(json.dumps({"messages": USER}) + "\n")
+    plain_pair = {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}
+    chat_pair = {"prompt": USER, "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    (tmp / "mixed_forms.jsonl").write_text(json.dumps(plain_pair) + "\n" + json.dumps(chat_pair) + "\n")
+    (tmp / "mixed_row.jsonl").write_text(json.dumps({**chat_pair, "prompt": "hi"}) + "\n")
+    (tmp / "no_shared_start.jsonl").write_text(json.dumps({"chosen": "Paris.", "rejected": "Rome."}) + "\n")
+    (tmp / "text_prompts.jsonl").write_text(json.dumps({"prompt": "Capital of France?", "task": "capital", "answer": "Paris"}) + "\n")
+    (tmp / "text_messages.jsonl").write_text(json.dumps({"messages": "hi"}) + "\n")
     (tmp / "empty").mkdir()
     (tmp / "bad_config").mkdir()
     (tmp / "bad_config" / "config.json").write_text("{")
@@ -152,6 +164,11 @@ def files(tmp_path_factory) -> dict[str, str]:
         "grpo_yaml": "grpo.yaml",
         "csv": "data.csv",
         "sft_rows": "sft_rows.jsonl",
+        "mixed_forms": "mixed_forms.jsonl",
+        "mixed_row": "mixed_row.jsonl",
+        "no_shared_start": "no_shared_start.jsonl",
+        "text_prompts": "text_prompts.jsonl",
+        "text_messages": "text_messages.jsonl",
         "empty_dir": "empty",
         "bad_config_dir": "bad_config",
         "not_gguf": "not_gguf.gguf",

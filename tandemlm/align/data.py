@@ -202,8 +202,10 @@ def form_of(value: Any, where: str) -> str:
     raise DataError(f"{where} must be text or a list of {{role, content}} messages, got {type(value).__name__}")
 
 
-def _describe(form: str) -> str:
-    return "plain text" if form == STANDARD else "a conversation"
+def _describe(form: str, rows: bool = False) -> str:
+    if form == STANDARD:
+        return "plain text"
+    return "conversations" if rows else "a conversation"
 
 
 def row_form(row: dict[str, Any], fmt: Format, method: str, where: str) -> str:
@@ -246,7 +248,7 @@ def validate_rows(rows: list[dict[str, Any]], fmt: Format, source: str, method: 
         elif form != first[1]:
             key = next(k for k in fmt.content if k in row)
             raise DataError(
-                f"{where}: field {key!r} is {_describe(form)}, but row {first[0]} holds {'plain text' if first[1] == STANDARD else 'conversations'}; "
+                f"{where}: field {key!r} is {_describe(form)}, but row {first[0]} holds {_describe(first[1], rows=True)}; "
                 "every row of a file must take one form (plain text or conversations)"
             )
         if fmt.name == "unpaired" and not isinstance(row["label"], bool):
