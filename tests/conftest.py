@@ -18,6 +18,8 @@ import pytest
 
 from tandemlm.fixtures import fixture_gguf, tiny_model
 
+pytest_plugins = ["ci_skips"]  # under CI=true only a missing GPU may skip a test
+
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir() -> Path:

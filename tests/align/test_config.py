@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -154,9 +156,47 @@ def test_output_dir_under_a_file_is_refused(tmp_path):
         build_config(SFTRunConfig, overrides={"output_dir": str(blocker / "run")})
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through 0o500; the path-under-a-file test covers the refusal")
-def test_output_dir_without_write_permission_is_refused(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    with pytest.raises(ConfigError, match=rf"output_dir {locked}/run: cannot write to {locked}"):
-        build_config(SFTRunConfig, overrides={"output_dir": str(locked / "run")})
+def _refusal_as(uid: int | None, output_dir: Path) -> str:
+    """The ConfigError message for ``output_dir``, checked in a forked child running as ``uid`` (None: as we are).
+
+    A fork, not a new interpreter: the unprivileged user may not be able to read the Python install (root's home).
+    """
+    build_config(SFTRunConfig, overrides={"output_dir": str(output_dir.parent.parent / "warm")})  # imports done here
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, check, report, exit without running the parent's clean-ups
+        message = "no error"
+        try:
+            if uid is not None:
+                os.setgid(uid)
+                os.setuid(uid)
+            build_config(SFTRunConfig, overrides={"output_dir": str(output_dir)})
+        except ConfigError as exc:
+            message = str(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test
+            message = f"unexpected {type(exc).__name__}: {exc}"
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        message = pipe.read()
+    os.waitpid(pid, 0)
+    return message
+
+
+def test_output_dir_without_write_permission_is_refused():
+    """Root writes through 0o500, so as root (CI runs as root) the check runs as the unprivileged ``nobody``."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="tandem-locked-"))  # not under root's 0o700 pytest folder
+    try:
+        folder.chmod(0o755)
+        locked = folder / "locked"
+        locked.mkdir(mode=0o500)
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.chown(locked, 65534, 65534)  # nobody's own folder, and still 0o500: its owner cannot write either
+        message = _refusal_as(65534 if as_root else None, locked / "run")
+        assert message == f"output_dir {locked}/run: cannot write to {locked} (read-only or no permission)"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
