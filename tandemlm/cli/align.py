@@ -285,6 +285,6 @@ def list_command() -> None:
         table.add_row(name, ", ".join(PRESETS.get(name, {})) or "-", method.description)
     console = Console()
     console.print(table)
-    console.print(f"rewards (grpo and ppo --rewards): {', '.join(reward_names())}")
+    console.print(f"rewards (--rewards of ppo, grpo, dapo, gspo, dcpo): {', '.join(reward_names())}")
     console.print("tasks (verifier): " + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()))
     console.print(f"built-in datasets (builtin:NAME): {', '.join(builtin_datasets())}")
