@@ -121,6 +121,7 @@ HTTP_CASES: list[tuple[str, object, int, str]] = [
     ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400, r"logprobs: Input should be less than or equal to 20"),
     ("/v1/completions", {"prompt": [[1, 2], "mixed"]}, 400, r"prompt.0: Input should be a valid string"),
     ("/v1/completions", {}, 400, r"prompt: Field required"),
+    ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 3}, 400, r"needs 9 generations at once but the server runs at most 8 \(--n-parallel\)"),
     ("/v1/chat/completions", {"messages": USER, "pad": "x" * 300_000}, 413, r"request body is over the server.s limit of 0.25 MiB \(--max-body-mb\)"),
 ]
 

@@ -29,8 +29,44 @@ def one_line(text: str) -> str:
 
 
 def constraint_schema(constraint: OutputConstraint) -> Any:
-    """The JSON schema ``constraint`` asks for (any JSON object when it has none)."""
-    return ANY_OBJECT if constraint.json_schema is None else constraint.json_schema
+    """The JSON schema ``constraint`` asks for (any JSON object when it has none), objects closed to keys
+    they do not list (:func:`closed_objects`): the one rule for ``response_format`` and forced tool calls."""
+    return ANY_OBJECT if constraint.json_schema is None else closed_objects(constraint.json_schema)
+
+
+# Keywords whose value is a schema or a list of schemas, and those whose value maps names to schemas.
+_SUBSCHEMAS = (
+    "items", "prefixItems", "additionalItems", "contains", "anyOf", "oneOf", "not", "if", "then", "else",
+    "propertyNames", "additionalProperties",
+)
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema: Any, close: bool = True) -> Any:
+    """A copy of ``schema`` whose objects take only the keys they list: ``additionalProperties: false``
+    wherever ``properties`` is given and nothing is said about other keys (as llama.cpp's
+    schema-to-grammar and xgrammar's strict mode read such a schema; JSON Schema itself would allow any
+    key, and a weak model then invents keys until max_tokens cuts it off). An explicit
+    ``additionalProperties`` stays as it is. The branches of an ``allOf`` and an object holding one (or a
+    ``$ref`` or ``unevaluatedProperties``) stay open: their keys add up across schemas.
+    """
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), (dict, list)):
+            out[key] = closed_objects(out[key])
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [closed_objects(branch, close=False) for branch in out["allOf"]]
+    open_ended = any(key in out for key in ("additionalProperties", "allOf", "$ref", "unevaluatedProperties"))
+    if close and isinstance(out.get("properties"), dict) and not open_ended:
+        out["additionalProperties"] = False
+    return out
 
 
 def schema_grammar(constraint: OutputConstraint) -> str:

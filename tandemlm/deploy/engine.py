@@ -131,7 +131,8 @@ class BaseEngine(abc.ABC):
     def stream_tokens(
         self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[GeneratedToken]:
-        """Yields generated tokens until an end-of-generation token or ``params.max_tokens``.
+        """Yields generated tokens until an end-of-generation token (yielded last, marked ``end``, without
+        text) or ``params.max_tokens``.
 
         Closing the iterator early must cancel the work and free the slot. ``cancel``, when given,
         may be set from another thread: the backend then drops the request wherever it is (queued,
@@ -327,10 +328,14 @@ class BaseEngine(abc.ABC):
         splitter = ReasoningSplitter(starts_in_reasoning) if split_reasoning else None
         usage = Usage(prompt_tokens=len(prompt_ids))
         finish: str = "length"
+        ended = False  # on an end-of-generation token: "stop", whatever max_tokens
         tokens = self.stream_tokens(prompt_ids, params, cancel)
         try:
             for token in tokens:
-                usage.completion_tokens += 1
+                # The end token is in the log-probabilities (lm-eval reads it there) but not in usage,
+                # which counts the tokens of the answer (vLLM counts it; our CLI and UI never did).
+                ended = token.end
+                usage.completion_tokens += not ended
                 text = stops.feed(token.text)
                 delta = self._split(splitter, text)
                 if token.logprob is not None:
@@ -344,7 +349,7 @@ class BaseEngine(abc.ABC):
                 if cancel.is_set():  # the scheduler ended the stream because it was cancelled
                     finish = "cancelled"
                 else:
-                    finish = "length" if usage.completion_tokens >= params.max_tokens else "stop"
+                    finish = "length" if usage.completion_tokens >= params.max_tokens and not ended else "stop"
         finally:
             tokens.close()
         tail = self._split(splitter, stops.flush())

@@ -346,7 +346,9 @@ class HFEngine(HFTokenizerMethods, BaseEngine):
 
     def _emit(self, row: Row, generated: GeneratedToken) -> None:
         token = generated.token_id
-        if token in self._eos:
+        if token in self._eos:  # reported (with its log-probability) without text, then the row ends
+            generated.text, generated.end = "", True
+            row.out.put(generated)
             row.finish()
             return
         row.generated.append(token)

@@ -394,16 +394,14 @@ class LlamaCppEngine(LlamaCppAdapters, BaseEngine):
             return
         self.sampled_tokens += 1
         request.generated.append(token)
-        if self._ll.llama_vocab_is_eog(self._vocab, token):
-            self._finish(request)
-            return
-        text = request.decoder.decode(self._piece(token))
+        end = bool(self._ll.llama_vocab_is_eog(self._vocab, token))
+        text = "" if end else request.decoder.decode(self._piece(token))
         if request.params.logprobs is None:
-            request.out.put(GeneratedToken(token, text))
+            request.out.put(GeneratedToken(token, text, end=end))
         else:  # the sampler reads a copy of the logits, so these are still the model's own
             record = logprob_record(self._logits(index), token, request.params.logprobs)
-            request.out.put(GeneratedToken(token, text, record.logprob, record.top_logprobs))
-        if request.n_generated >= request.params.max_tokens:
+            request.out.put(GeneratedToken(token, text, record.logprob, record.top_logprobs, end=end))
+        if end or request.n_generated >= request.params.max_tokens:
             self._finish(request)
 
     def _finish(self, request: LlamaRequest, result: Any = None, error: Exception | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,15 +19,22 @@ from tandemlm.errors import EngineError
 from tandemlm.models.chat_template import Message
 
 EOS_ID = 0
+REPLY_LOGPROB = math.log(0.9)  # each character of the scripted reply
+END_LOGPROB = math.log(0.5)  # the end-of-generation token right after it
 
 
 class MockEngine(BaseEngine):
     """Replies ``reply`` (default: the reversed last user message) one character per token.
 
-    Each generated token has log-probability log(0.9) when log-probabilities are asked for.
+    Each generated token has log-probability log(0.9) when log-probabilities are asked for; a reply
+    that fits ``max_tokens`` ends with the end-of-generation token ``EOS_ID`` (log-probability log(0.5)).
 
     With ``fail`` set, generation raises ``EngineError(fail)`` after its first token, as a backend
-    that breaks mid-generation (after the request was validated) would.
+    that breaks mid-generation (after the request was validated) would. ``linger`` (seconds) keeps a
+    request stopped before its end inside the engine that much longer, as a backend slow to let go
+    of a cancelled request. ``inside`` counts the requests the engine holds now, ``most_inside`` the
+    most it ever held at once. ``constrained`` claims ``response_format`` (and so forced tool calls):
+    the scripted reply stands in for grammar-constrained output.
     """
 
     def __init__(
@@ -36,13 +44,18 @@ class MockEngine(BaseEngine):
         delay: float = 0.0,
         context_length: int = 2048,
         fail: str | None = None,
+        linger: float = 0.0,
+        constrained: bool = False,
     ) -> None:
         self.info = EngineInfo(backend="mock", model_id=model_id, context_length=context_length)
-        self.features = frozenset({"logprobs"})
+        self.features = frozenset({"logprobs", "response_format"} if constrained else {"logprobs"})
         self.reply = reply
         self.delay = delay
         self.fail = fail
+        self.linger = linger
         self.cancelled = 0
+        self.inside = self.most_inside = 0
+        self._count_lock = threading.Lock()
 
     def render_chat(
         self,
@@ -74,6 +87,7 @@ class MockEngine(BaseEngine):
     ) -> Iterator[GeneratedToken]:
         reply = self._reply_for(self.detokenize(prompt_ids))
         emitted = 0
+        self._count(+1)
         try:
             for char in reply[: params.max_tokens]:
                 if self.delay:  # "decoding": a cancel ends the wait at once, as a real scheduler would
@@ -81,20 +95,28 @@ class MockEngine(BaseEngine):
                 if cancel is not None and cancel.is_set():
                     return
                 emitted += 1
-                logprob = math.log(0.9) if params.logprobs is not None else None
-                yield GeneratedToken(ord(char), char, logprob)
+                yield GeneratedToken(ord(char), char, REPLY_LOGPROB if params.logprobs is not None else None)
                 if self.fail is not None:
                     raise EngineError(self.fail)
+            if emitted < params.max_tokens:
+                yield GeneratedToken(EOS_ID, "", END_LOGPROB if params.logprobs is not None else None, end=True)
         finally:
             if emitted < min(len(reply), params.max_tokens):
                 self.cancelled += 1
+                time.sleep(self.linger)  # a backend slow to let go of a stopped request
+            self._count(-1)
+
+    def _count(self, step: int) -> None:
+        with self._count_lock:
+            self.inside += step
+            self.most_inside = max(self.most_inside, self.inside)
 
     def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
-        # Characters of the scripted reply are likely; anything else less so.
-        reply = self._reply_for(self.detokenize(prompt_ids))
-        return [
-            math.log(0.9) if i < len(reply) and chr(t) == reply[i] else math.log(0.01) for i, t in enumerate(target_ids)
-        ]
+        # Characters of the scripted reply are likely, and its end after it; anything else less so.
+        script = [ord(c) for c in self._reply_for(self.detokenize(prompt_ids))]
+        likely = [REPLY_LOGPROB] * len(script) + [END_LOGPROB]
+        script.append(EOS_ID)
+        return [likely[i] if i < len(script) and t == script[i] else math.log(0.01) for i, t in enumerate(target_ids)]
 
 
 def _available() -> str | None:

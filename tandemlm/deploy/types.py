@@ -150,12 +150,15 @@ class GeneratedToken:
 
     ``logprob`` and ``top_logprobs`` (token id, log-probability; most likely first) are filled when
     the request asked for log-probabilities: the model's own distribution, before sampling filters.
+    ``end`` marks the end-of-generation token a generation stopped on: the last token, with no text,
+    scored like any other (as vLLM keeps it in its token ids and log-probabilities), not counted in usage.
     """
 
     token_id: int
     text: str
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    end: bool = False
 
 
 @dataclass

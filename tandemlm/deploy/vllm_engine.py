@@ -367,8 +367,8 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
                 done = out.finished
                 comp = out.outputs[0]
                 ids = list(comp.token_ids)
-                if done and comp.finish_reason == "stop" and ids:
-                    ids.pop()  # the EOS/stop token: counted by nobody, its text is already left out
+                # Ended on the EOS/a stop token id: it is the last id, kept (scored, counted); its text is left out.
+                ended = done and comp.finish_reason == "stop" and bool(ids)
                 for i, tid in enumerate(ids):
                     # vLLM detokenizes incrementally per step; its text belongs to the step's last token.
                     token = (
@@ -377,6 +377,7 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
                         else _scored(comp.logprobs[i], tid, params.logprobs)
                     )
                     token.text = comp.text if i == len(ids) - 1 else ""
+                    token.end = ended and i == len(ids) - 1
                     yield token
         finally:
             if not done:  # closed early (client went away, stop string hit): free the batch slot

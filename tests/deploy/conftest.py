@@ -59,6 +59,31 @@ def close_check():
     return check_close_fails_running_and_queued
 
 
+def check_the_end_token_is_kept(engine: Engine, prompt_ids: list[int]) -> None:
+    """A generation that stops on the end-of-sequence token reports it last (as vLLM does): marked
+    ``end``, without text, with the log-probability the engine's scoring gives it (usage counts the
+    answer's tokens: not it).
+    Logit bias makes it the first token, whatever the weights (reported log-probabilities ignore it)."""
+    from tandemlm.deploy.engine import collect
+    from tandemlm.deploy.types import SamplingParams
+
+    (eos,) = engine.tokenize(engine.special_tokens()["eos_token"])
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=0, logit_bias={eos: 100.0})
+    (token,) = list(engine.stream_tokens(prompt_ids, params))  # type: ignore[attr-defined]
+    assert (token.token_id, token.text, token.end) == (eos, "", True)
+    assert token.logprob == pytest.approx(engine.score_tokens(prompt_ids, [eos])[0], abs=1e-4)  # type: ignore[attr-defined]
+    result = collect(engine.generate(prompt_ids, params))
+    assert (result.text, result.finish_reason, result.usage.completion_tokens) == ("", "stop", 0)
+    assert [(lp.token, lp.token_bytes) for lp in result.logprobs] == [("", b"")]
+    assert result.logprobs[0].logprob == pytest.approx(token.logprob, abs=1e-4)
+
+
+@pytest.fixture(scope="session")
+def end_check():
+    """:func:`check_the_end_token_is_kept`, for the engine test modules."""
+    return check_the_end_token_is_kept
+
+
 def generate_all_at_once(jobs: list[tuple[Engine, str]], params: object) -> list[str]:
     """Each ``(engine, prompt)`` generated from its own thread, all released together (so they batch)."""
     from tandemlm.deploy.engine import collect

@@ -161,6 +161,25 @@ def test_litellm_forced_tool_call(litellm_completion):
     assert calls[0].function.name == "get_weather" and calls[0].id
     arguments = json.loads(calls[0].function.arguments)
     assert isinstance(arguments, dict) and isinstance(arguments.get("city"), str)
+    assert set(arguments) == {"city"}  # the tool lists only city: the grammar allows no invented key
+
+
+def test_a_forced_call_cut_by_max_tokens_is_a_partial_call_not_text(live):
+    url, model_id = live
+    result = sdk(url).chat.completions.create(
+        model=model_id,
+        messages=[{"role": "user", "content": "What is the weather like in Paris?"}],
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=8,  # far fewer than the shortest whole call takes, whatever the weights
+    )
+    choice = result.choices[0]
+    assert choice.finish_reason == "length" and result.usage.completion_tokens == 8
+    assert not choice.message.content
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id
+    assert call.function.arguments == "" or call.function.arguments.startswith("{")
 
 
 # ---- openai SDK -----------------------------------------------------------------------------------
@@ -312,3 +331,85 @@ def test_lm_eval_local_chat_completions_generation_gives_a_score(live, offline, 
     assert 0.0 <= float(score) <= 1.0
     answers = [sample["resps"][0][0] for sample in out["samples"]["tandem_capitals_gen"]]
     assert len(answers) == 6 and any(a.strip() for a in answers), answers
+
+
+# ---- a continuation the model ends right after (lm-eval's log-likelihood request, issue 22) ---------
+ENDED = [  # (question, answers): greedy SmolLM2 ends its turn right after most of these answers
+    ("What is the capital of France?", ["The capital of France is Paris.", "The capital of France is London.", "Berlin"]),
+    ("What is 2+2?", ["2 + 2 = 4.", "Five.", "4"]),
+]
+
+
+def chat_context(question: str) -> str:
+    """A user turn and the opening of the assistant's, in SmolLM2's format (no system prompt: short)."""
+    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def end_token(engine: Any) -> int:
+    (eos,) = engine.tokenize(engine.special_tokens()["eos_token"])
+    return eos
+
+
+def scored_in_one_pass(engine: Any, ids: list[int]) -> list[Any]:
+    """Each token of ``ids`` after the first scored (with its best alternative) in one pass over the whole
+    sequence, as the server scores an echoed prompt: llama.cpp's CPU flash attention gives slightly
+    different numbers over a prefix cached in another layout, so no cached prefix is used."""
+    return engine.prompt_logprobs(ids[:1], ids[1:], top=1)
+
+
+def test_an_echoed_prompt_followed_by_the_end_token_keeps_it_in_the_logprobs(live, smollm2):
+    url, model_id = live
+    context = smollm2.tokenize(chat_context(ENDED[0][0]))
+    ids = smollm2.tokenize(chat_context(ENDED[0][0]) + ENDED[0][1][0])
+    eos = end_token(smollm2)
+    *prompt, end = scored_in_one_pass(smollm2, [*ids, eos])
+    assert end.top_logprobs[0][0] == eos  # the case under test: greedy decoding ends right here
+    result = sdk(url).completions.create(model=model_id, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    choice = result.choices[0]
+    assert choice.finish_reason == "stop" and result.usage.completion_tokens == 0  # the answer's tokens: none
+    assert choice.text == smollm2.detokenize(ids)  # the end token's text is left out
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(ids) + 1 and logprobs.tokens[-1] == ""
+    assert logprobs.token_logprobs[-1] == pytest.approx(end.logprob, abs=1e-3)
+    # lm-eval's slice [ctxlen:-1] is the continuation, all of it
+    continuation = [record.logprob for record in prompt[len(context) - 1 :]]
+    assert logprobs.token_logprobs[len(context) : -1] == pytest.approx(continuation, abs=1e-3)
+
+
+def write_ended_task(folder: Path) -> list[dict[str, Any]]:
+    """A multiple-choice task over chat-formatted questions (the ENDED answers) in ``folder``; its docs."""
+    docs = [{"question": chat_context(q), "choices": answers, "answer": 0} for q, answers in ENDED]
+    (folder / "ended_mc.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    task = (LM_EVAL_TASKS / "tandem_capitals_mc.yaml").read_text()
+    task = task.replace("tandem_capitals_mc", "tandem_ended_mc").replace("capitals_mc.jsonl", "ended_mc.jsonl")
+    (folder / "tandem_ended_mc.yaml").write_text(task.replace('target_delimiter: " "', 'target_delimiter: ""'))
+    return docs
+
+
+def test_lm_eval_scores_continuations_the_model_ends_after_as_the_engine_does(live, smollm2, offline, monkeypatch, tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    url, model_id = live
+    docs = write_ended_task(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder())
+    expected, ended, eos = [], 0, end_token(smollm2)
+    for doc in docs:
+        row = []
+        for context, continuation in (encode_pair(tokenizer, doc["question"], choice) for choice in doc["choices"]):
+            *scored, end = scored_in_one_pass(smollm2, [*context, *continuation, eos])
+            row.append(sum(record.logprob for record in scored[len(context) - 1 :]))
+            ended += end.top_logprobs[0][0] == eos
+        expected.append(row)
+    assert ended >= 3  # some continuations are followed at once by the end token
+
+    monkeypatch.chdir(tmp_path)
+    model_args = {"model": model_id, "base_url": f"{url}/completions", "tokenizer": str(tokenizer_folder())}
+    out = lm_eval.simple_evaluate(
+        model="local-completions", model_args=model_args, tasks=["tandem_ended_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+    )
+    samples = sorted(out["samples"]["tandem_ended_mc"], key=lambda s: s["doc_id"])
+    for sample, row in zip(samples, expected, strict=True):
+        assert [resp[0][0] for resp in sample["resps"]] == pytest.approx(row, abs=1e-2), sample["doc"]

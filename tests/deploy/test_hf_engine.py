@@ -152,6 +152,10 @@ def ids(engine, prompt: str, params: SamplingParams) -> list[int]:
     return [t.token_id for t in tokens(engine, prompt, params)]
 
 
+def test_a_generation_ending_on_eos_reports_the_end_token(llama, end_check):
+    end_check(llama, llama.tokenize("hello there", add_special_tokens=True))
+
+
 def test_the_backend_lists_every_optional_feature(llama):
     used = SamplingParams(
         min_p=0.1,

@@ -300,3 +300,46 @@ def test_a_generation_failure_is_a_500_server_error_not_the_clients_fault(serve,
             assert error["type"] == "server_error" and "decode failed" in error["message"]
         bad = httpx.post(f"{url}/chat/completions", json={"model": "m", "messages": []}, timeout=20)
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"  # still the client's
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_cancelled_requests_slot_comes_free_only_once_the_engine_lets_go(serve, monkeypatch, stream):
+    """The engine never holds more than --n-parallel requests, even when it is slow to drop a cancelled one."""
+    from tandemlm.deploy.server import service
+
+    monkeypatch.setattr(service, "CANCEL_WAIT_S", 0.2)  # the engine lingers well past the server's wait
+    engine = MockEngine(reply="v" * 300, delay=0.01, linger=1.5)
+    body = {"messages": [{"role": "user", "content": "q"}], "max_tokens": 300, "stream": stream}
+    with serve(engine, max_concurrency=1, max_queue=2) as url:
+        if stream:
+            with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=30) as leaving:
+                next(leaving.iter_lines())  # then hangs up mid-stream
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # gives up waiting: the server sees it leave
+                httpx.post(f"{url}/chat/completions", json=body, timeout=0.3)
+        deadline = time.time() + 10
+        while engine.cancelled == 0 and time.time() < deadline:
+            time.sleep(0.02)
+        after = httpx.post(f"{url}/chat/completions", json={**body, "max_tokens": 3, "stream": False}, timeout=30)
+    assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == "vvv"
+    assert engine.cancelled == 1
+    assert engine.most_inside == 1, "a slot was handed on while the engine still held the cancelled request"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"prompt": "q", "n": 5}, {"prompt": ["a", "b", "c", "d", "e"]}, {"prompt": [[97], [98], [99], [100], [101]]}],
+    ids=["n=5", "5 prompts", "5 token-id prompts"],
+)
+def test_completion_choices_beyond_the_slots_are_refused_not_served_past_them(serve, body):
+    """With --n-parallel 2 and no waiting room, 5 choices are refused (all of them count), never a 200."""
+    engine = MockEngine(reply="w" * 20, delay=0.01)
+    with serve(engine, max_concurrency=2, max_queue=0) as url:
+        refused = httpx.post(f"{url}/completions", json={**body, "max_tokens": 20}, timeout=30)
+        served = httpx.post(f"{url}/completions", json={"prompt": ["a", "b"], "max_tokens": 20}, timeout=30)
+        metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
+    assert refused.status_code in (400, 503), refused.text
+    assert "at most 2 (--n-parallel)" in refused.json()["error"]["message"]
+    assert served.status_code == 200 and len(served.json()["choices"]) == 2
+    assert f'tandem_requests_total{{endpoint="/v1/completions",status="{refused.status_code}"}} 1.0' in metrics
+    assert engine.most_inside <= 2

@@ -127,6 +127,45 @@ def test_completions_take_token_ids_lists_of_prompts_and_echo_with_logprobs(serv
     assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_end_token_next_stays_in_the_echoed_logprobs_as_lm_eval_reads_them(serve, stream):
+    """lm-eval scores a continuation as ``token_logprobs[ctxlen:-1]`` of echo + max_tokens=1: the one
+    generated token must be there even when it is the end-of-sequence token (its text left out)."""
+    from tandemlm.deploy.mock_engine import EOS_ID
+
+    engine = MockEngine(reply="")  # the scripted model ends at once, whatever the prompt
+    context, continuation = engine.tokenize("Q: abc", add_special_tokens=True), engine.tokenize(" A: x")
+    body = {"prompt": context + continuation, "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 0}
+    with serve(engine) as url:
+        if stream:
+            choice = _streamed_text_choice(url, body)
+        else:
+            reply = post(url, "/completions", body).json()
+            choice = reply["choices"][0]
+            assert reply["usage"]["completion_tokens"] == 0  # usage counts the answer's tokens: none
+    assert choice["text"] == "Q: abc A: x" and choice["finish_reason"] == "stop"
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(body["prompt"]) + 1 and logprobs["tokens"][-1] == ""
+    assert logprobs["token_logprobs"][-1] == pytest.approx(engine.score_tokens(body["prompt"], [EOS_ID])[0], abs=1e-3)
+    scored = logprobs["token_logprobs"][len(context) : -1]
+    assert scored == pytest.approx(engine.score_tokens(context, continuation), abs=1e-3)
+
+
+def _streamed_text_choice(url: str, body: dict) -> dict:
+    """One streamed text completion's choice put together: its text, finish reason and log-probabilities."""
+    choice: dict = {"text": "", "finish_reason": None, "logprobs": {"tokens": [], "token_logprobs": []}}
+    with httpx.stream("POST", f"{url}/completions", json={**body, "stream": True}, timeout=20) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            for part in json.loads(line.removeprefix("data: "))["choices"]:
+                choice["text"] += part["text"]
+                choice["finish_reason"] = part["finish_reason"] or choice["finish_reason"]
+                for key in ("tokens", "token_logprobs"):
+                    choice["logprobs"][key] += (part["logprobs"] or {}).get(key, [])
+    return choice
+
+
 def test_tool_calls_are_parsed_from_a_model_without_tool_support(server):
     url, _ = server
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
@@ -154,6 +193,49 @@ def test_tool_calls_are_parsed_from_a_model_without_tool_support(server):
         client(url).chat.completions.create(model="caller", messages=USER, tools=tools, tool_choice=other)
     none = client(url).chat.completions.create(model="caller", messages=USER, tools=tools, tool_choice="none")
     assert none.choices[0].message.tool_calls is None and "get_weather" in none.choices[0].message.content
+
+
+CUT_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+]
+ONE_CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+TWO_CALLS = '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Paris"}}]'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("reply", "tool_choice", "max_tokens", "calls"),
+    [
+        (ONE_CALL, {"type": "function", "function": {"name": "get_weather"}}, 45, [("get_weather", '{"city":')]),
+        (ONE_CALL, "required", 15, [("get_weather", "")]),  # cut inside the name: one tool's name starts so
+        (TWO_CALLS, "required", len(TWO_CALLS) - 5, [("get_time", "{}"), ("get_weather", '{"city": "Pari')]),
+    ],
+    ids=["in-the-arguments", "in-the-name", "in-the-second-call"],
+)
+def test_a_forced_call_cut_by_max_tokens_is_a_partial_call_ending_in_length(serve, stream, reply, tool_choice, max_tokens, calls):
+    """Never plain text: the calls as far as they got, with finish_reason "length" (the mock's scripted
+    reply stands in for the grammar-constrained output, one character per token)."""
+    engine = MockEngine(model_id="m", reply=reply, constrained=True)
+    body = {"messages": USER, "tools": CUT_TOOLS, "tool_choice": tool_choice, "max_tokens": max_tokens}
+    with serve(engine) as url:
+        if stream:
+            content, got, finish = "", {}, None
+            for chunk in client(url).chat.completions.create(model="m", stream=True, **body):
+                for choice in chunk.choices:
+                    content += choice.delta.content or ""
+                    for delta in choice.delta.tool_calls or []:
+                        entry = got.setdefault(delta.index, ["", ""])
+                        entry[0] += delta.function.name or ""
+                        entry[1] += delta.function.arguments or ""
+                    finish = choice.finish_reason or finish
+            got = [tuple(got[i]) for i in sorted(got)]
+        else:
+            choice = client(url).chat.completions.create(model="m", **body).choices[0]
+            content, finish = choice.message.content, choice.finish_reason
+            got = [(call.function.name, call.function.arguments) for call in choice.message.tool_calls or []]
+    assert (finish, got) == ("length", calls)
+    assert not content
 
 
 def test_without_parallel_tool_calls_a_reply_carries_only_its_first_call(server):

@@ -77,6 +77,10 @@ def test_greedy_tokens_and_text_match_transformers(engine, hf_model):
     assert result.usage.completion_tokens == len(expected)
 
 
+def test_a_generation_ending_on_eos_reports_the_end_token(engine, end_check):
+    end_check(engine, engine.tokenize(PROMPTS[0], add_special_tokens=True))
+
+
 def test_chat_streams_with_usage(engine):
     messages = [{"role": "user", "content": "hi"}]
     result = collect(engine.chat(messages, SamplingParams(temperature=0.0, max_tokens=5)))

@@ -125,7 +125,7 @@ async def _chat_stream(ctx: ServeContext, prepared: Prepared, chunks: ChatChunks
         if delta.finish_reason:
             rest, more = tools.flush() if tools else ("", [])
             content, tool_deltas = content + rest, tool_deltas + more
-            finish = "tool_calls" if tools and tools.calls else delta.finish_reason
+            finish = tools.finish_reason(delta.finish_reason) if tools else delta.finish_reason
             _record(ctx, timing, index, delta.usage, usage, count_prompt=index == 0)
         if content or delta.reasoning or tool_deltas or delta.logprobs or finish:
             yield sse(chunks.chunk(index, content, delta.reasoning, tool_deltas, delta.logprobs, finish))
@@ -173,8 +173,7 @@ async def _gather(ctx: ServeContext, prepared: Prepared, build: Callable[[list[C
         content, _ = tools.feed(result.text)
         rest, _ = tools.flush()
         result.text = content + rest
-        if tools.calls:
-            result.tool_calls, result.finish_reason = tools.calls, "tool_calls"
+        result.tool_calls, result.finish_reason = tools.calls, tools.finish_reason(result.finish_reason)
     for index, (text, echoed) in prepared.echo.items():
         results[index].text = text + results[index].text
         results[index].echo_logprobs = echoed
@@ -209,7 +208,8 @@ async def text_completion(ctx: ServeContext, body: CompletionRequest) -> Any:
                 prepared.echo_jobs.append((indexes, functools.partial(_echo, engine, prompt, body.logprobs)))
         return prepared
 
-    prepared = await _prepare(ctx, min(len(prompts) * body.n, ctx.admission.max_concurrency), make)
+    # Every choice of every prompt is a generation of its own: each takes a slot, as chat's n does.
+    prepared = await _prepare(ctx, len(prompts) * body.n, make)
     chunks = TextChunks(name)
     with_logprobs = body.logprobs is not None
     if body.stream:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -154,13 +155,28 @@ async def iterate_in_thread(stream: Iterator[Delta]) -> AsyncIterator[Delta]:
             cancel()  # reaches a request the engine has not started or is still prefilling
         # Shielded: Starlette cancels a disconnected response's task group, and anyio re-delivers that
         # cancel at every await, so an unshielded wait would free the slot while the engine still
-        # holds it. Bounded, so a backend that ignores cancel cannot hang the server.
-        with anyio.move_on_after(CANCEL_WAIT_S, shield=True):
-            await finished
+        # holds it. Unbounded: freeing the slot earlier would let the engine hold more requests than
+        # its slots; a backend that is slow to let go is logged instead.
+        with anyio.CancelScope(shield=True):
+            await _engine_let_go(finished)
 
 
 CANCEL_WAIT_S = 30.0
-"""How long a stopped stream waits for its engine to drop the request before its slot is freed anyway."""
+"""How long a stopped stream waits for its engine to drop the request before a warning is logged
+(the slot stays taken until the engine lets go, however long that is)."""
+
+logger = logging.getLogger(__name__)
+
+
+async def _engine_let_go(finished: asyncio.Future[None]) -> None:
+    # asyncio.wait, not a timeout around the future: a timeout would cancel the future itself.
+    done, _ = await asyncio.wait({finished}, timeout=CANCEL_WAIT_S)
+    if not done:
+        logger.warning(
+            "a cancelled request is still in the engine after %.0f s; its slot stays taken until the engine lets go",
+            CANCEL_WAIT_S,
+        )
+        await finished
 
 
 def _settle(future: asyncio.Future[None]) -> None:
