@@ -28,11 +28,11 @@ def test_bad_flag_value_is_one_line_naming_the_field():
 
 def test_bad_data_fails_before_any_model_loads(tmp_path):
     data = tmp_path / "prefs.jsonl"
-    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": []}) + "\n")
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": [{"role": "assistant", "content": "bye"}]}) + "\n")
     # A model that does not exist: reaching the model would fail differently, so the data error proves the order.
     result = runner.invoke(app, ["align", "dpo", "--model", str(tmp_path / "no-model"), "--dataset", str(data), "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 2
-    assert f"error: {data} row 1: field 'chosen' is a string, not a conversation" in result.output
+    assert f"error: {data} row 1: field 'chosen' is plain text but field 'prompt' is a conversation" in result.output
     assert not (tmp_path / "run").exists()  # nothing half-made
 
 
