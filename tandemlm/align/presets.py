@@ -70,14 +70,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     # The critic-free family: 4 prompts x 4 samples per step for 30 steps, the same 480 generated samples as ppo's
-    # cpu-demo (DAPO's dynamic sampling may draw more: its `samples` metric counts them). Two minibatches per
-    # rollout, so the second is off-policy and each algorithm's clip acts.
-    # GRPO's k3 term held KL at 0.13 nats/token at lr 1e-3. DAPO, GSPO and DCPO have no KL term: DCPO at lr 1e-3
-    # drifted to 0.7 nats/token in 26 steps (every answer at the length limit), so they train at half the rate.
+    # cpu-demo. Two minibatches per rollout, so the second is off-policy and each algorithm's clip acts.
+    # GRPO's k3 term held KL at 0.13-0.15 nats/token at lr 1e-3. DAPO, GSPO and DCPO have no KL term in their
+    # papers; on this 135M model at lr 5e-4 GSPO's tiny sequence clip held KL at 0.16, but DCPO drifted to
+    # 0.67 nats/token and DAPO to 0.44, so their cpu-demos add GRPO's beta 0.04 (DCPO then: 0.13).
+    # DAPO's dynamic sampling draws about 30 samples per 16 kept on capitals: 16 steps keep its budget at
+    # about 480 generated samples (30 steps drew 896-928 and drifted to 0.28 nats/token even with beta 0.04).
     "grpo": {"cpu-demo": {**_GROUP_DEMO, "learning_rate": 1e-3, "beta": 0.04}},
-    "dapo": {"cpu-demo": {**_GROUP_DEMO, "learning_rate": 5e-4, "max_sampling_tries": 3}},
+    "dapo": {"cpu-demo": {**_GROUP_DEMO, "learning_rate": 5e-4, "beta": 0.04, "max_steps": 16, "max_sampling_tries": 3}},
     "gspo": {"cpu-demo": {**_GROUP_DEMO, "learning_rate": 5e-4}},
-    "dcpo": {"cpu-demo": {**_GROUP_DEMO, "learning_rate": 5e-4}},
+    "dcpo": {"cpu-demo": {**_GROUP_DEMO, "learning_rate": 5e-4, "beta": 0.04}},
 }
 
 

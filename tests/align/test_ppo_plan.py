@@ -106,6 +106,20 @@ def test_kv_cache_and_lora_counts_by_hand() -> None:
     assert plan.static == sum(size for label, size, _ in plan.parts()[:7])
 
 
+def test_update_logits_are_one_head_chunk_unless_the_model_transforms_its_logits() -> None:
+    from tandemlm.align.ppo.model_shapes import HEAD_CHUNK_ELEMENTS
+
+    long = small(minibatch_size=8, response_length=20_000)  # 8 x 20001 rows: far past one chunk
+    chunk = HEAD_CHUNK_ELEMENTS["cuda"] // 1000
+    assert long.plain_head and estimate(long).update_logits == chunk * 1000 * BYTES["update_logit"]
+    on_cpu = estimate(small(minibatch_size=8, response_length=20_000, cuda=False))
+    assert on_cpu.update_logits == HEAD_CHUNK_ELEMENTS["cpu"] // 1000 * 1000 * BYTES["update_logit"]
+    capped = inputs_from_config({**SMALL, "final_logit_softcapping": 30.0}, minibatch_size=8, response_length=20_000,
+                                batch_size=2, prompt_length=10, lora_r=4)
+    assert not capped.plain_head  # Gemma 2's soft-capping: the model's forward makes every logit
+    assert estimate(capped).update_logits == 8 * 20_001 * 1000 * BYTES["full_update_logit"]
+
+
 def test_activations_by_hand() -> None:
     # fp32 full fine-tune without checkpointing: (6h + 2 kv + 4 I) numbers per token per layer, all 3 layers.
     numbers = 6 * 64 + 2 * 2 * 16 + 4 * 128

@@ -12,6 +12,21 @@ QKV_BIAS_TYPES = {"qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl"}  # q/k/v biase
 QK_NORM_TYPES = {"qwen3", "qwen3_moe", "olmo2", "gemma3", "gemma3_text"}  # per-head q/k RMSNorms (head_dim each)
 TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text"}  # tie embeddings when config.json is silent
 NON_DENSE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "kv_lora_rank", "moe_intermediate_size")
+# Config keys of models whose CausalLM forward changes the head's output (Gemma 2/3, Cohere, Granite): their
+# log-probs come from the model's full logits, not from head_logprobs' chunks.
+LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# Logits per head_logprobs chunk (fp32 temporaries): 16 MiB on a CPU, 256 MiB on a GPU, where bigger matmuls pay.
+HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+
+def head_chunk_rows(vocab_size: int, cuda: bool) -> int:
+    """Token rows per head_logprobs chunk: 85 (CPU) or 1365 (GPU) for a 49k vocab, 27 or 441 for 152k."""
+    return max(1, HEAD_CHUNK_ELEMENTS["cuda" if cuda else "cpu"] // vocab_size)
+
+
+def transforms_logits(config: dict[str, Any]) -> bool:
+    """Whether the model's forward scales or caps the head's output (a key set to something but 1)."""
+    return any(config.get(key) not in (None, 1, 1.0) for key in LOGIT_TRANSFORM_KEYS)
 
 
 def config_dict(config: Any) -> dict[str, Any]:

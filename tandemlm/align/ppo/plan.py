@@ -24,7 +24,9 @@ from tandemlm.align.ppo.model_shapes import (  # count_params_from_shapes also r
     config_dict,
     count_on_meta,
     count_params_from_shapes,
+    head_chunk_rows,
     tied_embeddings,
+    transforms_logits,
 )
 
 GIB = 1024**3
@@ -44,12 +46,19 @@ BYTES: dict[str, float] = {
     # Per rollout logit of ONE decode step (batch x vocab): the step's fp32 logits, the /temperature copy and the
     # log-softmax that rollout.ChosenLogprobs keeps until the next step, alive with the KV cache.
     "rollout_logit": 12.0,
-    # Per scoring logit (minibatch x (response+1) x vocab, no grad, logits_to_keep): lm_head output (dtype bytes,
-    # added separately) + fp32 /temperature copy + log_softmax (policy.logprobs). Measured 12.2 fp32, 10.0 bf16.
-    "score_logit_fp32": 8.0,
-    # Per update logit (micro-batch x (response+1) x vocab, with grad and entropy): fp32 logits, log_softmax and
-    # softmax saved, plus their gradients in backward = 6 fp32 copies. Measured 24.2 (fp32 base), 24.0 (bf16 base).
+    # Logits of a plain head go through head_logprobs one chunk of rows at a time (model_shapes.head_chunk_rows);
+    # none is kept for backward. Per logit of one chunk, no grad: the head's output (dtype bytes, added
+    # separately), the fp32 /temperature copy, logsumexp's and the entropy's temporaries. Measured 11.2 (fp32, T 1)
+    # and 15.3 (fp32, T 0.7) bytes: 12 + dtype.
+    "score_logit_fp32": 12.0,
+    # Per logit of one chunk with grad and entropy (backward: recomputed logits, softmax, gradient and casts).
+    # Measured 24.3 (fp32 head, T 1 and 0.7).
     "update_logit": 24.0,
+    # A head the model's forward transforms (soft-capping, logit scaling) keeps every kept logit instead
+    # (micro-batch x (response + 1) x vocab): log_softmax and softmax saved plus their gradients, 6 fp32 copies.
+    # Measured 24.2 (fp32 base), 24.0 (bf16 base) with grad; 8 + dtype without.
+    "full_update_logit": 24.0,
+    "full_score_logit_fp32": 8.0,
 }
 
 # Activations saved for backward, in numbers per token per decoder layer (times dtype bytes).
@@ -106,6 +115,8 @@ class PlanInputs:
     full_finetune: bool = False  # actor and critic are full copies, plus a frozen reference copy
     reward_model_params: int = 0  # a separate reward model held in memory (0: verifier, HTTP or a LoRA reward)
     critic: bool = True  # PPO trains a critic (adapter + value head); the critic-free algorithms do not
+    cuda: bool = True  # where the run trains: sets head_logprobs' chunk size
+    plain_head: bool = True  # False: the model's forward transforms the logits (no chunked head_logprobs)
 
     def __post_init__(self) -> None:
         if self.full_finetune or not self.lora:
@@ -268,12 +279,20 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
     else:
         graph = layer * grad_layers
         notes["update activations"] = f"{rows} rows x {seq} tokens x {grad_layers} layers"
-    kept = rows * (response + 1) * inputs.vocab_size  # logits_to_keep = response + 1
-    scored = min(inputs.micro_batch, inputs.batch_size) * (response + 1) * inputs.vocab_size
+    kept_rows = rows * (response + 1)
+    scored_rows = min(inputs.micro_batch, inputs.batch_size) * (response + 1)
+    if inputs.plain_head:  # head_logprobs: one chunk of rows at a time
+        chunk = head_chunk_rows(inputs.vocab_size, inputs.cuda)
+        kept, scored = min(kept_rows, chunk) * inputs.vocab_size, min(scored_rows, chunk) * inputs.vocab_size
+        update_logit, score_logit = BYTES["update_logit"], BYTES["score_logit_fp32"]
+        notes["scoring logits"] = notes["update logits"] = f"chunks of {chunk} token rows x {inputs.vocab_size} vocab"
+    else:  # logits_to_keep = response + 1, every row at once
+        kept, scored = kept_rows * inputs.vocab_size, scored_rows * inputs.vocab_size
+        update_logit, score_logit = BYTES["full_update_logit"], BYTES["full_score_logit_fp32"]
+        notes["scoring logits"] = f"chunks of {inputs.micro_batch} rows, no grad"
+        notes["update logits"] = f"{rows} rows x {response + 1} positions x {inputs.vocab_size} vocab"
     notes["rollout KV cache"] = f"batch {inputs.batch_size} x {seq} tokens"
     notes["rollout logits"] = f"one decode step: batch {inputs.batch_size} x {inputs.vocab_size} vocab"
-    notes["scoring logits"] = f"chunks of {inputs.micro_batch} rows, no grad"
-    notes["update logits"] = f"{rows} rows x {response + 1} positions x {inputs.vocab_size} vocab"
     notes["reward model"] = "separate reward model" if inputs.reward_model_params else ""
     return MemoryPlan(
         inputs=inputs, lora_params=lora, trainable_params=trained + head_params, weights=int(weights),
@@ -282,9 +301,9 @@ def estimate(inputs: PlanInputs) -> MemoryPlan:
         runtime=int(RUNTIME_BYTES), rollout_kv_cache=kv_cache_bytes(inputs),
         # rollout.ChosenLogprobs keeps one step's log-softmax, never every step's logits
         rollout_logits=int(inputs.batch_size * inputs.vocab_size * BYTES["rollout_logit"]),
-        scoring_logits=int(scored * (b + BYTES["score_logit_fp32"])),
+        scoring_logits=int(scored * (b + score_logit)),
         update_activations=int(ACTIVATION["update_graphs"] * graph),
-        update_logits=int(kept * BYTES["update_logit"]),
+        update_logits=int(kept * update_logit),
         notes=notes,
     )
 
@@ -319,6 +338,7 @@ def settings_from_run(run: Any, cuda: bool | None = None) -> dict[str, Any]:
         "response_length": response,
         "gradient_checkpointing": auto("gradient_checkpointing"),
         "critic": bool(getattr(run, "has_critic", True)),
+        "cuda": cuda,
     }
 
 
@@ -339,7 +359,8 @@ def inputs_from_config(config: Any, run: Any = None, *, n_params: int | None = N
     return PlanInputs(
         n_params=int(n_params), hidden_size=h, num_layers=int(cfg["num_hidden_layers"]), num_kv_heads=kv_heads,
         head_dim=head_dim, num_attention_heads=heads, intermediate_size=inter,
-        vocab_size=int(cfg["vocab_size"]), tie_word_embeddings=tied_embeddings(cfg), **values,
+        vocab_size=int(cfg["vocab_size"]), tie_word_embeddings=tied_embeddings(cfg),
+        plain_head=not transforms_logits(cfg), **values,
     )
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tandemlm.align.ppo.head_logprobs import head_logprobs, plain_head
 from tandemlm.align.ppo.maths import entropy_from_logits
 
 POLICY, CRITIC, REWARD = "policy", "critic", "reward"
@@ -58,6 +59,11 @@ class ValueHead(nn.Module):
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding (what ``generate`` uses)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _decoder(model: Any) -> nn.Module:
+    """The decoder stack of a causal LM, under a peft wrapper or not."""
+    return backbone(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
 def backbone(model: Any) -> nn.Module:
@@ -229,16 +235,26 @@ class ActorCritic:
         The entropy carries a gradient only with ``entropy_grad`` (an entropy bonus); logged alone it costs
         no extra memory in backward.
 
-        Only the logits of the response positions are computed (``logits_to_keep``): the [rows,
-        tokens, vocab] tensor is the peak of an RLHF step on small models.
+        Only the response positions reach the output layer, and through ``head_logprobs`` one chunk of
+        rows at a time: the [rows, tokens, vocab] logits are the peak of an RL step on small models. A head
+        whose output is not the logits as they are (soft-capping, scaling, ZeRO-3 sharding, an adapter on
+        it) runs the model's own forward with ``logits_to_keep`` instead.
         """
-        with self._suffix(prefix) as start:
-            out = model(
-                **(start or {"input_ids": input_ids}), attention_mask=attention_mask,
-                position_ids=positions(attention_mask), logits_to_keep=response_len + 1, use_cache=False,
-            )
-        logits = out.logits[:, :-1].float() / temperature
         targets = input_ids[:, -response_len:]
+        head = plain_head(model)
+        with self._suffix(prefix) as start:
+            inputs = {**(start or {"input_ids": input_ids}), "attention_mask": attention_mask,
+                      "position_ids": positions(attention_mask), "use_cache": False}
+            if head is not None:
+                hidden = _decoder(model)(**inputs).last_hidden_state[:, -response_len - 1 : -1]
+            else:
+                out = model(**inputs, logits_to_keep=response_len + 1)
+        if head is not None:
+            chosen, entropy = head_logprobs(hidden, head, targets, temperature, with_entropy=with_entropy)
+            if entropy is not None and not entropy_grad:
+                entropy = entropy.detach()
+            return chosen, entropy
+        logits = out.logits[:, :-1].float() / temperature
         # logit - logsumexp: no [rows, tokens, vocab] log-softmax tensor is kept for backward.
         chosen = logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
         entropy = None
