@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The RL family compared on one task, budget and seed (issue 21): each algorithm's cpu-demo (SmolLM2-135M,
-# LoRA on the last 8 layers, 30 steps x 16 generated samples = 480, one torch thread) trained and then measured by
-# `tandem align eval RUN --samples 3 --temperature 1.0` on held-out prompts, then one `tandem align compare`.
+# LoRA on the last 8 layers, about 480 generated samples: 30 steps x 16, DAPO 13 steps of 16 kept; one torch thread)
+# trained and then measured by
+#   `tandem align eval RUN --samples 3 --temperature 1.0` on held-out prompts, then one `tandem align compare`.
 #
 # Usage: bash scripts/demo_rl_family.sh OUT_DIR RUN [RUN ...]
 #   RUN is NAME=METHOD[:TASK][,FLAG=VALUE...], e.g. grpo=grpo  dapo-b=dapo,beta=0.04,learning-rate=1e-3
