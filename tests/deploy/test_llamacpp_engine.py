@@ -534,18 +534,38 @@ def test_a_cuda_build_puts_the_model_on_the_gpu_by_default_and_answers_there():
         engine.close()
 
 
+# How far log-probs may move between a cold prefill and a continuation from cached KV cells on llama.cpp's CPU
+# backend: the same prompt run cold and then from the idle cache moved its first token's log-probs by 0.13 nats
+# (SmolLM2 Q4_1, 2 threads), a running request's shared cells up to 0.18 on its top 5, so a greedy answer can
+# flip on a near-tie. README states this agreement.
+CACHED_LOGPROB_TOLERANCE = 0.3
+
+
+def _first_token_top(completion) -> dict[str, float]:
+    """The first generated token's top alternatives, token text -> log-prob."""
+    first = completion.logprobs[0]
+    return {alt.token: alt.logprob for alt in first.top}
+
+
 def test_a_request_shares_the_cached_prompt_of_a_running_one_and_decodes_the_same(smollm2):
-    """Concurrent requests with one long prompt: the second takes the first's KV cells (no prefill)."""
+    """Concurrent requests with one long prompt: the second takes the first's KV cells (no prefill) and its first
+    token's distribution agrees with the prompt run alone within the tolerance (greedy strings are not compared:
+    a near-tie can flip them)."""
     messages = _long_prompt(smollm2, 600)
     params = SamplingParams(temperature=0, max_tokens=24)
-    alone = collect(smollm2.chat(messages, params)).text
+    scored = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+    smollm2._evict_idle(keep=-1)
+    alone = _first_token_top(collect(smollm2.chat(messages, scored)))
     smollm2._evict_idle(keep=-1)  # no idle cache left to reuse: only the running sequence can give its prefix
     prompt_len = len(smollm2.tokenize(smollm2.render_chat(messages)))
     first = smollm2.chat(messages, params)
-    first_text = next(first).text  # decoding: its whole prompt is in the cache
-    prefilled, shared = smollm2.prefilled_tokens, smollm2.shared_prefix_tokens
-    second = collect(smollm2.chat(messages, params)).text
-    first_text += collect(first).text
-    assert smollm2.shared_prefix_tokens - shared == prompt_len - 1  # all but the last prompt token
+    next(first)  # decoding: its whole prompt is in the cache
+    prefilled, shared_before = smollm2.prefilled_tokens, smollm2.shared_prefix_tokens
+    shared = _first_token_top(collect(smollm2.chat(messages, scored)))
+    collect(first)
+    assert smollm2.shared_prefix_tokens - shared_before == prompt_len - 1  # all but the last prompt token
     assert smollm2.prefilled_tokens - prefilled <= 2  # the second prefilled one token, not 600
-    assert second == alone and first_text == alone
+    common = alone.keys() & shared.keys()
+    assert len(common) >= 3, (alone, shared)  # the same candidates at the top
+    worst = max(abs(alone[t] - shared[t]) for t in common)
+    assert worst <= CACHED_LOGPROB_TOLERANCE, (alone, shared)
