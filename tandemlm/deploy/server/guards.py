@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tandemlm.deploy.server.anthropic_schemas import anthropic_error_body
 from tandemlm.deploy.server.schemas import error_body
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -21,7 +22,9 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str, kind: str, code: str | None = None) -> None:
-    await JSONResponse(error_body(message, kind, code=code), status_code=status)(scope, receive, send)
+    # Anthropic's Messages path answers in Anthropic's error shape, as its SDK expects.
+    body = anthropic_error_body(status, message) if scope.get("path") == "/v1/messages" else error_body(message, kind, code=code)
+    await JSONResponse(body, status_code=status)(scope, receive, send)
 
 
 def host_name(value: str) -> str:
@@ -63,8 +66,14 @@ def bearer_token(scope: Scope) -> bytes | None:
     return token if scheme.lower() == b"bearer" and token else None
 
 
+def api_key_header(scope: Scope) -> bytes | None:
+    """The value of an ``x-api-key`` header (how Anthropic's SDK sends its key), or None."""
+    value = dict(scope["headers"]).get(b"x-api-key", b"").strip()
+    return value or None
+
+
 class ApiKeyMiddleware:
-    """Every path but ``/health`` needs ``Authorization: Bearer <api_key>``.
+    """Every path but ``/health`` needs ``Authorization: Bearer <api_key>`` or ``x-api-key: <api_key>``.
 
     ``/health`` stays open for liveness probes; the route shows load figures only when
     ``scope["state"]["authorized"]`` is true.
@@ -76,11 +85,12 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            token = bearer_token(scope)
-            authorized = token is not None and secrets.compare_digest(token, self.api_key)
+            tokens = [token for token in (bearer_token(scope), api_key_header(scope)) if token is not None]
+            # Every key sent must be right: a wrong one is refused even next to a right one.
+            authorized = bool(tokens) and all(secrets.compare_digest(token, self.api_key) for token in tokens)
             scope.setdefault("state", {})["authorized"] = authorized
             if not authorized and scope["path"] != "/health":
-                message = "invalid or missing API key (send 'Authorization: Bearer <key>')"
+                message = "invalid or missing API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')"
                 await _refuse(scope, receive, send, 401, message, "authentication_error", "invalid_api_key")
                 return
         await self.app(scope, receive, send)

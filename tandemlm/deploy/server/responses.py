@@ -11,8 +11,9 @@ from tandemlm.deploy.tools import ToolCall, ToolCallDelta
 from tandemlm.deploy.types import TokenLogprob, Usage
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    """A fresh response id: OpenAI's ``chatcmpl-...``, Anthropic's ``msg_...`` (``sep="_"``)."""
+    return f"{prefix}{sep}{uuid.uuid4().hex[:24]}"
 
 
 def usage_json(usage: Usage | None) -> dict[str, int]:

@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from tandemlm.deploy.server.anthropic_api import create_message, reshape_error
+from tandemlm.deploy.server.anthropic_schemas import MessagesRequest, anthropic_error_body
 from tandemlm.deploy.server.context import ModelNotFound, ServeContext
 from tandemlm.deploy.server.handlers import GenerationFailed, Streamed, chat_completion, text_completion
 from tandemlm.deploy.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
@@ -25,6 +27,7 @@ from tandemlm.deploy.types import ContextLengthError
 from tandemlm.errors import EngineError
 
 router = APIRouter()
+ANTHROPIC_PATH = "/v1/messages"  # its errors, validation failures included, come in Anthropic's shape
 
 
 def _context(request: Request) -> ServeContext:
@@ -55,6 +58,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     return await _guarded("/v1/completions", request, lambda: text_completion(ctx, body))
 
 
+@router.post("/v1/messages")
+async def messages(body: MessagesRequest, request: Request) -> Any:
+    """Anthropic's Messages API, translated onto chat completions (streamed as SSE events when asked)."""
+    ctx = _context(request)
+    return await _guarded("/v1/messages", request, lambda: create_message(ctx, body), reshape_error)
+
+
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of the server's counters and gauges."""
@@ -65,11 +75,15 @@ async def bad_request(request: Request, exc: RequestValidationError) -> JSONResp
     """A body pydantic refused: 400 with one line naming the field."""
     message, field = _validation_message(list(exc.errors()))
     _context(request).metrics.requests.labels(request.url.path, "400").inc()
+    if request.url.path == ANTHROPIC_PATH:
+        return JSONResponse(anthropic_error_body(400, message), status_code=400)
     return _error(400, message, param=field)
 
 
-async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's HTTP errors (404, 405, 413 from the body guard) as OpenAI error bodies."""
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's HTTP errors (404, 405, 413 from the body guard) as OpenAI error bodies (Anthropic's on its path)."""
+    if request.url.path == ANTHROPIC_PATH:
+        return JSONResponse(anthropic_error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
     code = "request_too_large" if exc.status_code == 413 else None
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     return _error(exc.status_code, str(exc.detail), kind, code=code)
@@ -78,9 +92,12 @@ async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 EXCEPTION_HANDLERS = {RequestValidationError: bad_request, StarletteHTTPException: http_error}
 
 
-async def _guarded(endpoint: str, request: Request, work: Any) -> Any:
-    """Runs a handler unless the client leaves first, and counts the answer's status."""
+async def _guarded(endpoint: str, request: Request, work: Any, reshape: Any = None) -> Any:
+    """Runs a handler unless the client leaves first, and counts the answer's status; ``reshape``
+    (optional) rewrites its error responses into another API's shape."""
     response = await _unless_client_leaves(request, lambda: _answer(work))
+    if reshape is not None:
+        response = reshape(response)
     status = getattr(response, "status_code", 200)
     _context(request).metrics.requests.labels(endpoint, str(status)).inc()
     return response
