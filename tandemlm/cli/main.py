@@ -34,7 +34,10 @@ def _load(model: str, engine_options: EngineOptions, **extra: Any) -> Engine:
     console = Console(stderr=True)
     try:
         with console.status(f"loading {model} …"):
-            return load_engine(model, engine_options.backend, **engine_options.load_kwargs(), **extra)
+            return load_engine(
+                model, engine_options.backend, engine_options.load_options(),
+                trust_remote_code=engine_options.trust_remote_code, **extra,
+            )
     except (EngineError, KeyError, RuntimeError) as exc:
         fail(str(exc).strip("'\""))
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from tandemlm.deploy.load_options import LoadOptions
 from tandemlm.deploy.types import SamplingParams
 from tandemlm.models.builtin import DEFAULT_MODEL
 
@@ -56,20 +57,13 @@ class EngineOptions:
     tensor_parallel_size: int | None = None  # only vLLM takes these (see parallel_backend)
     pipeline_parallel_size: int | None = None
 
-    def load_kwargs(self) -> dict[str, Any]:
-        return {
-            "tensor_parallel_size": self.tensor_parallel_size,
-            "pipeline_parallel_size": self.pipeline_parallel_size,
-            "n_ctx": self.n_ctx,
-            "n_threads": self.n_threads,
-            "n_gpu_layers": self.n_gpu_layers,
-            "n_parallel": self.n_parallel,
-            "max_batch_size": self.n_parallel,
-            "max_num_seqs": self.n_parallel,
-            "max_model_len": self.n_ctx,
-            "dtype": self.dtype,
-            "trust_remote_code": self.trust_remote_code,
-        }
+    def load_options(self) -> LoadOptions:
+        """The load flags as typed options; the chosen backend maps them or refuses the ones it does not use."""
+        return LoadOptions(
+            n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers, n_parallel=self.n_parallel,
+            dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+        )
 
 
 def sampling_from_flags(**values: Any) -> SamplingParams:

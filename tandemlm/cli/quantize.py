@@ -232,7 +232,7 @@ def _load_gguf(path: Path, options: EngineOptions) -> Engine:
 
     source = ModelSource(model_id=path.stem, kind="gguf", path=path.resolve())
     try:
-        return load_engine(source, "llama.cpp", **options.load_kwargs())
+        return load_engine(source, "llama.cpp", options.load_options())
     except (EngineError, RuntimeError) as exc:
         fail(str(exc))
         raise
@@ -245,7 +245,10 @@ def _load_bitsandbytes(model: str, row: Any, options: EngineOptions) -> Engine:
     if options.backend not in ("auto", "transformers"):
         fail(f"--quantize {row.name} is a bitsandbytes load for the transformers backend; drop --backend {options.backend}")
     require_bnb(row)
-    return load_engine(model, "transformers", **{**options.load_kwargs(), "load_in_bits": row.load_in_bits})
+    return load_engine(
+        model, "transformers", options.load_options(), trust_remote_code=options.trust_remote_code,
+        load_in_bits=row.load_in_bits,
+    )
 
 
 def _bitsandbytes(model: str, row: Any, out: Path | None, serve: bool, serving: _ServeOptions) -> None:

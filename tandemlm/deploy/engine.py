@@ -60,6 +60,10 @@ class Engine(Protocol):
         """The OpenAI-shaped record (text, bytes, alternatives) of a token that carries a log-probability."""
         ...
 
+    def embed(self, token_lists: list[list[int]]) -> list[list[float]]:
+        """One L2-normalised vector per token list: the mean of the last layer's hidden states over its tokens."""
+        ...
+
     def render_chat(
         self,
         messages: Sequence[Message],
@@ -119,6 +123,10 @@ class BaseEngine(abc.ABC):
     def chat_template_source(self) -> str | None:
         """The model's Jinja chat template; None when it has none (the default)."""
         return None
+
+    def embed(self, token_lists: list[list[int]]) -> list[list[float]]:
+        """Embeddings; a backend that cannot make them says so (the default)."""
+        raise EngineError(f"the {self.info.backend} backend does not compute embeddings")
 
     def special_tokens(self) -> dict[str, str | None]:
         """Texts of the model's special tokens; the default knows none."""

@@ -152,6 +152,21 @@ class HFEngine(HFTokenizerMethods, BaseEngine):
             logits = self._forward([adapter], input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
             return logprob_records(logits, target_ids, top)
 
+    def embed(self, token_lists: list[list[int]]) -> list[list[float]]:
+        """The mean of the last layer's (normalised) hidden states over each token list, L2-normalised, as
+        llama.cpp's mean pooling: one forward pass per list, so no padding enters a mean."""
+        if not self._work.running:
+            raise EngineError("engine closed")
+        torch, vectors = self._torch, []
+        for index, ids in enumerate(token_lists):
+            if not ids:
+                raise EngineError(f"input {index} is empty: there is nothing to embed")
+            with torch.inference_mode():
+                out = self._forward([None], input_ids=torch.tensor([ids], device=self.device), output_hidden_states=True)
+                mean = out.hidden_states[-1][0].float().mean(0)
+            vectors.append((mean / mean.norm().clamp_min(1e-12)).tolist())
+        return vectors
+
     # ---- LoRA adapters -------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
         """Loads the LoRA adapter folder ``path`` (safetensors) as ``name``, beside the base and other adapters."""
@@ -369,7 +384,8 @@ def _available() -> str | None:
 
 
 @register_backend(
-    "transformers", description="Hugging Face transformers (CPU or GPU, any HF causal LM)", available=_available
+    "transformers", description="Hugging Face transformers (CPU or GPU, any HF causal LM)", available=_available,
+    options={"n_parallel": "max_batch_size", "dtype": "dtype"},
 )
 def load_hf(source: ModelSource, **options: Any) -> HFEngine:
     """Loads ``source`` (an HF folder; built-ins are materialised) with dtype, device_map, max_batch_size,

@@ -20,6 +20,7 @@ import numpy as np
 from tandemlm.deploy.constraints import Grammars
 from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.llamacpp_adapters import LlamaCppAdapters
+from tandemlm.deploy.llamacpp_embed import EMBED_CONTEXT, LlamaCppEmbedder
 from tandemlm.deploy.llamacpp_request import LlamaRequest
 from tandemlm.deploy.llamacpp_sampling import RequestSampler, logprob_record, plan_chain
 from tandemlm.deploy.registry import register_backend
@@ -92,6 +93,8 @@ class LlamaCppEngine(LlamaCppAdapters, BaseEngine):
         self.shared_prefix_tokens = 0  # prompt tokens taken from a running sequence's cells
         self.max_sequences_per_step = 0
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._embedder: LlamaCppEmbedder | None = None
+        self._embedder_lock = threading.Lock()
         self.metadata = self._model.metadata()
         self.chat_template = self.metadata.get("tokenizer.chat_template")
         self.info = EngineInfo(
@@ -196,6 +199,15 @@ class LlamaCppEngine(LlamaCppAdapters, BaseEngine):
             raise result
         return result
 
+    def embed(self, token_lists: list[list[int]]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised embeddings from a second context on the same weights (made on first use)."""
+        with self._embedder_lock:
+            if self._embedder is None:
+                if not self._work.running:
+                    raise EngineError("engine closed")
+                self._embedder = LlamaCppEmbedder(self._ll, self._model.model, min(self._n_ctx, EMBED_CONTEXT), self.n_threads)
+        return self._embedder.embed(token_lists)
+
     def check_params(self, params: SamplingParams) -> None:
         """Also checks a requested JSON schema with llguidance, so a bad one fails before the stream starts."""
         super().check_params(params)
@@ -214,6 +226,9 @@ class LlamaCppEngine(LlamaCppAdapters, BaseEngine):
         # Requests submitted but never taken by the scheduler (its own lists it failed on exit).
         for item in left:
             item.out.put(EngineError("engine closed"))
+        with self._embedder_lock:
+            if self._embedder is not None:
+                self._embedder.close()
         self._ll.llama_batch_free(self._batch)
         self._ll.llama_free(self._ctx)
         self._model.close()
@@ -433,7 +448,10 @@ def default_gpu_layers(requested: int | None, gpu_build: bool) -> int:
     return -1 if gpu_build else 0
 
 
-@register_backend("llama.cpp", description="GGUF files via llama-cpp-python (CPU, Metal, CUDA)", available=_available)
+@register_backend(
+    "llama.cpp", description="GGUF files via llama-cpp-python (CPU, Metal, CUDA)", available=_available,
+    options={name: name for name in ("n_ctx", "n_threads", "n_gpu_layers", "n_parallel")},
+)
 def load_llamacpp(source: ModelSource, **options: Any) -> LlamaCppEngine:
     """Loads ``source`` (a GGUF file) with options n_ctx, n_parallel, n_batch, n_threads, n_gpu_layers,
     and ``adapters`` ({name: PEFT LoRA folder}) served beside the base."""

@@ -7,9 +7,11 @@ Backend modules import their heavy library lazily, so registering costs nothing 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from tandemlm.deploy.load_options import LoadOptions, backend_kwargs
 
 if TYPE_CHECKING:
     from tandemlm.deploy.engine import Engine
@@ -26,6 +28,8 @@ class Backend:
     description: str
     hidden: bool = False
     """True for a backend only tests use (``mock``): loadable by name, never offered to users."""
+    options: Mapping[str, str] = field(default_factory=dict)
+    """LoadOptions fields this backend honours -> its own keyword for each (load_options.backend_kwargs)."""
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -40,12 +44,16 @@ _BUILTIN_MODULES = (
 
 
 def register_backend(
-    name: str, description: str, available: Callable[[], str | None], hidden: bool = False
+    name: str, description: str, available: Callable[[], str | None], hidden: bool = False,
+    options: Mapping[str, str] | None = None,
 ) -> Callable[[Callable[..., Engine]], Callable[..., Engine]]:
-    """Decorator for a backend's ``load`` function; ``hidden`` keeps it out of :func:`offered_backends`."""
+    """Decorator for a backend's ``load`` function; ``hidden`` keeps it out of :func:`offered_backends`;
+    ``options`` maps the LoadOptions it honours to its own keyword names."""
 
     def wrap(load: Callable[..., Engine]) -> Callable[..., Engine]:
-        _BACKENDS[name] = Backend(name=name, load=load, available=available, description=description, hidden=hidden)
+        _BACKENDS[name] = Backend(
+            name=name, load=load, available=available, description=description, hidden=hidden, options=dict(options or {}),
+        )
         return load
 
     return wrap
@@ -88,8 +96,13 @@ def get_backend(name: str) -> Backend:
     return known[name]
 
 
-def load_engine(model: str | ModelSource, backend: str = "auto", **options: Any) -> Engine:
-    """Resolves ``model`` and loads it with ``backend`` (``auto`` picks one for the model and machine)."""
+def load_engine(
+    model: str | ModelSource, backend: str = "auto", load_options: LoadOptions | None = None, **options: Any
+) -> Engine:
+    """Resolves ``model`` and loads it with ``backend`` (``auto`` picks one for the model and machine).
+
+    ``load_options`` (what the user asked, e.g. from CLI flags) are mapped onto the chosen backend's own names,
+    and one it does not honour fails naming the flag; ``options`` go to the backend as they are."""
     from tandemlm.deploy.auto import choose_backend
     from tandemlm.models.resolve import ModelSource, resolve_model
 
@@ -99,6 +112,8 @@ def load_engine(model: str | ModelSource, backend: str = "auto", **options: Any)
     source = model if isinstance(model, ModelSource) else resolve_model(model, trust_remote_code=trust)
     name = choose_backend(source) if backend == "auto" else backend
     chosen = get_backend(name)
+    if load_options is not None:
+        options = {**backend_kwargs(load_options, name, chosen.options), **options}
     reason = chosen.available()
     if reason:
         raise RuntimeError(f"backend {name!r} cannot run here: {reason}")

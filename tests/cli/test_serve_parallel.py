@@ -56,8 +56,13 @@ def test_parallel_sizes_reach_the_vllm_load(loads):
     result = runner.invoke(app, ["serve", "smollm2", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "3"])
     assert result.exit_code == 0, result.output
     [options] = loads
-    kwargs = options.load_kwargs()
+    asked = options.load_options()
     assert options.backend == "vllm"  # auto means vllm once a model is split
+    assert (asked.tensor_parallel_size, asked.pipeline_parallel_size) == (2, 3)
+    from tandemlm.deploy.load_options import backend_kwargs
+    from tandemlm.deploy.registry import backends
+
+    kwargs = backend_kwargs(asked, "vllm", backends()["vllm"].options)
     assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"]) == (2, 3)
 
 

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from pydantic import BaseModel
@@ -413,3 +414,60 @@ def test_lm_eval_scores_continuations_the_model_ends_after_as_the_engine_does(li
     samples = sorted(out["samples"]["tandem_ended_mc"], key=lambda s: s["doc_id"])
     for sample, row in zip(samples, expected, strict=True):
         assert [resp[0][0] for resp in sample["resps"]] == pytest.approx(row, abs=1e-2), sample["doc"]
+
+
+# ---- embeddings --------------------------------------------------------------------------------------------------
+EMBED_TEXTS = ["The capital of France is Paris.", "Paris is the capital city of France.", "def add(a, b): return a + b"]
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def hf_mean_pooled(smollm2) -> list[list[float]]:
+    """An independent computation: transformers' last hidden states of the HF copy, averaged, L2-normalised."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tandemlm.align.model import base_folder
+
+    model = AutoModelForCausalLM.from_pretrained(base_folder("smollm2"), dtype=torch.float32).eval()
+    vectors = []
+    with torch.no_grad():
+        for text in EMBED_TEXTS:
+            ids = torch.tensor([smollm2.tokenize(text, add_special_tokens=True)])
+            mean = model.model(input_ids=ids).last_hidden_state[0].mean(0)
+            vectors.append((mean / mean.norm()).tolist())
+    return vectors
+
+
+def test_openai_embeddings_match_an_independent_mean_pooling(live, smollm2, hf_mean_pooled):
+    """The openai SDK (base64 on the wire by default) gets unit vectors equal to the engine's own and, within
+    the GGUF's quantization, to transformers' mean-pooled hidden states of the same model."""
+    url, model_id = live
+    result = sdk(url).embeddings.create(model=model_id, input=EMBED_TEXTS)
+    vectors = [item.embedding for item in result.data]
+    assert [item.index for item in result.data] == [0, 1, 2] and len(vectors[0]) == 576
+    tokens = [smollm2.tokenize(text, add_special_tokens=True) for text in EMBED_TEXTS]
+    assert result.usage.prompt_tokens == sum(len(t) for t in tokens)
+    for served, engine, reference in zip(vectors, smollm2.embed(tokens), hf_mean_pooled, strict=True):
+        assert _dot(served, served) == pytest.approx(1.0, abs=1e-5)
+        assert max(abs(a - b) for a, b in zip(served, engine, strict=True)) < 1e-5  # float32 on the wire
+        assert _dot(served, reference) > 0.999  # measured 0.9997-0.9999 for the Q4_1 GGUF
+    assert _dot(vectors[0], vectors[1]) > _dot(vectors[0], vectors[2]) + 0.2  # a paraphrase is nearer than code
+
+
+def test_embeddings_take_token_ids_and_floats_and_refuse_what_they_cannot_honour(live, smollm2):
+    url, model_id = live
+    ids = smollm2.tokenize(EMBED_TEXTS[0], add_special_tokens=True)
+    by_ids = httpx.post(f"{url}/embeddings", json={"model": model_id, "input": [ids], "encoding_format": "float"}, timeout=120)
+    by_text = httpx.post(f"{url}/embeddings", json={"model": model_id, "input": EMBED_TEXTS[0], "encoding_format": "float"}, timeout=120)
+    assert by_ids.status_code == by_text.status_code == 200
+    assert by_ids.json()["data"][0]["embedding"] == by_text.json()["data"][0]["embedding"]
+    refused = httpx.post(f"{url}/embeddings", json={"model": model_id, "input": "hi", "dimensions": 64}, timeout=30)
+    assert refused.status_code == 400 and "dimensions is not supported" in refused.json()["error"]["message"]
+    empty = httpx.post(f"{url}/embeddings", json={"model": model_id, "input": []}, timeout=30)
+    assert empty.status_code == 400 and "input must not be empty" in empty.json()["error"]["message"]
+    long = httpx.post(f"{url}/embeddings", json={"model": model_id, "input": [[1] * 3000]}, timeout=30)
+    assert long.status_code == 400 and "embeddings take at most 2048" in long.json()["error"]["message"]

@@ -70,6 +70,25 @@ def test_token_logprobs_match_a_direct_forward_pass(llama):
     assert [s for _, s in scores] == pytest.approx(expected[:, 0].tolist(), abs=1e-4)
 
 
+def test_embeddings_are_the_mean_pooled_last_hidden_states(llama, tiny_llama_dir):
+    """Against transformers directly: each input's last hidden states averaged and L2-normalised, whatever the
+    other inputs' lengths (no padding enters a mean)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    texts = ["Hi", "What is the capital of Peru? Answer in one short sentence."]
+    token_lists = [llama.tokenize(text, add_special_tokens=True) for text in texts]
+    together = llama.embed(token_lists)
+    assert llama.embed(token_lists[:1])[0] == pytest.approx(together[0], abs=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for ids, vector in zip(token_lists, together, strict=True):
+            mean = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0].mean(0)
+            assert torch.allclose(torch.tensor(vector), mean / mean.norm(), atol=1e-5)
+    with pytest.raises(EngineError, match="input 1 is empty"):
+        llama.embed([token_lists[0], []])
+
+
 def test_repetition_penalty_demotes_tokens_already_seen():
     # A random model never repeats itself, so check the sampler row directly.
     logits = torch.tensor([[0.0, 3.0, 2.5, 0.0]])

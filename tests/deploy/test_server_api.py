@@ -310,3 +310,11 @@ def test_metrics_count_requests_and_tokens_in_prometheus_text(server):
     assert value(after, "tandem_requests_total") - value(before, "tandem_requests_total") == 2
     assert value(after, "tandem_time_to_first_token_seconds_count") > value(before, "tandem_time_to_first_token_seconds_count")
     assert "tandem_requests_queued 0.0" in after
+
+
+def test_embeddings_on_a_backend_without_them_are_a_400_naming_it(server):
+    url, _ = server
+    response = post(url, "/embeddings", {"input": "hi"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "the mock backend does not compute embeddings"
+    assert post(url, "/embeddings", {"input": "hi", "extra": 1}).status_code == 400

@@ -106,6 +106,11 @@ def to_chat_request(body: MessagesRequest) -> ChatCompletionRequest:
     if body.stop_sequences:
         # The generated tokens (carried by their log-probabilities) tell which stop sequence fired.
         fields |= {"stop": body.stop_sequences, "logprobs": True}
+    return validated_chat_request(fields)
+
+
+def validated_chat_request(fields: dict[str, Any]) -> ChatCompletionRequest:
+    """A chat request from ``fields`` (None values left out); ValueError names the field that does not fit."""
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:

@@ -8,8 +8,10 @@ length, admission) is settled before the response starts; after that only our ow
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
+import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from tandemlm.deploy.engine import Engine
 from tandemlm.deploy.server.choices import Choice, claim_slots, merged, release_all
 from tandemlm.deploy.server.context import ServeContext, choice_params, sampling_params
 from tandemlm.deploy.server.responses import ChatChunks, ChoiceResult, TextChunks, add_usage
-from tandemlm.deploy.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
+from tandemlm.deploy.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 from tandemlm.deploy.server.service import Ticket
 from tandemlm.deploy.tool_use import ChoiceTools, plan_tools
 from tandemlm.deploy.types import Delta, TokenLogprob, Usage
@@ -253,3 +255,36 @@ async def _text_stream(
         yield sse(chunks.text_chunk(index, delta.text, logprobs, delta.finish_reason, start))
     if include_usage:
         yield sse(chunks.usage_chunk(usage))
+
+
+# ---- embeddings -----------------------------------------------------------------------------------
+async def embeddings(ctx: ServeContext, body: EmbeddingRequest) -> dict[str, Any]:
+    """OpenAI embeddings: every input in one admission slot (a forward pass each, no generation)."""
+    name, engine = ctx.resolve(body.model)
+    inputs = body.inputs()
+
+    def token_lists() -> list[list[int]]:
+        return [engine.check_token_ids(i) if isinstance(i, list) else engine.tokenize(i, add_special_tokens=True) for i in inputs]
+
+    ids = await ctx.prepare(token_lists)
+    tickets = claim_slots(ctx.admission, 1)
+    try:
+        for ticket in tickets:
+            await ticket.admitted()
+        vectors = await asyncio.to_thread(engine.embed, ids)
+    finally:
+        release_all(tickets)
+    tokens = sum(len(i) for i in ids)
+    ctx.metrics.prompt_tokens.inc(tokens)
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encoded(vector, body.encoding_format)}
+        for i, vector in enumerate(vectors)
+    ]
+    return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _encoded(vector: list[float], encoding: str) -> list[float] | str:
+    """A vector as floats, or as base64 of little-endian float32 (what the openai SDK decodes)."""
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")

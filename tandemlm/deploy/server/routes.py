@@ -20,8 +20,10 @@ from starlette.types import Receive, Scope, Send
 from tandemlm.deploy.server.anthropic_api import create_message, reshape_error
 from tandemlm.deploy.server.anthropic_schemas import MessagesRequest, anthropic_error_body
 from tandemlm.deploy.server.context import ModelNotFound, ServeContext
-from tandemlm.deploy.server.handlers import GenerationFailed, Streamed, chat_completion, text_completion
-from tandemlm.deploy.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
+from tandemlm.deploy.server.handlers import GenerationFailed, Streamed, chat_completion, embeddings, text_completion
+from tandemlm.deploy.server.responses_api import create_response
+from tandemlm.deploy.server.responses_api_schemas import ResponsesRequest
+from tandemlm.deploy.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 from tandemlm.deploy.server.service import ServerBusy
 from tandemlm.deploy.types import ContextLengthError
 from tandemlm.errors import EngineError
@@ -63,6 +65,20 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     """Anthropic's Messages API, translated onto chat completions (streamed as SSE events when asked)."""
     ctx = _context(request)
     return await _guarded("/v1/messages", request, lambda: create_message(ctx, body), reshape_error)
+
+
+@router.post("/v1/embeddings")
+async def embeddings_route(body: EmbeddingRequest, request: Request) -> Any:
+    """OpenAI embeddings: the model's last hidden states, mean-pooled and L2-normalised."""
+    ctx = _context(request)
+    return await _guarded("/v1/embeddings", request, lambda: embeddings(ctx, body))
+
+
+@router.post("/v1/responses")
+async def responses(body: ResponsesRequest, request: Request) -> Any:
+    """OpenAI's Responses API, translated onto chat completions (streamed as SSE events when asked); nothing is stored."""
+    ctx = _context(request)
+    return await _guarded("/v1/responses", request, lambda: create_response(ctx, body))
 
 
 @router.get("/metrics")

@@ -203,6 +203,17 @@ class ChatCompletionRequest(SamplingFields):
 TokenIds = list[int]
 
 
+def split_inputs(value: str | list[str] | TokenIds | list[TokenIds], name: str) -> list[str | list[int]]:
+    """The separate inputs of a ``prompt`` / ``input`` field: one per string or token-id list."""
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(item, int) for item in value):
+        return [list(value)]  # type: ignore[arg-type]
+    if not value:
+        raise ValueError(f"{name} must not be empty")
+    return list(value)  # type: ignore[arg-type]
+
+
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -229,14 +240,7 @@ class CompletionRequest(SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of this request: one per string or token-id list."""
-        prompt = self.prompt
-        if isinstance(prompt, str):
-            return [prompt]
-        if prompt and all(isinstance(item, int) for item in prompt):
-            return [list(prompt)]  # type: ignore[arg-type]
-        if not prompt:
-            raise ValueError("prompt must not be empty")
-        return list(prompt)  # type: ignore[arg-type]
+        return split_inputs(self.prompt, "prompt")
 
     def sampling_kwargs(self) -> dict[str, Any]:
         values = super().sampling_kwargs()
@@ -245,6 +249,27 @@ class CompletionRequest(SamplingFields):
         if self.logprobs is not None:
             values["logprobs"] = self.logprobs
         return values
+
+
+class EmbeddingRequest(Strict):
+    """``/v1/embeddings``: the model's own width, mean-pooled and L2-normalised (``dimensions`` is refused)."""
+
+    model: str | None = None
+    input: str | list[str] | TokenIds | list[TokenIds]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @field_validator("dimensions")
+    @classmethod
+    def _no_dimensions(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError("dimensions is not supported: embeddings come at the model's own width")
+        return value
+
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs to embed: one per string or token-id list."""
+        return split_inputs(self.input, "input")
 
 
 class TokenizeRequest(Strict):
