@@ -201,14 +201,20 @@ class BaseEngine(abc.ABC):
     def chat(
         self, messages: Sequence[Message], params: SamplingParams, tools: Sequence[dict[str, Any]] | None = None
     ) -> Iterator[Delta]:
+        ids, prompt = self.chat_prompt(messages, tools, constrained=params.constraint is not None)
+        return self._stream(ids, params, starts_in_reasoning=prompt_opens_reasoning(prompt))
+
+    def chat_prompt(
+        self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None, constrained: bool = False
+    ) -> tuple[list[int], str]:
+        """The token ids and text :meth:`chat` prefills for ``messages`` (what usage counts as prompt tokens)."""
         prompt = self.render_chat(validate_messages(messages), tools=tools)
-        if params.constraint is not None and prompt_opens_reasoning(prompt):
+        if constrained and prompt_opens_reasoning(prompt):
             # A grammar holds from the first token, so a reasoning model answers without its <think>
             # block rather than having the grammar swallow it: close the block in the prompt.
             prompt += f"{THINK_CLOSE}\n\n"
         self.check_prompt_chars(len(prompt))
-        ids = self.tokenize(prompt, add_special_tokens=False)
-        return self._stream(ids, params, starts_in_reasoning=prompt_opens_reasoning(prompt))
+        return self.tokenize(prompt, add_special_tokens=False), prompt
 
     def generate(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Delta]:
         if isinstance(prompt, list):

@@ -89,6 +89,36 @@ def test_embeddings_are_the_mean_pooled_last_hidden_states(llama, tiny_llama_dir
         llama.embed([token_lists[0], []])
 
 
+def test_r1_reasoning_reaches_messages_thinking_blocks_and_responses_reasoning_items(tiny_qwen2_dir, serve):
+    """The R1-distill template opens <think>: what chat completions reports as reasoning_content comes back as
+    Anthropic's thinking block and the Responses API's reasoning item, streamed or not, on transformers."""
+    import anthropic
+    import openai
+
+    from tandemlm.deploy.registry import load_engine
+
+    engine = load_engine(str(tiny_qwen2_dir), "transformers")
+    conversation = [{"role": "user", "content": "Why?"}]
+    try:
+        with serve(engine) as url:
+            oai = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+            model = oai.models.list().data[0].id
+            chat = oai.chat.completions.create(model=model, messages=conversation, max_tokens=6, temperature=0).choices[0].message
+            reasoning = chat.model_extra.get("reasoning_content")
+            assert reasoning  # the fixture's template starts the answer inside <think>
+            claude = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key="x", max_retries=0, timeout=60)
+            kwargs = {"model": model, "messages": conversation, "max_tokens": 6, "extra_body": {"temperature": 0}}
+            message = claude.messages.create(**kwargs)
+            assert message.content[0].type == "thinking" and message.content[0].thinking == reasoning
+            with claude.messages.stream(**kwargs) as stream:
+                assert stream.get_final_message().content[0].thinking == reasoning
+            response = oai.responses.create(model=model, input=conversation, max_output_tokens=6, temperature=0)
+            item = response.output[0]
+            assert item.type == "reasoning" and "".join(part.text for part in item.content) == reasoning
+    finally:
+        engine.close()
+
+
 def test_repetition_penalty_demotes_tokens_already_seen():
     # A random model never repeats itself, so check the sampler row directly.
     logits = torch.tensor([[0.0, 3.0, 2.5, 0.0]])

@@ -235,3 +235,23 @@ def test_a_real_model_streams_calls_tools_and_stops_on_a_sequence(live):
     stopped = client.messages.create(model=model, max_tokens=64, messages=ask, stop_sequences=["\u2603", " "])
     text = "".join(b.text for b in stopped.content if b.type == "text")
     assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", " ") and " " not in text
+
+
+@pytest.mark.parametrize("model", ["echo", "caller"])
+def test_count_tokens_equals_the_input_tokens_a_message_reports(server, model):
+    """The SDK's messages.count_tokens counts what messages.create prefills: system, turns, tools and a forced call."""
+    body = {"model": model, "system": "Be brief.", "messages": [*USER, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "weather?"}]}
+    if model == "caller":
+        body |= {"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_weather"}}
+    counted = sdk(server).messages.count_tokens(**body).input_tokens
+    created = sdk(server).messages.create(max_tokens=64, **body)
+    assert counted == created.usage.input_tokens > 0
+    shorter = sdk(server).messages.count_tokens(model=model, messages=USER).input_tokens
+    assert shorter < counted  # it counts the request, not a constant
+
+
+def test_count_tokens_refuses_generation_settings_in_anthropics_shape(server):
+    response = httpx.post(f"{server.removesuffix('/v1')}/v1/messages/count_tokens", json={"model": "echo", "messages": USER, "max_tokens": 5}, timeout=20)
+    assert response.status_code == 400
+    body = response.json()
+    assert body["type"] == "error" and "max_tokens is not part of a count_tokens request" in body["error"]["message"]

@@ -242,6 +242,29 @@ def test_penalties_and_logit_bias_change_the_greedy_tokens(engine):
         engine.generate(PROMPTS[0], SamplingParams(logit_bias={engine.vocab_size() + 5: 1.0}))
 
 
+def test_the_agent_apis_answer_as_chat_completions_on_vllm(engine, serve):
+    """/v1/messages, /v1/responses and /v1/embeddings served by vLLM: greedy answers equal chat completions'."""
+    import anthropic
+    import httpx
+    import openai
+
+    conversation = [{"role": "user", "content": "Name a colour."}]
+    with serve(engine) as url:
+        model = openai.OpenAI(base_url=url, api_key="x", max_retries=0).models.list().data[0].id
+        oai = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+        chat = oai.chat.completions.create(model=model, messages=conversation, max_tokens=8, temperature=0)
+        expected = chat.choices[0].message.content
+        message = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key="x", max_retries=0, timeout=120).messages.create(
+            model=model, messages=conversation, max_tokens=8, extra_body={"temperature": 0},
+        )
+        assert "".join(b.text for b in message.content if b.type == "text") == expected
+        assert message.usage.input_tokens == chat.usage.prompt_tokens
+        response = oai.responses.create(model=model, input=conversation, max_output_tokens=8, temperature=0)
+        assert response.output_text == expected and response.usage.input_tokens == chat.usage.prompt_tokens
+        refused = httpx.post(f"{url}/embeddings", json={"model": model, "input": "hi"}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["message"] == "the vllm backend does not compute embeddings"
+
+
 # Keep last: it closes the module's engine (the fixture's own close is then a no-op).
 def test_close_fails_streams_in_flight_and_later_requests(engine):
     ids = engine.tokenize(PROMPTS[0], True)

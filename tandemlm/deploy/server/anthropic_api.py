@@ -18,13 +18,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from tandemlm.deploy.server.anthropic_schemas import (
+    CountTokensRequest,
     MessagesRequest,
     ToolResultBlock,
     ToolUseBlock,
     anthropic_error_body,
 )
 from tandemlm.deploy.server.context import ServeContext
-from tandemlm.deploy.server.handlers import Streamed, chat_completion
+from tandemlm.deploy.server.handlers import Streamed, chat_completion, chat_prompt_tokens
 from tandemlm.deploy.server.responses import new_id
 from tandemlm.deploy.server.schemas import ChatCompletionRequest
 
@@ -189,6 +190,11 @@ async def create_message(ctx: ServeContext, body: MessagesRequest) -> Any:
     if isinstance(result, Streamed):
         return Streamed(_events(result.lines, body.stop_sequences), result.release)
     return to_message(result, body.stop_sequences)
+
+
+async def count_tokens(ctx: ServeContext, body: CountTokensRequest) -> dict[str, int]:
+    """``/v1/messages/count_tokens``: the prompt tokens a Messages request with this body would prefill."""
+    return {"input_tokens": await chat_prompt_tokens(ctx, to_chat_request(body))}
 
 
 def reshape_error(response: Any) -> Any:

@@ -139,3 +139,18 @@ class MessagesRequest(Strict):
         if isinstance(self.system, list):
             return "".join(block.text for block in self.system)
         return self.system
+
+
+class CountTokensRequest(MessagesRequest):
+    """A ``POST /v1/messages/count_tokens`` body: a Messages request without the generation settings."""
+
+    max_tokens: int = Field(default=1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_generation_fields(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name in ("max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream", "metadata"):
+                if name in value:
+                    raise ValueError(f"{name} is not part of a count_tokens request (it counts the prompt only)")
+        return value

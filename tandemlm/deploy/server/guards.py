@@ -23,7 +23,7 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str, kind: str, code: str | None = None) -> None:
     # Anthropic's Messages path answers in Anthropic's error shape, as its SDK expects.
-    body = anthropic_error_body(status, message) if scope.get("path") == "/v1/messages" else error_body(message, kind, code=code)
+    body = anthropic_error_body(status, message) if str(scope.get("path", "")).startswith("/v1/messages") else error_body(message, kind, code=code)
     await JSONResponse(body, status_code=status)(scope, receive, send)
 
 

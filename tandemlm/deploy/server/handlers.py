@@ -23,7 +23,7 @@ from tandemlm.deploy.server.context import ServeContext, choice_params, sampling
 from tandemlm.deploy.server.responses import ChatChunks, ChoiceResult, TextChunks, add_usage
 from tandemlm.deploy.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
 from tandemlm.deploy.server.service import Ticket
-from tandemlm.deploy.tool_use import ChoiceTools, plan_tools
+from tandemlm.deploy.tool_use import ChoiceTools, ToolPlan, plan_tools
 from tandemlm.deploy.types import Delta, TokenLogprob, Usage
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -93,14 +93,28 @@ async def _prepare(ctx: ServeContext, count: int, make: Callable[[], Prepared]) 
 
 
 # ---- chat -----------------------------------------------------------------------------------------
-async def chat_completion(ctx: ServeContext, body: ChatCompletionRequest) -> Any:
-    name, engine = ctx.resolve(body.model)
+def _chat_plan(engine: Engine, body: ChatCompletionRequest) -> tuple[ToolPlan, list[dict[str, Any]]]:
+    """The request's tool plan and the messages the template renders (tools prompt and forced call included)."""
     plan = plan_tools(engine.chat_template_source(), body.tool_dicts(), body.tool_choice_value(), body.parallel_tool_calls)
     if plan.constraint is not None and body.response_format is not None and body.response_format.type != "text":
         raise ValueError("response_format cannot be combined with a tool_choice that forces a call")
+    return plan, plan.messages([m.as_message() for m in body.messages])
+
+
+async def chat_prompt_tokens(ctx: ServeContext, body: ChatCompletionRequest) -> int:
+    """How many prompt tokens :func:`chat_completion` would prefill for ``body`` (its usage's prompt_tokens)."""
+    _, engine = ctx.resolve(body.model)
+    plan, messages = _chat_plan(engine, body)
+    constrained = plan.constraint is not None or (body.response_format is not None and body.response_format.type != "text")
+    ids, _ = await ctx.prepare(lambda: engine.chat_prompt(messages, plan.template_tools, constrained=constrained))
+    return len(ids)
+
+
+async def chat_completion(ctx: ServeContext, body: ChatCompletionRequest) -> Any:
+    name, engine = ctx.resolve(body.model)
+    plan, messages = _chat_plan(engine, body)
     overrides = {"constraint": plan.constraint} if plan.constraint is not None else {}
     params = sampling_params(body, None, **overrides)
-    messages = plan.messages([m.as_message() for m in body.messages])
 
     def make() -> Prepared:
         choices = [Choice(i, engine.chat(messages, choice_params(params, i), plan.template_tools)) for i in range(body.n)]

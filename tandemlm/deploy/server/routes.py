@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from tandemlm.deploy.server.anthropic_api import create_message, reshape_error
-from tandemlm.deploy.server.anthropic_schemas import MessagesRequest, anthropic_error_body
+from tandemlm.deploy.server.anthropic_api import count_tokens, create_message, reshape_error
+from tandemlm.deploy.server.anthropic_schemas import CountTokensRequest, MessagesRequest, anthropic_error_body
 from tandemlm.deploy.server.context import ModelNotFound, ServeContext
 from tandemlm.deploy.server.handlers import GenerationFailed, Streamed, chat_completion, embeddings, text_completion
 from tandemlm.deploy.server.responses_api import create_response
@@ -29,7 +29,7 @@ from tandemlm.deploy.types import ContextLengthError
 from tandemlm.errors import EngineError
 
 router = APIRouter()
-ANTHROPIC_PATH = "/v1/messages"  # its errors, validation failures included, come in Anthropic's shape
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")  # errors, validation failures included, in Anthropic's shape
 
 
 def _context(request: Request) -> ServeContext:
@@ -58,6 +58,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     """OpenAI text completions (streamed as SSE when asked)."""
     ctx = _context(request)
     return await _guarded("/v1/completions", request, lambda: text_completion(ctx, body))
+
+
+@router.post("/v1/messages/count_tokens")
+async def messages_count_tokens(body: CountTokensRequest, request: Request) -> Any:
+    """Anthropic's token count: the prompt tokens a Messages request with this body would prefill."""
+    ctx = _context(request)
+    return await _guarded("/v1/messages/count_tokens", request, lambda: count_tokens(ctx, body), reshape_error)
 
 
 @router.post("/v1/messages")
@@ -91,14 +98,14 @@ async def bad_request(request: Request, exc: RequestValidationError) -> JSONResp
     """A body pydantic refused: 400 with one line naming the field."""
     message, field = _validation_message(list(exc.errors()))
     _context(request).metrics.requests.labels(request.url.path, "400").inc()
-    if request.url.path == ANTHROPIC_PATH:
+    if request.url.path in ANTHROPIC_PATHS:
         return JSONResponse(anthropic_error_body(400, message), status_code=400)
     return _error(400, message, param=field)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's HTTP errors (404, 405, 413 from the body guard) as OpenAI error bodies (Anthropic's on its path)."""
-    if request.url.path == ANTHROPIC_PATH:
+    if request.url.path in ANTHROPIC_PATHS:
         return JSONResponse(anthropic_error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
     code = "request_too_large" if exc.status_code == 413 else None
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
