@@ -162,7 +162,7 @@ def serve(
     ] = None,
     adapters: opt.AdapterRefs = None,
 ) -> None:
-    """Serve MODEL over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /tokenize, /metrics …)."""
+    """Serve MODEL over the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/models, /tokenize, /metrics …) and Anthropic's /v1/messages."""
     from tandemlm.deploy.server.app import run_server
 
     # Checked before anything loads, so a bad flag costs no model load.
