@@ -24,7 +24,7 @@ Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop string (rep
 Seed = Annotated[int | None, typer.Option("--seed", help="Random seed for reproducible sampling.")]
 RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", help="Above 1 discourages repeats.")]
 Backend = Annotated[str, typer.Option("--backend", help="transformers, llama.cpp, vllm or auto.")]
-NCtx = Annotated[int | None, typer.Option("--n-ctx", help="llama.cpp: context size in tokens (shared by parallel requests).")]
+NCtx = Annotated[int | None, typer.Option("--n-ctx", help="llama.cpp, vllm (max_model_len): context size in tokens (shared by parallel requests).")]
 NThreads = Annotated[int | None, typer.Option("--n-threads", help="llama.cpp: CPU threads (default: one per physical core).")]
 NGpuLayers = Annotated[int | None, typer.Option("--n-gpu-layers", help="llama.cpp: layers to offload to the GPU (default: all on a GPU build of llama.cpp, none on a CPU build; -1: all).")]
 NParallel = Annotated[int | None, typer.Option("--n-parallel", help="Most requests decoded together in one batch.")]
