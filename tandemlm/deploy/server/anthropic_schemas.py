@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tandemlm.deploy.server.schemas import refuse_unknown_types
+
 BLOCK_TYPES = ("text", "tool_use", "tool_result")
 
 # Status codes of this server's errors, as Anthropic names their kinds.
@@ -70,16 +72,7 @@ class MessageIn(Strict):
     @model_validator(mode="before")
     @classmethod
     def _known_blocks(cls, value: Any) -> Any:
-        # Checked before the union so the error names the block type instead of pydantic's tag list.
-        blocks = value.get("content") if isinstance(value, dict) else None
-        for block in blocks if isinstance(blocks, list) else []:
-            kind = block.get("type") if isinstance(block, dict) else None
-            if kind not in BLOCK_TYPES:
-                raise ValueError(
-                    f"content blocks of type {kind!r} are not supported by this server (tandem serve): "
-                    f"it reads {', '.join(BLOCK_TYPES)} blocks only"
-                )
-        return value
+        return refuse_unknown_types(value, BLOCK_TYPES, "content blocks", f"{', '.join(BLOCK_TYPES)} blocks")
 
     @model_validator(mode="after")
     def _blocks_fit_role(self) -> MessageIn:

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from tandemlm.deploy.server.schemas import refuse_unknown_types
+
 PART_TYPES = ("input_text", "output_text")
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 NO_STORE = "this server keeps no responses (send the whole conversation in input)"
@@ -50,16 +52,7 @@ class MessageItem(Strict):
     @model_validator(mode="before")
     @classmethod
     def _known_parts(cls, value: Any) -> Any:
-        # Checked before the union so the error names the part type instead of pydantic's tag list.
-        parts = value.get("content") if isinstance(value, dict) else None
-        for part in parts if isinstance(parts, list) else []:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in PART_TYPES:
-                raise ValueError(
-                    f"content parts of type {kind!r} are not supported by this server (tandem serve): "
-                    f"it reads {' and '.join(PART_TYPES)} parts only"
-                )
-        return value
+        return refuse_unknown_types(value, PART_TYPES, "content parts", f"{' and '.join(PART_TYPES)} parts")
 
     def text(self) -> str:
         """The message's text (its parts joined)."""

@@ -18,6 +18,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def refuse_unknown_types(value: Any, known: tuple[str, ...], noun: str, joined: str) -> Any:
+    """A ``before`` validator's check of a body's ``content`` list: an item whose ``type`` is not in ``known`` fails
+    naming that type (checked before pydantic's union, whose error would list every branch instead)."""
+    items = value.get("content") if isinstance(value, dict) else None
+    for item in items if isinstance(items, list) else []:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind not in known:
+            raise ValueError(f"{noun} of type {kind!r} are not supported by this server (tandem serve): it reads {joined} only")
+    return value
+
+
 class ContentPart(Strict):
     type: str = "text"
     text: str = ""
