@@ -141,7 +141,7 @@ def serve(
     model: opt.ModelArg = opt.DEFAULT,
     host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (1-65535).")] = 8000,
-    api_key: Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY", help="Require this Bearer token on every path but /health.")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY", help="Require this key on every path but /health (Authorization: Bearer KEY, or x-api-key: KEY).")] = None,
     max_queue: opt.MaxQueue = 64,
     max_body_mb: opt.MaxBodyMb = 8.0,
     allowed_hosts: opt.AllowedHosts = None,

@@ -28,7 +28,7 @@ QuantModelArg = Annotated[
 TypeOpt = Annotated[str, typer.Option("--type", "-t", help="Quant type, e.g. Q4_K_M, Q8_0, F16, bnb-4bit (see --list).")]
 Host = Annotated[str, typer.Option("--host", help="Address to bind with --serve; 0.0.0.0 exposes it to the network.")]
 Port = Annotated[int, typer.Option("--port", help="TCP port for --serve (1-65535).")]
-ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY", help="Require this Bearer token (--serve).")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY", help="Require this key with --serve (Authorization: Bearer KEY, or x-api-key: KEY).")]
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores to quantize, the idle ones to evaluate).")]
 EvalThreads = Annotated[int | None, typer.Option("--threads", help="llama.cpp threads (default: the cores not busy).")]
 Window = Annotated[int, typer.Option("--window", help="Tokens per perplexity window.")]
