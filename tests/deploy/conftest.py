@@ -163,3 +163,16 @@ def streaming_burst(url: str, n: int, body: dict[str, object] | None = None, lea
 def burst():
     """:func:`streaming_burst`, for the server test modules."""
     return streaming_burst
+
+
+@pytest.fixture(scope="module")
+def live_smollm2(serve):
+    """(base URL ending in /v1, model id) of a server for the built-in SmolLM2 on llama.cpp, one per module."""
+    from tandemlm.deploy.registry import load_engine
+
+    engine = load_engine("smollm2", backend="llama.cpp", n_ctx=2048, n_parallel=2)
+    try:
+        with serve(engine) as url:
+            yield url, engine.info.model_id
+    finally:
+        engine.close()

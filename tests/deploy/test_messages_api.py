@@ -206,20 +206,11 @@ def test_messages_are_counted_in_the_metrics(server):
 
 
 # ---- the built-in SmolLM2 on llama.cpp (real generation: no greedy strings asserted) ---------------
-@pytest.fixture(scope="module")
-def live(serve):
-    from tandemlm.deploy.registry import load_engine
-
-    engine = load_engine("smollm2", backend="llama.cpp", n_ctx=2048, n_parallel=2)
-    try:
-        with serve(engine) as url:
-            yield url, engine.info.model_id
-    finally:
-        engine.close()
+# `live_smollm2` (tests/deploy/conftest.py): a served llama.cpp engine of the built-in model.
 
 
-def test_a_real_model_streams_calls_tools_and_stops_on_a_sequence(live):
-    url, model = live
+def test_a_real_model_streams_calls_tools_and_stops_on_a_sequence(live_smollm2):
+    url, model = live_smollm2
     client = sdk(url, timeout=180)  # real decoding on CPUs other tests may be sharing
     ask = [{"role": "user", "content": "Tell me about the sea."}]
     with client.messages.stream(model=model, max_tokens=24, messages=ask) as events:

@@ -203,20 +203,11 @@ def test_responses_are_counted_in_the_metrics(server):
 
 
 # ---- the built-in SmolLM2 on llama.cpp (real generation: no greedy strings asserted) ---------------
-@pytest.fixture(scope="module")
-def live(serve):
-    from tandemlm.deploy.registry import load_engine
-
-    engine = load_engine("smollm2", backend="llama.cpp", n_ctx=2048, n_parallel=2)
-    try:
-        with serve(engine) as url:
-            yield url, engine.info.model_id
-    finally:
-        engine.close()
+# `live_smollm2` (tests/deploy/conftest.py): a served llama.cpp engine of the built-in model.
 
 
-def test_a_real_model_streams_and_calls_a_function(live):
-    url, model = live
+def test_a_real_model_streams_and_calls_a_function(live_smollm2):
+    url, model = live_smollm2
     sdk = client(url, timeout=180)  # real decoding on CPUs other tests may be sharing
     with sdk.responses.stream(model=model, input="Tell me about the sea.", max_output_tokens=24) as events:
         seen = list(events)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tandemlm.align.ppo.model_shapes import LOGIT_TRANSFORM_KEYS, head_chunk_rows
+from tandemlm.align.ppo.model_shapes import head_chunk_rows, transforms_logits
 
 
 def plain_head(model: Any) -> nn.Linear | None:
@@ -29,8 +29,7 @@ def plain_head(model: Any) -> nn.Linear | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear or head.weight.numel() == 0 or hasattr(head.weight, "ds_id"):
         return None
-    config = getattr(model, "config", None)
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORM_KEYS):
+    if transforms_logits(getattr(model, "config", None)):
         return None
     return head
 
@@ -94,10 +93,11 @@ class _HeadLogprobs(torch.autograd.Function):
             part = slice(start, start + ctx.chunk)
             scaled = _scaled(_head(hidden[part], weight, bias), ctx.temperature)
             probs = _probs(scaled, lse[part])
-            grad = torch.zeros_like(probs)
             if grad_entropy is not None:  # dH/dz_j = -p_j (z_j - E_p[z]), E_p[z] = lse - H
                 mean = (lse[part] - entropy[part])[:, None]
                 grad = torch.sub(scaled, mean).mul_(probs).mul_(-grad_entropy[part].float()[:, None])
+            else:
+                grad = torch.zeros_like(probs)
             if grad_chosen is not None:  # d log p_t / dz = onehot(t) - p
                 g = grad_chosen[part].float()[:, None]
                 grad.sub_(probs.mul_(g)).scatter_add_(-1, targets[part, None], g)

@@ -24,9 +24,11 @@ def head_chunk_rows(vocab_size: int, cuda: bool) -> int:
     return max(1, HEAD_CHUNK_ELEMENTS["cuda" if cuda else "cpu"] // vocab_size)
 
 
-def transforms_logits(config: dict[str, Any]) -> bool:
-    """Whether the model's forward scales or caps the head's output (a key set to something but 1)."""
-    return any(config.get(key) not in (None, 1, 1.0) for key in LOGIT_TRANSFORM_KEYS)
+def transforms_logits(config: Any) -> bool:
+    """Whether the model's forward scales or caps the head's output (a key set to something but 1), for a
+    config.json dict or a loaded model's config object."""
+    read = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    return any(read(key) not in (None, 1, 1.0) for key in LOGIT_TRANSFORM_KEYS)
 
 
 def config_dict(config: Any) -> dict[str, Any]:
