@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tandemlm.models.builtin import DEFAULT_MODEL
+from tandemlm.ui.compare.judges import Judges
 from tandemlm.ui.engines import EnginePool, EngineSlot
-from tandemlm.ui.judges import Judges
 from tandemlm.ui.model_refs import DEMO_POLICY
 from tandemlm.ui.models_panel import panel_values, slots_status, warm_up
 
@@ -91,7 +91,7 @@ def create_app(config: UIConfig, slots: dict[str, EngineSlot], judges: Judges | 
     import gradio as gr
 
     from tandemlm.ui.chat_tab import build_chat_tab
-    from tandemlm.ui.compare_layout import build_compare_tab
+    from tandemlm.ui.compare.layout import build_compare_tab
     from tandemlm.ui.models_panel import build_models_panel
     from tandemlm.ui.runs_tab import build_runs_tab
 

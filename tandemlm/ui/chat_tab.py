@@ -15,7 +15,7 @@ from tandemlm.deploy.engine import Engine
 from tandemlm.errors import EngineError
 from tandemlm.models.chat_template import Message
 from tandemlm.ui.engines import EngineSlot
-from tandemlm.ui.sampling import sampling_controls, sampling_params
+from tandemlm.ui.sampling_controls import sampling_controls, sampling_params
 from tandemlm.ui.stopping import StopFlag
 
 Turn = dict[str, str]

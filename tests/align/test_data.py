@@ -133,7 +133,7 @@ def test_file_level_errors(tmp_path):
 def test_ui_votes_tie_and_both_bad_are_skipped(tmp_path):
     votes = [
         {"prompt": PROMPT, "chosen": GOOD, "rejected": BAD, "label": "left", "model_a": "x"},
-        {"prompt": PROMPT, "chosen": None, "rejected": None, "label": "tie"},  # as tandemlm.ui.votes writes them
+        {"prompt": PROMPT, "chosen": None, "rejected": None, "label": "tie"},  # as tandemlm.ui.votes.records writes them
         {"prompt": PROMPT, "chosen": None, "rejected": None, "label": "both_bad"},
         {"prompt": PROMPT, "chosen": GOOD, "rejected": BAD, "label": "right"},
     ]
@@ -202,7 +202,7 @@ def test_verifier_reward_function_shapes():
 
 
 def test_reads_the_votes_the_ui_writes(tmp_path):
-    votes = pytest.importorskip("tandemlm.ui.votes")
+    votes = pytest.importorskip("tandemlm.ui.votes.records")
     from tandemlm.deploy.types import SamplingParams
 
     path = tmp_path / "preferences.jsonl"

@@ -22,9 +22,9 @@ from tandemlm.deploy import llamacpp_lora
 from tandemlm.deploy.engine import AdapterView
 from tandemlm.deploy.registry import load_engine
 from tandemlm.errors import EngineError
-from tandemlm.ui.compare_tab import compare_reply
+from tandemlm.ui.compare.judges import Judges
+from tandemlm.ui.compare.turn import compare_reply
 from tandemlm.ui.engines import EnginePool, EngineSlot
-from tandemlm.ui.judges import Judges
 from tandemlm.ui.model_refs import DEMO_POLICY, DEMO_RUNS, SlotModel, base_ref, resolve_slot_model, run_base
 from tandemlm.ui.runs_tab import load_run_policy, show_run
 
@@ -95,8 +95,9 @@ def test_compare_with_base_puts_the_adapter_on_and_off_in_one_engine(backend, ad
 def _adapter_on_then_off(slots: dict[str, EngineSlot], base: str) -> None:
     """Compare with the adapter on (its own per-token scores, non-zero divergence), then with the base on both sides (zero)."""
     policy, reference = slots["policy"].get(), slots["reference"].get()
-    *_, (_, _, _, _, left_div, right_div, comparison, status) = list(compare_reply(slots, Judges(), MESSAGES[0]["content"], None, *GREEDY))
-    assert status.startswith("done") and comparison is not None
+    *_, last = list(compare_reply(slots, Judges(), MESSAGES[0]["content"], None, *GREEDY))
+    left_div, right_div, comparison = last.left_divergence, last.right_divergence, last.comparison
+    assert last.status.startswith("done") and comparison is not None
     answer = comparison.left.response
     on, off = policy.token_logprobs(MESSAGES, answer), reference.token_logprobs(MESSAGES, answer)
     assert [t for t, _ in on] == [t for t, _ in off]
@@ -104,8 +105,8 @@ def _adapter_on_then_off(slots: dict[str, EngineSlot], base: str) -> None:
     assert abs(_divergence_total(left_div)) > 0.1 and abs(_divergence_total(right_div)) > 0.1
 
     slots["policy"].set(base, slots["policy"].backend)  # adapter off on both sides: the same model, scored twice
-    *_, (_, _, _, _, left_div, right_div, _, _) = list(compare_reply(slots, Judges(), MESSAGES[0]["content"], None, *GREEDY))
-    assert _divergence_total(left_div) == 0.0 and _divergence_total(right_div) == 0.0
+    *_, last = list(compare_reply(slots, Judges(), MESSAGES[0]["content"], None, *GREEDY))
+    assert _divergence_total(last.left_divergence) == 0.0 and _divergence_total(last.right_divergence) == 0.0
 
 
 DEMO_RUN = DEMO_RUNS[DEMO_POLICY]

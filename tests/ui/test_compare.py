@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import re
 
-from tandemlm.ui.compare_events import CLEARED, RUNNING, restart_event, turn_event
-from tandemlm.ui.compare_tab import compare_reply, compare_views
-from tandemlm.ui.conversation import RunGuard
-from tandemlm.ui.judges import Judges
+from tandemlm.ui.compare.conversation import RunGuard
+from tandemlm.ui.compare.events import CLEARED, RUNNING, restart_event, turn_event
+from tandemlm.ui.compare.judges import Judges
+from tandemlm.ui.compare.outputs import TurnOutputs
+from tandemlm.ui.compare.turn import compare_reply, compare_views
 from tandemlm.ui.stopping import StopFlag
 
 SAMPLING = (64, 0.7, 1.0, 0, -1)
@@ -27,21 +28,22 @@ def test_both_sides_stream_at_the_same_time(make_slots):
     slots = make_slots("a" * 15, "b" * 15, delay=0.01)
     updates = _run(slots)
     # An update where both answers are partial shows they were decoding together, not one after the other.
-    assert any(0 < len(_text(u[0])) < 15 and 0 < len(_text(u[1])) < 15 for u in updates)
-    left, right, left_stats, right_stats, *_, comparison, status = updates[-1]
-    assert left[-1]["content"] == "a" * 15 and right[-1]["content"] == "b" * 15
-    assert "**policy** `pol` (mock) · 15 tokens" in left_stats and "15 chars" in left_stats
-    assert "**reference** `ref` (mock)" in right_stats and "finished (stop)" in right_stats
-    assert status == "done: vote below"
+    assert any(0 < len(_text(u.left_bot)) < 15 and 0 < len(_text(u.right_bot)) < 15 for u in updates)
+    last = updates[-1]
+    assert last.left_bot[-1]["content"] == "a" * 15 and last.right_bot[-1]["content"] == "b" * 15
+    assert "**policy** `pol` (mock) · 15 tokens" in last.left_stats and "15 chars" in last.left_stats
+    assert "**reference** `ref` (mock)" in last.right_stats and "finished (stop)" in last.right_stats
+    assert last.status == "done: vote below"
+    comparison = last.comparison
     assert (comparison.left.response, comparison.right.response) == ("a" * 15, "b" * 15)
     assert comparison.prompt == [{"role": "user", "content": "hi"}] and comparison.params.max_tokens == 64
 
 
 def test_divergence_is_scored_under_both_models(make_slots):
-    *_, (_, _, _, _, left_div, right_div, _, _) = _run(make_slots("hello", "world"))
+    *_, last = _run(make_slots("hello", "world"))
     kl = 4 * (math.log(0.9) - math.log(0.01))  # see test_divergence: 4 of 5 characters differ
-    assert re.search(rf"policy answer</b>: Σ log π/π_ref = <b>\+{kl:.3f}</b> nats over 5 tokens", left_div)
-    assert re.search(rf"reference answer</b>: Σ log π/π_ref = <b>-{kl:.3f}</b>", right_div)
+    assert re.search(rf"policy answer</b>: Σ log π/π_ref = <b>\+{kl:.3f}</b> nats over 5 tokens", last.left_divergence)
+    assert re.search(rf"reference answer</b>: Σ log π/π_ref = <b>-{kl:.3f}</b>", last.right_divergence)
 
 
 def test_judges_show_under_each_answer_and_a_broken_one_does_not_break_the_tab(make_slots):
@@ -49,49 +51,49 @@ def test_judges_show_under_each_answer_and_a_broken_one_does_not_break_the_tab(m
         raise RuntimeError("no checker for this task")
 
     judges = Judges(reward=lambda prompt, response: len(response) / 10, verifier=verifier)
-    *_, (_, _, left_stats, right_stats, _, _, comparison, _) = _run(make_slots("hello", "hi"), judges=judges)
-    assert "reward 0.500 · verifier error: no checker for this task" in left_stats
-    assert "reward 0.200" in right_stats and comparison is not None
+    *_, last = _run(make_slots("hello", "hi"), judges=judges)
+    assert "reward 0.500 · verifier error: no checker for this task" in last.left_stats
+    assert "reward 0.200" in last.right_stats and last.comparison is not None
 
 
 def test_system_prompt_goes_first(make_slots):
-    *_, (*_, comparison, _) = _run(make_slots(), system="Be brief.")
-    assert comparison.prompt[0] == {"role": "system", "content": "Be brief."}
+    *_, last = _run(make_slots(), system="Be brief.")
+    assert last.comparison.prompt[0] == {"role": "system", "content": "Be brief."}
 
 
 def test_empty_prompt_sends_nothing(make_slots):
     slots = make_slots()
     [update] = _run(slots, prompt="  ")
-    assert update[-1] == "Type a prompt first." and update[-2] is None
+    assert update.status == "Type a prompt first." and update.comparison is None
     assert not slots["policy"].loaded and not slots["reference"].loaded
 
 
 def test_a_model_that_fails_to_load_shows_on_its_side_and_the_other_still_answers(make_slots):
     slots = make_slots()
     slots["reference"].set("/no/such/model")
-    *_, (left, right, _, right_stats, left_div, _, comparison, status) = _run(slots)
-    assert left[-1]["content"] == "hello" and right == [{"role": "user", "content": "hi"}]
-    assert right_stats.endswith("⚠ model path /no/such/model does not exist")
-    assert comparison is None and status.startswith("⚠ one side failed") and left_div == ""
+    *_, last = _run(slots)
+    assert last.left_bot[-1]["content"] == "hello" and last.right_bot == [{"role": "user", "content": "hi"}]
+    assert last.right_stats.endswith("⚠ model path /no/such/model does not exist")
+    assert last.comparison is None and last.status.startswith("⚠ one side failed") and last.left_divergence == ""
     assert "⚠ model path /no/such/model does not exist" in slots["reference"].status()
 
 
 def test_prompt_over_the_context_length_is_shown_per_side(make_slots):
-    *_, (_, _, left_stats, right_stats, _, _, comparison, _) = _run(make_slots(), prompt="x" * 3000)
-    assert "⚠ prompt is" in left_stats and "context window is 2048 tokens" in right_stats
-    assert comparison is None
+    *_, last = _run(make_slots(), prompt="x" * 3000)
+    assert "⚠ prompt is" in last.left_stats and "context window is 2048 tokens" in last.right_stats
+    assert last.comparison is None
 
 
 def test_stop_ends_both_answers_and_leaves_nothing_to_vote_on(make_slots):
     slots, flag = make_slots("a" * 200, "b" * 200, delay=0.01), StopFlag()
     stream = compare_reply(slots, Judges(), "hi", None, *SAMPLING, stop=flag)
-    while not _text(next(stream)[0]):  # until the left answer has begun
+    while not _text(next(stream).left_bot):  # until the left answer has begun
         pass
     flag.stop()
-    *_, (left, right, left_stats, right_stats, _, _, comparison, status) = list(stream)
-    assert 0 < len(_text(left)) < 200 and len(_text(right)) < 200
-    assert " · stopped · " in left_stats and " · stopped · " in right_stats
-    assert comparison is None and status == "stopped: nothing to vote on"
+    *_, last = list(stream)
+    assert 0 < len(_text(last.left_bot)) < 200 and len(_text(last.right_bot)) < 200
+    assert " · stopped · " in last.left_stats and " · stopped · " in last.right_stats
+    assert last.comparison is None and last.status == "stopped: nothing to vote on"
     engines = {slots[role].get() for role in ("policy", "reference")}
     assert sum(engine.cancelled for engine in engines) == 2  # both requests freed
 
@@ -126,18 +128,18 @@ def test_a_follow_up_sends_each_side_its_own_history_and_both_panes_show_the_use
     assert sent["policy"][-1] == [system, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                                   {"role": "user", "content": "and then?"}]
     assert sent["reference"][-1][2] == {"role": "assistant", "content": "world"}  # its own reply, not the policy's
-    left, right, *_, comparison, status = second.values()
-    assert [(m["role"], m["content"]) for m in left] == [
+    shown = second.outputs()
+    assert [(m["role"], m["content"]) for m in shown.left_bot] == [
         ("user", "hi"), ("assistant", "hello"), ("user", "and then?"), ("assistant", "hello")]
-    assert [m["content"] for m in right if m["role"] == "user"] == ["hi", "and then?"]
-    assert status == "done: vote below" and comparison.prompt == sent["policy"][-1]
-    assert comparison.right.context == sent["reference"][-1]
+    assert [m["content"] for m in shown.right_bot if m["role"] == "user"] == ["hi", "and then?"]
+    assert shown.status == "done: vote below" and shown.comparison.prompt == sent["policy"][-1]
+    assert shown.comparison.right.context == sent["reference"][-1]
 
 
 def test_the_user_turn_shows_in_both_panes_while_the_answers_stream(make_slots):
-    updates = [v.values() for v in compare_views(make_slots("a" * 10, "b" * 10, delay=0.01), Judges(), "hi", None, *SAMPLING)]
-    assert updates[0][0] == updates[0][1] == [{"role": "user", "content": "hi"}]
-    assert any(u[0][0] == {"role": "user", "content": "hi"} and 0 < len(_text(u[0])) < 10 for u in updates)
+    updates = [v.outputs() for v in compare_views(make_slots("a" * 10, "b" * 10, delay=0.01), Judges(), "hi", None, *SAMPLING)]
+    assert updates[0].left_bot == updates[0].right_bot == [{"role": "user", "content": "hi"}]
+    assert any(u.left_bot[0] == {"role": "user", "content": "hi"} and 0 < len(_text(u.left_bot)) < 10 for u in updates)
 
 
 def test_a_failed_turn_stays_out_of_the_conversation_and_keeps_the_message_to_resend(make_slots):
@@ -168,8 +170,8 @@ def test_the_compare_handler_shows_the_refusal_as_a_toast_and_leaves_the_other_o
     assert guard.begin()
     with pytest.warns(UserWarning, match="already running"):
         [update] = list(turn_event(make_slots(), Judges(), StopFlag(), guard, None, False, False, "hi", None, *SAMPLING))
-    assert update[7] == "A comparison is already running: wait for it or press Stop."
-    assert all(value == gr.skip() for index, value in enumerate(update) if index != 7) and len(update) == 10
+    assert update.status == "A comparison is already running: wait for it or press Stop."
+    assert all(value == gr.skip() for name, value in update._asdict().items() if name != "status")
 
 
 def test_new_conversation_clears_everything_but_not_while_a_comparison_runs(make_slots):
@@ -177,15 +179,17 @@ def test_new_conversation_clears_everything_but_not_while_a_comparison_runs(make
 
     guard = RunGuard()
     cleared = restart_event(guard)
-    assert cleared[:8] == ([], [], "", "", "", "", None, CLEARED) and cleared[8:] == (None, "", "")
+    assert cleared == TurnOutputs(
+        left_bot=[], right_bot=[], left_stats="", right_stats="", left_divergence="", right_divergence="",
+        comparison=None, status=CLEARED, conversation=None, prompt="", vote_status="",
+    )
     guard.begin()
     with pytest.warns(UserWarning, match="press Stop first"):
         refused = restart_event(guard)
-    assert refused[7] == RUNNING and refused[8] != None  # noqa: E711 - a skip update, not a cleared state
+    assert refused.status == RUNNING and refused.conversation != None  # noqa: E711 - a skip update, not a cleared state
     slots = make_slots("hello", "world")
     updates = list(turn_event(slots, Judges(), StopFlag(), RunGuard(), None, False, False, "hi", None, *SAMPLING))
-    *_, conversation, box = updates[-1]
-    assert conversation.user_turns == 1 and box == ""
+    assert updates[-1].conversation.user_turns == 1 and updates[-1].prompt == ""
 
 
 def _record_params(slots) -> dict[str, list]:
@@ -209,8 +213,9 @@ def test_the_unbiased_kl_box_samples_both_sides_at_t1_over_the_sliders_and_the_l
         slots = make_slots("hello", "world")
         sent = _record_params(slots)
         updates = list(turn_event(slots, Judges(), StopFlag(), RunGuard(), None, False, ticked, "hi", None, *sliders))
-        *_, (_, _, _, _, left_div, right_div, comparison, status, _, _) = updates
-        assert status == "done: vote below"
+        *_, last = updates
+        left_div, right_div, comparison = last.left_divergence, last.right_divergence, last.comparison
+        assert last.status == "done: vote below"
         for role in ("policy", "reference"):
             [params] = sent[role]
             assert (params.temperature, params.top_p, params.top_k) == sampled, (ticked, role)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tandemlm.ui.divergence import TokenDiff, align_tokens, divergence_html, ratio_color, sequence_kl
+from tandemlm.ui.compare.divergence import TokenDiff, align_tokens, divergence_html, ratio_color, sequence_kl
 
 
 def test_same_tokenizer_pairs_tokens_and_sums_log_ratios():
@@ -55,7 +55,7 @@ def test_compare_divergence_is_policy_minus_reference_with_a_per_token_mean():
     from types import SimpleNamespace
 
     from tandemlm.deploy.types import SamplingParams
-    from tandemlm.ui.compare_tab import SideRun, _score
+    from tandemlm.ui.compare.turn import SideRun, _score
 
     def slot(logprobs):
         engine = SimpleNamespace(token_logprobs=lambda messages, text: logprobs, render_chat=lambda messages: "<|assistant|>")
@@ -76,7 +76,7 @@ def test_compare_divergence_is_policy_minus_reference_with_a_per_token_mean():
 
 
 def test_top_divergent_tokens_are_listed_with_numbers_and_strong_colour_gets_white_text():
-    from tandemlm.ui.divergence import text_color, top_divergent
+    from tandemlm.ui.compare.divergence import text_color, top_divergent
 
     diffs = [TokenDiff("Par", -0.1, -2.3), TokenDiff("is", -1.2, -0.2), TokenDiff("!", -0.7, -0.7)]
     assert [d.text for d in top_divergent(diffs)] == ["Par", "is"]  # |+2.2| then |-1.0|; "!" does not differ
@@ -87,9 +87,9 @@ def test_top_divergent_tokens_are_listed_with_numbers_and_strong_colour_gets_whi
 
 
 def test_the_colour_scale_redraws_the_finished_comparison_without_running_the_models(make_slots):
-    from tandemlm.ui.compare_events import redraw_event
-    from tandemlm.ui.compare_tab import compare_views
-    from tandemlm.ui.judges import Judges
+    from tandemlm.ui.compare.events import redraw_event
+    from tandemlm.ui.compare.judges import Judges
+    from tandemlm.ui.compare.turn import compare_views
 
     slots = make_slots("hello", "world")
     *_, view = compare_views(slots, Judges(), "hi", None, 64, 0.7, 1.0, 0, -1)
@@ -100,10 +100,11 @@ def test_the_colour_scale_redraws_the_finished_comparison_without_running_the_mo
 
     kl = 4 * (math.log(0.9) - math.log(0.01))  # 4 of 5 characters differ, +4.5 nats each (see test_compare)
     assert ratio_color(4.5, 2.0) in view.divergence["left"]  # the default: full colour from 2 nats
-    left, right, legend = redraw_event(view.comparison, 9.0)
+    redrawn = redraw_event(view.comparison, 9.0)
+    left, right = redrawn.left_divergence, redrawn.right_divergence
     assert ratio_color(4.5, 9.0) == "rgba(37, 99, 235, 0.50)" and ratio_color(4.5, 9.0) in left
     assert ratio_color(4.5, 2.0) not in left and ratio_color(-4.5, 9.0) in right
-    assert f"<b>+{kl:.3f}</b>" in left and "full colour at |log-ratio| ≥ 9 nats" in legend
+    assert f"<b>+{kl:.3f}</b>" in left and "full colour at |log-ratio| ≥ 9 nats" in redrawn.legend
 
 
 def test_redrawing_a_blind_battle_keeps_it_hidden_until_the_vote(make_slots, tmp_path):
@@ -111,13 +112,16 @@ def test_redrawing_a_blind_battle_keeps_it_hidden_until_the_vote(make_slots, tmp
 
     import gradio as gr
 
-    from tandemlm.ui.compare_events import redraw_event
-    from tandemlm.ui.compare_tab import HIDDEN, compare_views
-    from tandemlm.ui.judges import Judges
-    from tandemlm.ui.vote_panel import record_vote
+    from tandemlm.ui.compare.divergence_scoring import HIDDEN
+    from tandemlm.ui.compare.events import redraw_event
+    from tandemlm.ui.compare.judges import Judges
+    from tandemlm.ui.compare.turn import compare_views
+    from tandemlm.ui.compare.vote_panel import record_vote
 
     *_, view = compare_views(make_slots(), Judges(), "hi", None, 64, 0.7, 1.0, 0, -1, blind=True, rng=random.Random(0))
-    assert redraw_event(view.comparison, 4.0)[:2] == (HIDDEN, HIDDEN)
+    hidden = redraw_event(view.comparison, 4.0)
+    assert (hidden.left_divergence, hidden.right_divergence) == (HIDDEN, HIDDEN)
     _, voted = record_vote(str(tmp_path / "v.jsonl"), view.comparison, "tie")
-    assert "Σ log π/π_ref" in redraw_event(voted, 4.0)[0]
-    assert redraw_event(None, 4.0)[:2] == (gr.skip(), gr.skip())  # nothing finished yet: the panes keep what they show
+    assert "Σ log π/π_ref" in redraw_event(voted, 4.0).left_divergence
+    nothing = redraw_event(None, 4.0)  # nothing finished yet: the panes keep what they show
+    assert (nothing.left_divergence, nothing.right_divergence) == (gr.skip(), gr.skip()) and "4 nats" in nothing.legend

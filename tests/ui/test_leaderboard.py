@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tandemlm.ui.leaderboard import (
+from tandemlm.ui.votes.leaderboard import (
     Battle,
     battles_from_records,
     bootstrap_intervals,

@@ -9,10 +9,10 @@ import pytest
 
 from tandemlm.deploy.mock_engine import MockEngine
 from tandemlm.deploy.types import SamplingParams
-from tandemlm.ui.compare_tab import compare_views
+from tandemlm.ui.compare.divergence_scoring import measure_note, score_answer
+from tandemlm.ui.compare.judges import Judges
+from tandemlm.ui.compare.turn import compare_views
 from tandemlm.ui.engines import EnginePool, EngineSlot
-from tandemlm.ui.judges import Judges
-from tandemlm.ui.scoring import measure_note, score_answer
 
 SAMPLING = (64, 1.0, 1.0, 0, -1)  # max tokens, temperature, top-p, top-k, seed
 

@@ -9,11 +9,11 @@ import pytest
 
 from tandemlm.deploy.engine import AdapterView
 from tandemlm.deploy.types import SamplingParams
-from tandemlm.ui.arena import votes_summary
+from tandemlm.ui.compare.vote_panel import votes_summary
 from tandemlm.ui.engines import EnginePool, EngineSlot
 from tandemlm.ui.runs_tab import load_run_policy
-from tandemlm.ui.train_votes import dpo_command, start_dpo
-from tandemlm.ui.votes import Side, append_record, preference_record
+from tandemlm.ui.votes.records import Side, append_record, preference_record
+from tandemlm.ui.votes.training import dpo_command, start_dpo
 
 TINY = ("--lora", "--lora-layers", "1", "--batch-size", "2", "--max-length", "64", "--threads", "1", "--save-steps", "50",
         "--logging-steps", "1", "--learning-rate", "1e-3", "--lr-scheduler", "constant")

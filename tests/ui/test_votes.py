@@ -9,8 +9,9 @@ import threading
 import pytest
 
 from tandemlm.deploy.types import SamplingParams
-from tandemlm.ui.vote_panel import Comparison, export_votes, record_vote
-from tandemlm.ui.votes import Side, append_record, preference_record, read_pairs, read_records
+from tandemlm.ui.compare.outputs import Comparison
+from tandemlm.ui.compare.vote_panel import export_votes, record_vote
+from tandemlm.ui.votes.records import Side, append_record, preference_record, read_pairs, read_records
 
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
 LEFT, RIGHT = Side("policy-run", "llama.cpp", "Paris."), Side("smollm2", "llama.cpp", "London.")
@@ -51,7 +52,7 @@ def test_concurrent_appends_never_tear_or_lose_records(tmp_path, monkeypatch):
     another appender's line lands inside this one."""
     import time
 
-    from tandemlm.ui import votes
+    from tandemlm.ui.votes import records
 
     real_write = os.write
 
@@ -60,7 +61,7 @@ def test_concurrent_appends_never_tear_or_lose_records(tmp_path, monkeypatch):
         time.sleep(0.0005)  # let another appender run between the pieces
         return written
 
-    monkeypatch.setattr(votes.os, "write", partial_write)
+    monkeypatch.setattr(records.os, "write", partial_write)
     path = tmp_path / "votes.jsonl"
     big = "x" * 2_000
 

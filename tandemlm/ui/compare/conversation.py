@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tandemlm.models.chat_template import Message
-from tandemlm.ui.arena import ALIASES, assign_sides
 from tandemlm.ui.chat_tab import Turn, chat_display, engine_messages
+from tandemlm.ui.compare.arena import ALIASES, assign_sides
 
 SIDE_KEYS = ("left", "right")
 BUSY = "A comparison is already running: wait for it or press Stop."

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandemlm.align.metrics import read_metrics
-from tandemlm.ui.votes import read_pairs
+from tandemlm.ui.votes.records import read_pairs
 
 DEFAULT_FLAGS = ("--preset", "cpu-demo")  # LoRA on the last layers, short sequences: fits 2 CPU cores
 

@@ -1,12 +1,13 @@
-"""Compare tab: a conversation with policy (left) and reference (right) streamed side by side, then where they diverge.
+"""One turn of the Compare tab: policy (left) and reference (right) streamed side by side, then where they diverge.
 
 Both answers stream at once (one thread per side; the engines batch concurrent requests). Each
 side keeps its own conversation (see ``conversation``): a follow-up goes to each engine with the
 user's turns and that side's own earlier replies. When both answers are in, each is scored under
-both models (see ``scoring``) and shown with its tokens coloured by ``log π_policy − log π_ref``,
+both models (see ``divergence_scoring``) and shown with its tokens coloured by ``log π_policy − log π_ref``,
 next to the judges' verdicts. The finished turn is kept in a ``gr.State`` for the vote buttons
 (see ``vote_panel``); the colour scale redraws it without running the models again. This module
-runs a turn; ``compare_events`` holds its Gradio handlers and ``compare_layout`` lays the tab out.
+runs a turn; ``events`` holds the tab's Gradio handlers, ``layout`` lays the tab out, and ``outputs``
+names what a turn shows.
 """
 
 from __future__ import annotations
@@ -21,22 +22,18 @@ from typing import Any
 from tandemlm.deploy.types import Delta, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.models.chat_template import Message
-from tandemlm.ui.arena import same_model_note, side_seeds
 from tandemlm.ui.chat_tab import Turn, stats_line
-from tandemlm.ui.conversation import BUSY, SIDE_KEYS, Conversation, RunGuard
-from tandemlm.ui.divergence import align_tokens
+from tandemlm.ui.compare.arena import same_model_note, side_seeds
+from tandemlm.ui.compare.conversation import BUSY, SIDE_KEYS, Conversation, RunGuard
+from tandemlm.ui.compare.divergence import align_tokens
+from tandemlm.ui.compare.divergence_scoring import ScoredAnswer, at_temperature_one, measure_note, score_answer
+from tandemlm.ui.compare.judges import Judges, judge_line
+from tandemlm.ui.compare.outputs import Comparison, TurnOutputs, keeping
+from tandemlm.ui.compare.stream_merge import DONE, merge_streams
 from tandemlm.ui.engines import EngineSlot
-from tandemlm.ui.judges import Judges, judge_line
-from tandemlm.ui.merge import DONE, merge_streams
-from tandemlm.ui.sampling import sampling_params
-from tandemlm.ui.scoring import HIDDEN, ScoredAnswer, at_temperature_one, measure_note, score_answer
+from tandemlm.ui.sampling_controls import sampling_params
 from tandemlm.ui.stopping import StopFlag
-from tandemlm.ui.vote_panel import Comparison
-from tandemlm.ui.votes import Side
-
-__all__ = ["HIDDEN", "SIDES", "CompareView", "SideRun", "compare_reply", "compare_views"]
-
-SIDES = {"left": "policy", "right": "reference"}  # which slot answers on which side (blind mode shuffles)
+from tandemlm.ui.votes.records import Side
 
 
 @dataclass
@@ -99,31 +96,35 @@ class CompareView:
     box: str = ""  # the prompt box: emptied once the turn is in the conversation, kept to resend otherwise
     busy: bool = False  # refused: another comparison of this session is running
 
-    def values(self) -> tuple[Any, ...]:
-        """Output values: left bot, right bot, left stats, right stats, left/right divergence, state, status."""
+    def outputs(self) -> TurnOutputs:
+        """What the tab shows for this update (the vote status keeps what it shows)."""
         left, right = self.sides.get("left"), self.sides.get("right")
         # Until the turn joins the conversation, its message and the answers so far are shown after it.
-        bots = [
+        left_bot, right_bot = (
             self.conversation.display(key, self.user, side.turn() if side and self.user else None, self.streaming)
             for key, side in (("left", left), ("right", right))
-        ]
-        return (
-            *bots,
-            left.stats() if left else "",
-            right.stats() if right else "",
-            self.divergence["left"],
-            self.divergence["right"],
-            self.comparison,
-            self.status,
+        )
+        return keeping(
+            TurnOutputs,
+            left_bot=left_bot,
+            right_bot=right_bot,
+            left_stats=left.stats() if left else "",
+            right_stats=right.stats() if right else "",
+            left_divergence=self.divergence["left"],
+            right_divergence=self.divergence["right"],
+            comparison=self.comparison,
+            status=self.status,
+            conversation=self.conversation,
+            prompt=self.box,
         )
 
 
 def compare_reply(
     slots: dict[str, EngineSlot], judges: Judges, prompt: str, system: str | None, *sampling: Any, **options: Any
-) -> Iterator[tuple[Any, ...]]:
-    """:func:`compare_views` as the tab's output values (see :meth:`CompareView.values`)."""
+) -> Iterator[TurnOutputs]:
+    """:func:`compare_views` as the tab's output values (see :meth:`CompareView.outputs`)."""
     for view in compare_views(slots, judges, prompt, system, *sampling, **options):
-        yield view.values()
+        yield view.outputs()
 
 
 def compare_views(

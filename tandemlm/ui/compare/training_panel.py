@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from tandemlm.ui.engines import EngineSlot
 from tandemlm.ui.model_refs import run_base
 from tandemlm.ui.runs_tab import load_run_policy
-from tandemlm.ui.train_votes import TrainJob, start_dpo
+from tandemlm.ui.votes.training import TrainJob, start_dpo
 
 if TYPE_CHECKING:
 

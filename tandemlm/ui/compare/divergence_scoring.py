@@ -24,7 +24,7 @@ from tandemlm.deploy.engine import Engine
 from tandemlm.deploy.textstream import THINK_CLOSE, THINK_OPEN, prompt_opens_reasoning
 from tandemlm.deploy.types import SamplingParams
 from tandemlm.models.chat_template import Message
-from tandemlm.ui.divergence import TokenDiff, TokenLogprobs, divergence_html
+from tandemlm.ui.compare.divergence import TokenDiff, TokenLogprobs, divergence_html
 
 THINK_HEAD = f"{THINK_OPEN}\n"
 THINK_TAIL = f"{THINK_CLOSE}\n\n"  # R1's separator; the stream drops the blank lines, so they are put back here

@@ -1,52 +1,25 @@
-"""The vote buttons under a comparison, the optional edit of the better answer, and the export.
+"""The vote buttons under a comparison, the optional edit of the better answer, the votes file line, and the export.
 
-:func:`record_vote` and :func:`export_votes` are the handlers (no Gradio needed to test them);
-the records themselves are built and appended by :mod:`tandemlm.ui.votes`.
+:func:`record_vote`, :func:`vote_event` and :func:`export_votes` are the handlers (no browser needed to
+test them); the records themselves are built and appended by :mod:`tandemlm.ui.votes.records`.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tandemlm.deploy.types import SamplingParams
-from tandemlm.models.chat_template import Message
-from tandemlm.ui.scoring import HIDDEN, ScoredAnswer
-from tandemlm.ui.votes import Label, Side, append_record, preference_record
+from tandemlm.ui.compare.outputs import Comparison, keeping
+from tandemlm.ui.votes.records import Label, append_record, preference_record, read_pairs, read_records
 
 if TYPE_CHECKING:
     import gradio as gr
 
 BUTTONS: dict[str, str] = {"left": "← Left is better", "right": "Right is better →", "tie": "Tie", "both_bad": "Both bad"}
-
-
-@dataclass
-class Comparison:
-    """A finished turn of a comparison waiting for a vote.
-
-    ``prompt`` is the left side's conversation up to this turn; each side's own is in its
-    ``context`` (the two differ from the second turn on: each saw its own earlier replies).
-    """
-
-    prompt: list[Message]
-    left: Side
-    right: Side
-    params: SamplingParams
-    voted: str | None = None
-    roles: tuple[str, str] = ("policy", "reference")  # which slot answered left and right
-    reveal: tuple[str, str] | None = None  # blind battle: the named stats lines to show after the vote
-    scores: dict[str, ScoredAnswer] = field(default_factory=dict)  # side -> its answer scored under both models
-    blind: bool = False
-
-    def divergence(self, scale: float = 2.0) -> tuple[str, str]:
-        """Left and right divergence views at ``scale`` (hidden in a blind battle until the vote)."""
-        if self.blind and not self.voted:
-            return HIDDEN, HIDDEN
-        left, right = (self.scores[key].html(scale) if key in self.scores else "" for key in ("left", "right"))
-        return left, right
 
 
 def record_vote(votes_path: str, comparison: Comparison | None, label: Label, edited: str = "") -> tuple[str, Comparison | None]:
@@ -83,18 +56,62 @@ def export_votes(votes_path: str) -> tuple[str | None, str]:
     return str(target), f"{lines} records exported."
 
 
+class VoteOutputs(NamedTuple):
+    """What a vote updates: its status, the comparison (now voted), a blind battle's reveal, the votes file line."""
+
+    vote_status: Any
+    comparison: Any
+    left_stats: Any  # a blind battle only: the stats lines with the names, once voted
+    right_stats: Any
+    left_divergence: Any  # a blind battle only: the divergence, once voted
+    right_divergence: Any
+    votes_info: Any
+
+
+@dataclass
+class VotePanel:
+    """The panel's components the tab clears when a new comparison starts, and the vote events."""
+
+    edit: gr.Textbox
+    status: gr.Markdown
+    events: list[Any]  # one per vote button: the tab chains the leaderboard refresh on them
+
+
+def votes_summary(votes_path: str) -> str:
+    """The votes file's absolute path and how many records are DPO pairs (ties and both-bad are not)."""
+    path = Path(votes_path).expanduser().resolve()
+    if not path.is_file():
+        return f"Votes go to `{path}` (none yet). Each left/right vote is a DPO pair: `tandem align dpo --dataset {path}`."
+    total, pairs = sum(1 for _ in read_records(path)), len(read_pairs(path))
+    return (
+        f"Votes: `{path}`: {total} votes, **{pairs} usable DPO pairs** (ties and both-bad are not pairs); "
+        f"train on them with the button below or `tandem align dpo --dataset {path}`."
+    )
+
+
+def vote_event(votes_path: str, comparison: Comparison | None, edited: str, label: Label, scale: float = 2.0) -> VoteOutputs:
+    """A vote button: records the vote and, in a blind battle, shows who answered and the divergence at ``scale``."""
+    status, comparison = record_vote(votes_path, comparison, label, edited or "")
+    shown: dict[str, Any] = {}
+    if comparison is not None and comparison.voted and comparison.reveal:
+        shown["left_stats"], shown["right_stats"] = comparison.reveal
+        shown["left_divergence"], shown["right_divergence"] = comparison.divergence(float(scale))
+    return keeping(VoteOutputs, vote_status=status, comparison=comparison, votes_info=votes_summary(votes_path), **shown)
+
+
 def build_vote_panel(
-    comparison: gr.State, votes_path: str, reveal: list[gr.components.Component], scale: gr.Slider | None = None
-) -> tuple[list[gr.components.Component], list[Any]]:
+    comparison: gr.State,
+    votes_path: str,
+    stats: Mapping[str, gr.Markdown],
+    divergence: Mapping[str, gr.HTML],
+    scale: gr.Slider | None = None,
+) -> VotePanel:
     """Vote buttons, the edit box, the votes file line, and export; call inside the Compare tab.
 
-    ``reveal`` (left stats, right stats, left divergence, right divergence) get a blind battle's
-    names and divergence (at the colour ``scale``) once it is voted on. Returns the edit box and vote status (for the tab to
-    clear when a new comparison starts) and the vote events (to chain the leaderboard refresh on).
+    ``stats`` and ``divergence`` (by side) get a blind battle's names and divergence (at the colour
+    ``scale``) once it is voted on.
     """
     import gradio as gr
-
-    from tandemlm.ui.arena import votes_summary
 
     with gr.Row():
         buttons = {label: gr.Button(text, elem_id=f"vote-{label}") for label, text in BUTTONS.items()}
@@ -108,18 +125,15 @@ def build_vote_panel(
     with gr.Row():
         export = gr.Button("Export votes (JSONL)", size="sm", elem_id="vote-export")
         download = gr.File(label="votes file", interactive=False, height=90, elem_id="vote-file")
-
-    def vote(state: Comparison | None, text: str, label: Label, value: float = 2.0) -> tuple[Any, ...]:
-        status, state = record_vote(votes_path, state, label, text or "")
-        revealed = state is not None and state.voted and state.reveal
-        shown = (*state.reveal, *state.divergence(float(value))) if revealed else (gr.skip(),) * 4
-        return status, state, *shown, votes_summary(votes_path)
-
+    outputs = VoteOutputs(
+        vote_status=vote_status, comparison=comparison, left_stats=stats["left"], right_stats=stats["right"],
+        left_divergence=divergence["left"], right_divergence=divergence["right"], votes_info=votes_info,
+    )
     events = [
         button.click(
-            lambda state, text, value=2.0, label=label: vote(state, text, label, value),
+            lambda state, text, value=2.0, label=label: vote_event(votes_path, state, text, label, value),
             [comparison, edit, *([scale] if scale is not None else [])],
-            [vote_status, comparison, *reveal, votes_info],
+            list(outputs),
             concurrency_limit=None,
         )
         for label, button in buttons.items()
@@ -127,4 +141,4 @@ def build_vote_panel(
     from_left.click(lambda state: state.left.response if state else "", comparison, edit, queue=False)
     from_right.click(lambda state: state.right.response if state else "", comparison, edit, queue=False)
     export.click(lambda: export_votes(votes_path), outputs=[download, vote_status])
-    return [edit, vote_status], events
+    return VotePanel(edit, vote_status, events)

@@ -49,7 +49,7 @@ class Standing:
 
 
 def battles_from_records(records: Iterable[dict[str, Any]]) -> list[Battle]:
-    """Battles from preference records (votes.py); a record without both model names, or a model against itself, is skipped."""
+    """Battles from preference records (``records``); a record without both model names, or a model against itself, is skipped."""
     battles = []
     for record in records:
         left, right = record.get("left") or {}, record.get("right") or {}

@@ -1,28 +1,42 @@
 """The Compare tab's layout: prompt row, two conversations, divergence, votes, leaderboard, training.
 
-Wires :mod:`tandemlm.ui.compare_events`' handlers (which run turns through
-:mod:`tandemlm.ui.compare_tab`) to the components laid out here; nothing runs at build time.
+Wires :mod:`tandemlm.ui.compare.events`' handlers (which run turns through
+:mod:`tandemlm.ui.compare.turn`) to the components laid out here, each event's outputs named by a
+class of :mod:`tandemlm.ui.compare.outputs`; nothing runs at build time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tandemlm.ui.arena import build_leaderboard, same_model_note
-from tandemlm.ui.compare_events import redraw_event, restart_event, turn_event
-from tandemlm.ui.compare_tab import SIDES
-from tandemlm.ui.conversation import RunGuard
-from tandemlm.ui.divergence import legend_html
+from tandemlm.ui.compare.arena import same_model_note
+from tandemlm.ui.compare.conversation import SIDE_KEYS, RunGuard
+from tandemlm.ui.compare.divergence import legend_html
+from tandemlm.ui.compare.events import redraw_event, restart_event, turn_event
+from tandemlm.ui.compare.judges import Judges
+from tandemlm.ui.compare.leaderboard_panel import build_leaderboard
+from tandemlm.ui.compare.outputs import RedrawOutputs, TurnOutputs
+from tandemlm.ui.compare.training_panel import build_training_panel
+from tandemlm.ui.compare.vote_panel import build_vote_panel
 from tandemlm.ui.engines import EngineSlot
-from tandemlm.ui.judges import Judges
-from tandemlm.ui.sampling import sampling_controls
+from tandemlm.ui.sampling_controls import sampling_controls
 from tandemlm.ui.stopping import StopFlag
-from tandemlm.ui.training_panel import build_training_panel
-from tandemlm.ui.vote_panel import build_vote_panel
 
 if TYPE_CHECKING:
+    import gradio as gr
+
     from tandemlm.ui.models_panel import ModelsPanel
+
+
+class Panes(NamedTuple):
+    """The two conversations with their stats and divergence (by side), the colour key and its scale slider."""
+
+    bots: dict[str, gr.Chatbot]
+    stats: dict[str, gr.Markdown]
+    divergence: dict[str, gr.HTML]
+    legend: gr.HTML
+    scale: gr.Slider
 
 
 def build_compare_tab(
@@ -49,43 +63,49 @@ def build_compare_tab(
         unbiased_kl = gr.Checkbox(False, label="Unbiased KL: sample at T=1, top-p 1, top-k off", elem_id="compare-unbiased-kl",
                                   info="both sides, whatever the sliders say, so Σ log π/π_ref is an unbiased KL estimate")
     status = gr.Markdown(elem_id="compare-status")
-    bots, stats, diverge, legend, scale = _panes()
+    panes = _panes()
     comparison, conversation = gr.State(None), gr.State(None)
     flag, guard = gr.State(StopFlag), gr.State(RunGuard)  # callables: one of each per browser session
-    reveal = [stats["left"], stats["right"], diverge["left"], diverge["right"]]
-    vote_outputs, vote_events = build_vote_panel(comparison, votes_path, reveal, scale)
-    refresh_board, board_outputs = build_leaderboard(votes_path)
-    for event in vote_events:
-        event.then(refresh_board, outputs=board_outputs, show_progress="hidden")
+    vote = build_vote_panel(comparison, votes_path, panes.stats, panes.divergence, panes.scale)
+    build_leaderboard(votes_path, refresh_after=vote.events)
     if models is not None:
         build_training_panel(slots, votes_path, runs_dir, models)
+    shown = TurnOutputs(
+        left_bot=panes.bots["left"], right_bot=panes.bots["right"],
+        left_stats=panes.stats["left"], right_stats=panes.stats["right"],
+        left_divergence=panes.divergence["left"], right_divergence=panes.divergence["right"],
+        comparison=comparison, status=status, conversation=conversation, prompt=prompt, vote_status=vote.status,
+    )
+    redrawn = RedrawOutputs(
+        left_divergence=panes.divergence["left"], right_divergence=panes.divergence["right"], legend=panes.legend
+    )
 
-    def turn(*inputs: Any) -> Iterator[tuple[Any, ...]]:
+    def turn(*inputs: Any) -> Iterator[TurnOutputs]:
         yield from turn_event(slots, judges, *inputs)
 
-    shown = [*bots.values(), *stats.values(), *diverge.values(), comparison, status, conversation, prompt]
     for trigger in (run.click, prompt.submit):
-        trigger(turn, [flag, guard, conversation, blind, unbiased_kl, prompt, system, *controls], shown,
+        trigger(turn, [flag, guard, conversation, blind, unbiased_kl, prompt, system, *controls], list(shown),
                 show_progress="hidden", concurrency_limit=8)
-        trigger(lambda: ("", "", same_model_note(slots)), outputs=[*vote_outputs, note], queue=False)
+        trigger(lambda: {vote.edit: "", vote.status: "", note: same_model_note(slots)},
+                outputs=[vote.edit, vote.status, note], queue=False)
     stop.click(lambda stop_flag: stop_flag.stop(), flag, None, queue=False)
-    clear.click(restart_event, guard, [*shown, vote_outputs[1]], queue=False)
-    scale.change(redraw_event, [comparison, scale], [*diverge.values(), legend], queue=False, show_progress="hidden")
+    clear.click(restart_event, guard, list(shown), queue=False)
+    panes.scale.change(redraw_event, [comparison, panes.scale], list(redrawn), queue=False, show_progress="hidden")
 
 
-def _panes() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Any, Any]:
-    """The two conversations with their stats and divergence, the colour key and its scale slider."""
+def _panes() -> Panes:
+    """Lays out the two conversations with their stats and divergence, the colour key and its scale slider."""
     import gradio as gr
 
-    bots, stats, diverge = {}, {}, {}
+    bots, stats, divergence = {}, {}, {}
     with gr.Row(equal_height=False):
-        for key in SIDES:
+        for key in SIDE_KEYS:
             with gr.Column():
                 bots[key] = gr.Chatbot(label=f"{key} side", height=300, elem_id=f"compare-{key}-bot", buttons=["copy"])
                 stats[key] = gr.Markdown(elem_id=f"compare-{key}-stats")
-                diverge[key] = gr.HTML(elem_id=f"compare-{key}-divergence")
+                divergence[key] = gr.HTML(elem_id=f"compare-{key}-divergence")
     with gr.Row(equal_height=False):
         legend = gr.HTML(legend_html())
         scale = gr.Slider(0.25, 8.0, value=2.0, step=0.25, label="colour scale (nats)", min_width=220, scale=0,
                           info="|log π/π_ref| that gets full colour", elem_id="compare-scale")
-    return bots, stats, diverge, legend, scale
+    return Panes(bots, stats, divergence, legend, scale)
