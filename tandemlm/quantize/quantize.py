@@ -21,6 +21,7 @@ from pathlib import Path
 from tandemlm.errors import QuantizeError
 from tandemlm.models.atomic import atomic_path
 from tandemlm.models.gguf_info import read_gguf_info
+from tandemlm.quantize.imatrix import QuantizerImatrix
 from tandemlm.quantize.types import QuantType
 
 K_BLOCK = 256  # weights per k-quant block (ggml's QK_K)
@@ -46,18 +47,25 @@ def quantize_gguf(
     nthread: int | None = None,
     progress: ProgressFn | None = None,
     temp_dir: Path | None = None,
+    imatrix: QuantizerImatrix | None = None,
+    tensor_types: dict[str, str] | None = None,
 ) -> list[Fallback]:
     """Quantizes ``source`` to ``qtype`` at ``out_path`` (temp file + rename); returns the k-quant fallbacks.
 
-    The temp file is beside ``out_path``, or named by our PID in ``temp_dir`` (same filesystem).
-    ``progress(done, total)`` is called per tensor. Nothing is left at ``out_path`` on failure or
-    interruption (Ctrl-C or SIGTERM waits for the C call to return, then cleans up).
+    ``imatrix`` weighs rounding errors by an importance matrix (types that need one are refused
+    without it); ``tensor_types`` maps a tensor-name regex to a ggml type name (``q6_K``), llama.cpp's
+    per-tensor override, first match wins. The temp file is beside ``out_path``, or named by our PID
+    in ``temp_dir`` (same filesystem). ``progress(done, total)`` is called per tensor. Nothing is left
+    at ``out_path`` on failure or interruption (Ctrl-C or SIGTERM waits for the C call to return, then cleans up).
     """
     source, out_path = Path(source), Path(out_path)
     if qtype.stage != "quantize":
         raise QuantizeError(f"{qtype.name} is not made by llama.cpp's quantizer (stage {qtype.stage})")
+    if qtype.needs_imatrix and imatrix is None:
+        raise QuantizeError(needs_imatrix_message(qtype))
+    overrides = TensorOverrides(tensor_types or {})
     with atomic_path(out_path, ".partial", temp_dir) as tmp:
-        _run_quantizer(source, tmp, qtype, nthread or os.cpu_count() or 1, progress)
+        _run_quantizer(source, tmp, qtype, nthread or os.cpu_count() or 1, progress, imatrix, overrides)
         fallbacks = find_fallbacks(tmp, qtype)
     return fallbacks
 
@@ -70,9 +78,18 @@ def find_fallbacks(path: str | os.PathLike[str], qtype: QuantType) -> list[Fallb
     for tensor in read_gguf_info(path).tensors:
         row = tensor.shape[0] if tensor.shape else 0
         is_matrix = len(tensor.shape) >= 2
-        if is_matrix and row % K_BLOCK and tensor.type_name not in FLOAT_TYPES and not tensor.type_name.endswith("_K"):
+        if is_matrix and row % K_BLOCK and tensor.type_name not in FLOAT_TYPES and _block_weights(tensor.type_name) != K_BLOCK:
             found.append(Fallback(tensor.name, row, tensor.type_name.lower()))
     return found
+
+
+def _block_weights(type_name: str) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        return GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]][0]
+    except KeyError:
+        return 0
 
 
 def describe_fallbacks(fallbacks: list[Fallback], qtype: QuantType, n_tensors: int | None = None, limit: int = 3) -> str:
@@ -93,13 +110,46 @@ def describe_fallbacks(fallbacks: list[Fallback], qtype: QuantType, n_tensors: i
 # Running llama_model_quantize
 
 
-def _run_quantizer(source: Path, dest: Path, qtype: QuantType, nthread: int, progress: ProgressFn | None) -> None:
+def needs_imatrix_message(qtype: QuantType) -> str:
+    """The one line refusing a type that llama.cpp's quantizer cannot make without an importance matrix."""
+    return (
+        f"type {qtype.name} needs an importance matrix (llama.cpp's quantizer refuses {qtype.label} without one): "
+        f"use --imatrix auto or --imatrix FILE"
+    )
+
+
+class TensorOverrides:
+    """``llama_model_quantize_params.tt_overrides``: (regex, ggml type) rows, null-terminated."""
+
+    def __init__(self, tensor_types: dict[str, str]) -> None:
+        import llama_cpp
+        from gguf import GGMLQuantizationType
+
+        known = {t.name.lower(): int(t.value) for t in GGMLQuantizationType}
+        self._patterns = [pattern.encode() for pattern in tensor_types]
+        self.array = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for row, pattern, type_name in zip(self.array, self._patterns, tensor_types.values(), strict=False):
+            if type_name.lower() not in known:
+                raise QuantizeError(f"unknown ggml type {type_name!r} for tensors {pattern.decode()}")
+            row.pattern = pattern
+            row.type = known[type_name.lower()]
+        self.empty = not tensor_types  # the last row stays zeroed: llama.cpp stops at a null pattern
+
+
+def _run_quantizer(
+    source: Path, dest: Path, qtype: QuantType, nthread: int, progress: ProgressFn | None,
+    imatrix: QuantizerImatrix | None = None, overrides: TensorOverrides | None = None,
+) -> None:
     """Calls ``llama_model_quantize`` in a worker thread (so Ctrl-C reaches Python) with our log hook."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = qtype.ftype
     params.nthread = nthread
+    if imatrix is not None:
+        params.imatrix = ctypes.cast(imatrix.array, type(params.imatrix))
+    if overrides is not None and not overrides.empty:
+        params.tt_overrides = ctypes.cast(overrides.array, type(params.tt_overrides))
     log = _QuantizerLog(progress)
     outcome: dict[str, int | BaseException] = {}
 

@@ -30,6 +30,7 @@ class QuantType:
     description: str
     load_in_bits: int | None = None  # bitsandbytes only
     bnb_bits: float = 0.0  # bitsandbytes only: nominal bits per weight (no ggml block format)
+    needs_imatrix: bool = False  # llama.cpp's quantizer refuses the type without an importance matrix
 
     @property
     def ftype(self) -> int:
@@ -51,9 +52,19 @@ class QuantType:
         return nbytes * 8 / weights
 
     @property
+    def uses_imatrix(self) -> bool:
+        """True when llama.cpp's quantizer weighs this type's rounding by an importance matrix (not q8_0)."""
+        return self.stage == "quantize" and self.block != "Q8_0"
+
+    @property
     def is_k_quant(self) -> bool:
-        """True for k-quant types, whose rows must be multiples of 256 (else llama.cpp falls back)."""
-        return bool(self.block and self.block.endswith("_K"))
+        """True for types of 256-weight blocks (k-quants and most i-quants), whose rows must be multiples
+        of 256 (else llama.cpp falls back)."""
+        if not self.block:
+            return False
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        return GGML_QUANT_SIZES[GGMLQuantizationType[self.block]][0] == 256
 
     @property
     def label(self) -> str:
@@ -63,6 +74,12 @@ class QuantType:
 
 def _row(name: str, stage: str, const: str | None, block: str | None, description: str) -> QuantType:
     return QuantType(name, stage, const, block, description)
+
+
+def _iq(name: str, block: str, description: str, needs_imatrix: bool = False) -> QuantType:
+    """An i-quant (or Q2_K_S): made by the quantizer; the lowest ones only with an importance matrix
+    (llama.cpp's ``tensor_requires_imatrix``: IQ1_*, IQ2_XXS/XS/S, IQ3_XXS and Q2_K_S's q2_K tensors)."""
+    return QuantType(name, "quantize", f"LLAMA_FTYPE_MOSTLY_{name.upper()}", block, description, needs_imatrix=needs_imatrix)
 
 
 def _bnb(name: str, load_in_bits: int, bits: float, description: str) -> QuantType:
@@ -96,6 +113,21 @@ QUANT_TYPES: dict[str, QuantType] = {
         _row("q3_k_m", "quantize", "LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q3_K", "3-bit k-quant mix; noticeably lossy"),
         # 2-bit k-quant mix: large loss; last resort.
         _row("q2_k", "quantize", "LLAMA_FTYPE_MOSTLY_Q2_K", "Q2_K", "2-bit k-quant mix; large loss"),
+        _iq("q2_k_s", "Q2_K", "2-bit k-quant (small); needs an importance matrix", needs_imatrix=True),
+        # i-quants: lattice codebooks; best quality per bit with an importance matrix (4-bit and 3-bit S/M/XS
+        # work without one, the lowest refuse to).
+        _iq("iq4_xs", "IQ4_XS", "4.25-bit i-quant; about q4_k_s quality, smaller"),
+        _iq("iq4_nl", "IQ4_NL", "4.5-bit non-linear, blocks of 32"),
+        _iq("iq3_m", "IQ3_S", "3.4-bit i-quant mix (medium)"),
+        _iq("iq3_s", "IQ3_S", "3.4-bit i-quant"),
+        _iq("iq3_xs", "IQ3_S", "3.3-bit i-quant mix (extra small); needs an importance matrix", needs_imatrix=True),
+        _iq("iq3_xxs", "IQ3_XXS", "3.06-bit i-quant; needs an importance matrix", needs_imatrix=True),
+        _iq("iq2_m", "IQ2_S", "2.7-bit i-quant mix; needs an importance matrix", needs_imatrix=True),
+        _iq("iq2_s", "IQ2_S", "2.5-bit i-quant; needs an importance matrix", needs_imatrix=True),
+        _iq("iq2_xs", "IQ2_XS", "2.31-bit i-quant; needs an importance matrix", needs_imatrix=True),
+        _iq("iq2_xxs", "IQ2_XXS", "2.06-bit i-quant; needs an importance matrix", needs_imatrix=True),
+        _iq("iq1_m", "IQ1_M", "1.75-bit i-quant; needs an importance matrix", needs_imatrix=True),
+        _iq("iq1_s", "IQ1_S", "1.56-bit i-quant; needs an importance matrix", needs_imatrix=True),
         # NF4 with blocks of 64 and an fp32 scale each (4.5 bits) through bitsandbytes, CUDA only.
         _bnb("bnb-4bit", 4, 4.5, "bitsandbytes NF4 load for the transformers backend (GPU)"),
         # LLM.int8(): int8 weights with fp16 outliers, through bitsandbytes, CUDA only.

@@ -1,4 +1,4 @@
-"""The pure helpers of ``bench/serve_load.py``: its statistics, its flags and the llama-server build cache.
+"""The pure helpers of ``bench/serve_load.py``: its statistics, and its flags.
 
 No server runs and nothing compiles here (the bench itself is never part of the test run).
 """
@@ -10,7 +10,6 @@ import io
 import json
 import math
 import sys
-import tarfile
 from pathlib import Path
 from types import ModuleType
 
@@ -27,12 +26,6 @@ def _bench_module(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 @pytest.fixture
 def clients(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return _bench_module("_serve_clients", monkeypatch)
-
-
-@pytest.fixture
-def build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ModuleType:
-    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "cache"))
-    return _bench_module("build_llama_server", monkeypatch)
 
 
 def test_percentile_interpolates_and_skips_nan(clients: ModuleType) -> None:
@@ -103,47 +96,3 @@ def test_target_lines_say_met_or_missed(monkeypatch: pytest.MonkeyPatch) -> None
     ours = {8: {"tokens_per_s": 110.0, "ttft_p95": 0.9}, 16: {"tokens_per_s": 90.0, "ttft_p95": 0.9}}
     lines = serve_load.target_lines(ours, anchor)
     assert lines[0].endswith("met") and lines[1].endswith("MISSED")
-
-
-def test_a_build_counts_only_once_its_marker_matches_version_and_flags(build: ModuleType, tmp_path: Path) -> None:
-    root = tmp_path / "llama-server-1.0"
-    binary = root / "build" / "bin" / "llama-server"
-    binary.parent.mkdir(parents=True)
-    binary.write_text("")
-    assert build.cached_binary(root, "1.0") is None  # binary but no marker: an unfinished build
-    (root / build.MARKER).write_text(build.marker_text("1.0"))
-    assert build.cached_binary(root, "1.0") == binary
-    assert build.cached_binary(root, "1.1") is None
-    assert build.cached_binary(root, "1.0", (*build.CMAKE_FLAGS, "-DGGML_AVX512=OFF")) is None
-    binary.unlink()
-    assert build.cached_binary(root, "1.0") is None
-
-
-def test_llama_server_binary_uses_a_finished_build_without_compiling(
-    build: ModuleType, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    root = build.cache_dir() / "llama-server-1.0"
-    binary = root / "build" / "bin" / "llama-server"
-    binary.parent.mkdir(parents=True)
-    binary.write_text("")
-    (root / build.MARKER).write_text(build.marker_text("1.0"))
-    monkeypatch.setattr(build, "run_with_status", lambda *a: pytest.fail("must not build"))
-    assert build.llama_server_binary("1.0") == binary
-
-
-def test_full_source_extracts_the_whole_vendored_tree_once(
-    build: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    sdist = tmp_path / "llama_cpp_python-1.0.tar.gz"
-    files = {"tools/server/CMakeLists.txt": b"add_executable()", "ggml/src/ggml.c": b"int x;", "CMakeLists.txt": b""}
-    with tarfile.open(sdist, "w:gz") as tar:
-        for relative, data in {**{f"vendor/llama.cpp/{k}": v for k, v in files.items()}, "setup.py": b""}.items():
-            info = tarfile.TarInfo(f"llama_cpp_python-1.0/{relative}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    monkeypatch.setenv("TANDEM_LLAMA_CPP_SDIST", str(sdist))
-    tree = build.full_source("1.0")
-    assert (tree / "ggml" / "src" / "ggml.c").read_text() == "int x;"
-    assert not (tree / "setup.py").exists()
-    sdist.unlink()  # a second call finds the cache and needs no sdist
-    assert build.full_source("1.0") == tree
