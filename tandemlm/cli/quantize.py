@@ -16,6 +16,7 @@ import typer
 
 from tandemlm.cli import options as opt
 from tandemlm.cli.options import EngineOptions, fail
+from tandemlm.cli.quantize_ladder import check_retained, ladder, run_calibration, run_model
 
 if TYPE_CHECKING:
     from tandemlm.deploy.engine import Engine
@@ -32,10 +33,17 @@ ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY"
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores to quantize, the idle ones to evaluate).")]
 EvalThreads = Annotated[int | None, typer.Option("--threads", help="llama.cpp threads (default: the cores not busy).")]
 Window = Annotated[int, typer.Option("--window", help="Tokens per perplexity window.")]
-Tokens = Annotated[int, typer.Option("--tokens", help="Most held-out tokens to score.")]
+Tokens = Annotated[int, typer.Option("--tokens", help="Most evaluation-text tokens to score (perplexity and KLD).")]
 Prompts = Annotated[int, typer.Option("--prompts", help="Chat prompts to decode greedily for agreement (0 skips).")]
 GreedyTokens = Annotated[int, typer.Option("--greedy-tokens", help="Greedy tokens per prompt.")]
-TextFile = Annotated[Path | None, typer.Option("--text", help="Held-out text file (default: the packaged one).")]
+TextFile = Annotated[Path | None, typer.Option("--text", help="Evaluation text, .txt or .jsonl (default: built-in prose + Shakespeare never calibrated on).")]
+NoSpeed = Annotated[bool, typer.Option("--no-speed", help="Skip the speed rows (llama-bench pp512/tg128 of each GGUF).")]
+ImatrixOpt = Annotated[str, typer.Option("--imatrix", help="Importance matrix: auto (llama-imatrix on --calibration, cached), none, or a GGUF imatrix FILE.")]
+CalibrationOpt = Annotated[str, typer.Option("--calibration", help="Text for --imatrix auto: builtin (Shakespeare, never evaluated on), a .txt/.jsonl FILE, or an alignment RUN folder (its prompts and chosen answers).")]
+CalibrationChunks = Annotated[int, typer.Option("--calibration-chunks", help="At most this many 512-token windows of the calibration text.")]
+MaxKld = Annotated[float | None, typer.Option("--max-kld", help="Name the smallest of the --type values whose mean KLD is at most this (a ladder).")]
+EvalDatasets = Annotated[list[str] | None, typer.Option("--eval", help="MODEL is an alignment run: also run its measures (verifier accuracy, reward-model score) on the unquantized and each quantized policy, on DATASET (repeatable; default: the run's eval set).")]
+EvalPrompts = Annotated[int | None, typer.Option("--eval-prompts", help="Held-out prompts --eval answers (default: the run's eval_prompts).")]
 
 
 def register(app: typer.Typer) -> None:
@@ -53,6 +61,7 @@ def quantize(
     report: Annotated[bool, typer.Option("--report", help="Measure quality vs the original; print a table, write JSON.")] = False,
     report_json: Annotated[Path | None, typer.Option("--report-json", help="Where --report writes JSON (default <out>.report.json).")] = None,
     report_against: Annotated[str, typer.Option("--report-against", help="Report's original: gguf (the f16 GGUF) or hf (transformers).")] = "gguf",
+    no_speed: NoSpeed = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail when tensors fall back from the k-quant type.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor keep cached intermediates and results.")] = False,
     threads: Threads = None,
@@ -67,8 +76,16 @@ def quantize(
     max_body_mb: opt.MaxBodyMb = 8.0,
     allowed_hosts: opt.AllowedHosts = None,
     trust_remote_code: opt.TrustRemoteCode = False,
+    imatrix: ImatrixOpt = "auto",
+    calibration: CalibrationOpt = "builtin",
+    calibration_chunks: CalibrationChunks = 64,
+    max_kld: MaxKld = None,
+    eval_datasets: EvalDatasets = None,
+    eval_prompts: EvalPrompts = None,
 ) -> None:
-    """Quantize MODEL to a GGUF: convert (llama.cpp's converter), quantize (llama.cpp's quantizer), verify."""
+    """Quantize MODEL to a GGUF: convert (llama.cpp's converter), importance matrix (llama-imatrix), quantize
+    (llama.cpp's quantizer), verify. Several --type values make a ladder; an alignment run folder as MODEL is
+    merged first, and --eval checks that its alignment survived."""
     from tandemlm.errors import EngineError
 
     if list_types:
@@ -83,17 +100,43 @@ def quantize(
         max_queue=max_queue, max_body_mb=max_body_mb, allowed_hosts=allowed_hosts,
     )
     serving = _ServeOptions(server, n_ctx, trust_remote_code)
+    run = run_model(model)
+    if run is not None:
+        if adapter is not None:
+            fail(f"--adapter: MODEL {model} is an alignment run, whose own adapter is merged")
+        model, adapter = str(run.base), run.adapter
+    elif eval_datasets:
+        fail(f"--eval measures an alignment run's policy: MODEL must be a run folder, not {model}")
+    ladder_mode = "," in qtype or max_kld is not None
+    if ladder_mode and serve:
+        fail("--serve serves one file: give one --type without --max-kld")
     try:
         from tandemlm.quantize.types import get_quant_type
 
-        row = get_quant_type(qtype)
-        if row.stage == "bitsandbytes":
+        row = get_quant_type(qtype.split(",")[0])
+        if row.stage == "bitsandbytes" and not ladder_mode:
             _bitsandbytes(model, row, out, serve, serving)
             return
-        result = _run_pipeline(model, qtype, out, adapter, threads, strict, not no_cache, report, report_against, trust_remote_code)
-    except (EngineError, OSError) as exc:
+        settings = {"model": model, "out": out, "adapter": adapter, "threads": threads, "strict": strict,
+                    "use_cache": not no_cache, "report_against": report_against, "trust_remote_code": trust_remote_code,
+                    "imatrix": imatrix, "calibration": calibration, "calibration_chunks": calibration_chunks,
+                    "calibration_text": run_calibration(calibration)}
+        if ladder_mode:
+            from tandemlm.quantize.ladder import parse_types
+
+            types = parse_types(qtype)
+            folder = out or Path.cwd() / f"{Path(model).stem if model.endswith('.gguf') else Path(model).name}-ladder"
+            results = ladder(_config(settings, types[0], report=True, bench=not no_speed), types, folder, max_kld)
+        else:
+            results = [_run_pipeline(_config(settings, qtype, report, bench=not no_speed))]
+        if eval_datasets and run is not None:
+            check_retained(run, results, eval_datasets, eval_prompts, threads)
+    except (EngineError, OSError, ValueError) as exc:
         fail(str(exc))
         return
+    if ladder_mode:
+        return
+    result = results[0]
     typer.echo(str(result.path))
     if report and result.report is not None:
         _print_and_save(result.report, report_json or result.path.with_suffix(".report.json"), result.fallback_line())
@@ -107,13 +150,14 @@ def eval_quant(
     quantized: Annotated[str, typer.Argument(help="The quantized model: .gguf file (or HF folder).")],
     json_path: Annotated[Path | None, typer.Option("--json", help="Where to write the JSON report (default ./<B>.report.json).")] = None,
     window: Window = 512,
-    tokens: Tokens = 2048,
+    tokens: Tokens = 8192,
     prompts: Prompts = 8,
     greedy_tokens: GreedyTokens = 32,
     text: TextFile = None,
     threads: EvalThreads = None,
+    no_speed: NoSpeed = False,
 ) -> None:
-    """Compare quantized model B with original A: size, perplexity, KL divergence, top-token and greedy agreement."""
+    """Compare quantized model B with original A: size, perplexity, KL divergence, Δp, top-token and greedy agreement, speed."""
     from rich.console import Console
 
     from tandemlm.errors import EngineError
@@ -121,7 +165,7 @@ def eval_quant(
 
     console = Console(stderr=True)
     try:
-        settings = ReportSettings(window, tokens, prompts, greedy_tokens, text, threads)
+        settings = ReportSettings(window, tokens, prompts, greedy_tokens, text, threads, bench=not no_speed)
         with console.status("comparing …") as status:
             report = compare_models(original, quantized, settings, status=lambda msg: status.update(msg))
     except (EngineError, OSError, RuntimeError) as exc:
@@ -157,7 +201,11 @@ def quantized_engine(model: str, quant: str, options: EngineOptions) -> Engine:
             return _load_bitsandbytes(model, row, options)
         if options.backend not in ("auto", "llama.cpp"):
             fail(f"--quantize {row.label} makes a GGUF file, which the llama.cpp backend serves; drop --backend {options.backend}")
-        result = _run_pipeline(model, quant, None, None, options.n_threads, False, True, False, "gguf", options.trust_remote_code, publish=False)
+        from tandemlm.quantize.pipeline import QuantizeConfig
+
+        config = QuantizeConfig(model=model, qtype=quant, threads=options.n_threads, publish=False,
+                                trust_remote_code=options.trust_remote_code)
+        result = _run_pipeline(config)
     except (EngineError, OSError) as exc:
         fail(str(exc))
         raise  # unreachable: fail exits
@@ -175,18 +223,18 @@ class _ServeOptions:
         self.n_parallel = server.n_parallel
 
 
-def _run_pipeline(
-    model: str, qtype: str, out: Path | None, adapter: Path | None, threads: int | None, strict: bool,
-    use_cache: bool, report: bool, report_against: str, trust_remote_code: bool, publish: bool = True,
-) -> Any:
-    from tandemlm.quantize.pipeline import QuantizeConfig, quantize_model
+def _config(settings: dict[str, Any], qtype: str, report: bool, bench: bool = True) -> Any:
+    """The QuantizeConfig for ``qtype`` from the command's settings (a report when asked)."""
+    from tandemlm.quantize.pipeline import QuantizeConfig
     from tandemlm.quantize.report import ReportSettings
 
-    config = QuantizeConfig(
-        model=model, qtype=qtype, out=out, adapter=adapter, threads=threads, strict=strict, use_cache=use_cache,
-        report=ReportSettings(n_threads=threads) if report else None, report_against=report_against,
-        trust_remote_code=trust_remote_code, publish=publish,
-    )
+    measure = ReportSettings(n_threads=settings.get("threads"), bench=bench) if report else None
+    return QuantizeConfig(qtype=qtype, report=measure, **settings)
+
+
+def _run_pipeline(config: Any) -> Any:
+    from tandemlm.quantize.pipeline import quantize_model
+
     with _termination_unwinds():
         return quantize_model(config)  # prints stage progress, k-quant fallbacks and the verification to stderr
 

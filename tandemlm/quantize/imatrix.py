@@ -148,9 +148,26 @@ class QuantizerImatrix:
             row.size = values.size
         self.array = rows  # the last row stays zeroed: the terminator
 
-    def pointer(self) -> Any:
-        """The pointer to store in the quantize params."""
-        return ctypes.cast(self.array, ctypes.c_void_p)
+    def metadata(self) -> Any:
+        """``llama_model_quantize_params.kv_overrides``: the ``quantize.imatrix.*`` keys llama-quantize writes
+        (file, dataset, entry count, chunk count), null-terminated, so the GGUF says how it was made."""
+        import llama_cpp
+
+        imatrix = self.source
+        rows: list[tuple[str, int, Any]] = [("quantize.imatrix.file", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, imatrix.path.name)]
+        if imatrix.datasets:
+            rows.append(("quantize.imatrix.dataset", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, imatrix.datasets[0]))
+        rows.append(("quantize.imatrix.entries_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, len(imatrix.entries)))
+        if imatrix.chunk_count:
+            rows.append(("quantize.imatrix.chunks_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, imatrix.chunk_count))
+        self._metadata = array = (llama_cpp.llama_model_kv_override * (len(rows) + 1))()
+        for row, (key, tag, value) in zip(array, rows, strict=False):
+            row.key, row.tag = key.encode(), tag
+            if tag == llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR:
+                row.value.val_str = value.encode("utf-8")[:127]
+            else:
+                row.value.val_i64 = value
+        return array  # the last row's empty key ends the list
 
 
 def imatrix_key(model: Path, calibration: Text, chunks: int, chunk_size: int) -> str:

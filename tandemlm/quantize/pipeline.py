@@ -180,6 +180,7 @@ def quantize_model(config: QuantizeConfig, console: Any = None) -> QuantizeResul
             result = _run_stages(config, source, choice, key, entry, result_path, record_path, console)
         if config.report is not None:
             result.report = _run_report(config, result, console)
+            result.report.imatrix = result.imatrix  # the card says what the matrix was made from
         if config.publish:  # a hard link where it can (the cache or temp folder is usually on out's disk)
             result.path = publish_copy(result_path, out)
     return result
@@ -252,7 +253,7 @@ def _run_stages(
             stage = "quantize"
             imatrix = None
             if choice.mode != "none":
-                with _timed(seconds, "imatrix", console, "[2/3] importance matrix (llama-imatrix, cached)"):
+                with _timed(seconds, "imatrix", console, "[2/3] quantize: importance matrix (llama-imatrix, cached)"):
                     imatrix = prepare_imatrix(choice, intermediate, entry, config.threads)
                 console.print(f"    [dim]{imatrix.source.describe()}[/dim]")
             with _timed(seconds, "quantize", console, f"[2/3] quantize → {qtype.label}"):

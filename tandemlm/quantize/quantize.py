@@ -148,6 +148,7 @@ def _run_quantizer(
     params.nthread = nthread
     if imatrix is not None:
         params.imatrix = ctypes.cast(imatrix.array, type(params.imatrix))
+        params.kv_overrides = ctypes.cast(imatrix.metadata(), type(params.kv_overrides))
     if overrides is not None and not overrides.empty:
         params.tt_overrides = ctypes.cast(overrides.array, type(params.tt_overrides))
     log = _QuantizerLog(progress)

@@ -101,6 +101,12 @@ def test_quantizing_with_the_matrix_changes_the_weights(llama_matrix: Path, tmp_
     quantize_gguf(source, weighted, qtype, nthread=1, imatrix=QuantizerImatrix(read_imatrix(llama_matrix)))
     digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
     assert digest(plain) != digest(weighted)
+    from gguf import GGUFReader
+
+    fields = GGUFReader(weighted).fields  # recorded as llama-quantize records it
+    assert bytes(fields["quantize.imatrix.file"].parts[-1]).decode() == llama_matrix.name
+    assert int(fields["quantize.imatrix.entries_count"].parts[-1][0]) == len(read_imatrix(llama_matrix).entries)
+    assert "quantize.imatrix.file" not in GGUFReader(plain).fields
     again = tmp_path / "again.gguf"
     quantize_gguf(source, again, qtype, nthread=1)
     assert digest(plain) == digest(again)  # deterministic: the difference is the matrix
