@@ -105,6 +105,8 @@ def quantize(
         if adapter is not None:
             fail(f"--adapter: MODEL {model} is an alignment run, whose own adapter is merged")
         model, adapter = str(run.base), run.adapter
+        if out is None and "," not in qtype and max_kld is None:
+            out = Path.cwd() / f"{run.folder.name}-{_label(qtype)}.gguf"
     elif eval_datasets:
         fail(f"--eval measures an alignment run's policy: MODEL must be a run folder, not {model}")
     ladder_mode = "," in qtype or max_kld is not None
@@ -221,6 +223,16 @@ class _ServeOptions:
     def __init__(self, server: ServerConfig, n_ctx: int | None, trust_remote_code: bool) -> None:
         self.server, self.n_ctx, self.trust_remote_code = server, n_ctx, trust_remote_code
         self.n_parallel = server.n_parallel
+
+
+def _label(qtype: str) -> str:
+    from tandemlm.errors import EngineError
+    from tandemlm.quantize.types import get_quant_type
+
+    try:
+        return get_quant_type(qtype).label
+    except EngineError:
+        return qtype  # an unknown type fails later, in one line, where every type is checked
 
 
 def _config(settings: dict[str, Any], qtype: str, report: bool, bench: bool = True) -> Any:
