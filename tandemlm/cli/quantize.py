@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
 def quantize(
     model: QuantModelArg = None,
     qtype: TypeOpt = "q4_k_m",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .gguf (default ./<model>-<TYPE>.gguf).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .gguf (default ./<model>-<TYPE>.gguf); for a ladder, its folder (default ./<model>-ladder).")] = None,
     adapter: Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter folder to merge into MODEL first.")] = None,
     list_types: Annotated[bool, typer.Option("--list", help="List the quant types with their bits per weight.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Measure quality vs the original; print a table, write JSON.")] = False,
@@ -128,7 +128,8 @@ def quantize(
 
             types = parse_types(qtype)
             folder = out or Path.cwd() / f"{Path(model).stem if model.endswith('.gguf') else Path(model).name}-ladder"
-            results = ladder(_config(settings, types[0], report=True, bench=not no_speed), types, folder, max_kld)
+            base = _config({**settings, "out": None}, types[0], report=True, bench=not no_speed)  # --out is the folder
+            results = ladder(base, types, folder, max_kld)
         else:
             results = [_run_pipeline(_config(settings, qtype, report, bench=not no_speed))]
         if eval_datasets and run is not None:

@@ -60,3 +60,35 @@ def test_a_two_type_ladder_on_the_builtin_model_writes_table_json_and_plot(quant
     assert "Q4_K_M" in out and "Q8_0" in out and "--max-kld 10: Q4_K_M is the smallest type within it" in out
     assert results[0].intermediate == results[1].intermediate  # one conversion for both
     assert len(list(results[0].intermediate.parent.glob("imatrix-*.gguf"))) == 1
+
+
+def test_kill_9_during_a_ladder_leaves_only_whole_files_and_a_rerun_resumes_from_the_cache(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tandemlm.fixtures import tiny_model
+    from tandemlm.models.gguf_info import read_gguf_info
+
+    env = {**os.environ, "TANDEM_CACHE": str(tmp_path / "cache")}
+    folder = tmp_path / "ladder"
+    command = [sys.executable, "-m", "tandemlm.cli.main", "quantize", str(tiny_model("llama")), "--type", "q8_0,q4_0",
+               "--imatrix", "none", "--no-speed", "--threads", "1", "--out", str(folder)]
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    first = folder / f"{tiny_model('llama').name}-Q8_0.gguf"
+    deadline = time.monotonic() + 300
+    while not first.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)  # while the second type is under way
+    child.wait()
+    assert first.exists(), "the first type should have been published before the kill"
+    for path in folder.iterdir():  # only whole files under final names: each reads back as a GGUF or is JSON/PNG
+        assert not path.name.startswith(".") and not path.name.endswith((".partial", ".unverified")), path
+        if path.suffix == ".gguf":
+            read_gguf_info(path)
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "reusing verified Q8_0 from the cache" in rerun.stderr
+    assert json.loads((folder / "ladder.json").read_text())["cards"][1]["type"] == "Q4_0"
