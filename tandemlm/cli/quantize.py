@@ -110,8 +110,8 @@ def quantize(
     elif eval_datasets:
         fail(f"--eval measures an alignment run's policy: MODEL must be a run folder, not {model}")
     ladder_mode = "," in qtype or max_kld is not None
-    if ladder_mode and serve:
-        fail("--serve serves one file: give one --type without --max-kld")
+    if ladder_mode and serve and max_kld is None:
+        fail("--serve after a ladder serves the smallest type within --max-kld: give --max-kld")
     try:
         from tandemlm.quantize.types import get_quant_type
 
@@ -124,26 +124,24 @@ def quantize(
                     "imatrix": imatrix, "calibration": calibration, "calibration_chunks": calibration_chunks,
                     "calibration_text": run_calibration(calibration)}
         if ladder_mode:
-            from tandemlm.quantize.ladder import parse_types
-
-            types = parse_types(qtype)
             folder = out or Path.cwd() / f"{Path(model).stem if model.endswith('.gguf') else Path(model).name}-ladder"
-            base = _config({**settings, "out": None}, types[0], report=True, bench=not no_speed)  # --out is the folder
-            results = ladder(base, types, folder, max_kld)
+            results, chosen = ladder(_config({**settings, "out": None}, "f16", report=True, bench=not no_speed), qtype, folder, max_kld)
         else:
             results = [_run_pipeline(_config(settings, qtype, report, bench=not no_speed))]
+            chosen = results[0]
         if eval_datasets and run is not None:
             check_retained(run, results, eval_datasets, eval_prompts, threads)
     except (EngineError, OSError, ValueError) as exc:
         fail(str(exc))
         return
-    if ladder_mode:
-        return
-    result = results[0]
-    typer.echo(str(result.path))
-    if report and result.report is not None:
-        _print_and_save(result.report, report_json or result.path.with_suffix(".report.json"), result.fallback_line())
+    if not ladder_mode:
+        typer.echo(str(chosen.path))
+        if report and chosen.report is not None:
+            _print_and_save(chosen.report, report_json or chosen.path.with_suffix(".report.json"), chosen.fallback_line())
+    if serve and chosen is None:
+        fail(f"no type is within --max-kld {max_kld:g}: nothing to serve")
     if serve:
+        result = chosen
         engine = _load_gguf(result.path, EngineOptions("llama.cpp", n_ctx, threads, n_gpu_layers, server.n_parallel, None, False))
         serve_engine(engine, serving)
 

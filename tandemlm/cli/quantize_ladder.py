@@ -61,20 +61,22 @@ def run_calibration(spec: str) -> Any:
     return Text(f"run {run.dir.name}: {path.name} (prompts and chosen answers)", "\n\n".join(parts))
 
 
-def ladder(base: Any, types: list[str], out_dir: Path, max_kld: float | None) -> list[Any]:
-    """Quantizes and reports each type, prints the table (and the budget's pick), writes JSON and plot."""
+def ladder(base: Any, type_list: str, out_dir: Path, max_kld: float | None) -> tuple[list[Any], Any]:
+    """Quantizes and reports each type of ``type_list`` (``q8_0,q4_k_m``), prints the table (and the budget's
+    pick), writes JSON and plot; returns the results and the pick's (None without one)."""
     from rich.console import Console
 
     from tandemlm.quantize.ladder import (
         budget_line,
         ladder_cards,
         ladder_table,
+        parse_types,
         run_ladder,
         smallest_within,
         write_ladder,
     )
 
-    results = run_ladder(base, types, out_dir)
+    results = run_ladder(base, parse_types(type_list), out_dir)
     cards = ladder_cards(results)
     chosen = smallest_within(cards, max_kld) if max_kld is not None else None
     console = Console()
@@ -84,7 +86,7 @@ def ladder(base: Any, types: list[str], out_dir: Path, max_kld: float | None) ->
     json_path, plot_path = out_dir / "ladder.json", out_dir / "ladder.png"
     write_ladder(cards, json_path, plot_path, max_kld)
     typer.secho(f"ladder written to {json_path} and {plot_path}", err=True)
-    return results
+    return results, next((r for r, card in zip(results, cards, strict=True) if card is chosen), None)
 
 
 def check_retained(run: RunModel, results: list[Any], datasets: list[str], prompts: int | None, threads: int | None) -> None:

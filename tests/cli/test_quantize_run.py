@@ -49,3 +49,5 @@ def test_eval_without_a_run_and_adapter_with_a_run_are_refused_in_one_line(tiny_
     assert refused.exit_code != 0 and "--eval measures an alignment run's policy: MODEL must be a run folder" in refused.output
     refused = runner.invoke(app, ["quantize", str(tiny_run), "--adapter", str(tiny_run / "final")])
     assert refused.exit_code != 0 and "is an alignment run, whose own adapter is merged" in refused.output
+    refused = runner.invoke(app, ["quantize", "smollm2", "--type", "q8_0,q4_0", "--serve"])
+    assert refused.exit_code != 0 and "--serve after a ladder serves the smallest type within --max-kld: give --max-kld" in refused.output

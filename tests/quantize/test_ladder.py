@@ -48,7 +48,8 @@ def test_a_two_type_ladder_on_the_builtin_model_writes_table_json_and_plot(quant
 
     settings = ReportSettings(max_text_tokens=600, window=300, prompts=1, greedy_tokens=8, bench=False)
     base = QuantizeConfig(model="smollm2", qtype="q4_k_m", cache_root=quant_cache, report=settings, calibration_chunks=2)
-    results = ladder(base, ["q4_k_m", "q8_0"], tmp_path / "ladder", max_kld=10.0)
+    results, chosen = ladder(base, "q4_k_m,q8_0", tmp_path / "ladder", max_kld=10.0)
+    assert chosen is results[0]  # what --serve would serve
     payload = json.loads((tmp_path / "ladder" / "ladder.json").read_text())
     assert [card["type"] for card in payload["cards"]] == ["Q4_K_M", "Q8_0"]
     q4, q8 = payload["cards"]
