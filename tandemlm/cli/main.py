@@ -10,7 +10,8 @@ import typer
 from tandemlm.cli import options as opt
 from tandemlm.cli.align import app as align_app
 from tandemlm.cli.align import merge_command
-from tandemlm.cli.options import DEFAULTS, EngineOptions, fail, sampling_from_flags
+from tandemlm.cli.flag_groups import EngineFlags, SamplingFlags, ServeFlags, with_flags
+from tandemlm.cli.options import EngineOptions, fail
 from tandemlm.cli.quantize import register as register_quantize
 
 if TYPE_CHECKING:
@@ -51,22 +52,12 @@ def env() -> None:
 
 
 @app.command()
+@with_flags(engine=EngineFlags, sampling=SamplingFlags)
 def generate(
     model: opt.ModelArg,
     prompt: Annotated[str, typer.Argument(help="Text to continue (no chat template).")],
-    max_tokens: opt.MaxTokens = DEFAULTS.max_tokens,
-    temperature: opt.Temperature = DEFAULTS.temperature,
-    top_p: opt.TopP = DEFAULTS.top_p,
-    top_k: opt.TopK = DEFAULTS.top_k,
-    stop: opt.Stop = None,
-    seed: opt.Seed = None,
-    repetition_penalty: opt.RepetitionPenalty = DEFAULTS.repetition_penalty,
-    backend: opt.Backend = "auto",
-    n_ctx: opt.NCtx = None,
-    n_threads: opt.NThreads = None,
-    n_gpu_layers: opt.NGpuLayers = None,
-    dtype: opt.Dtype = None,
-    trust_remote_code: opt.TrustRemoteCode = False,
+    engine: EngineFlags,
+    sampling: SamplingFlags,
     chat: Annotated[bool, typer.Option("--chat", help="Treat PROMPT as one user message and apply the chat template.")] = False,
 ) -> None:
     """Generate a completion of PROMPT and stream it to stdout."""
@@ -74,40 +65,27 @@ def generate(
     from tandemlm.errors import EngineError
 
     opt.require_utf8(prompt, "PROMPT")
-    params = sampling_from_flags(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        stop=stop, seed=seed, repetition_penalty=repetition_penalty,
-    )
-    engine = _load(model, EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, 1, dtype, trust_remote_code))
+    params = sampling.params()
+    loaded = _load(model, engine.options())
     try:
-        stream = engine.chat([{"role": "user", "content": prompt}], params) if chat else engine.generate(prompt, params)
+        stream = loaded.chat([{"role": "user", "content": prompt}], params) if chat else loaded.generate(prompt, params)
         seen: dict[str, Any] = {}
         text, _ = stream_to_terminal(tracked(stream, seen))
         explain_empty(text, seen, model, prompt, chat)
     except EngineError as exc:
         fail(str(exc))
     finally:
-        engine.close()
+        loaded.close()
 
 
 @app.command()
+@with_flags(engine=EngineFlags, sampling=(SamplingFlags, {"max_tokens": 512}))
 def chat(
+    engine: EngineFlags,
+    sampling: SamplingFlags,
     model: opt.ModelArg = opt.DEFAULT,
     question: Annotated[str | None, typer.Argument(help="Ask this once, print the answer and exit (no prompt loop).")] = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
-    max_tokens: opt.MaxTokens = 512,
-    temperature: opt.Temperature = DEFAULTS.temperature,
-    top_p: opt.TopP = DEFAULTS.top_p,
-    top_k: opt.TopK = DEFAULTS.top_k,
-    stop: opt.Stop = None,
-    seed: opt.Seed = None,
-    repetition_penalty: opt.RepetitionPenalty = DEFAULTS.repetition_penalty,
-    backend: opt.Backend = "auto",
-    n_ctx: opt.NCtx = None,
-    n_threads: opt.NThreads = None,
-    n_gpu_layers: opt.NGpuLayers = None,
-    dtype: opt.Dtype = None,
-    trust_remote_code: opt.TrustRemoteCode = False,
 ) -> None:
     """Multi-turn terminal chat with streaming (type /reset, /system TEXT, or /exit); with QUESTION, one answer and exit."""
     from tandemlm.cli.chat import chat_loop, explain_empty, stream_to_terminal, tracked
@@ -117,41 +95,28 @@ def chat(
         opt.require_utf8(system, "--system")
     if question is not None:
         opt.require_utf8(question, "QUESTION")
-    params = sampling_from_flags(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        stop=stop, seed=seed, repetition_penalty=repetition_penalty,
-    )
-    engine = _load(model, EngineOptions(backend, n_ctx, n_threads, n_gpu_layers, 1, dtype, trust_remote_code))
+    params = sampling.params()
+    loaded = _load(model, engine.options())
     try:
         if question is None:
-            chat_loop(engine, params, system)
+            chat_loop(loaded, params, system)
         else:
             messages = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": question}]
             seen: dict[str, Any] = {}
-            text, _ = stream_to_terminal(tracked(engine.chat(messages, params), seen))
+            text, _ = stream_to_terminal(tracked(loaded.chat(messages, params), seen))
             explain_empty(text, seen, model, question, True)
     except EngineError as exc:
         fail(str(exc))
     finally:
-        engine.close()
+        loaded.close()
 
 
 @app.command()
+@with_flags(serving=ServeFlags, engine=EngineFlags)
 def serve(
+    serving: ServeFlags,
+    engine: EngineFlags,
     model: opt.ModelArg = opt.DEFAULT,
-    host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port (1-65535).")] = 8000,
-    api_key: Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY", help="Require this key on every path but /health (Authorization: Bearer KEY, or x-api-key: KEY).")] = None,
-    max_queue: opt.MaxQueue = 64,
-    max_body_mb: opt.MaxBodyMb = 8.0,
-    allowed_hosts: opt.AllowedHosts = None,
-    backend: opt.Backend = "auto",
-    n_ctx: opt.NCtx = None,
-    n_parallel: opt.NParallel = 8,
-    n_threads: opt.NThreads = None,
-    n_gpu_layers: opt.NGpuLayers = None,
-    dtype: opt.Dtype = None,
-    trust_remote_code: opt.TrustRemoteCode = False,
     tensor_parallel_size: opt.TensorParallel = 1,
     pipeline_parallel_size: opt.PipelineParallel = 1,
     quantize: Annotated[str | None, typer.Option("--quantize", help="Quantize an HF MODEL to this type first (Q4_K_M, Q8_0, bnb-4bit, …), verify, then serve.")] = None,
@@ -166,15 +131,9 @@ def serve(
     from tandemlm.deploy.server.app import run_server
 
     # Checked before anything loads, so a bad flag costs no model load.
-    config = opt.server_config(
-        host=host, port=port, api_key=api_key, n_parallel=8 if n_parallel is None else n_parallel,
-        max_queue=max_queue, max_body_mb=max_body_mb, allowed_hosts=allowed_hosts,
-    )
-    backend = opt.parallel_backend(backend, tensor_parallel_size, pipeline_parallel_size)
-    engine_options = EngineOptions(
-        backend, n_ctx, n_threads, n_gpu_layers, config.n_parallel, dtype, trust_remote_code,
-        tensor_parallel_size, pipeline_parallel_size,
-    )  # fmt: skip
+    config = serving.server()
+    engine.backend = opt.parallel_backend(engine.backend, tensor_parallel_size, pipeline_parallel_size)
+    engine_options = engine.options(config.n_parallel, tensor_parallel_size, pipeline_parallel_size)
     extras = opt.named_refs(extra_models or [], "--model")
     adapter_dirs = opt.adapter_folders(adapters or [])
     if adapter_dirs:
@@ -182,11 +141,11 @@ def serve(
     if quantize:
         from tandemlm.cli.quantize import quantized_engine
 
-        engine = quantized_engine(model, quantize, engine_options)
+        loaded = quantized_engine(model, quantize, engine_options)
     else:  # vLLM must know its adapters at load (LoRA on); the transformers backend loads them here too
-        engine = _load(model, engine_options, adapters=adapter_dirs or None)
-    engines = {served_name or engine.info.model_id: engine}
-    engines.update(_adapter_views(engine, adapter_dirs, next(iter(engines))))
+        loaded = _load(model, engine_options, adapters=adapter_dirs or None)
+    engines = {served_name or loaded.info.model_id: loaded}
+    engines.update(_adapter_views(loaded, adapter_dirs, next(iter(engines))))
     for name, ref in extras.items():
         if name in engines:
             fail(f"--model {name}={ref}: the name {name!r} is already served")

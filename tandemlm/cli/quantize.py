@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tandemlm.cli import options as opt
+from tandemlm.cli.flag_groups import EngineFlags, ServeFlags, with_flags
 from tandemlm.cli.options import EngineOptions, fail
 from tandemlm.cli.quantize_ladder import check_retained, ladder, run_calibration, run_model
 
@@ -27,9 +27,6 @@ QuantModelArg = Annotated[
     str | None, typer.Argument(help="HF folder, hub id, built-in name (smollm2), or an f32/f16/bf16 .gguf file.")
 ]
 TypeOpt = Annotated[str, typer.Option("--type", "-t", help="Quant type, e.g. Q4_K_M, Q8_0, F16, bnb-4bit (see --list).")]
-Host = Annotated[str, typer.Option("--host", help="Address to bind with --serve; 0.0.0.0 exposes it to the network.")]
-Port = Annotated[int, typer.Option("--port", help="TCP port for --serve (1-65535).")]
-ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY", help="Require this key with --serve (Authorization: Bearer KEY, or x-api-key: KEY).")]
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores to quantize, the idle ones to evaluate).")]
 EvalThreads = Annotated[int | None, typer.Option("--threads", help="llama.cpp threads (default: the cores not busy).")]
 Window = Annotated[int, typer.Option("--window", help="Tokens per perplexity window.")]
@@ -52,7 +49,10 @@ def register(app: typer.Typer) -> None:
     app.command("eval-quant")(eval_quant)
 
 
+@with_flags(serving=ServeFlags, engine=EngineFlags)
 def quantize(
+    serving: ServeFlags,
+    engine: EngineFlags,
     model: QuantModelArg = None,
     qtype: TypeOpt = "q4_k_m",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .gguf (default ./<model>-<TYPE>.gguf); for a ladder, its folder (default ./<model>-ladder).")] = None,
@@ -66,16 +66,6 @@ def quantize(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither reuse nor keep cached intermediates and results.")] = False,
     threads: Threads = None,
     serve: Annotated[bool, typer.Option("--serve", help="Serve the result over the OpenAI API when done.")] = False,
-    host: Host = "127.0.0.1",
-    port: Port = 8000,
-    api_key: ApiKey = None,
-    n_ctx: opt.NCtx = None,
-    n_parallel: opt.NParallel = 8,
-    n_gpu_layers: opt.NGpuLayers = None,
-    max_queue: opt.MaxQueue = 64,
-    max_body_mb: opt.MaxBodyMb = 8.0,
-    allowed_hosts: opt.AllowedHosts = None,
-    trust_remote_code: opt.TrustRemoteCode = False,
     imatrix: ImatrixOpt = "auto",
     calibration: CalibrationOpt = "builtin",
     calibration_chunks: CalibrationChunks = 64,
@@ -95,11 +85,8 @@ def quantize(
         fail("missing MODEL (an HF folder, hub id, built-in name or .gguf file); see tandem quantize --help")
     assert model is not None
     # --serve's flags are checked before the (long) quantization, not after it.
-    server = opt.server_config(
-        host=host, port=port, api_key=api_key, n_parallel=8 if n_parallel is None else n_parallel,
-        max_queue=max_queue, max_body_mb=max_body_mb, allowed_hosts=allowed_hosts,
-    )
-    serving = _ServeOptions(server, n_ctx, trust_remote_code)
+    server = serving.server()
+    trust_remote_code = engine.trust_remote_code
     run = run_model(model)
     if run is not None:
         if adapter is not None:
@@ -116,8 +103,11 @@ def quantize(
         from tandemlm.quantize.types import get_quant_type
 
         row = get_quant_type(qtype.split(",")[0])
+        serves_with = "transformers" if row.stage == "bitsandbytes" else "llama.cpp"
+        if serve and engine.backend not in ("auto", serves_with):
+            fail(f"--serve serves {row.label} with the {serves_with} backend; drop --backend {engine.backend}")
         if row.stage == "bitsandbytes" and not ladder_mode:
-            _bitsandbytes(model, row, out, serve, serving)
+            _bitsandbytes(model, row, out, serve, server, engine)
             return
         settings = {"model": model, "out": out, "adapter": adapter, "threads": threads, "strict": strict,
                     "use_cache": not no_cache, "report_against": report_against, "trust_remote_code": trust_remote_code,
@@ -142,8 +132,8 @@ def quantize(
         fail(f"no type is within --max-kld {max_kld:g}: nothing to serve")
     if serve:
         result = chosen
-        engine = _load_gguf(result.path, EngineOptions("llama.cpp", n_ctx, threads, n_gpu_layers, server.n_parallel, None, False))
-        serve_engine(engine, serving)
+        engine.backend, engine.n_threads = "llama.cpp", engine.n_threads or threads
+        serve_engine(_load_gguf(result.path, engine.options(server.n_parallel)), server)
 
 
 def eval_quant(
@@ -216,12 +206,6 @@ def quantized_engine(model: str, quant: str, options: EngineOptions) -> Engine:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-class _ServeOptions:
-    def __init__(self, server: ServerConfig, n_ctx: int | None, trust_remote_code: bool) -> None:
-        self.server, self.n_ctx, self.trust_remote_code = server, n_ctx, trust_remote_code
-        self.n_parallel = server.n_parallel
 
 
 def _label(qtype: str) -> str:
@@ -310,7 +294,7 @@ def _load_bitsandbytes(model: str, row: Any, options: EngineOptions) -> Engine:
     )
 
 
-def _bitsandbytes(model: str, row: Any, out: Path | None, serve: bool, serving: _ServeOptions) -> None:
+def _bitsandbytes(model: str, row: Any, out: Path | None, serve: bool, server: ServerConfig, engine: EngineFlags) -> None:
     """--type bnb-4bit/bnb-8bit: serve the bitsandbytes load, or save it as an HF folder with --out."""
     from tandemlm.errors import QuantizeError
     from tandemlm.models.resolve import resolve_model
@@ -318,17 +302,16 @@ def _bitsandbytes(model: str, row: Any, out: Path | None, serve: bool, serving: 
 
     require_bnb(row)
     if serve:
-        options = EngineOptions("transformers", serving.n_ctx, None, None, serving.n_parallel, None, serving.trust_remote_code)
-        serve_engine(_load_bitsandbytes(model, row, options), serving)
+        serve_engine(_load_bitsandbytes(model, row, engine.options(server.n_parallel)), server)
         return
     if out is None:
         raise QuantizeError(f"type {row.name} makes no GGUF: add --serve, or --out DIR to save the quantized HF checkpoint")
-    folder = resolve_model(model, trust_remote_code=serving.trust_remote_code).hf_folder()
-    typer.echo(str(save_bnb_checkpoint(folder, row, out, trust_remote_code=serving.trust_remote_code)))
+    folder = resolve_model(model, trust_remote_code=engine.trust_remote_code).hf_folder()
+    typer.echo(str(save_bnb_checkpoint(folder, row, out, trust_remote_code=engine.trust_remote_code)))
 
 
-def serve_engine(engine: Engine, serving: _ServeOptions) -> None:
+def serve_engine(engine: Engine, server: ServerConfig) -> None:
     """Serves ``engine`` with the deploy server until interrupted."""
     from tandemlm.deploy.server.app import run_server
 
-    run_server(engine, serving.server)
+    run_server(engine, server)
