@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tandemlm.deploy.load_options import LoadOptions
 from tandemlm.models.builtin import DEFAULT_MODEL
 from tandemlm.ui.compare.judges import Judges
 from tandemlm.ui.engines import EnginePool, EngineSlot
@@ -116,7 +117,7 @@ def create_app(config: UIConfig, slots: dict[str, EngineSlot], judges: Judges | 
 def launch(config: UIConfig, judges: Judges | None = None) -> None:
     """Starts loading the models in the background and serves the app until interrupted."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local tool
-    pool = EnginePool(n_ctx=config.n_ctx, n_threads=config.n_threads, n_gpu_layers=config.n_gpu_layers)
+    pool = EnginePool(load_options=LoadOptions(n_ctx=config.n_ctx, n_threads=config.n_threads, n_gpu_layers=config.n_gpu_layers))
     slots = make_slots(config, pool)
     demo = create_app(config, slots, judges)
     threading.Thread(target=warm_up, args=(slots,), name="tandem-ui-warm-up", daemon=True).start()

@@ -15,18 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from tandemlm.deploy.engine import AdapterView, BaseEngine, Engine, collect
+from tandemlm.deploy.load_options import LoadOptions
 from tandemlm.deploy.types import SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.ui.model_refs import SlotModel, resolve_slot_model
 
 Loader = Callable[..., Engine]
-"""``load_engine(model, backend, **options)`` or a stand-in with that signature."""
+"""``load_engine(model, backend, load_options=..., **options)`` or a stand-in with that signature."""
 
 
-def _default_loader(model: str, backend: str, **options: Any) -> Engine:
+def _default_loader(model: str, backend: str, load_options: LoadOptions | None = None, **options: Any) -> Engine:
     from tandemlm.deploy.registry import load_engine
 
-    return load_engine(model, backend, **options)
+    return load_engine(model, backend, load_options, **options)
 
 
 Key = tuple[str, str]
@@ -40,9 +41,10 @@ class EnginePool:
     request), so a policy run and a reference naming its base share one engine.
     """
 
-    def __init__(self, loader: Loader | None = None, **load_options: Any) -> None:
+    def __init__(self, loader: Loader | None = None, load_options: LoadOptions | None = None) -> None:
         self._loader = loader or _default_loader
-        self._options = {k: v for k, v in load_options.items() if v is not None}
+        # What the user asked (tandem ui --n-ctx ...): each backend maps it, or refuses a flag it does not use.
+        self._load_options = load_options or LoadOptions()
         self._engines: dict[Key, Engine] = {}
         self._users: dict[Key, int] = {}
         self._locks: dict[Key, threading.Lock] = {}
@@ -136,7 +138,7 @@ class EnginePool:
         return "transformers" if choose_backend(source) == "vllm" else backend
 
     def _load(self, target: SlotModel, backend: str) -> Engine:
-        options = dict(self._options)
+        options: dict[str, Any] = {"load_options": self._load_options}
         if target.adapter is not None:  # vLLM switches LoRA on only for adapters it gets at load
             options["adapters"] = {target.adapter_name: target.adapter}
         engine = _one_line(lambda: self._loader(target.base, backend, **options), target.base, backend)

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from tandemlm.deploy.load_options import LoadOptions
 from tandemlm.deploy.mock_engine import MockEngine
 from tandemlm.errors import EngineError
 from tandemlm.ui.engines import EnginePool, EngineSlot
@@ -43,7 +44,7 @@ class CountingLoader:
 
 def test_nothing_loads_until_first_use_and_the_same_model_is_loaded_once():
     loader = CountingLoader()
-    pool = EnginePool(loader, n_ctx=1024, n_threads=None)
+    pool = EnginePool(loader, LoadOptions(n_ctx=1024, n_threads=None))
     policy, reference = EngineSlot("policy", pool, "smollm2"), EngineSlot("reference", pool, "smollm2")
     assert loader.calls == [] and "loads on first use" in policy.status()
     engines = []
@@ -52,7 +53,7 @@ def test_nothing_loads_until_first_use_and_the_same_model_is_loaded_once():
         thread.start()
     for thread in threads:
         thread.join()
-    assert loader.calls == [("smollm2", "auto", {"n_ctx": 1024})]  # None options are left to the backend
+    assert [(m, b, o["load_options"].given()) for m, b, o in loader.calls] == [("smollm2", "auto", {"n_ctx": 1024})]
     assert all(e is engines[0] for e in engines)
     assert "`smollm2` loaded (mock, context 2048)" in policy.status()
 
@@ -237,3 +238,12 @@ def test_a_slots_own_vllm_engine_closes_before_the_next_vllm_model_and_comes_bac
     assert loader.calls[-1][:2] == ("c", "auto")
     assert policy.model == "c" and policy.get().info.backend == "vllm" and not policy.get().closed
     assert policy.status().endswith("; `c` is still loaded (vllm, context 2048)")
+
+
+def test_a_flag_the_slots_backend_does_not_use_is_refused_in_one_line_before_loading(tiny_llama_dir):
+    """`tandem ui --n-gpu-layers 3` with a transformers slot: the slot says which flag and backend, nothing loads."""
+    pool = EnginePool(load_options=LoadOptions(n_gpu_layers=3))
+    slot = EngineSlot("policy", pool, str(tiny_llama_dir), backend="transformers")
+    with pytest.raises(EngineError, match=r"--n-gpu-layers is not used by the transformers backend"):
+        slot.get()
+    assert "\n" not in str(slot.error or "")

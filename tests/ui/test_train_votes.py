@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tandemlm.deploy.engine import AdapterView
+from tandemlm.deploy.load_options import LoadOptions
 from tandemlm.deploy.types import SamplingParams
 from tandemlm.ui.compare.vote_panel import votes_summary
 from tandemlm.ui.engines import EnginePool, EngineSlot
@@ -61,7 +62,7 @@ def test_train_on_votes_runs_two_dpo_steps_and_the_run_loads_as_the_policy(tmp_p
     assert job.succeeded(), job.status()
     assert seen and seen[0].startswith(f"Training `{job.name}`: `") and "/2 (" in seen[0]
     assert job.step() == 2 and job.status().startswith(f"✓ Trained `{job.name}` (2 steps")
-    pool = EnginePool(dtype="float32")
+    pool = EnginePool(load_options=LoadOptions(dtype="float32"))
     slots = {"policy": EngineSlot("policy", pool, str(tiny_llama_dir)), "reference": EngineSlot("reference", pool, str(tiny_llama_dir))}
     try:
         *_, note = load_run_policy(slots, str(tmp_path / "runs"), job.name)
