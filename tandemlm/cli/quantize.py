@@ -9,6 +9,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -201,7 +202,7 @@ def quantized_engine(model: str, quant: str, options: EngineOptions) -> Engine:
         fail(str(exc))
         raise  # unreachable: fail exits
     typer.secho(f"serving the verified {row.label} GGUF {result.path}", err=True)
-    return _load_gguf(result.path, EngineOptions("llama.cpp", options.n_ctx, options.n_threads, options.n_gpu_layers, options.n_parallel))
+    return _load_gguf(result.path, replace(options, backend="llama.cpp"))
 
 
 # ---------------------------------------------------------------------------------------------
