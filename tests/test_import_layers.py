@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
 }
 # Arrows allowed between two parts of the same rank.
 SIDEWAYS = {
-    ("tandemlm.align", "tandemlm.deploy"),  # PPO's vLLM rollout drives deploy's vLLM engine
+    ("tandemlm.align", "tandemlm.deploy"),  # PPO's vLLM rollout shares deploy's vLLM runtime (vllm_runtime)
     ("tandemlm.cli", "tandemlm.ui"),  # `tandem ui` opens the app
 }
 PACKAGES = ("tandemlm.models", "tandemlm.deploy", "tandemlm.quantize", "tandemlm.align", "tandemlm.ui", "tandemlm.cli")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -125,7 +125,8 @@ class BaseEngine(abc.ABC):
         return None
 
     def embed(self, token_lists: list[list[int]]) -> list[list[float]]:
-        """Embeddings; a backend that cannot make them says so (the default)."""
+        """Embeddings; a backend that cannot make them says so (the default). Those that can check their
+        inputs with :func:`check_embed_inputs`."""
         raise EngineError(f"the {self.info.backend} backend does not compute embeddings")
 
     def special_tokens(self) -> dict[str, str | None]:
@@ -383,7 +384,26 @@ class BaseEngine(abc.ABC):
         return Delta(text=answer, reasoning=reasoning)
 
 
-class AdapterView:
+class PromptLogprobScoring:
+    """``score_tokens`` for a backend whose ``prompt_logprobs`` scores by itself: its records' log-probs."""
+
+    prompt_logprobs: Callable[[list[int], list[int]], list[GeneratedToken]]
+
+    def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
+        """Log-probability of each target token given the prompt and the targets before it."""
+        return [token.logprob for token in self.prompt_logprobs(prompt_ids, target_ids)]  # type: ignore[misc]
+
+
+def check_embed_inputs(token_lists: list[list[int]], max_tokens: int | None = None) -> None:
+    """Refuses an empty token list, or one over ``max_tokens`` tokens (when given), naming its index."""
+    for index, ids in enumerate(token_lists):
+        if not ids:
+            raise EngineError(f"input {index} is empty: there is nothing to embed")
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise EngineError(f"input {index} has {len(ids)} tokens; embeddings take at most {max_tokens}")
+
+
+class AdapterView(PromptLogprobScoring):
     """A loaded LoRA adapter served as a model of its own, on its base engine's weights.
 
     Generation gets ``params.adapter`` set and scoring runs with the adapter on; the tokenizer and
@@ -411,10 +431,6 @@ class AdapterView:
     def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
         """Scores ``target_ids`` with this adapter on."""
         return self.base.prompt_logprobs(prompt_ids, target_ids, top, adapter=self.name)
-
-    def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
-        """Log-probability of each target token under the adapted model."""
-        return [token.logprob for token in self.prompt_logprobs(prompt_ids, target_ids)]
 
     def close(self) -> None:
         """Nothing to free: the base engine owns the model (close that one)."""

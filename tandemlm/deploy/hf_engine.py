@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tandemlm.deploy.engine import BaseEngine
+from tandemlm.deploy.engine import BaseEngine, PromptLogprobScoring, check_embed_inputs
 from tandemlm.deploy.hf_tokenizer import HFTokenizerMethods
 from tandemlm.deploy.registry import register_backend
 from tandemlm.deploy.scheduling import WorkQueue, drain_tokens
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # hf_batch imports torch: loaded by the scheduler thread, not
     from tandemlm.deploy.hf_batch import Batch, Row
 
 
-class HFEngine(HFTokenizerMethods, BaseEngine):
+class HFEngine(HFTokenizerMethods, PromptLogprobScoring, BaseEngine):
     """A transformers causal LM with batched decoding of concurrent requests."""
 
     features = OPTIONAL_FEATURES
@@ -131,9 +131,6 @@ class HFEngine(HFTokenizerMethods, BaseEngine):
         self._work.submit(row)
         return drain_tokens(row.out, row.cancelled)
 
-    def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
-        return [token.logprob for token in self.prompt_logprobs(prompt_ids, target_ids)]
-
     def prompt_logprobs(
         self, prompt_ids: list[int], target_ids: list[int], top: int = 0, adapter: str | None = None
     ) -> list[GeneratedToken]:
@@ -157,10 +154,9 @@ class HFEngine(HFTokenizerMethods, BaseEngine):
         llama.cpp's mean pooling: one forward pass per list, so no padding enters a mean."""
         if not self._work.running:
             raise EngineError("engine closed")
+        check_embed_inputs(token_lists)
         torch, vectors = self._torch, []
-        for index, ids in enumerate(token_lists):
-            if not ids:
-                raise EngineError(f"input {index} is empty: there is nothing to embed")
+        for ids in token_lists:
             with torch.inference_mode():
                 out = self._forward([None], input_ids=torch.tensor([ids], device=self.device), output_hidden_states=True)
                 mean = out.hidden_states[-1][0].float().mean(0)

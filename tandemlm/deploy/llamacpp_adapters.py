@@ -31,8 +31,6 @@ class LlamaCppAdapters:
         self._loras: dict[str, Any] = {}  # name -> llama_adapter_lora pointer (freed with the model)
         self._ctx_adapter: str | None = None  # the adapter set on the context now
         self._last_group: str | None = None  # the adapter the previous step decoded
-        # The adapter each idle sequence's cache was computed with: a prefix is reused only under the same one.
-        self._idle_adapter: dict[int, str | None] = {}
         self.builtin_base: Callable[[], Path] | None = None  # a built-in model's HF folder, for conversion
         self.adapter_switches = 0  # times a step changed the context's adapter (tests read it)
 

@@ -13,6 +13,7 @@ import math
 import threading
 from typing import Any
 
+from tandemlm.deploy.engine import check_embed_inputs
 from tandemlm.errors import EngineError
 
 # Tokens per embedded input: mean pooling needs the whole input in one micro-batch.
@@ -42,11 +43,7 @@ class LlamaCppEmbedder:
 
     def embed(self, token_lists: list[list[int]]) -> list[list[float]]:
         """One unit-length vector per token list (each non-empty and at most ``n_ctx`` tokens)."""
-        for index, ids in enumerate(token_lists):
-            if not ids:
-                raise EngineError(f"input {index} is empty: there is nothing to embed")
-            if len(ids) > self.n_ctx:
-                raise EngineError(f"input {index} has {len(ids)} tokens; embeddings take at most {self.n_ctx}")
+        check_embed_inputs(token_lists, self.n_ctx)
         with self._lock:
             if self._ctx is None:
                 raise EngineError("engine closed")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from tandemlm.deploy.engine import check_embed_inputs
+from tandemlm.deploy.vllm_runtime import contained
 from tandemlm.errors import EngineError
 
 # Generation engine load arguments that do not apply to the pooling copy: LoRA (embeddings use the base),
@@ -55,7 +57,8 @@ class VLLMEmbedder:
             **_free_gpu_share(),
         )
         try:
-            self._llm = LLMEngine.from_engine_args(EngineArgs(**pooled))
+            with contained():  # what its CPU worker changes process-wide as it loads is undone
+                self._llm = LLMEngine.from_engine_args(EngineArgs(**pooled))
         except Exception as exc:  # out of memory, above all: this request fails, generation goes on
             detail = " ".join(str(exc).split())[:300]
             raise EngineError(f"vLLM could not load the pooling copy of the model for embeddings: {detail}") from exc
@@ -64,11 +67,7 @@ class VLLMEmbedder:
         """One unit-length vector per token list (each non-empty and at most ``max_tokens`` tokens), in one batch."""
         from vllm import PoolingParams
 
-        for index, ids in enumerate(token_lists):
-            if not ids:
-                raise EngineError(f"input {index} is empty: there is nothing to embed")
-            if len(ids) > self.max_tokens:
-                raise EngineError(f"input {index} has {len(ids)} tokens; embeddings take at most {self.max_tokens}")
+        check_embed_inputs(token_lists, self.max_tokens)
         rids = [uuid.uuid4().hex for _ in token_lists]
         vectors: dict[str, list[float]] = {}
         try:

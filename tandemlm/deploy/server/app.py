@@ -1,4 +1,4 @@
-"""The OpenAI-compatible app: guards, a :class:`ServeContext` and the routes of :mod:`.routes` and :mod:`.introspect`."""
+"""The OpenAI-compatible app: guards, a :class:`ServeContext` and the routes of :mod:`.routes`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from tandemlm.deploy.engine import Engine
 from tandemlm.deploy.server.config import WILDCARD_BINDS, ServerConfig
 from tandemlm.deploy.server.context import ServeContext
 from tandemlm.deploy.server.guards import LOCAL_HOSTS, ApiKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware
-from tandemlm.deploy.server.introspect import add_introspection_routes
 from tandemlm.deploy.server.routes import EXCEPTION_HANDLERS, router
 
 
@@ -43,7 +42,6 @@ def create_app(
     for error, handler in EXCEPTION_HANDLERS.items():
         app.add_exception_handler(error, handler)
     app.include_router(router)
-    add_introspection_routes(app, ctx)
     return app
 
 

@@ -1,21 +1,18 @@
-"""Routes that show what the server would do: models, tokenizing and the rendered chat prompt.
+"""Handlers that show what the server would do: models, tokenizing and the rendered chat prompt.
 
 ``/tokenize``, ``/detokenize`` and ``/apply-template`` take the same bodies as llama.cpp's and
-vLLM's servers (at the root, as theirs are), so tools written for those work here.
+vLLM's servers (at the root, as theirs are), so tools written for those work here. The routes
+(and the mapping of what these raise to error bodies) are in :mod:`.routes`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-
 from tandemlm.deploy.engine import Engine
 from tandemlm.deploy.server.context import ModelNotFound, ServeContext
-from tandemlm.deploy.server.schemas import DetokenizeRequest, TokenizeRequest, error_body
+from tandemlm.deploy.server.schemas import DetokenizeRequest, TokenizeRequest
 from tandemlm.deploy.tool_use import plan_tools
-from tandemlm.errors import EngineError
 
 
 def _model_card(name: str, engine: Engine) -> dict[str, Any]:
@@ -41,65 +38,64 @@ def _render(engine: Engine, body: TokenizeRequest) -> str:
     return engine.render_chat(messages, add_generation_prompt=body.add_generation_prompt, tools=plan.template_tools)
 
 
-def add_introspection_routes(app: FastAPI, ctx: ServeContext) -> None:
-    """Adds ``/v1/models``, ``/v1/models/{id}``, ``/tokenizer_info``, ``/tokenize``, ``/detokenize`` and ``/apply-template``."""
+def list_models(ctx: ServeContext) -> dict[str, Any]:
+    """``/v1/models``: a card per served model."""
+    return {"object": "list", "data": [_model_card(name, engine) for name, engine in ctx.engines.items()]}
 
-    async def answer(work: Any) -> Any:
-        try:
-            return await ctx.prepare(work)
-        except ModelNotFound as exc:
-            return JSONResponse(error_body(str(exc), "not_found_error", "model", "model_not_found"), status_code=404)
-        except (EngineError, ValueError) as exc:
-            return JSONResponse(error_body(str(exc)), status_code=400)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(name, engine) for name, engine in ctx.engines.items()]}
+async def model_card(ctx: ServeContext, model_id: str) -> dict[str, Any]:
+    """``/v1/models/{id}``: the served model's card; ModelNotFound otherwise."""
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> Any:
-        def work() -> dict[str, Any]:
-            if model_id not in ctx.engines:
-                raise ModelNotFound(f"model {model_id!r} is not served here; served models: {', '.join(ctx.engines)}")
-            return _model_card(model_id, ctx.engines[model_id])
+    def work() -> dict[str, Any]:
+        if model_id not in ctx.engines:
+            raise ModelNotFound(f"model {model_id!r} is not served here; served models: {', '.join(ctx.engines)}")
+        return _model_card(model_id, ctx.engines[model_id])
 
-        return await answer(work)
+    return await ctx.prepare(work)
 
-    @app.get("/tokenizer_info")
-    async def tokenizer_info(model: str | None = None) -> Any:
-        # What lm-eval's remote tokenizer reads; with /tokenize and /detokenize it needs no local tokenizer.
-        def work() -> dict[str, Any]:
-            _, engine = ctx.resolve(model)
-            return {**engine.special_tokens(), "chat_template": engine.chat_template_source()}
 
-        return await answer(work)
+async def tokenizer_info(ctx: ServeContext, model: str | None) -> dict[str, Any]:
+    """``/tokenizer_info``: special tokens and chat template (what lm-eval's remote tokenizer reads;
+    with /tokenize and /detokenize it needs no local tokenizer)."""
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> Any:
-        def work() -> dict[str, Any]:
-            _, engine = ctx.resolve(body.model)
-            if body.prompt is not None:
-                tokens = engine.tokenize(body.prompt, add_special_tokens=body.add_special_tokens)
-            else:  # a rendered chat prompt carries its special tokens already
-                tokens = engine.tokenize(_render(engine, body), add_special_tokens=False)
-            return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.info.context_length}
+    def work() -> dict[str, Any]:
+        _, engine = ctx.resolve(model)
+        return {**engine.special_tokens(), "chat_template": engine.chat_template_source()}
 
-        return await answer(work)
+    return await ctx.prepare(work)
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> Any:
-        def work() -> dict[str, Any]:
-            _, engine = ctx.resolve(body.model)
-            return {"prompt": engine.detokenize(engine.check_token_ids(body.tokens))}
 
-        return await answer(work)
+async def tokenize(ctx: ServeContext, body: TokenizeRequest) -> dict[str, Any]:
+    """``/tokenize``: the token ids of a prompt, or of the chat prompt its messages render to."""
 
-    @app.post("/apply-template")
-    async def apply_template(body: TokenizeRequest) -> Any:
-        def work() -> dict[str, Any]:
-            if body.messages is None:
-                raise ValueError("messages is required")
-            _, engine = ctx.resolve(body.model)
-            return {"prompt": _render(engine, body)}
+    def work() -> dict[str, Any]:
+        _, engine = ctx.resolve(body.model)
+        if body.prompt is not None:
+            tokens = engine.tokenize(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:  # a rendered chat prompt carries its special tokens already
+            tokens = engine.tokenize(_render(engine, body), add_special_tokens=False)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.info.context_length}
 
-        return await answer(work)
+    return await ctx.prepare(work)
+
+
+async def detokenize(ctx: ServeContext, body: DetokenizeRequest) -> dict[str, Any]:
+    """``/detokenize``: the text of token ids (each checked against the vocabulary)."""
+
+    def work() -> dict[str, Any]:
+        _, engine = ctx.resolve(body.model)
+        return {"prompt": engine.detokenize(engine.check_token_ids(body.tokens))}
+
+    return await ctx.prepare(work)
+
+
+async def apply_template(ctx: ServeContext, body: TokenizeRequest) -> dict[str, Any]:
+    """``/apply-template``: the prompt text the chat template makes of the messages (and tools)."""
+
+    def work() -> dict[str, Any]:
+        if body.messages is None:
+            raise ValueError("messages is required")
+        _, engine = ctx.resolve(body.model)
+        return {"prompt": _render(engine, body)}
+
+    return await ctx.prepare(work)

@@ -1,8 +1,9 @@
-"""The OpenAI API's routes as plain functions over the app's :class:`ServeContext`, and its error mapping.
+"""The server's routes as plain functions over the app's :class:`ServeContext`, and its one error mapping.
 
 Each route reads the context from ``request.app.state.context`` (set by ``app.create_app``), hands
-the body to a handler (:mod:`.handlers`) and maps what it raises to an OpenAI error body; nothing
-here knows a backend. A client that leaves before the answer cancels the work (status 499).
+the body to a handler (:mod:`.handlers`, :mod:`.anthropic_api`, :mod:`.responses_api`,
+:mod:`.introspect`) and maps what it raises to an OpenAI error body (:func:`_answer`); nothing here
+knows a backend. A client that leaves before a generation's answer cancels the work (status 499).
 """
 
 from __future__ import annotations
@@ -17,13 +18,21 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from tandemlm.deploy.server import introspect
 from tandemlm.deploy.server.anthropic_api import count_tokens, create_message, reshape_error
 from tandemlm.deploy.server.anthropic_schemas import CountTokensRequest, MessagesRequest, anthropic_error_body
 from tandemlm.deploy.server.context import ModelNotFound, ServeContext
 from tandemlm.deploy.server.handlers import GenerationFailed, Streamed, chat_completion, embeddings, text_completion
 from tandemlm.deploy.server.responses_api import create_response
 from tandemlm.deploy.server.responses_api_schemas import ResponsesRequest
-from tandemlm.deploy.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
+from tandemlm.deploy.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+    error_body,
+)
 from tandemlm.deploy.server.service import ServerBusy
 from tandemlm.deploy.types import ContextLengthError
 from tandemlm.errors import EngineError
@@ -92,6 +101,48 @@ async def responses(body: ResponsesRequest, request: Request) -> Any:
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of the server's counters and gauges."""
     return Response(_context(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# Introspection: answered through the same error mapping, not counted in tandem_requests.
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    """OpenAI's list of models: a card per served model."""
+    return introspect.list_models(_context(request))
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> Any:
+    """One served model's card (404 naming the served ones)."""
+    ctx = _context(request)
+    return await _answer(lambda: introspect.model_card(ctx, model_id))
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request, model: str | None = None) -> Any:
+    """Special tokens and chat template of a served model (lm-eval's remote tokenizer reads them)."""
+    ctx = _context(request)
+    return await _answer(lambda: introspect.tokenizer_info(ctx, model))
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> Any:
+    """llama.cpp's and vLLM's /tokenize: a prompt's token ids, or a chat prompt's."""
+    ctx = _context(request)
+    return await _answer(lambda: introspect.tokenize(ctx, body))
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
+    """llama.cpp's and vLLM's /detokenize: the text of token ids."""
+    ctx = _context(request)
+    return await _answer(lambda: introspect.detokenize(ctx, body))
+
+
+@router.post("/apply-template")
+async def apply_template(body: TokenizeRequest, request: Request) -> Any:
+    """llama.cpp's /apply-template: the prompt the chat template renders for messages (and tools)."""
+    ctx = _context(request)
+    return await _answer(lambda: introspect.apply_template(ctx, body))
 
 
 async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
