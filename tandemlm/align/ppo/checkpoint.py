@@ -23,7 +23,7 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -121,11 +121,24 @@ def load_weights(ac: ActorCritic, folder: Path) -> None:
             ac.value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
 
 
+class Processes(Protocol):
+    """The processes that write a checkpoint together (one, or a data-parallel group): the trainer's Distributed."""
+
+    rank: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+
 def save_checkpoint(
-    checkpoints: Path, step: int, ac: ActorCritic, training: dict[str, Any], state: dict[str, Any],
-    rank: int, is_main: bool, barrier: Any, keep: int,
+    checkpoints: Path, step: int, ac: ActorCritic, *, training: dict[str, Any], state: dict[str, Any],
+    processes: Processes, keep: int,
 ) -> Path:
-    """Writes checkpoint-``step`` atomically; ``training`` holds optimizer/scheduler state dicts."""
+    """Writes checkpoint-``step`` atomically; ``training`` holds optimizer/scheduler state dicts, ``state`` the
+    trainer's progress; every process calls it, the main one publishes; the newest ``keep`` are kept."""
+    rank, is_main, barrier = processes.rank, processes.is_main, processes.barrier
     target = checkpoints / f"checkpoint-{step}"
     staging = checkpoints / f".checkpoint-{step}.partial"
     if is_main:

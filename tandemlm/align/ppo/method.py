@@ -332,8 +332,8 @@ def _loop(run: Run, trainer: RLTrainer, total: int, dist: Distributed) -> None:
                 append_jsonl(samples, {"step": trainer.step, "samples": trainer.last_samples})
             if trainer.step % c.save_steps == 0:  # the last step too: a finished run can be extended
                 checkpoint.save_checkpoint(
-                    run.checkpoints, trainer.step, trainer.ac, trainer.training_state(), trainer.progress_state(),
-                    dist.rank, dist.is_main, dist.barrier, c.save_total_limit,
+                    run.checkpoints, trainer.step, trainer.ac, training=trainer.training_state(),
+                    state=trainer.progress_state(), processes=dist, keep=c.save_total_limit,
                 )
                 for callback in callbacks:
                     callback.on_save(None, state, None)
