@@ -44,6 +44,7 @@ METHODS = {
     "tandemlm.align.kto",
     "tandemlm.align.registry",
     "tandemlm.align.evaluate",
+    "tandemlm.align.retained",  # tandem align eval's measures on quantized policies
 }
 METHOD_PACKAGES = ("tandemlm.align.ppo",)  # everything under these is a method module too
 
