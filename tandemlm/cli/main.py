@@ -156,8 +156,8 @@ def serve(
 def _check_adapter_base(model: str, adapters: dict[str, Path], engine_options: EngineOptions) -> None:
     """Before loading: an HF base must match the base each adapter records (a GGUF base is checked by llama.cpp)."""
     from tandemlm.errors import EngineError
+    from tandemlm.models.adapter_files import check_recorded_base, read_adapter_config
     from tandemlm.models.resolve import resolve_model
-    from tandemlm.quantize.merge import check_recorded_base, read_adapter_config
 
     try:
         source = resolve_model(model, trust_remote_code=engine_options.trust_remote_code)

@@ -170,7 +170,7 @@ def adapter_folders(entries: list[str]) -> dict[str, Path]:
     from tandemlm.align.errors import ConfigError
     from tandemlm.align.run_folder import is_run_folder, read_run_folder
     from tandemlm.errors import EngineError
-    from tandemlm.quantize.merge import read_adapter_config
+    from tandemlm.models.adapter_files import read_adapter_config
 
     folders: dict[str, Path] = {}
     for name, ref in named_refs(entries, "--adapter").items():

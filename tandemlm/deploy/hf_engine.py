@@ -10,7 +10,6 @@ grammar (``hf_sampling``), so a request gives the same tokens alone or in a batc
 from __future__ import annotations
 
 import importlib.util
-import json
 import queue
 import threading
 from collections import deque
@@ -24,7 +23,7 @@ from tandemlm.deploy.scheduling import WorkQueue, drain_tokens
 from tandemlm.deploy.types import OPTIONAL_FEATURES, EngineInfo, GeneratedToken, SamplingParams
 from tandemlm.errors import EngineError
 from tandemlm.hardware import inference_precision
-from tandemlm.models.adapter_files import adapter_weights
+from tandemlm.models.adapter_files import adapter_weights, read_adapter_config
 from tandemlm.models.resolve import ModelSource
 from tandemlm.models.stops import stop_ids
 
@@ -171,7 +170,7 @@ class HFEngine(HFTokenizerMethods, PromptLogprobScoring, BaseEngine):
         if name in self._adapters:
             raise EngineError(f"adapter {name!r} is already loaded (from {self._adapters[name]})")
         folder = adapter_weights(path).parent
-        if json.loads((folder / "adapter_config.json").read_text()).get("use_dora"):
+        if read_adapter_config(folder).get("use_dora"):
             raise EngineError(
                 f"adapter {folder}: DoRA adapters cannot share a batch (PEFT's mixed-adapter inference); merge it instead"
             )

@@ -15,7 +15,6 @@ of the same adapter runs no converter::
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,12 +22,11 @@ from typing import Any
 
 from tandemlm.errors import EngineError
 from tandemlm.models import llamacpp_source
-from tandemlm.models.adapter_files import adapter_weights
+from tandemlm.models.adapter_files import ADAPTER_CONFIG, adapter_weights, read_adapter_config
 from tandemlm.models.atomic import atomic_path
 from tandemlm.models.builtin import cache_dir
 
 RECIPE = 1  # bump when the conversion below changes its output for the same adapter
-CONFIG = "adapter_config.json"
 
 
 def lora_gguf(path: str | Path, builtin_base: Callable[[], Path] | None = None) -> Path:
@@ -49,12 +47,7 @@ def lora_gguf(path: str | Path, builtin_base: Callable[[], Path] | None = None) 
 
 def _adapter_config(folder: Path) -> dict[str, Any]:
     """The adapter's config, refused when llama.cpp would run it with other numbers than PEFT does."""
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-    except ValueError as exc:
-        raise EngineError(f"{folder / CONFIG} is not valid JSON: {exc}") from None
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise EngineError(f"adapter {folder}: peft_type is {config.get('peft_type')!r}; only LoRA adapters are served")
+    config = read_adapter_config(folder, "adapter")
     if config.get("use_dora"):
         raise EngineError(f"adapter {folder}: DoRA adapters cannot be converted to GGUF LoRA; merge it instead")
     if config.get("use_rslora"):  # llama.cpp scales by alpha / r, rsLoRA by alpha / sqrt(r)
@@ -71,14 +64,14 @@ def base_config_folder(folder: Path, config: dict[str, Any], builtin_base: Calla
         return builtin_base()
     raise EngineError(
         f"adapter {folder}: converting it to GGUF needs the base model's HF config folder, and its "
-        f"{CONFIG} records base_model_name_or_path={recorded!r}, not a local folder; set that to the base's HF folder"
+        f"{ADAPTER_CONFIG} records base_model_name_or_path={recorded!r}, not a local folder; set that to the base's HF folder"
     )
 
 
 def _content_key(folder: Path, weights: Path) -> str:
     """Short key of what shapes the GGUF: the adapter's config and weights, llama.cpp's version, the recipe."""
     digest = hashlib.sha256(f"recipe {RECIPE}\0llama.cpp {llamacpp_source.llama_cpp_version()}\0".encode())
-    for path in (folder / CONFIG, weights):
+    for path in (folder / ADAPTER_CONFIG, weights):
         digest.update(f"{path.name}\0".encode())
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):

@@ -7,13 +7,12 @@ entries become :class:`GeneratedToken`. vllm is imported inside the functions on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tandemlm.deploy.types import GeneratedToken, OutputConstraint, SamplingParams
 from tandemlm.errors import EngineError
-from tandemlm.models.adapter_files import adapter_weights
+from tandemlm.models.adapter_files import adapter_weights, read_adapter_config
 
 _GIB = 1 << 30
 # Our option names -> vLLM EngineArgs names; other EngineArgs fields pass through unchanged.
@@ -50,7 +49,7 @@ def engine_args(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]
 
 def adapter_rank(folder: Path) -> int:
     """The LoRA rank ``r`` of the PEFT adapter in ``folder`` (0 when its config names none)."""
-    return int(json.loads((folder / "adapter_config.json").read_text()).get("r", 0))
+    return int(read_adapter_config(folder).get("r", 0))
 
 
 def _lora_options(adapters: dict[str, str]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any
 from tandemlm.errors import QuantizeError
 from tandemlm.models.atomic import atomic_path, atomic_write_text
 from tandemlm.models.gguf_info import read_gguf_info
+from tandemlm.quantize.adapter_merge import checked_adapter, merge_adapter
 from tandemlm.quantize.cache import (
     content_key,
     file_digest,
@@ -47,7 +48,6 @@ from tandemlm.quantize.imatrix import (
     prepare_imatrix,
 )
 from tandemlm.quantize.llamacpp_tools import ConversionError, convert_hf_to_gguf, llama_cpp_version
-from tandemlm.quantize.merge import merge_adapter, read_adapter_config
 from tandemlm.quantize.quantize import Fallback, describe_fallbacks, needs_imatrix_message, quantize_gguf
 from tandemlm.quantize.report import QualityReport, ReportSettings, compare_models
 from tandemlm.quantize.space import count_params, disk_full_error, is_disk_full, planned_bytes, require_free_space
@@ -208,7 +208,7 @@ def _prepare_source(config: QuantizeConfig, console: Any) -> _Source:
     digest: dict[str, Any] = {"model": folder_digest(folder)}
     model_id = resolved.model_id.rsplit("/", 1)[-1]  # a hub id's org/ would become a folder in the default out name
     if config.adapter is not None:
-        read_adapter_config(config.adapter)  # fails in one line before anything is loaded
+        checked_adapter(config.adapter)  # fails in one line before anything is loaded
         digest["adapter"] = folder_digest(config.adapter)
         target = _cache_root(config) / content_key(digest) / "merged"
         with console.status(f"merging LoRA adapter {config.adapter.name} into {model_id}"):
