@@ -30,7 +30,7 @@ PROMPTS = [
     "Describe how to make a cup of tea.",
 ]
 
-METRICS = ("tokens_per_s", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "itl_p95")
+METRICS = ("tokens_per_s", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "itl_p95", "cpu_per_token")
 HIGHER_IS_BETTER = {"tokens_per_s"}
 
 
@@ -79,6 +79,21 @@ def summarize(results: list[StreamResult], elapsed: float, failed: int = 0) -> d
         "failed": failed,
         "seconds": elapsed,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) the process ``pid`` and its children have used so far."""
+    import psutil
+
+    process = psutil.Process(pid)
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            times = member.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
 
 
 def ratios(ours: dict[str, float], theirs: dict[str, float]) -> dict[str, float]:

@@ -92,7 +92,30 @@ def test_quick_shrinks_the_run_and_unknown_servers_are_refused(monkeypatch: pyte
 
 def test_target_lines_say_met_or_missed(monkeypatch: pytest.MonkeyPatch) -> None:
     serve_load = _bench_module("serve_load", monkeypatch)
-    anchor = {8: {"tokens_per_s": 100.0, "ttft_p95": 1.0}, 16: {"tokens_per_s": 100.0, "ttft_p95": 1.0}}
-    ours = {8: {"tokens_per_s": 110.0, "ttft_p95": 0.9}, 16: {"tokens_per_s": 90.0, "ttft_p95": 0.9}}
+    anchor = {n: {"tokens_per_s": 100.0, "ttft_p95": 1.0, "cpu_per_token": 0.010} for n in (8, 16)}
+    ours = {8: {"tokens_per_s": 110.0, "ttft_p95": 0.9, "cpu_per_token": 0.009},
+            16: {"tokens_per_s": 110.0, "ttft_p95": 0.9, "cpu_per_token": 0.012}}  # 16: more CPU per token
     lines = serve_load.target_lines(ours, anchor)
-    assert lines[0].endswith("met") and lines[1].endswith("MISSED")
+    assert lines[0].endswith("met") and "CPU/token 0.90x" in lines[0]
+    assert lines[1].endswith("MISSED") and "CPU/token 1.20x" in lines[1]
+    del ours[8]["cpu_per_token"]  # not measured: not met
+    assert serve_load.target_lines(ours, anchor)[0].endswith("MISSED")
+
+
+def test_cpu_seconds_count_the_server_and_its_children(clients: ModuleType) -> None:
+    import subprocess
+    import sys
+
+    burn = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time\\nt=time.process_time()\\nwhile time.process_time()-t<0.6: pass\\ntime.sleep(30)']); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        import time
+
+        time.sleep(2.5)  # the child has burnt its 0.6 s and sleeps
+        assert clients.cpu_seconds(parent.pid) >= 0.6
+    finally:
+        import psutil
+
+        for process in psutil.Process(parent.pid).children(recursive=True):
+            process.kill()
+        parent.kill()
