@@ -101,7 +101,7 @@ def default_tokenizer(folder: str | None) -> str:
     """``folder``, or the tiny Qwen2 fixture's tokenizer (R1-Distill-Qwen's specials)."""
     if folder is not None:
         return folder
-    from tandemlm.fixtures import tiny_model
+    from tandemlm.testing.tiny_models import tiny_model
 
     return str(tiny_model("qwen2"))
 

@@ -47,7 +47,7 @@ SETTINGS: dict[str, Any] = {"batch_size": 4, "max_length": 128, "learning_rate":
 
 def model_folder(name: str) -> Path:
     if name == "tiny":
-        from tandemlm.fixtures import tiny_model
+        from tandemlm.testing.tiny_models import tiny_model
 
         return tiny_model("llama")
     from tandemlm.align.model import base_folder

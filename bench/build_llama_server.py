@@ -1,6 +1,6 @@
 """Builds llama.cpp's own ``llama-server`` (the serving bench's anchor); cached.
 
-A thin entry point onto :mod:`tandemlm.models.llamacpp_build`, which builds every llama.cpp program
+A thin entry point onto :mod:`tandemlm.llamacpp.programs`, which builds every llama.cpp program
 tandem runs from the source the installed llama-cpp-python vendors, in one shared build folder.
 
     .venv/bin/python bench/build_llama_server.py     # prints the binary's path (minutes the first time)
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tandemlm.models.llamacpp_build import llamacpp_binary
-from tandemlm.models.llamacpp_source import ConversionError
+from tandemlm.llamacpp.programs import llamacpp_binary
+from tandemlm.llamacpp.sources import ConversionError
 
 
 def llama_server_binary(version: str | None = None) -> Path:

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(ours_worker(json.loads(args.ours_worker))))
         return 0
     if args.model is None:
-        from tandemlm.fixtures import tiny_model
+        from tandemlm.testing.tiny_models import tiny_model
 
         args.model = str(tiny_model("llama"))
     common: dict[str, Any] = {

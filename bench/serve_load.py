@@ -9,7 +9,7 @@ llama-cpp-python's own server (interrupts off, so it serves requests in turn; at
 count as users get it, and at tandem's). Then the transformers backend at the largest level against
 its own one-client rate. Targets: at 8 and 16 clients, TTFT p95 <= 1.0x and tokens/s >= 1.0x
 llama-server. llama-server is built from the llama.cpp that the installed llama-cpp-python vendors
-on first use (bench/build_llama_server.py onto tandemlm/models/llamacpp_build.py; minutes on 2 cores, cached).
+on first use (bench/build_llama_server.py onto tandemlm/llamacpp/programs.py; minutes on 2 cores, cached).
 
     .venv/bin/python bench/serve_load.py [--model smollm2] [--max-tokens 64] [--rounds 2] [--json out.json]
     .venv/bin/python bench/serve_load.py --quick     # smoke run: 1 and 4 clients, short answers

@@ -74,7 +74,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tandemlm.fixtures import tiny_model
+from tandemlm.testing.tiny_models import tiny_model
 
 target = Path(sys.argv[1])
 shutil.copytree(tiny_model("llama"), target / "fixtures" / "tiny-llama")

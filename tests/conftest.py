@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tandemlm.fixtures import fixture_gguf, tiny_model
+from tandemlm.testing.tiny_models import fixture_gguf, tiny_model
 
 pytest_plugins = ["ci_skips"]  # under CI=true only a missing GPU may skip a test
 

@@ -101,7 +101,7 @@ def test_jobs_past_the_check_budget_are_skipped_not_started(tmp_path: Path) -> N
 
 def test_prebuilt_fixture_folder_is_used_as_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tandemlm.errors import EngineError
-    from tandemlm.fixtures import SPEC_FILE, tiny_model
+    from tandemlm.testing.tiny_models import SPEC_FILE, tiny_model
 
     monkeypatch.setenv("TANDEM_FIXTURES", str(tmp_path))
     with pytest.raises(EngineError, match=f"no prebuilt tiny-llama in {tmp_path}"):

@@ -1,7 +1,8 @@
 """The layers of ``tandemlm``: no package imports one on its own level or above it.
 
-From the bottom: the shared ground (``hardware``, ``errors``), ``models``, then ``deploy``,
-``quantize`` and ``align`` side by side, then ``ui``, ``cli`` and the test fixtures on top. Every
+From the bottom: the shared ground (``hardware``, ``errors``), ``storage`` (safe writes), ``models`` (model
+references and files), ``llamacpp`` (llama.cpp's converters and programs), then ``deploy``, ``quantize`` and
+``align`` side by side, then ``ui``, ``cli`` and ``testing`` (tiny test models) on top. Every
 import counts, function-level ones too (see ``import_graph``): a function-level import does not
 break a cycle, it only hides it. ``deploy`` and ``quantize`` share code only through the layers
 below them. ``align`` may use a deploy backend (the vLLM rollout) but nothing above it.
@@ -22,20 +23,25 @@ LAYERS: dict[str, int] = {
     "tandemlm": 0,  # __init__: version only
     "tandemlm.hardware": 0,
     "tandemlm.errors": 0,
-    "tandemlm.models": 1,
-    "tandemlm.deploy": 2,
-    "tandemlm.quantize": 2,
-    "tandemlm.align": 2,
-    "tandemlm.fixtures": 3,  # builds test models with quantize's llama.cpp converter
-    "tandemlm.ui": 3,
-    "tandemlm.cli": 3,
+    "tandemlm.storage": 1,  # atomic writes, the pickle guard
+    "tandemlm.models": 2,  # model references and files: built-in model, GGUF header, chat templates, adapters
+    "tandemlm.llamacpp": 3,  # llama.cpp's converters and programs, cached (uses models.builtin's cache folder)
+    "tandemlm.deploy": 4,
+    "tandemlm.quantize": 4,
+    "tandemlm.align": 4,
+    "tandemlm.testing": 5,  # builds test models with quantize's llama.cpp converter
+    "tandemlm.ui": 5,
+    "tandemlm.cli": 5,
 }
 # Arrows allowed between two parts of the same rank.
 SIDEWAYS = {
     ("tandemlm.align", "tandemlm.deploy"),  # PPO's vLLM rollout shares deploy's vLLM runtime (vllm_runtime)
     ("tandemlm.cli", "tandemlm.ui"),  # `tandem ui` opens the app
 }
-PACKAGES = ("tandemlm.models", "tandemlm.deploy", "tandemlm.quantize", "tandemlm.align", "tandemlm.ui", "tandemlm.cli")
+PACKAGES = (
+    "tandemlm.storage", "tandemlm.models", "tandemlm.llamacpp", "tandemlm.deploy", "tandemlm.quantize", "tandemlm.align",
+    "tandemlm.testing", "tandemlm.ui", "tandemlm.cli",
+)
 
 
 def _part(module: str) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.metrics import read_metrics
 from tandemlm.align.run_folder import read_run_folder
-from tandemlm.models.atomic import atomic_path
+from tandemlm.storage.atomic import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 from tandemlm.align.errors import ConfigError, decode_utf8
 from tandemlm.align.launch import MODES
-from tandemlm.models.atomic import unwritable_reason
 from tandemlm.models.builtin import DEFAULT_MODEL
+from tandemlm.storage.atomic import unwritable_reason
 
 C = TypeVar("C", bound="AlignConfig")
 DEFAULT_RUNS_DIR = "runs"  # where runs go without --output-dir (runs/<method>-<timestamp>)

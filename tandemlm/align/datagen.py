@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tandemlm.align.tasks import capitals
-from tandemlm.models.atomic import atomic_write_text
+from tandemlm.storage.atomic import atomic_write_text
 
 TEST_COUNTRIES = 30
 SPLIT_SEED = 0

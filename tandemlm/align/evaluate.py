@@ -30,7 +30,7 @@ from tandemlm.align.rewards import load_reward_model, score_conversations, verif
 from tandemlm.align.run import Run
 from tandemlm.align.sampling import conversation_logprob, generate, response_logprobs
 from tandemlm.hardware import inference_precision
-from tandemlm.models.atomic import atomic_write_text
+from tandemlm.storage.atomic import atomic_write_text
 
 EXAMPLES = 3  # prompt/policy/reference triples kept in the report for a human to read
 

@@ -13,9 +13,9 @@ from tandemlm.align.model import load_tokenizer, quiet_transformers
 from tandemlm.align.prepare import quiet_libraries
 from tandemlm.align.run_folder import read_run_folder
 from tandemlm.hardware import SIXTEEN_BIT, checkpoint_dtype, inference_precision
-from tandemlm.models.atomic import staging_folder
 from tandemlm.models.lora_merge import merge_lora
 from tandemlm.models.weight_files import weights_bytes
+from tandemlm.storage.atomic import staging_folder
 
 
 def merge_run(run_dir: str | Path, out: str | Path | None = None, device: str = "cpu") -> Path:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tandemlm.models.atomic import atomic_write_text
+from tandemlm.storage.atomic import atomic_write_text
 
 
 def append_jsonl(path: Any, record: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from tandemlm.align.config import AlignConfig
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.run_folder import is_run_folder, read_run_folder
-from tandemlm.models.pickle_guard import refused_pickle
+from tandemlm.storage.pickle_guard import refused_pickle
 
 if TYPE_CHECKING:
     from peft import LoraConfig

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tandemlm.align.metrics import read_metrics
-from tandemlm.models.atomic import atomic_path
+from tandemlm.storage.atomic import atomic_path
 
 # One row per figure: file name -> (title, y label, metric keys; a key ending in /* matches a prefix).
 PLOTS: dict[str, tuple[str, str, tuple[str, ...]]] = {

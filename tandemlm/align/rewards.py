@@ -21,7 +21,7 @@ from tandemlm.align.model import inference_load_kwargs, load_tokenizer, quiet_tr
 from tandemlm.align.run_folder import is_run_folder, read_run_folder
 from tandemlm.align.tasks import verify
 from tandemlm.hardware import inference_precision
-from tandemlm.models.pickle_guard import refused_pickle
+from tandemlm.storage.pickle_guard import refused_pickle
 
 # name -> builder(config) -> (reward function or model, its tokenizer or None)
 _REWARDS: dict[str, Callable[[Any], tuple[Any, Any]]] = {}

@@ -32,7 +32,7 @@ from tandemlm.align.run_folder import (
     save_final,
     wait_for_everyone,
 )
-from tandemlm.models.atomic import atomic_write_text
+from tandemlm.storage.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from transformers import Trainer

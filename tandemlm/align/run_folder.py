@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandemlm.align.errors import ConfigError
-from tandemlm.models.atomic import atomic_write_text, replace_dir
+from tandemlm.storage.atomic import atomic_write_text, replace_dir
 
 if TYPE_CHECKING:
     from transformers import Trainer

@@ -219,7 +219,7 @@ def compare_command(
     from rich.console import Console
 
     from tandemlm.align.compare import HEADERS, read_rows, table_note, table_rows, write_figure
-    from tandemlm.models.atomic import atomic_write_text
+    from tandemlm.storage.atomic import atomic_write_text
 
     if out.suffix.lower() != ".png":  # checked before reading anything: nothing is half done
         fail(f"--out {out} must be a file name ending in .png")

@@ -96,7 +96,7 @@ def check_retained(run: RunModel, results: list[Any], datasets: list[str], promp
     from rich.console import Console
 
     from tandemlm.align.retained import retained, retained_table
-    from tandemlm.models.atomic import atomic_write_text
+    from tandemlm.storage.atomic import atomic_write_text
 
     first = results[0]
     if first.intermediate is None:

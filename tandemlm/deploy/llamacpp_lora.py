@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from tandemlm.errors import EngineError
-from tandemlm.models import llamacpp_source
+from tandemlm.llamacpp import sources as llamacpp_source
 from tandemlm.models.adapter_files import ADAPTER_CONFIG, adapter_weights, read_adapter_config
-from tandemlm.models.atomic import atomic_path
 from tandemlm.models.builtin import cache_dir
+from tandemlm.storage.atomic import atomic_path
 
 RECIPE = 1  # bump when the conversion below changes its output for the same adapter
 

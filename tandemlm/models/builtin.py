@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandemlm.errors import EngineError
-from tandemlm.models.atomic import save_hf_folder
+from tandemlm.storage.atomic import save_hf_folder
 
 
 @dataclass(frozen=True)

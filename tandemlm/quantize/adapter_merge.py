@@ -14,8 +14,8 @@ from typing import Any
 
 from tandemlm.errors import EngineError, QuantizeError
 from tandemlm.models.adapter_files import check_recorded_base, read_adapter_config
-from tandemlm.models.atomic import staging_folder
 from tandemlm.models.lora_merge import AdapterMismatch, merge_lora
+from tandemlm.storage.atomic import staging_folder
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")

@@ -11,9 +11,9 @@ import importlib.util
 from pathlib import Path
 
 from tandemlm.errors import QuantizeError
-from tandemlm.models.atomic import save_hf_folder
 from tandemlm.models.bnb import bnb_config
 from tandemlm.quantize.types import QuantType
+from tandemlm.storage.atomic import save_hf_folder
 
 
 def bnb_unavailable(qtype: QuantType) -> str | None:

@@ -29,8 +29,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tandemlm.models.atomic import atomic_path, atomic_write_text
 from tandemlm.models.builtin import cache_dir
+from tandemlm.storage.atomic import atomic_path, atomic_write_text
 
 RECIPE = 1  # bump when a stage changes its output for the same input
 SKIP_FILES = ("README.md", ".gitattributes")  # top-level files that do not shape the GGUF

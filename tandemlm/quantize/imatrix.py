@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 
 from tandemlm.errors import QuantizeError
-from tandemlm.models.atomic import atomic_path, temp_path_for
+from tandemlm.llamacpp.programs import llamacpp_binary
+from tandemlm.llamacpp.sources import ConversionError, last_error, llama_cpp_version, run_with_status
 from tandemlm.models.gguf_info import read_gguf_info
-from tandemlm.models.llamacpp_build import llamacpp_binary
-from tandemlm.models.llamacpp_source import ConversionError, last_error, llama_cpp_version, run_with_status
 from tandemlm.quantize.cache import content_key, file_digest
 from tandemlm.quantize.texts import Text
+from tandemlm.storage.atomic import atomic_path, temp_path_for
 
 SUMS, COUNTS = ".in_sum2", ".counts"
 DEFAULT_CHUNKS = 64  # 64 × 512 tokens: llama.cpp's usual calibration size is 100-200 chunks; this is a CPU budget

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from tandemlm.errors import QuantizeError
-from tandemlm.models.atomic import atomic_path, atomic_write_text
 from tandemlm.quantize.pipeline import QuantizeConfig, QuantizeResult, quantize_model
 from tandemlm.quantize.report import ReportSettings
 from tandemlm.quantize.types import get_quant_type
+from tandemlm.storage.atomic import atomic_path, atomic_write_text
 
 BUDGET_KEY = "kld_mean"  # what --max-kld bounds
 

@@ -1,7 +1,7 @@
 """llama.cpp's own HF→GGUF converter, run from llama.cpp's sources (fetched and cached by
-:mod:`tandemlm.models.llamacpp_source`, shared with deploy's LoRA converter).
+:mod:`tandemlm.llamacpp.sources`, shared with deploy's LoRA converter).
 
-Cached layout, ``cache_dir()/llama.cpp-<version>/``: see :mod:`tandemlm.models.llamacpp_source`.
+Cached layout, ``cache_dir()/llama.cpp-<version>/``: see :mod:`tandemlm.llamacpp.sources`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import struct
 import sys
 from pathlib import Path
 
-from tandemlm.models.atomic import atomic_path
-from tandemlm.models.llamacpp_source import (  # re-exported: quantize's callers and tests use them from here
+from tandemlm.llamacpp.sources import (  # re-exported: quantize's callers and tests use them from here
     MARKER,
     PACKAGE,
     SDIST_ENV,
@@ -23,10 +22,11 @@ from tandemlm.models.llamacpp_source import (  # re-exported: quantize's callers
     llama_cpp_source,
     llama_cpp_version,
 )
-from tandemlm.models.llamacpp_source import converter_env as _converter_env
-from tandemlm.models.llamacpp_source import last_error as _last_error
-from tandemlm.models.llamacpp_source import run_with_status as _run_with_status
+from tandemlm.llamacpp.sources import converter_env as _converter_env
+from tandemlm.llamacpp.sources import last_error as _last_error
+from tandemlm.llamacpp.sources import run_with_status as _run_with_status
 from tandemlm.models.weight_files import weight_files
+from tandemlm.storage.atomic import atomic_path
 
 __all__ = ["MARKER", "PACKAGE", "SDIST_ENV", "ConversionError", "llama_cpp_source", "llama_cpp_version"]
 

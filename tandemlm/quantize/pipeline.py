@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from tandemlm.errors import QuantizeError
-from tandemlm.models.atomic import atomic_path, atomic_write_text
 from tandemlm.models.gguf_info import read_gguf_info
 from tandemlm.quantize.adapter_merge import checked_adapter, merge_adapter
 from tandemlm.quantize.cache import (
@@ -54,6 +53,7 @@ from tandemlm.quantize.space import count_params, disk_full_error, is_disk_full,
 from tandemlm.quantize.texts import Text, builtin_calibration, text_file
 from tandemlm.quantize.types import QuantType, ftype_name, get_quant_type, quant_type_for_ftype
 from tandemlm.quantize.verify import Verification, verify_gguf
+from tandemlm.storage.atomic import atomic_path, atomic_write_text
 
 FLOAT_FTYPES = {"f32", "f16", "bf16"}
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandemlm.errors import QuantizeError
-from tandemlm.models.atomic import atomic_path
 from tandemlm.models.gguf_info import read_gguf_info
 from tandemlm.quantize.imatrix import QuantizerImatrix
 from tandemlm.quantize.types import QuantType
+from tandemlm.storage.atomic import atomic_path
 
 K_BLOCK = 256  # weights per k-quant block (ggml's QK_K)
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})

@@ -118,7 +118,7 @@ class QualityReport:
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
         """Writes the report as JSON (temp file + rename)."""
-        from tandemlm.models.atomic import atomic_write_text
+        from tandemlm.storage.atomic import atomic_write_text
 
         path = Path(path)
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")

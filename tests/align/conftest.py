@@ -101,7 +101,7 @@ def metric_values(run: Any, key: str) -> list[float]:
 
 @pytest.fixture(scope="session")
 def tiny_llama() -> Path:
-    from tandemlm.fixtures import tiny_model
+    from tandemlm.testing.tiny_models import tiny_model
 
     return tiny_model("llama")
 

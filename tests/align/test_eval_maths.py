@@ -52,7 +52,7 @@ def test_response_logprobs_match_a_forward_pass_done_by_hand():
 
     from tandemlm.align.model import load_tokenizer
     from tandemlm.align.sampling import render_prompts, response_logprobs
-    from tandemlm.fixtures import tiny_model
+    from tandemlm.testing.tiny_models import tiny_model
 
     folder = tiny_model("llama")
     tokenizer = load_tokenizer(folder)

@@ -77,7 +77,7 @@ def test_policy_log_probs_entropy_and_adapter_gradients_match_the_full_forward(a
     from tandemlm.align.model import load_tokenizer
     from tandemlm.align.ppo.method import build_actor_critic
     from tandemlm.align.ppo.rollout import left_pad, tokenize_prompts
-    from tandemlm.fixtures import tiny_model
+    from tandemlm.testing.tiny_models import tiny_model
 
     folder = tiny_model(arch)
     config = tiny_config("grpo", folder, tmp_path / "run", dataset="builtin:capitals_train", lora=True, lora_layers=1,

@@ -223,7 +223,7 @@ def test_frozen_prefix_gives_the_same_logprobs_and_values_as_a_full_forward(arch
     from tandemlm.align.model import load_tokenizer
     from tandemlm.align.ppo.method import build_actor_critic
     from tandemlm.align.ppo.rollout import left_pad, tokenize_prompts
-    from tandemlm.fixtures import tiny_model
+    from tandemlm.testing.tiny_models import tiny_model
 
     folder = tiny_model(arch)
     config = tiny_config("ppo", folder, tmp_path / "run", **PPO_TINY, lora_layers=1)

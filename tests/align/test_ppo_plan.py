@@ -224,7 +224,7 @@ def test_moe_and_mla_configs_count_on_the_meta_device() -> None:
     import torch
     import transformers
 
-    from tandemlm.fixtures import COMMON, SPECS
+    from tandemlm.testing.tiny_models import COMMON, SPECS
 
     spec = SPECS["deepseek_v3"]
     config = getattr(transformers, spec.config_class)(**{**COMMON, **spec.config})

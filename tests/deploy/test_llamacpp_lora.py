@@ -24,7 +24,7 @@ from tandemlm.deploy.llamacpp_lora import base_config_folder, next_group
 from tandemlm.deploy.registry import load_engine
 from tandemlm.deploy.types import SamplingParams
 from tandemlm.errors import EngineError
-from tandemlm.models import llamacpp_source
+from tandemlm.llamacpp import sources as llamacpp_source
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "1, 2, 3,"]
 GREEDY = SamplingParams(temperature=0, max_tokens=8)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tandemlm.models.atomic import atomic_path, atomic_write_text, staging_folder
 from tandemlm.models.weight_files import safetensors_files, weight_files, weights_bytes
+from tandemlm.storage.atomic import atomic_path, atomic_write_text, staging_folder
 
 
 def _mode(path: Path) -> int:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tandemlm.fixtures import tiny_model
 from tandemlm.quantize.pipeline import QuantizeConfig, QuantizeResult, quantize_model
+from tandemlm.testing.tiny_models import tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from tandemlm.errors import QuantizeError
-from tandemlm.fixtures import fixture_gguf, tiny_model
 from tandemlm.quantize.imatrix import (
     ImatrixChoice,
     ImatrixEntry,
@@ -31,6 +30,7 @@ from tandemlm.quantize.pipeline import QuantizeConfig
 from tandemlm.quantize.quantize import quantize_gguf
 from tandemlm.quantize.texts import Text, builtin_calibration
 from tandemlm.quantize.types import get_quant_type
+from tandemlm.testing.tiny_models import fixture_gguf, tiny_model
 
 CHUNK = 64
 CHUNKS = 3
@@ -164,7 +164,7 @@ def test_kill_9_while_computing_leaves_no_file_and_a_rerun_completes(calibration
     text = tmp_path / "calibration.txt"
     text.write_text(calibration.content)
     script = (
-        "import sys; from pathlib import Path; from tandemlm.fixtures import fixture_gguf;"
+        "import sys; from pathlib import Path; from tandemlm.testing.tiny_models import fixture_gguf;"
         "from tandemlm.quantize.imatrix import compute_imatrix; from tandemlm.quantize.texts import Text;"
         f"compute_imatrix(fixture_gguf('llama'), Text('t', Path({str(text)!r}).read_text()), Path({str(out)!r}),"
         f" chunks=200, chunk_size={CHUNK}, threads=1)"

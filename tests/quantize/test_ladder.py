@@ -70,8 +70,8 @@ def test_kill_9_during_a_ladder_leaves_only_whole_files_and_a_rerun_resumes_from
     import sys
     import time
 
-    from tandemlm.fixtures import tiny_model
     from tandemlm.models.gguf_info import read_gguf_info
+    from tandemlm.testing.tiny_models import tiny_model
 
     env = {**os.environ, "TANDEM_CACHE": str(tmp_path / "cache")}
     folder = tmp_path / "ladder"

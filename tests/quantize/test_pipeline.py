@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 
 from tandemlm.errors import EngineError, QuantizeError
-from tandemlm.fixtures import tiny_model
 from tandemlm.models.builtin import builtin_gguf
 from tandemlm.quantize import pipeline, space
 from tandemlm.quantize.llamacpp_tools import ConversionError
@@ -20,6 +19,7 @@ from tandemlm.quantize.pipeline import QuantizeConfig, quantize_model
 from tandemlm.quantize.quantize import Fallback
 from tandemlm.quantize.types import get_quant_type
 from tandemlm.quantize.verify import verify_gguf
+from tandemlm.testing.tiny_models import tiny_model
 
 
 def _config(quant_cache: Path, out: Path, qtype: str, **extra: object) -> QuantizeConfig:

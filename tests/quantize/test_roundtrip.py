@@ -8,12 +8,12 @@ from transformers import AutoTokenizer
 from tandemlm.deploy.engine import collect
 from tandemlm.deploy.registry import load_engine
 from tandemlm.deploy.types import SamplingParams
-from tandemlm.fixtures import tiny_model
 from tandemlm.models.gguf_info import read_gguf_info
 from tandemlm.models.resolve import ModelSource
 from tandemlm.quantize.scoring import GGUFScorer
 from tandemlm.quantize.types import get_quant_type
 from tandemlm.quantize.verify import end_of_turn_id
+from tandemlm.testing.tiny_models import tiny_model
 
 ARCHS = ("llama", "qwen2", "deepseek_v3")
 TYPES = ("q8_0", "q4_k_m")

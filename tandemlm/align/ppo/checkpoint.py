@@ -31,8 +31,8 @@ import torch
 from tandemlm.align.errors import ConfigError
 from tandemlm.align.ppo.policy import CRITIC, POLICY, ActorCritic
 from tandemlm.align.run import gathered
-from tandemlm.models.atomic import replace_dir
-from tandemlm.models.pickle_guard import refused_pickle
+from tandemlm.storage.atomic import replace_dir
+from tandemlm.storage.pickle_guard import refused_pickle
 
 STATE_FILE = "trainer_state.json"
 

@@ -37,8 +37,8 @@ from tandemlm.align.ppo.trainer import PPOTrainer
 from tandemlm.align.prepare import quiet_libraries
 from tandemlm.align.run import Run, finish_run, prepare_run, record_session
 from tandemlm.align.run_folder import latest_checkpoint
-from tandemlm.models.atomic import replace_dir
 from tandemlm.models.builtin import BUILTIN_MODELS
+from tandemlm.storage.atomic import replace_dir
 
 SAMPLES_FILE = "samples.jsonl"  # a few prompts, responses and scores per logged step
 

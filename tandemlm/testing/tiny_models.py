@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandemlm.errors import EngineError
-from tandemlm.models.atomic import staging_folder
 from tandemlm.models.builtin import builtin_gguf, cache_dir
+from tandemlm.storage.atomic import staging_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -10,7 +10,7 @@ llama libraries. A marker per target, written after a successful build, names th
 flags; without it (an interrupted or failed build) the binary is never used and the next call
 resumes the build (cmake builds incrementally).
 
-    python -m tandemlm.models.llamacpp_build llama-imatrix llama-bench   # prints the binaries' paths
+    python -m tandemlm.llamacpp.programs llama-imatrix llama-bench   # prints the binaries' paths
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from tandemlm.models import llamacpp_source as source_cache
-from tandemlm.models.atomic import publish_folder
+from tandemlm.llamacpp import sources as source_cache
+from tandemlm.llamacpp.sources import ConversionError, last_error, llama_cpp_version, run_with_status
 from tandemlm.models.builtin import cache_dir
-from tandemlm.models.llamacpp_source import ConversionError, last_error, llama_cpp_version, run_with_status
+from tandemlm.storage.atomic import publish_folder
 
 MARKER = ".tandemlm-build"
 # Checked against this version's CMakeLists: LLAMA_CURL is deprecated there (HTTPS is LLAMA_OPENSSL),

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from tandemlm import fixtures
 from tandemlm.errors import EngineError
-from tandemlm.fixtures import SPECS, TinySpec, TokenizerRecipe, tiny_model
+from tandemlm.testing import tiny_models as fixtures
+from tandemlm.testing.tiny_models import SPECS, TinySpec, TokenizerRecipe, tiny_model
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 MESSAGES = [
@@ -95,7 +95,7 @@ def test_deepseek_tokenizer_keeps_spaces(tiny_deepseek_v3_dir):
 def test_cache_hit_builds_nothing_and_needs_no_torch(tiny_llama_dir, monkeypatch):
     code = (
         "import sys\n"
-        "from tandemlm.fixtures import tiny_model\n"
+        "from tandemlm.testing.tiny_models import tiny_model\n"
         "print(tiny_model('llama')); print('torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tandemlm.models import llamacpp_build as build
-from tandemlm.models.llamacpp_source import ConversionError
+from tandemlm.llamacpp import programs as build
+from tandemlm.llamacpp.sources import ConversionError
 
 
 @pytest.fixture(autouse=True)

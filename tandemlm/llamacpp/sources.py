@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tandemlm.errors import EngineError
-from tandemlm.models.atomic import publish_folder, replace_dir
 from tandemlm.models.builtin import cache_dir
+from tandemlm.storage.atomic import publish_folder, replace_dir
 
 if TYPE_CHECKING:
     from rich.text import Text
