@@ -1,13 +1,17 @@
 """Pure functions behind the quality report: windows, perplexity, KL divergence, agreement rates.
 
 Conventions follow llama.cpp's ``llama-perplexity --kl-divergence``: KL is KL(P_original ‖
-P_quantized) per position, in nats, averaged over scored positions; "same top" is how often both
-models put the same token first.
+P_quantized) per position, in nats, summed over the whole vocabulary (llama-perplexity leaves out
+tokens with log p_original ≤ -16: 0.14% less on a SmolLM2 Q4_K_M, ``bench/README.md``); its median is the mean of the two middle values for an even
+count and its percentiles interpolate linearly between sorted values at ``fraction × (n - 1)``;
+Δp is the quantized model's probability of the correct next token minus the original's, and
+"RMS Δp" the root of its mean square; "same top" is how often both models put the same token first.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,15 +45,51 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+@dataclass(frozen=True)
+class KLDStats:
+    """The distribution of per-position KL divergences, in nats (llama.cpp's "KL divergence statistics")."""
+
+    mean: float
+    median: float
+    p99: float
+    p999: float
+    max: float
+
+
+def kld_stats(values: Sequence[float] | np.ndarray) -> KLDStats:
+    """Mean, median, 99th and 99.9th percentiles and maximum of ``values`` (all 0.0 when empty).
+
+    numpy's default (``linear``) percentile is llama.cpp's: ``fraction × (n - 1)`` into the sorted
+    values, interpolated between its two neighbours; its median averages the middle two of an even count.
+    """
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return KLDStats(0.0, 0.0, 0.0, 0.0, 0.0)
+    p99, p999 = np.percentile(data, [99.0, 99.9])
+    return KLDStats(float(data.mean()), float(np.median(data)), float(p99), float(p999), float(data.max()))
+
+
+def rms(values: Sequence[float] | np.ndarray) -> float:
+    """Root mean square (0.0 when empty): llama.cpp's "RMS Δp" of the Δp values."""
+    data = np.asarray(values, dtype=np.float64)
+    return float(np.sqrt(np.mean(data * data))) if data.size else 0.0
+
+
+def ratio(new: float, old: float) -> float:
+    """new / old (inf when old is 0): the perplexity ratio PPL(quantized) / PPL(original)."""
+    return new / old if old else math.inf
+
+
 @dataclass
 class Agreement:
-    """Running sums over scored positions of one text, comparing an original and a quantized model."""
+    """Running sums and per-position values over the scored positions of one text, original vs quantized."""
 
     positions: int = 0
     nll_original: float = 0.0
     nll_quantized: float = 0.0
     kl_sum: float = 0.0
     kl_values: list[float] = field(default_factory=list)
+    delta_p: list[float] = field(default_factory=list)  # p_quantized(correct token) - p_original(correct token)
     same_top: int = 0
 
     def add_window(self, original: np.ndarray, quantized: np.ndarray, window: list[int]) -> None:
@@ -63,9 +103,10 @@ class Agreement:
             picked = np.arange(log_p.shape[0]), targets[rows]
             self.nll_original -= float(log_p[picked].sum())
             self.nll_quantized -= float(log_q[picked].sum())
+            self.delta_p.extend((np.exp(log_q[picked]) - np.exp(log_p[picked])).tolist())
             kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
             self.kl_sum += float(kl.sum())
-            self.kl_values.extend(float(v) for v in kl)
+            self.kl_values.extend(kl.tolist())
             self.same_top += int((log_p.argmax(axis=-1) == log_q.argmax(axis=-1)).sum())
             self.positions += log_p.shape[0]
 
@@ -83,7 +124,16 @@ class Agreement:
 
     @property
     def kl_p99(self) -> float:
-        return float(np.percentile(self.kl_values, 99)) if self.kl_values else 0.0
+        return kld_stats(self.kl_values).p99
+
+    def kld(self) -> KLDStats:
+        """The KL divergence statistics of the positions added so far."""
+        return kld_stats(self.kl_values)
+
+    @property
+    def delta_p_rms(self) -> float:
+        """RMS of Δp, as a fraction (llama.cpp prints it ×100 as a percentage)."""
+        return rms(self.delta_p)
 
     @property
     def same_top_rate(self) -> float:

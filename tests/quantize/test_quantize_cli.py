@@ -69,19 +69,21 @@ def test_bitsandbytes_types_need_a_gpu(tiny_llama_dir):
 def test_quantize_with_report_prints_a_table_and_writes_json(quantized, session_cache, tiny_llama_dir, tmp_path):
     quantized("llama", "q8_0")
     out = tmp_path / "tiny-q8.gguf"
-    result = runner.invoke(app, ["quantize", str(tiny_llama_dir), "--type", "Q8_0", "--out", str(out), "--report"])
+    result = runner.invoke(app, ["quantize", str(tiny_llama_dir), "--type", "Q8_0", "--out", str(out), "--report", "--no-speed"])
     assert result.exit_code == 0, result.output
     assert str(out) in result.output and "reusing verified Q8_0" in result.output
     assert "perplexity" in result.output and "same top token" in result.output
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["original"]["name"] == "F16" and report["quantized"]["name"] == "Q8_0"
     assert report["size_ratio"] < 0.6 and report["same_top_rate"] > 0.5 and report["greedy_prompts"] == 8
+    assert report["scored_tokens"] > 8000 and "macbeth" in report["text"]  # the default: 8192 tokens of the built-in text
+    assert report["card"]["type"] == "Q8_0" and report["card"]["pp_tok_s"] is None  # --no-speed
 
 
 def test_eval_quant_compares_the_hf_original_with_a_gguf(quantized, tiny_llama_dir, tmp_path):
     q8 = quantized("llama", "q8_0")
     json_path = tmp_path / "eval.json"
-    args = ["eval-quant", str(tiny_llama_dir), str(q8.path), "--json", str(json_path), "--prompts", "2", "--tokens", "300", "--window", "128"]
+    args = ["eval-quant", str(tiny_llama_dir), str(q8.path), "--json", str(json_path), "--prompts", "2", "--tokens", "300", "--window", "128", "--no-speed"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(json_path.read_text())
@@ -91,6 +93,7 @@ def test_eval_quant_compares_the_hf_original_with_a_gguf(quantized, tiny_llama_d
     assert report["template_identical"] and report["prompt_tokens_identical"]
     assert report["same_top_rate"] > 0.9 and abs(report["perplexity_change"]) < 0.01
     assert report["quantized"]["bits_per_weight"] < report["original"]["bits_per_weight"]
+    assert report["card"]["type"] == "Q8_0" and report["original"]["qtype"] == "HF" and report["card"]["tg_tok_s"] is None
 
 
 def test_serve_quantize_serves_the_verified_gguf(quantized, session_cache, tiny_llama_dir, captured_server):
