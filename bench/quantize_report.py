@@ -23,7 +23,7 @@ from rich.table import Table
 
 from tandemlm.models.resolve import resolve_model
 from tandemlm.quantize.pipeline import QuantizeConfig, quantize_model
-from tandemlm.quantize.quantize import Fallback
+from tandemlm.quantize.quantizer import Fallback
 from tandemlm.quantize.report import QualityReport, ReportSettings, compare_models
 
 # llama.cpp's own measurements, relative to f16, without an importance matrix (wikitext-2 test set).

@@ -101,7 +101,7 @@ def quantize(
     if ladder_mode and serve and max_kld is None:
         fail("--serve after a ladder serves the smallest type within --max-kld: give --max-kld")
     try:
-        from tandemlm.quantize.types import get_quant_type
+        from tandemlm.quantize.quant_types import get_quant_type
 
         row = get_quant_type(qtype.split(",")[0])
         serves_with = "transformers" if row.stage == "bitsandbytes" else "llama.cpp"
@@ -171,7 +171,7 @@ def print_types() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tandemlm.quantize.types import QUANT_TYPES
+    from tandemlm.quantize.quant_types import QUANT_TYPES
 
     table = Table(title="quant types (tandem quantize MODEL --type TYPE)", title_justify="left")
     for column, justify in (("type", "left"), ("bits/weight", "right"), ("made by", "left"), ("", "left")):
@@ -185,7 +185,7 @@ def print_types() -> None:
 def quantized_engine(model: str, quant: str, options: EngineOptions) -> Engine:
     """``tandem serve MODEL --quantize TYPE``: quantize (or load with bitsandbytes), verify, then load the engine."""
     from tandemlm.errors import EngineError
-    from tandemlm.quantize.types import get_quant_type
+    from tandemlm.quantize.quant_types import get_quant_type
 
     try:
         row = get_quant_type(quant)
@@ -211,7 +211,7 @@ def quantized_engine(model: str, quant: str, options: EngineOptions) -> Engine:
 
 def _label(qtype: str) -> str:
     from tandemlm.errors import EngineError
-    from tandemlm.quantize.types import get_quant_type
+    from tandemlm.quantize.quant_types import get_quant_type
 
     try:
         return get_quant_type(qtype).label
@@ -284,7 +284,7 @@ def _load_gguf(path: Path, options: EngineOptions) -> Engine:
 
 def _load_bitsandbytes(model: str, row: Any, options: EngineOptions) -> Engine:
     from tandemlm.deploy.registry import load_engine
-    from tandemlm.quantize.bnb import require_bnb
+    from tandemlm.quantize.bnb_checkpoint import require_bnb
 
     if options.backend not in ("auto", "transformers"):
         fail(f"--quantize {row.name} is a bitsandbytes load for the transformers backend; drop --backend {options.backend}")
@@ -299,7 +299,7 @@ def _bitsandbytes(model: str, row: Any, out: Path | None, serve: bool, server: S
     """--type bnb-4bit/bnb-8bit: serve the bitsandbytes load, or save it as an HF folder with --out."""
     from tandemlm.errors import QuantizeError
     from tandemlm.models.resolve import resolve_model
-    from tandemlm.quantize.bnb import require_bnb, save_bnb_checkpoint
+    from tandemlm.quantize.bnb_checkpoint import require_bnb, save_bnb_checkpoint
 
     require_bnb(row)
     if serve:

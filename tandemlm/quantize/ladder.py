@@ -16,8 +16,8 @@ from typing import Any
 
 from tandemlm.errors import QuantizeError
 from tandemlm.quantize.pipeline import QuantizeConfig, QuantizeResult, quantize_model
+from tandemlm.quantize.quant_types import get_quant_type
 from tandemlm.quantize.report import ReportSettings
-from tandemlm.quantize.types import get_quant_type
 from tandemlm.storage.atomic import atomic_path, atomic_write_text
 
 BUDGET_KEY = "kld_mean"  # what --max-kld bounds

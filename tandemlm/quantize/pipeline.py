@@ -47,11 +47,11 @@ from tandemlm.quantize.imatrix import (
     prepare_imatrix,
 )
 from tandemlm.quantize.llamacpp_tools import ConversionError, convert_hf_to_gguf, llama_cpp_version
-from tandemlm.quantize.quantize import Fallback, describe_fallbacks, needs_imatrix_message, quantize_gguf
+from tandemlm.quantize.quant_types import QuantType, ftype_name, get_quant_type, quant_type_for_ftype
+from tandemlm.quantize.quantizer import Fallback, describe_fallbacks, needs_imatrix_message, quantize_gguf
 from tandemlm.quantize.report import QualityReport, ReportSettings, compare_models
 from tandemlm.quantize.space import count_params, disk_full_error, is_disk_full, planned_bytes, require_free_space
 from tandemlm.quantize.texts import Text, builtin_calibration, text_file
-from tandemlm.quantize.types import QuantType, ftype_name, get_quant_type, quant_type_for_ftype
 from tandemlm.quantize.verify import Verification, verify_gguf
 from tandemlm.storage.atomic import atomic_path, atomic_write_text
 
@@ -114,7 +114,7 @@ class QuantizeConfig:
 
     @property
     def quant_type(self) -> QuantType:
-        """The row of :data:`~tandemlm.quantize.types.QUANT_TYPES` that ``qtype`` names."""
+        """The row of :data:`~tandemlm.quantize.quant_types.QUANT_TYPES` that ``qtype`` names."""
         return get_quant_type(self.qtype)
 
 

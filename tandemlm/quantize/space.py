@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tandemlm.errors import QuantizeError
 from tandemlm.models.weight_files import safetensors_files, weight_files
-from tandemlm.quantize.types import QuantType
+from tandemlm.quantize.quant_types import QuantType
 
 HEADROOM = 1.05  # metadata, tokenizer and alignment padding on top of the tensor bytes
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

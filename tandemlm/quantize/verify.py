@@ -21,7 +21,7 @@ import numpy as np
 from tandemlm.errors import QuantizeError
 from tandemlm.models.gguf_info import GGUFInfo, read_gguf_info
 from tandemlm.models.stops import stop_ids
-from tandemlm.quantize.types import QuantType
+from tandemlm.quantize.quant_types import QuantType
 
 PROBE_MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandemlm.deploy.server.metrics import ServerMetrics
+from tandemlm.deploy.server.prometheus import ServerMetrics
 
 
 def _value(text: str, name: str) -> float:

@@ -27,9 +27,9 @@ from tandemlm.quantize.imatrix import (
     read_imatrix,
 )
 from tandemlm.quantize.pipeline import QuantizeConfig
-from tandemlm.quantize.quantize import quantize_gguf
+from tandemlm.quantize.quant_types import get_quant_type
+from tandemlm.quantize.quantizer import quantize_gguf
 from tandemlm.quantize.texts import Text, builtin_calibration
-from tandemlm.quantize.types import get_quant_type
 from tandemlm.testing.tiny_models import fixture_gguf, tiny_model
 
 CHUNK = 64

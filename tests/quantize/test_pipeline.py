@@ -16,8 +16,8 @@ from tandemlm.models.builtin import builtin_gguf
 from tandemlm.quantize import pipeline, space
 from tandemlm.quantize.llamacpp_tools import ConversionError
 from tandemlm.quantize.pipeline import QuantizeConfig, quantize_model
-from tandemlm.quantize.quantize import Fallback
-from tandemlm.quantize.types import get_quant_type
+from tandemlm.quantize.quant_types import get_quant_type
+from tandemlm.quantize.quantizer import Fallback
 from tandemlm.quantize.verify import verify_gguf
 from tandemlm.testing.tiny_models import tiny_model
 

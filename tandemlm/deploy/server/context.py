@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from tandemlm.deploy.engine import Engine
-from tandemlm.deploy.server.metrics import ServerMetrics
+from tandemlm.deploy.server.prometheus import ServerMetrics
 from tandemlm.deploy.server.schemas import SamplingFields
 from tandemlm.deploy.server.service import Admission
 from tandemlm.deploy.types import SamplingParams
