@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tandemlm.errors import QuantizeError
 from tandemlm.models.bnb import bnb_config
-from tandemlm.quantize.types import QuantType
+from tandemlm.quantize.quant_types import QuantType
 from tandemlm.storage.atomic import save_hf_folder
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from tandemlm.errors import QuantizeError
 from tandemlm.models.gguf_info import read_gguf_info
 from tandemlm.quantize.imatrix import QuantizerImatrix
-from tandemlm.quantize.types import QuantType
+from tandemlm.quantize.quant_types import QuantType
 from tandemlm.storage.atomic import atomic_path
 
 K_BLOCK = 256  # weights per k-quant block (ggml's QK_K)
