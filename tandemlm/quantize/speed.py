@@ -2,7 +2,7 @@
 
 Every row of a report (and of a ladder of quant types) is measured the same way: ``llama-bench -m
 FILE -p 512 -n 128 -t THREADS -r REPETITIONS -o json``, built from the llama.cpp source that the
-installed llama-cpp-python vendors (``models.llamacpp_build``). Its JSON is a list of tests, one per
+installed llama-cpp-python vendors (``tandemlm.llamacpp.programs``). Its JSON is a list of tests, one per
 ``-p``/``-n`` value: the prompt test has ``n_prompt`` 512 and ``n_gen`` 0, the generation test
 ``n_prompt`` 0 and ``n_gen`` 128; ``avg_ts`` is the mean tokens per second over the repetitions.
 """
