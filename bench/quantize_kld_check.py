@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from tandemlm.llamacpp.programs import llamacpp_binary
-from tandemlm.quantize.metrics import Agreement, log_softmax, ratio
+from tandemlm.quantize.logit_scorers import GGUFScorer, default_threads
 from tandemlm.quantize.reference import LogitStore
 from tandemlm.quantize.report import ReportSettings, compare_models, evaluation_text
-from tandemlm.quantize.scoring import GGUFScorer, default_threads
+from tandemlm.quantize.report_maths import Agreement, log_softmax, ratio
 
 # (our name, the label llama-perplexity prints, scale to our units): Δp and same top p are printed in %.
 CUTOFF = -16.0  # llama-perplexity's KL sum skips tokens whose original log-probability is not above this

@@ -30,8 +30,8 @@ from typing import Any
 
 from tandemlm.errors import QuantizeError
 from tandemlm.models.chat_template import Message
-from tandemlm.quantize.metrics import Agreement, KLDStats, greedy_agreement, ratio, relative_change, windows
 from tandemlm.quantize.reference import LogitStore
+from tandemlm.quantize.report_maths import Agreement, KLDStats, greedy_agreement, ratio, relative_change, windows
 from tandemlm.quantize.texts import HELDOUT_FILE, Text, builtin_evaluation, text_file
 
 MIN_CONTEXT = 256  # llama.cpp context for the scorers: room for a chat prompt plus its greedy reply
@@ -178,7 +178,7 @@ def compare_models(
     says what the quantized side's importance matrix was made from (default: the GGUF's
     ``quantize.imatrix.*`` metadata, as llama-quantize writes it).
     """
-    from tandemlm.quantize.scoring import default_threads, open_scorer
+    from tandemlm.quantize.logit_scorers import default_threads, open_scorer
 
     settings = settings or ReportSettings()
     say = status or (lambda _msg: None)

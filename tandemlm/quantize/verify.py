@@ -75,7 +75,7 @@ def verify_gguf(
     trust_remote_code: bool = False,
 ) -> Verification:
     """Verifies ``path`` (a ``qtype`` GGUF) against ``hf_folder``'s tokenizer and the ``reference`` GGUF."""
-    from tandemlm.quantize.scoring import GGUFScorer
+    from tandemlm.quantize.logit_scorers import GGUFScorer
 
     info = read_gguf_info(path)
     result = Verification(file_type=info.file_type, tensors=len(info.tensors), bits_per_weight=info.bits_per_weight)
@@ -161,9 +161,9 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
 
 def _run_probe(path: Path, scorer: Any, reference: Path | None, result: Verification, n_threads: int | None) -> None:
     """Finite logits on the first tokens of the held-out text; top-token agreement with the reference."""
-    from tandemlm.quantize.metrics import Agreement
+    from tandemlm.quantize.logit_scorers import GGUFScorer
     from tandemlm.quantize.report import heldout_text
-    from tandemlm.quantize.scoring import GGUFScorer
+    from tandemlm.quantize.report_maths import Agreement
 
     ids = scorer.tokenize(heldout_text())[:PROBE_TOKENS]
     logits = scorer.logits(ids)

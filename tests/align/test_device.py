@@ -51,7 +51,7 @@ def test_merge_device_on_cpu(reward_run, tmp_path):
 
 @cpu_only
 def test_quantize_hf_scorer_is_fp32_on_cpu(tiny_llama_dir):
-    from tandemlm.quantize.scoring import HFScorer
+    from tandemlm.quantize.logit_scorers import HFScorer
 
     scorer = HFScorer(tiny_llama_dir)
     assert scorer.model.dtype == torch.float32 and scorer.device.type == "cpu"
@@ -61,7 +61,7 @@ def test_quantize_hf_scorer_is_fp32_on_cpu(tiny_llama_dir):
 @needs_cuda
 def test_reward_model_and_hf_scorer_run_16_bit_on_the_gpu(reward_run, tiny_llama_dir):
     from tandemlm.align.rewards import load_reward_model, score_conversations
-    from tandemlm.quantize.scoring import HFScorer
+    from tandemlm.quantize.logit_scorers import HFScorer
 
     model, tokenizer = load_reward_model(reward_run.dir)
     assert model.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)

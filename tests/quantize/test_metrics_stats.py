@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tandemlm.quantize.metrics import Agreement, KLDStats, kld_stats, ratio, rms
+from tandemlm.quantize.report_maths import Agreement, KLDStats, kld_stats, ratio, rms
 
 # Three scored positions over a 2-token vocabulary: P (original) and Q (quantized) as probabilities.
 P = [[0.4, 0.6], [0.25, 0.75], [0.6, 0.4]]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from tandemlm.errors import QuantizeError
-from tandemlm.quantize.metrics import Agreement, KLDStats
 from tandemlm.quantize.reference import LogitStore
 from tandemlm.quantize.report import ModelFigures, QualityReport, ReportSettings
+from tandemlm.quantize.report_maths import Agreement, KLDStats
 from tandemlm.quantize.speed import bench_command, parse_bench_json
 
 # The contract with the ladder code: exactly these keys (written out here, not imported, so a rename fails).

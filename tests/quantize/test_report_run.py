@@ -10,8 +10,8 @@ import pytest
 from tandemlm.errors import QuantizeError
 from tandemlm.quantize import speed
 from tandemlm.quantize.cache import temp_folder
+from tandemlm.quantize.logit_scorers import GGUFScorer
 from tandemlm.quantize.report import CARD_KEYS, ReportSettings, compare_models
-from tandemlm.quantize.scoring import GGUFScorer
 from tandemlm.quantize.texts import builtin_evaluation
 
 

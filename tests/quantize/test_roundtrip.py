@@ -10,8 +10,8 @@ from tandemlm.deploy.registry import load_engine
 from tandemlm.deploy.types import SamplingParams
 from tandemlm.models.gguf_info import read_gguf_info
 from tandemlm.models.resolve import ModelSource
+from tandemlm.quantize.logit_scorers import GGUFScorer
 from tandemlm.quantize.quant_types import get_quant_type
-from tandemlm.quantize.scoring import GGUFScorer
 from tandemlm.quantize.verify import end_of_turn_id
 from tandemlm.testing.tiny_models import tiny_model
 

@@ -11,9 +11,9 @@ import pytest
 
 from tandemlm.errors import QuantizeError
 from tandemlm.models.gguf_info import read_gguf_info
-from tandemlm.quantize.metrics import Agreement, greedy_agreement, windows
 from tandemlm.quantize.quant_types import QUANT_TYPES, get_quant_type, quant_type_for_ftype
 from tandemlm.quantize.quantizer import Fallback, describe_fallbacks
+from tandemlm.quantize.report_maths import Agreement, greedy_agreement, windows
 
 REQUIRED = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
