@@ -124,10 +124,13 @@ def check_fits(imatrix: Imatrix, model: str | Path) -> None:
         tensor = tensors.get(name)
         if tensor is None:
             raise QuantizeError(f"--imatrix {imatrix.path}: was made for another model ({Path(model).name} has no tensor {name})")
-        if tensor.shape[0] != entry.ne0:
+        # llama.cpp's quantizer takes rows × matrices values (a 3-D weight, e.g. MLA's attn_k_b, is one
+        # matrix per head; an MoE tensor one per expert) and refuses any other count.
+        expected = tensor.shape[0] * (tensor.shape[2] if len(tensor.shape) > 2 else 1)
+        if entry.sums.size != expected:
             raise QuantizeError(
-                f"--imatrix {imatrix.path}: was made for another model ({name} has rows of {tensor.shape[0]} "
-                f"in {Path(model).name}, {entry.ne0} in the matrix)"
+                f"--imatrix {imatrix.path}: was made for another model ({name} takes {expected} values "
+                f"in {Path(model).name}, the matrix has {entry.sums.size})"
             )
 
 

@@ -142,7 +142,7 @@ def test_a_corrupt_or_foreign_matrix_is_refused_in_one_line_naming_it(llama_matr
     narrowed = read_imatrix(llama_matrix)
     entry = narrowed.entries["blk.0.ffn_up.weight"]
     narrowed.entries["blk.0.ffn_up.weight"] = ImatrixEntry(entry.sums[: entry.ne0 // 2], entry.counts)
-    with pytest.raises(QuantizeError, match=r"blk\.0\.ffn_up\.weight has rows of \d+ in .*, \d+ in the matrix"):
+    with pytest.raises(QuantizeError, match=r"blk\.0\.ffn_up\.weight takes \d+ values in .*, the matrix has \d+\)"):
         check_fits(narrowed, fixture_gguf("llama"))
 
 
