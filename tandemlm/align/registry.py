@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tandemlm.align import dpo, kto, ppo, reward, sft
+from tandemlm.align import dpo, kto, ppo, reward_model, sft
 from tandemlm.align.config import make_config, read_yaml
 from tandemlm.align.run import Method, Run
 from tandemlm.align.run_folder import CONFIG_FILE, read_run_folder
 
-_BUILTIN: tuple[Method, ...] = (sft.METHOD, reward.METHOD, dpo.METHOD, kto.METHOD, ppo.METHOD, *ppo.GROUP_METHODS)
+_BUILTIN: tuple[Method, ...] = (sft.METHOD, reward_model.METHOD, dpo.METHOD, kto.METHOD, ppo.METHOD, *ppo.GROUP_METHODS)
 _METHODS: dict[str, Method] = {method.name: method for method in _BUILTIN}
 
 

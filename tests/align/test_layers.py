@@ -39,7 +39,7 @@ LOWER = {
 # One module per method, the registry that lists them, and what needs a method's config class.
 METHODS = {
     "tandemlm.align.sft",
-    "tandemlm.align.reward",
+    "tandemlm.align.reward_model",
     "tandemlm.align.dpo",
     "tandemlm.align.kto",
     "tandemlm.align.registry",
@@ -82,6 +82,6 @@ def test_lower_layer_imports_no_method_module():
 
 def test_only_the_registry_imports_every_method():
     graph = _graph()
-    builtin = {"tandemlm.align.sft", "tandemlm.align.reward", "tandemlm.align.dpo", "tandemlm.align.kto", "tandemlm.align.ppo"}
+    builtin = {"tandemlm.align.sft", "tandemlm.align.reward_model", "tandemlm.align.dpo", "tandemlm.align.kto", "tandemlm.align.ppo"}
     assert builtin <= graph["tandemlm.align.registry"]
     assert [m for m, targets in graph.items() if builtin <= targets] == ["tandemlm.align.registry"]
