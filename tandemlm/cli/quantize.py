@@ -41,6 +41,7 @@ CalibrationOpt = Annotated[str, typer.Option("--calibration", help="Text for --i
 CalibrationChunks = Annotated[int, typer.Option("--calibration-chunks", help="At most this many 512-token windows of the calibration text.")]
 MaxKld = Annotated[float | None, typer.Option("--max-kld", help="Name the smallest of the --type values whose mean KLD is at most this (a ladder).")]
 EvalDatasets = Annotated[list[str] | None, typer.Option("--eval", help="MODEL is an alignment run: also run its measures (verifier accuracy, reward-model score) on the unquantized and each quantized policy, on DATASET (repeatable; default: the run's eval set).")]
+TargetBpw = Annotated[float | None, typer.Option("--target-bpw", help="Choose a type per tensor group for this many bits per weight, least KL divergence from a per-group sensitivity measurement (on --calibration; cached, minutes the first time).")]
 EvalPrompts = Annotated[int | None, typer.Option("--eval-prompts", help="Held-out prompts --eval answers (default: the run's eval_prompts).")]
 
 
@@ -73,6 +74,7 @@ def quantize(
     max_kld: MaxKld = None,
     eval_datasets: EvalDatasets = None,
     eval_prompts: EvalPrompts = None,
+    target_bpw: TargetBpw = None,
 ) -> None:
     """Quantize MODEL to a GGUF: convert (llama.cpp's converter), importance matrix (llama-imatrix), quantize
     (llama.cpp's quantizer), verify. Several --type values make a ladder; an alignment run folder as MODEL is
@@ -93,11 +95,14 @@ def quantize(
         if adapter is not None:
             fail(f"--adapter: MODEL {model} is an alignment run, whose own adapter is merged")
         model, adapter = str(run.base), run.adapter
-        if out is None and "," not in qtype and max_kld is None:
+        if out is None and "," not in qtype and max_kld is None and target_bpw is None:
             out = Path.cwd() / f"{run.folder.name}-{_label(qtype)}.gguf"
     elif eval_datasets:
         fail(f"--eval measures an alignment run's policy: MODEL must be a run folder, not {model}")
     ladder_mode = "," in qtype or max_kld is not None
+    if target_bpw is not None and (ladder_mode or not target_bpw > 0):
+        fail(f"--target-bpw {target_bpw:g} must be a positive number of bits" if not target_bpw > 0
+             else "--target-bpw makes one mixed file: drop the type list and --max-kld")
     if ladder_mode and serve and max_kld is None:
         fail("--serve after a ladder serves the smallest type within --max-kld: give --max-kld")
     try:
@@ -114,7 +119,10 @@ def quantize(
                     "use_cache": not no_cache, "report_against": report_against, "trust_remote_code": trust_remote_code,
                     "imatrix": imatrix, "calibration": calibration, "calibration_chunks": calibration_chunks,
                     "calibration_text": run_calibration(calibration)}
-        if ladder_mode:
+        if target_bpw is not None:
+            chosen = _mixed(_config(settings, "q8_0", False), target_bpw, report, not no_speed)
+            results = [chosen]
+        elif ladder_mode:
             folder = out or Path.cwd() / f"{Path(model).stem if model.endswith('.gguf') else Path(model).name}-ladder"
             results, chosen = ladder(_config({**settings, "out": None}, "f16", report=True, bench=not no_speed), qtype, folder, max_kld)
         else:
@@ -207,6 +215,20 @@ def quantized_engine(model: str, quant: str, options: EngineOptions) -> Engine:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _mixed(config: Any, target_bpw: float, report: bool, bench: bool) -> Any:
+    """``--target-bpw``: the mixed file, reported against its f16/bf16 original when asked."""
+    from tandemlm.quantize.mixed import quantize_model_mixed
+    from tandemlm.quantize.report import ReportSettings, compare_models
+
+    with _termination_unwinds():
+        mixed = quantize_model_mixed(config, target_bpw)
+    if report and mixed.intermediate is not None:
+        labels = (mixed.intermediate.stem.removeprefix("intermediate-").upper(), mixed.label)
+        mixed.report = compare_models(mixed.intermediate, mixed.path, ReportSettings(n_threads=config.threads, bench=bench),
+                                      labels=labels)
+    return mixed
 
 
 def _label(qtype: str) -> str:

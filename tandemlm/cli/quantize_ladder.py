@@ -102,7 +102,7 @@ def check_retained(run: RunModel, results: list[Any], datasets: list[str], promp
     if first.intermediate is None:
         fail("--eval needs the unquantized GGUF of the merged policy, which this run did not keep")
     policies = {f"unquantized ({first.intermediate.stem.removeprefix('intermediate-').upper()})": first.intermediate}
-    policies |= {result.qtype.label + (" +imatrix" if result.imatrix else ""): result.path for result in results}
+    policies |= {_label(result) + (" +imatrix" if result.imatrix else ""): result.path for result in results}
     console = Console(stderr=True)
     with console.status("alignment retained") as status:
         report = retained(run.folder, policies, datasets or None, prompts, n_threads=threads,
@@ -112,3 +112,8 @@ def check_retained(run: RunModel, results: list[Any], datasets: list[str], promp
     out = results[0].path.parent / "retained.json"
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     typer.secho(f"alignment-retained report written to {out}", err=True)
+
+
+def _label(result: Any) -> str:
+    """A result's name in tables: its quant type, or the mixed file's own label."""
+    return result.label if hasattr(result, "label") else result.qtype.label

@@ -165,14 +165,27 @@ def plan_mixed(sensitivity: Sensitivity, target_bpw: float) -> MixedPlan:
     return MixedPlan(target_bpw, s.high, tuple(s.groups), types, predicted, delta, s.base_kld, s.n_params)
 
 
-@dataclass(frozen=True)
+@dataclass
 class MixedResult:
-    """The written file, its plan and its measured size."""
+    """The written file, its plan and its measured size (and, through the pipeline, its float original)."""
 
     path: Path
     plan: MixedPlan
     file_bytes: int
     bits_per_weight: float
+    intermediate: Path | None = None  # the f16/bf16 GGUF it was made from
+    imatrix: str | None = None  # what the importance matrix was made from
+    report: Any = None  # a QualityReport when the caller measured one
+    fallbacks: tuple[()] = ()  # every tensor has its planned type (checked on read-back)
+
+    @property
+    def label(self) -> str:
+        """How tables name it: ``mix 5.45 bpw``."""
+        return f"mix {self.bits_per_weight:.2f} bpw"
+
+    def fallback_line(self) -> str:
+        """Nothing fell back: the read-back check refuses a file where any tensor did."""
+        return ""
 
     def summary(self) -> str:
         """One line for the user: achieved size against the target, and the mix."""
@@ -234,4 +247,6 @@ def quantize_model_mixed(config: QuantizeConfig, target_bpw: float, settings: Pr
             progress=lambda done, total, what: bar.update(task, completed=done, total=total, description=what),
         )
     console.print(f"[green]✓[/green] {result.summary()}")
+    result.intermediate = base.intermediate
+    result.imatrix = imatrix.source.describe() if imatrix is not None else None
     return result

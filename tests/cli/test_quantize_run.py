@@ -51,3 +51,30 @@ def test_eval_without_a_run_and_adapter_with_a_run_are_refused_in_one_line(tiny_
     assert refused.exit_code != 0 and "is an alignment run, whose own adapter is merged" in refused.output
     refused = runner.invoke(app, ["quantize", "smollm2", "--type", "q8_0,q4_0", "--serve"])
     assert refused.exit_code != 0 and "--serve after a ladder serves the smallest type within --max-kld: give --max-kld" in refused.output
+
+
+def test_target_bpw_writes_a_mixed_file_within_the_budget_and_reports_it(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tandemlm.models.gguf_info import read_gguf_info
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "mix.gguf"
+    result = runner.invoke(app, ["quantize", str(tiny_llama_dir), "--target-bpw", "6", "--imatrix", "none", "--out", str(out),
+                                 "--report", "--no-speed", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    info = read_gguf_info(out)
+    assert info.bits_per_weight <= 6.0
+    assert len({t.type_name for t in info.tensors if len(t.shape) > 1}) > 1  # a mix, not one type
+    card = json.loads(out.with_suffix(".report.json").read_text())["card"]
+    assert card["bits_per_weight"] == pytest.approx(info.bits_per_weight) and card["kld_mean"] > 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target-bpw", "0"], "--target-bpw 0 must be a positive number of bits"),
+    (["--target-bpw", "5", "--type", "q8_0,q4_0"], "--target-bpw makes one mixed file: drop the type list and --max-kld"),
+])
+def test_bad_target_bpw_is_refused_in_one_line_before_any_work(args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "cache"))
+    result = runner.invoke(app, ["quantize", "smollm2", *args])
+    assert result.exit_code != 0 and message in result.output
+    assert not (tmp_path / "cache").exists()  # nothing converted or measured
