@@ -57,10 +57,16 @@ def load_weights_whole() -> None:
     unset_hf_deepspeed_config()
 
 
+class GradientAverager(Protocol):
+    """What a local step needs of the process group (the trainer's Distributed): averaging gradients."""
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None: ...
+
+
 class LocalStep:
     """AdamW with gradients averaged over processes by hand (a no-op in one process) and clipped."""
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: float, max_grad_norm: float, dist: Any) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, max_grad_norm: float, dist: GradientAverager) -> None:
         self.params, self.max_grad_norm, self.dist = params, max_grad_norm, dist
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
