@@ -43,7 +43,7 @@ from tandemlm.quantize.sensitivity import (
     tensor_bytes,
     type_row,
 )
-from tandemlm.quantize.texts import Text, builtin_calibration, text_file
+from tandemlm.quantize.texts import Text
 
 BINS = 20_000  # spare-byte resolution of the knapsack: sizes round up to 1/BINS of the spare bytes
 PADDING = 32  # GGUF tensor alignment: at most this many padding bytes per tensor
@@ -176,7 +176,6 @@ class MixedResult:
     intermediate: Path | None = None  # the f16/bf16 GGUF it was made from
     imatrix: str | None = None  # what the importance matrix was made from
     report: Any = None  # a QualityReport when the caller measured one
-    fallbacks: tuple[()] = ()  # every tensor has its planned type (checked on read-back)
 
     @property
     def label(self) -> str:
@@ -233,9 +232,7 @@ def quantize_model_mixed(config: QuantizeConfig, target_bpw: float, settings: Pr
     base = quantize_model(replace(config, qtype=settings.high, publish=False, report=None), console)
     assert base.intermediate is not None
     entry = base.path.parent
-    calibration = config.calibration_text or (
-        builtin_calibration() if config.calibration == "builtin" else text_file(config.calibration, "--calibration")
-    )
+    calibration = config.calibration_source()
     imatrix = prepare_imatrix(choose_imatrix(config.imatrix, calibration, config.calibration_chunks), base.intermediate, entry, config.threads)
     out = config.out or Path.cwd() / f"{Path(config.model).name.removesuffix('.gguf')}-mix-{target_bpw:g}bpw.gguf"
     columns = (TextColumn("    sensitivity {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -107,10 +107,14 @@ class QuantizeConfig:
         """What ``--imatrix`` asks for this type (``none`` for types the quantizer makes without one)."""
         if not self.quant_type.uses_imatrix:
             return ImatrixChoice("none")
-        calibration = self.calibration_text
-        if calibration is None and self.imatrix == "auto":
-            calibration = builtin_calibration() if self.calibration == "builtin" else text_file(self.calibration, "--calibration")
+        calibration = self.calibration_source() if self.imatrix == "auto" else None  # only auto computes one
         return choose_imatrix(self.imatrix, calibration, self.calibration_chunks)
+
+    def calibration_source(self) -> Text:
+        """The calibration text: given in code, else ``--calibration`` (builtin, or a .txt/.jsonl file)."""
+        if self.calibration_text is not None:
+            return self.calibration_text
+        return builtin_calibration() if self.calibration == "builtin" else text_file(self.calibration, "--calibration")
 
     @property
     def quant_type(self) -> QuantType:
