@@ -10,6 +10,7 @@ from typing import Any
 
 from tandemlm.deploy.constraints import Matcher
 from tandemlm.deploy.llamacpp_sampling import RequestSampler
+from tandemlm.deploy.ngram_draft import NgramDrafter
 from tandemlm.deploy.types import GeneratedToken, SamplingParams
 
 
@@ -31,6 +32,7 @@ class LlamaRequest:
     score_targets: list[int] = field(default_factory=list)
     score_top: int = 0  # alternatives a scoring job lists at each target
     scores: list[GeneratedToken] = field(default_factory=list)
+    drafter: NgramDrafter | None = None  # --speculative ngram: its tokens' n-gram index, built on first use
 
     @property
     def reserved(self) -> int:
