@@ -5,21 +5,27 @@ llama.cpp's presets (Q4_K_M, ...) fix which tensors get more bits by rule. Here 
 as Unsloth's dynamic quants and exllamav3's optimizer do:
 
 1. **sensitivity** (:mod:`.sensitivity`): per group of tensors (kind × band of layers) and per
-   candidate type, the KL divergence it adds on calibration text with the rest at ``q8_0``; cached;
+   candidate type (``f16`` included), the KL divergence it adds on calibration text with the rest at
+   ``q8_0``; cached;
 2. **assignment** (:func:`assign_types`): the least total ΔKLD whose bytes fit the budget, a
    multiple-choice knapsack solved exactly by dynamic programming over the spare bytes;
-3. **quantize**: the assignment as llama.cpp's per-tensor type overrides (one exact-name regex per
-   group), read back to check every tensor got its type, and the achieved bits per weight.
+3. **search** (:mod:`.mixed_search`): the knapsack's plan and llama.cpp's uniform files that fit are
+   quantized and scored on the calibration slice, and the best is improved by measured moves, each
+   kept only when the file's measured KLD drops (the ΔKLDs stop adding up near the 8-bit floor);
+4. **quantize**: the plan as llama.cpp's per-tensor type overrides (one exact-name regex per group),
+   read back to check every tensor got its type, and the achieved bits per weight.
 
-The budget is the whole file: ``target_bpw × weights / 8`` bytes, less the header and the tensors
-that stay unquantized (norms at f32), less 32 bytes per tensor for alignment padding. The sum of
-ΔKLDs assumes the groups' errors add up; the bench (``bench/quantize_mixed.py``) checks the result
-on evaluation text never used for the measurement.
+The budget is the whole file, ``target_bpw × weights / 8`` bytes, counted exactly: the header and the
+tensors that stay unquantized (norms at f32) as in the all-``q8_0`` file, each grouped tensor at its
+type padded to GGUF's 32-byte alignment; a uniform file fits its own size. The bench
+(``bench/quantize_mixed.py``) checks the result on evaluation text never used for the measurement or search.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -30,23 +36,24 @@ import numpy as np
 
 from tandemlm.errors import QuantizeError
 from tandemlm.models.gguf_info import read_gguf_info
+from tandemlm.quantize.cache import temp_folder
 from tandemlm.quantize.imatrix import QuantizerImatrix, choose_imatrix, prepare_imatrix
+from tandemlm.quantize.mixed_search import UNIFORM_STARTS, SearchResult, local_search, plan_bytes
 from tandemlm.quantize.pipeline import QuantizeConfig, quantize_model
 from tandemlm.quantize.quantizer import quantize_gguf
 from tandemlm.quantize.sensitivity import (
     EVERY_TENSOR,
     Group,
+    KLProbe,
     ProbeProgress,
     ProbeSettings,
     Sensitivity,
     measure_sensitivity,
-    tensor_bytes,
     type_row,
 )
 from tandemlm.quantize.texts import Text
 
 BINS = 20_000  # spare-byte resolution of the knapsack: sizes round up to 1/BINS of the spare bytes
-PADDING = 32  # GGUF tensor alignment: at most this many padding bytes per tensor
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class MixedPlan:
     predicted_delta_kld: float  # sum of the chosen types' ΔKLD on the calibration slice
     base_kld: float  # the all-high file's KLD on that slice
     n_params: int
+    search: SearchResult | None = None  # the measured search that chose ``types`` (None: the knapsack's plan as is)
 
     @property
     def predicted_bpw(self) -> float:
@@ -138,25 +146,31 @@ class MixedPlan:
         shares = self.shares()
         total = max(sum(shares.values()), 1)
         mix = ", ".join(f"{name} {count / total:.0%}" for name, count in shares.most_common())
-        return (f"{mix} of the weights; predicted {self.predicted_bpw:.3f} bits per weight "
-                f"(target {self.target_bpw:g}), KLD {self.predicted_kld:.5f} on calibration text")
+        line = f"{mix} of the weights; {self.predicted_bpw:.3f} bits per weight (target {self.target_bpw:g}), "
+        if self.search is None:
+            return line + f"KLD {self.predicted_kld:.5f} on calibration text as the ΔKLDs add up"
+        return line + f"KLD {self.search.kld:.5f} measured on calibration text ({self.search.describe()})"
+
+
+def file_budget(sensitivity: Sensitivity, target_bpw: float) -> int:
+    """Whole-file bytes of ``target_bpw`` bits per weight (a uniform file's own bits per weight gives its size)."""
+    if not target_bpw > 0:
+        raise QuantizeError(f"--target-bpw must be positive, got {target_bpw}")
+    return math.floor(target_bpw * sensitivity.n_params / 8 + 1e-6)
 
 
 def plan_mixed(sensitivity: Sensitivity, target_bpw: float) -> MixedPlan:
-    """The types of least summed ΔKLD whose whole file fits ``target_bpw`` bits per weight."""
-    if not target_bpw > 0:
-        raise QuantizeError(f"--target-bpw must be positive, got {target_bpw}")
+    """The types of least summed ΔKLD whose whole file fits ``target_bpw`` bits per weight (the knapsack, unmeasured)."""
     s = sensitivity
-    overhead = s.fixed_bytes + PADDING * s.n_tensors
-    budget = math.floor(target_bpw * s.n_params / 8) - overhead
+    budget = file_budget(s, target_bpw) - s.fixed_bytes
     # A negative ΔKLD is kept: the lower type is closer to the original than the high one (as for
     # weights that were dequantized from that type's grid), so it is chosen even with bytes to spare.
-    choices = {g.name: [Choice(t, tensor_bytes(t, g.elements), d) for t, d in s.delta_kld[g.name].items()] for g in s.groups}
+    choices = {g.name: [Choice(t, g.n_bytes(t), d) for t, d in s.delta_kld[g.name].items()] for g in s.groups}
     smallest = sum(min(c.n_bytes for c in options) for options in choices.values())
     if smallest > budget:
         raise QuantizeError(
             f"--target-bpw {target_bpw:g} is below the smallest mix of the candidate types: "
-            f"{(overhead + smallest) * 8 / s.n_params:.3f} bits per weight with every tensor at its smallest type"
+            f"{(s.fixed_bytes + smallest) * 8 / s.n_params:.3f} bits per weight with every tensor at its smallest type"
         )
     chosen = assign_types(choices, budget)
     types = {name: choice.qtype for name, choice in chosen.items()}
@@ -197,15 +211,16 @@ def quantize_mixed(
 ) -> MixedResult:
     """Quantizes ``source`` (a float GGUF) to ``out`` with a type per group for ``target_bpw``.
 
-    The sensitivity is measured on ``calibration`` (or read from ``entry``, where it is cached);
-    ``imatrix`` serves the probes and the result alike.
+    The sensitivity is measured on ``calibration`` (or read from ``entry``, where it is cached); the
+    knapsack's plan is refined by ``settings.search`` measured moves (:func:`search_plan`); ``imatrix``
+    serves the probes, the search and the result alike.
     """
     settings = settings or ProbeSettings()
     sensitivity = measure_sensitivity(source, entry, calibration, settings, imatrix, progress, temp_dir)
     plan = plan_mixed(sensitivity, target_bpw)
-    dominant = plan.shares().most_common(1)[0][0]  # names the file type llama.cpp writes in the header
-    quantize_gguf(source, out, type_row(dominant), nthread=settings.threads, imatrix=imatrix,
-                  tensor_types=plan.tensor_types(), temp_dir=temp_dir)
+    if settings.search > 0:
+        plan = search_plan(source, plan, sensitivity, calibration, settings, imatrix, progress, temp_dir)
+    _write_plan(source, out, plan, settings, imatrix, temp_dir)
     info = read_gguf_info(out)
     planned = plan.tensor_plan()
     wrong = [t for t in info.tensors if t.name in planned and t.type_name.lower() != planned[t.name]]
@@ -214,6 +229,73 @@ def quantize_mixed(
         first = wrong[0]
         raise QuantizeError(f"llama.cpp stored {first.name} as {first.type_name}, not the planned {planned[first.name]}")
     return MixedResult(out, plan, info.file_size, info.bits_per_weight)
+
+
+def _write_plan(
+    source: Path, out: Path, plan: MixedPlan, settings: ProbeSettings, imatrix: QuantizerImatrix | None, temp_dir: Path | None,
+) -> None:
+    dominant = plan.shares().most_common(1)[0][0]  # names the file type llama.cpp writes in the header
+    quantize_gguf(source, out, type_row(dominant), nthread=settings.threads, imatrix=imatrix,
+                  tensor_types=plan.tensor_types(), temp_dir=temp_dir)
+
+
+def search_plan(
+    source: Path, plan: MixedPlan, sensitivity: Sensitivity, calibration: Text, settings: ProbeSettings,
+    imatrix: QuantizerImatrix | None = None, progress: ProbeProgress | None = None, temp_dir: Path | None = None,
+) -> MixedPlan:
+    """The knapsack's ``plan`` refined by measurement (:mod:`.mixed_search`): the best file measured on the
+    calibration slice among it, llama.cpp's uniform files that fit, and ``settings.search`` moves from there."""
+    budget = file_budget(sensitivity, plan.target_bpw)
+    report = progress or (lambda *_: None)
+    folder = temp_dir or temp_folder()
+    with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-mixed-search.", dir=folder) as name:
+        work = Path(name)
+        starts = [("knapsack", plan.types)]
+        for what, types in uniform_starts(source, work, sensitivity, budget, settings, imatrix):
+            if types != plan.types:
+                starts.append((what, types))
+        total = len(starts) + settings.search
+        probe = KLProbe(source, calibration, settings.tokens, settings.window, settings.threads, folder)
+        done = [0]
+
+        def measure(types: Mapping[str, str]) -> float:
+            done[0] += 1
+            report(done[0], total, f"measuring mix {done[0]}")
+            path = work / "trial.gguf"
+            _write_plan(source, path, replace(plan, types=dict(types)), settings, imatrix, work)
+            kld = probe.agreement(path).kl_mean
+            path.unlink()
+            return kld
+
+        try:
+            found = local_search(sensitivity, budget, starts, measure, settings.search)
+        finally:
+            probe.close()
+    delta = sum(sensitivity.delta_kld[name][qtype] for name, qtype in found.types.items())
+    return replace(plan, types=found.types, predicted_bytes=plan_bytes(sensitivity, found.types), predicted_delta_kld=delta, search=found)
+
+
+def uniform_starts(
+    source: Path, work: Path, sensitivity: Sensitivity, budget: int, settings: ProbeSettings, imatrix: QuantizerImatrix | None,
+) -> list[tuple[str, dict[str, str]]]:
+    """llama.cpp's own files of the largest candidate types whose whole file fits ``budget`` bytes (at most
+    :data:`UNIFORM_STARTS`), as group types read back from the file (types outside the candidates: skipped)."""
+    s = sensitivity
+    estimate = {t: plan_bytes(s, {g.name: t if t in s.delta_kld[g.name] else s.high for g in s.groups})
+                for t in {t for delta in s.delta_kld.values() for t in delta}}
+    found: list[tuple[str, dict[str, str]]] = []
+    for qtype in sorted((t for t in estimate if estimate[t] <= budget), key=lambda t: -estimate[t])[: 2 * UNIFORM_STARTS]:
+        path = work / "uniform.gguf"
+        quantize_gguf(source, path, type_row(qtype), nthread=settings.threads, imatrix=imatrix, temp_dir=work)
+        stored = {t.name: t.type_name.lower() for t in read_gguf_info(path).tensors}
+        path.unlink()
+        types = {g.name: stored[g.tensors[0]] for g in s.groups}
+        same = all(stored[name] == types[g.name] for g in s.groups for name in g.tensors)
+        if same and all(t in s.delta_kld[g] for g, t in types.items()) and plan_bytes(s, types) <= budget:
+            found.append((f"uniform {qtype}", types))
+        if len(found) == UNIFORM_STARTS:
+            break
+    return found
 
 
 def quantize_model_mixed(config: QuantizeConfig, target_bpw: float, settings: ProbeSettings | None = None, console: Any = None) -> MixedResult:

@@ -6,11 +6,13 @@ The groups are a model's quantized weight matrices by kind (``attn_q.weight``, `
 (``q8_0``) but one group at a lower candidate; its mean KL(original ‖ probe) on a slice of the
 calibration text, minus the all-high file's, is that group's ΔKLD at that type. The original's
 logits are computed once (:class:`KLProbe`). Candidates a group's rows cannot hold (k-quants need
-rows of multiples of 256) are not measured: llama.cpp would store another type.
+rows of multiples of 256) are not measured: llama.cpp would store another type. ``f16`` is a
+candidate too: a float matrix is multiplied with float activations, where every quantized type
+rounds the activations to 8 bits, so it can lower the KLD below what any quantized type reaches.
 
 A measurement is cached in the model's quantize cache entry as ``mixed-sensitivity-<key>.json``,
-the key hashing the source file, the types, the grouping, the calibration slice, the importance
-matrix and llama.cpp's version.
+the key hashing the source file, the high type, the grouping, the calibration slice, the importance
+matrix and llama.cpp's version; a candidate added later is measured on its own and added to it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tandemlm.errors import QuantizeError
@@ -38,7 +40,8 @@ from tandemlm.storage.atomic import atomic_write_text
 
 HIGH_TYPE = "q8_0"
 # 32-weight blocks fit any row of a multiple of 32; q6_k and q4_k only rows of multiples of 256.
-CANDIDATES: tuple[str, ...] = ("q8_0", "q6_k", "q5_1", "q5_0", "q4_1", "q4_k", "iq4_nl")
+CANDIDATES: tuple[str, ...] = ("f16", "q8_0", "q6_k", "q5_1", "q5_0", "q4_1", "q4_k", "iq4_nl")
+ALIGNMENT = 32  # GGUF's default general.alignment: every tensor's data is padded to a multiple of it
 BANDS = 6  # default layer bands per kind: groups = kinds × 6 (+ the tensors outside the layers)
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 # Override for every tensor: safe, since llama.cpp applies overrides only to the tensors it quantizes
@@ -64,6 +67,11 @@ def tensor_bytes(type_name: str, n_elements: int) -> int:
     return n_elements // block * size
 
 
+def stored_bytes(type_name: str, n_elements: int) -> int:
+    """:func:`tensor_bytes` padded to :data:`ALIGNMENT`: what the tensor takes in a GGUF file."""
+    return -(-tensor_bytes(type_name, n_elements) // ALIGNMENT) * ALIGNMENT
+
+
 @dataclass(frozen=True)
 class Group:
     """Tensors that always get the same type: one kind of matrix in a band of layers, or one tensor."""
@@ -76,6 +84,11 @@ class Group:
     def fits(self, type_name: str) -> bool:
         """True when every tensor's rows are whole blocks of ``type_name`` (no llama.cpp fallback)."""
         return self.row % quant_size(type_name)[0] == 0
+
+    def n_bytes(self, type_name: str) -> int:
+        """Bytes the group's tensors take in the file at ``type_name``, padding included (the tensors of a
+        group have one shape: one kind of matrix across layers, or a single tensor)."""
+        return len(self.tensors) * stored_bytes(type_name, self.elements // len(self.tensors))
 
     def pattern(self) -> str:
         """llama.cpp tensor-type override regex matching exactly these tensors."""
@@ -112,7 +125,7 @@ class Sensitivity:
     groups: list[Group]
     delta_kld: dict[str, dict[str, float]]  # group name → ggml type → ΔKLD against the all-high file
     base_kld: float  # mean KL of the all-high file itself
-    fixed_bytes: int  # the all-high file less its grouped tensors: header, norms and other unquantized tensors
+    fixed_bytes: int  # the all-high file less its grouped tensors (padded): header, norms, other unquantized tensors
     n_params: int
     n_tensors: int
     tokens: int  # calibration positions scored per probe
@@ -138,6 +151,7 @@ class ProbeSettings:
     layers_per_group: int | None = field(default=None, metadata={"help": "Layers per band of a kind (default: 6 bands)."})
     tokens: int = field(default=1024, metadata={"help": "Calibration tokens scored per probe."})
     window: int = field(default=512, metadata={"help": "Tokens per scored window."})
+    search: int = field(default=8, metadata={"help": "Measured moves after the knapsack (0: its plan unmeasured)."})
     threads: int | None = field(default=None, metadata={"help": "llama.cpp threads (default: quantize on all cores, score on the idle ones)."})
 
     def __post_init__(self) -> None:
@@ -147,6 +161,8 @@ class ProbeSettings:
             raise QuantizeError(f"candidates {', '.join(self.candidates)} must include the high type {self.high}")
         if self.layers_per_group is not None and self.layers_per_group < 1:
             raise QuantizeError(f"layers_per_group must be at least 1, got {self.layers_per_group}")
+        if self.search < 0:
+            raise QuantizeError(f"search must be at least 0, got {self.search}")
         if self.window < 16 or self.tokens < 2:
             raise QuantizeError(f"window must be at least 16 and tokens at least 2, got {self.window} and {self.tokens}")
 
@@ -210,7 +226,7 @@ class KLProbe:
 def sensitivity_key(source: Path, settings: ProbeSettings, calibration: Text, imatrix: QuantizerImatrix | None) -> str:
     """Cache key of a measurement: everything that shapes its numbers."""
     return content_key({
-        "mixed": file_digest(source), "high": settings.high.lower(), "candidates": sorted(c.lower() for c in settings.candidates),
+        "mixed": file_digest(source), "high": settings.high.lower(),
         "layers_per_group": settings.layers_per_group, "tokens": settings.tokens, "window": settings.window,
         "text": calibration.digest, "imatrix": file_digest(imatrix.source.path) if imatrix is not None else None,
         "llama.cpp": llama_cpp_version(),
@@ -222,43 +238,55 @@ def measure_sensitivity(
     imatrix: QuantizerImatrix | None = None, progress: ProbeProgress | None = None, temp_dir: Path | None = None,
 ) -> Sensitivity:
     """ΔKLD of every group of ``source`` (a float GGUF) at every candidate type that fits it, measured on
-    ``calibration``; read from ``entry`` when measured before, else measured and saved there."""
+    ``calibration``; read from ``entry`` when measured before (only the candidates it lacks are measured
+    now, and added there), else measured and saved there."""
     settings = settings or ProbeSettings()
     path = entry / f"mixed-sensitivity-{sensitivity_key(source, settings, calibration, imatrix)}.json"
-    if path.is_file():
-        return Sensitivity.from_json(path.read_text())
-    folder = temp_dir or temp_folder()
-    with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-mixed-probes.", dir=folder) as work:
-        probe = KLProbe(source, calibration, settings.tokens, settings.window, settings.threads, folder)
-        try:
-            found = _run_probes(source, Path(work), probe, settings, imatrix, progress or (lambda *_: None))
-        finally:
-            probe.close()
-    entry.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, found.to_json())
-    return found
+    known = Sensitivity.from_json(path.read_text()) if path.is_file() else None
+    if known is None or _trials(known.groups, known.delta_kld, settings):
+        folder = temp_dir or temp_folder()
+        with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-mixed-probes.", dir=folder) as work:
+            probe = KLProbe(source, calibration, settings.tokens, settings.window, settings.threads, folder)
+            try:
+                known = _run_probes(source, Path(work), probe, settings, imatrix, progress or (lambda *_: None), known)
+            finally:
+                probe.close()
+        entry.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, known.to_json())
+    wanted = {c.lower() for c in settings.candidates}
+    delta = {name: {t: d for t, d in types.items() if t in wanted} for name, types in known.delta_kld.items()}
+    return replace(known, delta_kld=delta)
+
+
+def _trials(groups: list[Group], delta: dict[str, dict[str, float]], settings: ProbeSettings) -> list[tuple[Group, str]]:
+    """The (group, candidate) probes not measured yet: every lower candidate whose blocks fit the group's rows."""
+    return [(g, t.lower()) for g in groups for t in settings.candidates
+            if t.lower() != settings.high.lower() and g.fits(t) and t.lower() not in delta.get(g.name, {})]
 
 
 def _run_probes(
-    source: Path, work: Path, probe: KLProbe, settings: ProbeSettings, imatrix: QuantizerImatrix | None, progress: ProbeProgress,
+    source: Path, work: Path, probe: KLProbe, settings: ProbeSettings, imatrix: QuantizerImatrix | None,
+    progress: ProbeProgress, known: Sensitivity | None,
 ) -> Sensitivity:
-    """The all-high file, then one file per (group, lower type), each scored against the original."""
-    base = _probe_file(source, work, settings, imatrix, {EVERY_TENSOR: settings.high})
-    info = read_gguf_info(base)
-    groups = tensor_groups(info, settings.high, settings.layers_per_group)
-    trials = [(g, t) for g in groups for t in settings.candidates if t.lower() != settings.high.lower() and g.fits(t)]
-    progress(0, len(trials) + 1, f"all {settings.high}")
-    base_kld = probe.agreement(base).kl_mean
-    base.unlink()
-    delta: dict[str, dict[str, float]] = {g.name: {settings.high.lower(): 0.0} for g in groups}
+    """The all-high file (unless ``known`` has it), then one file per missing (group, type), each scored
+    against the original."""
+    if known is None:
+        base = _probe_file(source, work, settings, imatrix, {EVERY_TENSOR: settings.high})
+        info = read_gguf_info(base)
+        groups = tensor_groups(info, settings.high, settings.layers_per_group)
+        progress(0, 1, f"all {settings.high}")
+        base_kld = probe.agreement(base).kl_mean
+        base.unlink()
+        fixed = info.file_size - sum(g.n_bytes(settings.high) for g in groups)
+        delta: dict[str, dict[str, float]] = {g.name: {settings.high.lower(): 0.0} for g in groups}
+        known = Sensitivity(settings.high.lower(), groups, delta, base_kld, fixed, info.n_params, len(info.tensors), len(probe.ids))
+    trials = _trials(known.groups, known.delta_kld, settings)
     for done, (group, type_name) in enumerate(trials, 1):
-        progress(done, len(trials) + 1, f"{group.name} at {type_name}")
+        progress(done, len(trials), f"{group.name} at {type_name}")
         path = _probe_file(source, work, settings, imatrix, {group.pattern(): type_name, EVERY_TENSOR: settings.high})
-        delta[group.name][type_name.lower()] = probe.agreement(path).kl_mean - base_kld
+        known.delta_kld[group.name][type_name] = probe.agreement(path).kl_mean - known.base_kld
         path.unlink()
-    grouped = {name for g in groups for name in g.tensors}
-    fixed = info.file_size - sum(t.n_bytes for t in info.tensors if t.name in grouped)
-    return Sensitivity(settings.high.lower(), groups, delta, base_kld, fixed, info.n_params, len(info.tensors), len(probe.ids))
+    return known
 
 
 def _probe_file(source: Path, work: Path, settings: ProbeSettings, imatrix: QuantizerImatrix | None, types: dict[str, str]) -> Path:

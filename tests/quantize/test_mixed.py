@@ -1,5 +1,7 @@
 """Mixed precision per tensor: the assignment on hand-made sensitivities (least ΔKLD, within budget,
-filled, refused when impossible), and a real measurement on the tiny llama that the written file follows."""
+filled, refused when impossible), the measured search on a made-up KLD (never worse than its starts,
+within budget, kept only what measures better), and a real measurement on the tiny llama that the
+written file follows, sized exactly (a uniform file fits its own size)."""
 
 from __future__ import annotations
 
@@ -13,15 +15,24 @@ import pytest
 
 from tandemlm.errors import QuantizeError
 from tandemlm.models.gguf_info import read_gguf_info
-from tandemlm.quantize.mixed import PADDING, Choice, assign_types, plan_mixed, quantize_mixed, quantize_model_mixed
+from tandemlm.quantize.mixed import (
+    Choice,
+    assign_types,
+    file_budget,
+    plan_mixed,
+    quantize_mixed,
+    quantize_model_mixed,
+    uniform_starts,
+)
+from tandemlm.quantize.mixed_search import local_search, plan_bytes, ranked_moves
 from tandemlm.quantize.pipeline import QuantizeConfig
+from tandemlm.quantize.quantizer import quantize_gguf
 from tandemlm.quantize.sensitivity import (
     CANDIDATES,
     Group,
     ProbeSettings,
     Sensitivity,
     measure_sensitivity,
-    tensor_bytes,
     type_row,
 )
 from tandemlm.quantize.texts import Text, builtin_calibration
@@ -118,6 +129,59 @@ def test_every_candidate_type_has_a_file_type_for_the_quantizer() -> None:
         type_row("q9_9")
 
 
+def _four_groups(predicted: list[float]) -> Sensitivity:
+    """Four one-tensor groups of one size, ``LOW`` predicted to add ``predicted[i]`` to group i."""
+    groups = [Group(f"g{i}", (f"blk.{i}.ffn_up.weight",), 1 << 12, 256) for i in range(4)]
+    delta = {g.name: {HIGH: 0.0, LOW: d} for g, d in zip(groups, predicted, strict=True)}
+    return Sensitivity(HIGH, groups, delta, 0.001, 1000, 1 << 14, 6, 512)
+
+
+def test_the_search_keeps_only_moves_that_measure_better_and_stays_within_budget() -> None:
+    """The ΔKLDs rank g3 the most sensitive; the files say g0 is and g3 hardly is: the files win."""
+    sensitivity = _four_groups([0.01, 0.02, 0.03, 0.04])
+    truth = {"g0": 0.05, "g1": 0.02, "g2": 0.03, "g3": 0.001}
+
+    def measure(types: dict[str, str]) -> float:
+        return 0.001 + sum(truth[name] for name, qtype in types.items() if qtype == LOW)
+
+    groups = sensitivity.groups
+    budget = sensitivity.fixed_bytes + 2 * groups[0].n_bytes(HIGH) + 2 * groups[0].n_bytes(LOW)  # two groups at HIGH
+    knapsack = {"g0": LOW, "g1": LOW, "g2": HIGH, "g3": HIGH}
+    found = local_search(sensitivity, budget, [("knapsack", knapsack), ("uniform q4_0", dict.fromkeys(truth, LOW))], measure, 6)
+    assert found.types == {"g0": HIGH, "g1": LOW, "g2": HIGH, "g3": LOW} and found.kld == pytest.approx(0.022)
+    assert found.start == "knapsack" and found.starts == 2 and found.kept >= 1
+    assert all(plan_bytes(sensitivity, t.types) <= budget for t in found.trials)
+    kept = [t.kld for t in found.trials if t.kept]
+    assert kept == sorted(kept, reverse=True) and len(set(kept)) == len(kept)  # each kept move measured lower
+    # The move the ΔKLDs rank first (g1 up, g2 down) was measured, found worse, and not kept.
+    first = next(t for t in found.trials[found.starts:])
+    assert first.types == {"g0": LOW, "g1": HIGH, "g2": LOW, "g3": HIGH} and not first.kept
+    assert len({frozenset(t.types.items()) for t in found.trials}) == len(found.trials)  # nothing measured twice
+
+
+def test_the_search_never_ends_worse_than_its_best_start() -> None:
+    rng = random.Random(7)
+    for _ in range(40):
+        sensitivity = _four_groups([rng.uniform(-0.002, 0.02) for _ in range(4)])
+        noise = {g.name: rng.uniform(-0.01, 0.01) for g in sensitivity.groups}
+        pair = rng.uniform(-0.01, 0.01)  # the groups' errors do not add up
+
+        def measure(types: dict[str, str], s: Sensitivity = sensitivity, noise: dict[str, float] = noise, pair: float = pair) -> float:
+            low = [n for n, t in types.items() if t == LOW]
+            added = sum(s.delta_kld[n][LOW] + noise[n] for n in low)
+            return 0.05 + added + (pair if {"g0", "g1"} <= set(low) else 0.0)
+
+        budget = sensitivity.fixed_bytes + sum(g.n_bytes(LOW) for g in sensitivity.groups) + rng.randint(0, 3) * 2048
+        uniform = {g.name: LOW for g in sensitivity.groups}
+        found = local_search(sensitivity, budget, [("uniform q4_0", uniform)], measure, rng.randint(0, 6))
+        assert found.kld <= measure(uniform) and found.kld == min(t.kld for t in found.trials)
+        assert found.kld == measure(found.types) and plan_bytes(sensitivity, found.types) <= budget
+        for _gain, change in ranked_moves(sensitivity, found.types, budget):
+            assert plan_bytes(sensitivity, {**found.types, **change}) <= budget
+    with pytest.raises(ValueError, match="does not fit"):
+        local_search(sensitivity, sensitivity.fixed_bytes, [("uniform q4_0", uniform)], measure, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # A real measurement on the tiny llama (2 layers, rows of 256 and 512; f32 GGUF)
 
@@ -160,12 +224,13 @@ def test_the_written_mix_follows_the_measured_sensitivity_within_budget(
 ) -> None:
     sensitivity, entry = measured
     layers = [g for g in sensitivity.groups if g.name != "token_embd.weight"]
-    low_bytes = sum(tensor_bytes(LOW, g.elements) for g in sensitivity.groups)
-    upgrades = sum(tensor_bytes(HIGH, g.elements) - tensor_bytes(LOW, g.elements) for g in layers)
-    overhead = sensitivity.fixed_bytes + PADDING * sensitivity.n_tensors
+    low_bytes = sum(g.n_bytes(LOW) for g in sensitivity.groups)
+    upgrades = sum(g.n_bytes(HIGH) - g.n_bytes(LOW) for g in layers)
+    overhead = sensitivity.fixed_bytes
     target = (overhead + low_bytes + upgrades // 2) * 8 / sensitivity.n_params  # half the layers' upgrades fit
     source = fixture_gguf("llama")
-    result = quantize_mixed(source, tmp_path / "mix.gguf", target, entry, calibration, settings, temp_dir=tmp_path)
+    knapsack_only = replace(settings, search=0)
+    result = quantize_mixed(source, tmp_path / "mix.gguf", target, entry, calibration, knapsack_only, temp_dir=tmp_path)
     assert result.plan.groups == tuple(sensitivity.groups)  # the cached measurement, not a new one
     plan = result.plan
     # The measured ranking: the group that loses most per byte at 4 bits keeps 8 bits, and of two groups
@@ -178,7 +243,7 @@ def test_the_written_mix_follows_the_measured_sensitivity_within_budget(
     assert plan.types["token_embd.weight"] == LOW  # its upgrade alone is larger than the budget allows
     assert sum(t == HIGH for t in plan.types.values()) >= 3 and sum(t == LOW for t in plan.types.values()) >= 3
     # The least total ΔKLD of every assignment that fits (2 types ^ 8 groups, tried one by one).
-    choices = {g.name: [Choice(t, tensor_bytes(t, g.elements), d) for t, d in sensitivity.delta_kld[g.name].items()]
+    choices = {g.name: [Choice(t, g.n_bytes(t), d) for t, d in sensitivity.delta_kld[g.name].items()]
                for g in sensitivity.groups}
     budget = math.floor(target * sensitivity.n_params / 8) - overhead
     assert plan.predicted_delta_kld == pytest.approx(_brute_force(choices, budget), rel=1e-3)
@@ -186,7 +251,8 @@ def test_the_written_mix_follows_the_measured_sensitivity_within_budget(
     info = read_gguf_info(result.path)
     assert {t.name: t.type_name.lower() for t in info.tensors if t.name in plan.tensor_plan()} == plan.tensor_plan()
     assert info.file_size <= target * info.n_params / 8
-    assert info.file_size == result.file_bytes and abs(info.file_size - plan.predicted_bytes) <= PADDING * len(info.tensors)
+    assert info.file_size == result.file_bytes == plan.predicted_bytes  # sized exactly, padding included
+    assert result.plan.search is None
 
 
 def test_the_pipeline_route_measures_in_the_model_cache_entry(
@@ -199,3 +265,26 @@ def test_the_pipeline_route_measures_in_the_model_cache_entry(
     assert len(list(quant_cache.glob("*/mixed-sensitivity-*.json"))) == 1
     with pytest.raises(QuantizeError, match="drop --no-cache"):
         quantize_model_mixed(QuantizeConfig(model=config.model, qtype=HIGH, use_cache=False), 6.0)
+
+
+def test_a_uniform_file_fits_its_own_size_and_the_search_never_ends_worse_than_it(
+    measured: tuple[Sensitivity, Path], calibration: Text, settings: ProbeSettings, tmp_path: Path,
+) -> None:
+    source = fixture_gguf("llama")
+    _, entry = measured
+    with_q6 = replace(settings, candidates=(HIGH, "q6_k", LOW), search=2)  # llama.cpp's Q4_0 keeps token_embd at q6_k
+    sensitivity = measure_sensitivity(source, entry, calibration, with_q6)  # only the q6_k probes are new
+    assert all(set(d) == {HIGH, "q6_k", LOW} for d in sensitivity.delta_kld.values())
+    uniform = tmp_path / "q4_0.gguf"
+    quantize_gguf(source, uniform, type_row(LOW), nthread=2)
+    info = read_gguf_info(uniform)
+    stored = {t.name: t.type_name.lower() for t in info.tensors}
+    types = {g.name: stored[g.tensors[0]] for g in sensitivity.groups}
+    assert plan_bytes(sensitivity, types) == info.file_size == file_budget(sensitivity, info.bits_per_weight)
+    assert ("uniform q4_0", types) in uniform_starts(source, tmp_path, sensitivity, info.file_size, with_q6, None)
+    result = quantize_mixed(source, tmp_path / "mix.gguf", info.bits_per_weight, entry, calibration, with_q6, temp_dir=tmp_path)
+    search = result.plan.search
+    assert search is not None and result.file_bytes <= info.file_size
+    starts = {t.what: t.kld for t in search.trials[: search.starts]}
+    assert set(starts) >= {"knapsack", "uniform q4_0"} and search.kld <= min(starts.values())
+    assert result.plan.types == search.types and "measured on calibration text" in result.plan.summary()
