@@ -43,10 +43,10 @@ def measure(model: str, tokens: int, flash_attn_type: int) -> dict[str, float]:
     def gap(a: dict[str, float], b: dict[str, float]) -> float:
         return max(abs(a[t] - b[t]) for t in a.keys() & b.keys())
 
-    engine._evict_idle(keep=-1)
+    engine.drop_cached_prompts()
     cold = top5()
     cached = top5()
-    engine._evict_idle(keep=-1)
+    engine.drop_cached_prompts()
     cold_again = top5()
     return {"cold_vs_cached": gap(cold, cached), "cold_vs_cold": gap(cold, cold_again), "reused": engine.reused_tokens}
 

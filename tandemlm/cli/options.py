@@ -32,6 +32,8 @@ Dtype = Annotated[str | None, typer.Option("--dtype", help="transformers/vllm: a
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run custom model code from the checkpoint.")]
 TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", help="vllm: split each layer across N GPUs (tensor parallel).")]
 PipelineParallel = Annotated[int, typer.Option("--pipeline-parallel-size", help="vllm: split the layers into N stages, one per GPU (pipeline parallel).")]
+CacheRam = Annotated[int | None, typer.Option("--cache-ram", help="llama.cpp: MiB of RAM for prompts kept after their slot is reused, restored into any slot (default 1024; 0 disables).")]
+Speculative = Annotated[str | None, typer.Option("--speculative", help="llama.cpp: 'ngram' drafts tokens from n-gram matches in the prompt and output and verifies them in one batch (default: off).")]
 MaxQueue = Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a slot before 503s (0: none wait).")]
 MaxBodyMb = Annotated[float, typer.Option("--max-body-mb", help="Largest request body in MiB; larger ones get 413.")]
 AllowedHosts = Annotated[
@@ -56,13 +58,16 @@ class EngineOptions:
     trust_remote_code: bool = False
     tensor_parallel_size: int | None = None  # only vLLM takes these (see parallel_backend)
     pipeline_parallel_size: int | None = None
+    cache_ram_mib: int | None = None
+    speculative: str | None = None
 
     def load_options(self) -> LoadOptions:
         """The load flags as typed options; the chosen backend maps them or refuses the ones it does not use."""
         return LoadOptions(
             n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers, n_parallel=self.n_parallel,
             dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size, cache_ram_mib=self.cache_ram_mib,
+            speculative=self.speculative,
         )
 
 

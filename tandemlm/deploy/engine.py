@@ -97,6 +97,10 @@ class Engine(Protocol):
         """Raises EngineError naming a setting of ``params`` this engine cannot honour."""
         ...
 
+    def counters(self) -> dict[str, int]:
+        """Monotonic counts of the engine's own work (prompt tokens prefilled, drafted tokens...) for ``/metrics``."""
+        ...
+
     def close(self) -> None:
         """Frees the model and any worker threads."""
         ...
@@ -128,6 +132,11 @@ class BaseEngine(abc.ABC):
         """Embeddings; a backend that cannot make them says so (the default). Those that can check their
         inputs with :func:`check_embed_inputs`."""
         raise EngineError(f"the {self.info.backend} backend does not compute embeddings")
+
+    def counters(self) -> dict[str, int]:
+        """Monotonic counts of the engine's own work (name -> count), exported on ``/metrics`` as
+        ``tandem_<name>_total``; the default has none."""
+        return {}
 
     def special_tokens(self) -> dict[str, str | None]:
         """Texts of the model's special tokens; the default knows none."""
@@ -431,6 +440,10 @@ class AdapterView(PromptLogprobScoring):
     def prompt_logprobs(self, prompt_ids: list[int], target_ids: list[int], top: int = 0) -> list[GeneratedToken]:
         """Scores ``target_ids`` with this adapter on."""
         return self.base.prompt_logprobs(prompt_ids, target_ids, top, adapter=self.name)
+
+    def counters(self) -> dict[str, int]:
+        """None of its own: the base engine counts the work of all its adapters."""
+        return {}
 
     def close(self) -> None:
         """Nothing to free: the base engine owns the model (close that one)."""

@@ -19,6 +19,7 @@ from tandemlm.deploy.constraints import Grammars
 from tandemlm.deploy.engine import BaseEngine, PromptLogprobScoring
 from tandemlm.deploy.llamacpp_adapters import LlamaCppAdapters
 from tandemlm.deploy.llamacpp_embed import EMBED_CONTEXT, LlamaCppEmbedder
+from tandemlm.deploy.llamacpp_prompt_cache import DEFAULT_CACHE_RAM_MIB
 from tandemlm.deploy.llamacpp_request import LlamaRequest
 from tandemlm.deploy.llamacpp_scheduler import LlamaCppScheduler
 from tandemlm.deploy.registry import register_backend
@@ -44,6 +45,8 @@ class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, 
         n_batch: int = 512,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
+        cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB,
+        speculative: str | None = None,
     ) -> None:
         import llama_cpp
         from llama_cpp._internals import LlamaModel
@@ -79,7 +82,7 @@ class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, 
         self._n_vocab = self._model.n_vocab()
         self.n_threads = threads
         self._n_ctx = n_ctx
-        self._init_scheduler(n_parallel, n_batch)
+        self._init_scheduler(n_parallel, n_batch, cache_ram_mib, speculative)
         self._init_adapters()
         self._embedder: LlamaCppEmbedder | None = None
         self._embedder_lock = threading.Lock()
@@ -229,14 +232,14 @@ def default_gpu_layers(requested: int | None, gpu_build: bool) -> int:
 
 @register_backend(
     "llama.cpp", description="GGUF files via llama-cpp-python (CPU, Metal, CUDA)", available=_available,
-    options={name: name for name in ("n_ctx", "n_threads", "n_gpu_layers", "n_parallel")},
+    options={name: name for name in ("n_ctx", "n_threads", "n_gpu_layers", "n_parallel", "cache_ram_mib", "speculative")},
 )
 def load_llamacpp(source: ModelSource, **options: Any) -> LlamaCppEngine:
     """Loads ``source`` (a GGUF file) with options n_ctx, n_parallel, n_batch, n_threads, n_gpu_layers,
-    and ``adapters`` ({name: PEFT LoRA folder}) served beside the base."""
+    cache_ram_mib, speculative, and ``adapters`` ({name: PEFT LoRA folder}) served beside the base."""
     import llama_cpp
 
-    known = {"n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers"}
+    known = {"n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers", "cache_ram_mib", "speculative"}
     kwargs = {k: v for k, v in options.items() if k in known and v is not None}
     kwargs["n_gpu_layers"] = default_gpu_layers(
         kwargs.get("n_gpu_layers"), bool(llama_cpp.llama_supports_gpu_offload())

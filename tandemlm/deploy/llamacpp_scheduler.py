@@ -16,14 +16,18 @@ from typing import Any
 
 import numpy as np
 
+from tandemlm.deploy.llamacpp_prompt_cache import DEFAULT_CACHE_RAM_MIB, LlamaCppPromptCache, PromptCache
 from tandemlm.deploy.llamacpp_request import LlamaRequest
 from tandemlm.deploy.llamacpp_sampling import RequestSampler, logprob_record, plan_chain
+from tandemlm.deploy.ngram_draft import DEFAULT_DRAFT_TOKENS, NgramDrafter
 from tandemlm.deploy.scheduling import WorkQueue, common_prefix_len
 from tandemlm.deploy.types import GeneratedToken
 from tandemlm.errors import EngineError
 
+SPEC_DRAFT_TOKENS = DEFAULT_DRAFT_TOKENS  # most drafts checked per sequence and step (--speculative ngram)
 
-class LlamaCppScheduler:
+
+class LlamaCppScheduler(LlamaCppPromptCache):
     """Admission, prefix reuse, decode steps and sampling for an engine holding the names below."""
 
     _ll: Any  # llama_cpp's low-level bindings
@@ -35,8 +39,16 @@ class LlamaCppScheduler:
     _piece: Callable[[int], bytes]  # a token's bytes (the engine's tokenizer)
     _adapter_group: Callable[[list[LlamaRequest]], list[LlamaRequest]]  # LlamaCppAdapters: one adapter's requests
 
-    def _init_scheduler(self, n_parallel: int, n_batch: int) -> None:
+    def _init_scheduler(
+        self, n_parallel: int, n_batch: int, cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB, speculative: str | None = None
+    ) -> None:
         """Sets up the sequences, batch and counters; the engine starts ``_work`` once it can answer requests."""
+        if speculative not in (None, "ngram"):
+            raise EngineError(f"--speculative takes 'ngram' (or leave it out for plain decoding), got {speculative!r}")
+        if cache_ram_mib < 0:
+            raise EngineError(f"--cache-ram must be 0 (off) or a number of MiB, got {cache_ram_mib}")
+        self._speculative = speculative
+        self._prompt_cache = PromptCache(cache_ram_mib << 20) if cache_ram_mib else None
         # Idle sequences keep their tokens' cache, so a request that shares a prefix with an
         # earlier one (every turn of a chat re-sends the conversation) skips re-decoding it.
         self._idle: dict[int, list[int]] = {seq: [] for seq in range(n_parallel + 1)}
@@ -47,10 +59,25 @@ class LlamaCppScheduler:
         self.sampled_tokens = 0
         self.prefilled_tokens = 0  # prompt tokens decoded (a cancelled prefill stops adding to it)
         self.shared_prefix_tokens = 0  # prompt tokens taken from a running sequence's cells
+        self.restored_tokens = 0  # prompt tokens restored from the prompt cache beyond the slots
         self.max_sequences_per_step = 0
+        self.spec_draft_tokens = 0  # n-gram drafts put in batches to be checked (--speculative ngram)
+        self.spec_accepted_tokens = 0  # drafts the model's own sampling agreed with, so kept
         self._n_batch = n_batch
         self._batch = self._ll.llama_batch_init(n_batch, 0, 1)
         self._work: WorkQueue[LlamaRequest] = WorkQueue(self._loop, "llama.cpp-scheduler")
+        self._between_steps: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # run on the thread
+
+    def counters(self) -> dict[str, int]:
+        """The scheduler's counts for ``/metrics``: prompt tokens prefilled, and taken from any cache (idle or
+        running sequences, or the prompt cache, which ``prompt_cache_restored_tokens`` counts on its own)."""
+        return {
+            "prompt_tokens_prefilled": self.prefilled_tokens,
+            "prompt_tokens_cached": self.reused_tokens,
+            "prompt_cache_restored_tokens": self.restored_tokens,
+            "spec_draft_tokens": self.spec_draft_tokens,
+            "spec_accepted_tokens": self.spec_accepted_tokens,
+        }
 
     def _submit(self, request: LlamaRequest) -> None:
         if request.reserved > self._n_ctx:
@@ -75,6 +102,8 @@ class LlamaCppScheduler:
         pending: list[LlamaRequest] = []
         while self._work.running:
             self._take_new(pending, block=not active and not pending)
+            while not self._between_steps.empty():
+                self._between_steps.get()()
             pending[:] = [r for r in pending if not self._drop_if_cancelled(r)]  # cancelled while queued
             self._admit(pending, active)
             active = [r for r in active if not self._drop_if_cancelled(r)]
@@ -112,11 +141,16 @@ class LlamaCppScheduler:
             if used + request.reserved > self._n_ctx and active:
                 break  # wait for KV cells to free up (first come, first served)
             pending.pop(0)
-            self._idle.pop(seq)
+            tokens = self._idle.pop(seq)
+            if reuse < len(tokens):  # what the request cannot use is kept in RAM before its cells go
+                self._save_prompt(seq, tokens, self._idle_adapter.get(seq))
             if not self._ll.llama_memory_seq_rm(self._memory, seq, reuse, -1):
                 self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
                 reuse = 0
-            reuse = self._share_prefix(request, seq, reuse, active)
+            donor, shareable = self._best_running(request, active)
+            reuse = self._restore_prompt(request, seq, reuse, beat=max(reuse, shareable))
+            if shareable > reuse:
+                reuse = self._share_prefix(seq, donor, shareable)
             request.seq_id, request.n_past = seq, reuse
             self.reused_tokens += reuse
             if request.params is not None:
@@ -128,27 +162,29 @@ class LlamaCppScheduler:
                     continue
             active.append(request)
 
-    def _share_prefix(self, request: LlamaRequest, seq: int, reuse: int, active: list[LlamaRequest]) -> int:
-        """Gives ``seq`` a running sequence's cached prefix when it beats ``reuse``; the new length.
-
-        Concurrent requests often share a system prompt or a whole prompt. In the one unified KV cache,
-        ``llama_memory_seq_cp`` tags the donor's cells with ``seq`` as well (no copy), so the request
-        prefills only what follows; either sequence may end first without touching the other's cells.
-        """
+    def _best_running(self, request: LlamaRequest, active: list[LlamaRequest]) -> tuple[int, int]:
+        """The running sequence (under the same adapter) sharing the longest prompt prefix, and its length."""
         limit = max(request.max_reuse, 0)
-        donor, best = -1, reuse
+        donor, best = -1, 0
         for other in active:
             if other.seq_id < 0 or other.adapter != request.adapter:
                 continue
             common = min(common_prefix_len(other.kv_tokens(), request.prompt), limit)
             if common > best:
                 donor, best = other.seq_id, common
-        if donor < 0:
-            return reuse
+        return donor, best
+
+    def _share_prefix(self, seq: int, donor: int, length: int) -> int:
+        """Gives ``seq`` the first ``length`` cells of the running sequence ``donor``; ``length``.
+
+        Concurrent requests often share a system prompt or a whole prompt. In the one unified KV cache,
+        ``llama_memory_seq_cp`` tags the donor's cells with ``seq`` as well (no copy), so the request
+        prefills only what follows; either sequence may end first without touching the other's cells.
+        """
         self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        self._ll.llama_memory_seq_cp(self._memory, donor, seq, 0, best)
-        self.shared_prefix_tokens += best
-        return best
+        self._ll.llama_memory_seq_cp(self._memory, donor, seq, 0, length)
+        self.shared_prefix_tokens += length
+        return length
 
     def _best_idle(self, request: LlamaRequest) -> tuple[int, int]:
         """The idle sequence whose cached tokens share the longest prefix with the request's prompt."""
@@ -160,9 +196,12 @@ class LlamaCppScheduler:
                 best, best_len = seq, common
         return best, max(best_len, 0)
 
-    def _evict_idle(self, keep: int) -> None:
+    def _evict_idle(self, keep: int, save: bool = True) -> None:
+        """Frees every idle sequence's cells but ``keep``'s, saving their states in the prompt cache first."""
         for seq in self._idle:
             if seq != keep and self._idle[seq]:
+                if save:
+                    self._save_prompt(seq, self._idle[seq], self._idle_adapter.get(seq))
                 self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
                 self._idle[seq] = []
 
@@ -179,11 +218,21 @@ class LlamaCppScheduler:
         batch, budget = self._batch, self._n_batch
         batch.n_tokens = 0
         outputs: list[tuple[LlamaRequest, int]] = []
+        drafts: dict[int, list[int]] = {}  # batch index of a sequence's last token -> the drafts after it
+        room = budget - sum(1 for request in active if not request.prefilling)  # for drafts, after one token each
         for request in active:
             if not request.prefilling and budget > 0:
                 pos = len(request.prompt) + request.n_generated - 1
-                outputs.append((request, self._add(request.generated[-1], pos, request.seq_id, True)))
-                budget -= 1
+                draft = self._draft(request, min(room, budget - 1)) if self._speculative else []
+                index = self._add(request.generated[-1], pos, request.seq_id, True)
+                for offset, token in enumerate(draft, 1):
+                    self._add(token, pos + offset, request.seq_id, True)
+                if draft:
+                    drafts[index] = draft
+                    room -= len(draft)
+                    self.spec_draft_tokens += len(draft)
+                outputs.append((request, index))
+                budget -= 1 + len(draft)
         for request in active:
             if request.prefilling and budget > 0:
                 take = min(budget, len(request.prompt) - request.n_past)
@@ -207,6 +256,8 @@ class LlamaCppScheduler:
         for request, index in outputs:
             if request.params is None:
                 self._record_score(request, index)
+            elif index in drafts:
+                self._verify(request, index, drafts[index])
             else:
                 self._sample(request, index)
         for request in list(active):
@@ -232,13 +283,73 @@ class LlamaCppScheduler:
         target = request.score_targets[len(request.scores)]
         request.scores.append(logprob_record(self._logits(index), target, request.score_top))
 
+    # ---- speculative decoding (--speculative ngram) ---------------------------------------------
+    def _draft(self, request: LlamaRequest, room: int) -> list[int]:
+        """Tokens to check after the request's last one: an n-gram match's continuation, never past max_tokens.
+
+        A step that keeps every draft also samples one token after them, so at most
+        ``max_tokens - n_generated - 1`` are drafted: the sequence stays within the KV cells it reserved.
+        """
+        assert request.params is not None and request.params.max_tokens is not None
+        k = min(room, SPEC_DRAFT_TOKENS, request.params.max_tokens - request.n_generated - 1)
+        if k <= 0 or not self._spec_can_roll_back():
+            return []
+        drafter = request.drafter
+        if drafter is None:
+            drafter = request.drafter = NgramDrafter()
+            drafter.extend(request.prompt)
+        drafter.extend(request.generated[len(drafter.tokens) - len(request.prompt) :])
+        return drafter.draft(k)
+
+    def _spec_can_roll_back(self) -> bool:
+        """Whether rejected drafts can be taken back out of the cache: not from a recurrent model's state,
+        so such a model decodes plainly (the same tokens, without the speed-up)."""
+        known = getattr(self, "_spec_rollback", None)
+        if known is None:
+            model = self._ll.llama_get_model(self._ctx)
+            known = not (self._ll.llama_model_is_recurrent(model) or self._ll.llama_model_is_hybrid(model))
+            self._spec_rollback = known
+        return known
+
+    def _verify(self, request: LlamaRequest, index: int, draft: list[int]) -> None:
+        """Samples after the last token and each draft in turn, keeping drafts while the sample agrees.
+
+        Output ``index + i`` holds the logits after the last token and ``draft[:i]``: while every draft
+        so far was kept, they are the model's own conditional given the actual text, and the request's
+        sampler (the same call as plain decoding: one RNG draw, the token accepted into penalties and
+        grammar) picks from them. The first pick that differs from the draft is kept and the drafts
+        after it are dropped, so the tokens are those plain decoding yields, sampled or greedy,
+        grammar and log-probs included. The rejected drafts' cells leave the cache.
+        """
+        seq, last_pos = request.seq_id, len(request.prompt) + request.n_generated - 1
+        kept, done = 0, False
+        for i in range(len(draft) + 1):
+            done = self._emit(request, index + i)
+            if done or i == len(draft) or request.generated[-1] != draft[i]:
+                break
+            kept += 1
+        self.spec_accepted_tokens += kept
+        if request.seq_id < 0:  # failed (its grammar): _finish cleared the whole sequence
+            return
+        if kept < len(draft) and not self._ll.llama_memory_seq_rm(self._memory, seq, last_pos + kept + 1, -1):
+            self._finish(request, error=EngineError("llama.cpp could not drop rejected draft tokens from the cache"))
+            return
+        if done:
+            self._finish(request)
+
     def _sample(self, request: LlamaRequest, index: int) -> None:
+        if self._emit(request, index) and request.seq_id >= 0:
+            self._finish(request)
+
+    def _emit(self, request: LlamaRequest, index: int) -> bool:
+        """Samples from output ``index`` and streams the token; True once the request is done (the
+        caller finishes it), or failed (finished here with its error)."""
         assert request.params is not None
         try:
             token = request.sampler.sample(self._ctx, index, self._logits)
         except EngineError as exc:  # this request's grammar failed: it ends alone
             self._finish(request, error=exc)
-            return
+            return True
         self.sampled_tokens += 1
         request.generated.append(token)
         end = bool(self._ll.llama_vocab_is_eog(self._vocab, token))
@@ -248,8 +359,7 @@ class LlamaCppScheduler:
         else:  # the sampler reads a copy of the logits, so these are still the model's own
             record = logprob_record(self._logits(index), token, request.params.logprobs)
             request.out.put(GeneratedToken(token, text, record.logprob, record.top_logprobs, end=end))
-        if end or request.n_generated >= request.params.max_tokens:
-            self._finish(request)
+        return end or request.n_generated >= request.params.max_tokens
 
     def _finish(self, request: LlamaRequest, result: Any = None, error: Exception | None = None) -> None:
         if request.seq_id >= 0:

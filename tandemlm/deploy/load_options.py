@@ -25,6 +25,8 @@ class LoadOptions:
     dtype: str | None = None
     tensor_parallel_size: int | None = None
     pipeline_parallel_size: int | None = None
+    cache_ram_mib: int | None = None  # llama.cpp: RAM for prompts kept beyond the slots
+    speculative: str | None = None  # llama.cpp: "ngram" drafts from the text so far
 
     def given(self) -> dict[str, Any]:
         """The settings the user asked for (a parallel size of 1 is every backend's own: not asked)."""

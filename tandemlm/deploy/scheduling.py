@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from tandemlm.deploy.types import GeneratedToken
@@ -104,7 +104,7 @@ def drain_tokens(out: queue.Queue[Any], cancelled: threading.Event) -> Iterator[
             cancelled.set()
 
 
-def common_prefix_len(a: list[int], b: list[int]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     """Number of leading items ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b, strict=False):

@@ -555,9 +555,9 @@ def test_a_request_shares_the_cached_prompt_of_a_running_one_and_decodes_the_sam
     messages = _long_prompt(smollm2, 600)
     params = SamplingParams(temperature=0, max_tokens=24)
     scored = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
-    smollm2._evict_idle(keep=-1)
+    smollm2.drop_cached_prompts()
     alone = _first_token_top(collect(smollm2.chat(messages, scored)))
-    smollm2._evict_idle(keep=-1)  # no idle cache left to reuse: only the running sequence can give its prefix
+    smollm2.drop_cached_prompts()  # no cached prompt left: only the running sequence can give its prefix
     prompt_len = len(smollm2.tokenize(smollm2.render_chat(messages)))
     first = smollm2.chat(messages, params)
     next(first)  # decoding: its whole prompt is in the cache

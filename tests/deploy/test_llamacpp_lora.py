@@ -90,6 +90,23 @@ def test_a_mixed_batch_of_base_and_adapter_requests_gives_each_its_solo_tokens(e
 
 
 @pytest.mark.slow
+def test_a_saved_prompt_state_is_restored_only_under_the_adapter_it_was_computed_with(engine):
+    view = engine.adapter_view("policy")
+    prompt = "Keep me in RAM: " + " ".join(PROMPTS * 4)  # over the prompt cache's 32-token minimum
+    engine.drop_cached_prompts()
+    adapted = collect(view.generate(prompt, GREEDY)).text  # cold, under the adapter
+    engine.drop_cached_prompts()
+    base_text = collect(engine.generate(prompt, GREEDY)).text
+    engine.drop_cached_prompts(keep_in_ram=True)  # the base's state now lives only in the prompt cache
+    restored = engine.restored_tokens
+    assert collect(view.generate(prompt, GREEDY)).text == adapted
+    assert engine.restored_tokens == restored  # the base's saved state is no prefix for the adapter
+    engine.drop_cached_prompts(keep_in_ram=True)
+    assert collect(engine.generate(prompt, GREEDY)).text == base_text
+    assert engine.restored_tokens > restored  # the base's own state is
+
+
+@pytest.mark.slow
 def test_a_cached_prefix_is_reused_only_under_the_adapter_it_was_computed_with(engine):
     view = engine.adapter_view("policy")
     prompt = "Reuse me: " + PROMPTS[0]

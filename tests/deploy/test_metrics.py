@@ -36,3 +36,29 @@ def test_running_and_queued_gauges_read_the_admission_state_at_scrape_time():
     load[0] = (1, 0)
     text = metrics.render().decode()
     assert _value(text, "tandem_requests_running") == 1 and _value(text, "tandem_requests_queued") == 0
+
+
+def test_engine_counters_are_summed_over_distinct_engines_and_exported_as_totals():
+    from tandemlm.deploy.engine import AdapterView
+    from tandemlm.deploy.mock_engine import MockEngine
+    from tandemlm.deploy.server.context import ServeContext
+
+    class Counting(MockEngine):
+        def __init__(self, model_id: str, prefilled: int) -> None:
+            super().__init__(model_id=model_id)
+            self.prefilled = prefilled
+
+        def counters(self) -> dict[str, int]:
+            return {"prompt_tokens_prefilled": self.prefilled, "spec_draft_tokens": 2}
+
+    first, second = Counting("a", 5), Counting("b", 7)
+    # "a" is also served under a second name and through an adapter view: counted once.
+    ctx = ServeContext({"a": first, "a-again": first, "b": second, "a-policy": AdapterView(first, "policy", "a")}, 1, 0)
+    try:
+        text = ctx.metrics.render().decode()
+        assert _value(text, "tandem_prompt_tokens_prefilled_total") == 12
+        assert _value(text, "tandem_spec_draft_tokens_total") == 4
+        first.prefilled = 10  # read at scrape time
+        assert _value(ctx.metrics.render().decode(), "tandem_prompt_tokens_prefilled_total") == 17
+    finally:
+        ctx.close()

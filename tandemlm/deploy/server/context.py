@@ -30,7 +30,7 @@ class ServeContext:
         self.engines = engines
         self.default_name = next(iter(engines))
         self.admission = Admission(max_concurrency, max_queue)
-        self.metrics = ServerMetrics(lambda: (self.admission.running, self.admission.waiting))
+        self.metrics = ServerMetrics(lambda: (self.admission.running, self.admission.waiting), self.engine_counters)
         # Chat templates and tokenizers run here, off the event loop, one at a time (HF tokenizers
         # are not safe to share across threads), so a huge prompt never stalls other requests.
         self._prepare = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-prepare")
@@ -42,6 +42,14 @@ class ServeContext:
         if model in self.engines:
             return model, self.engines[model]
         raise ModelNotFound(f"model {model!r} is not served here; served models: {', '.join(self.engines)}")
+
+    def engine_counters(self) -> dict[str, int]:
+        """Each engine's own counters, summed over distinct engines (several names may serve one)."""
+        total: dict[str, int] = {}
+        for engine in {id(e): e for e in self.engines.values()}.values():
+            for name, value in engine.counters().items():
+                total[name] = total.get(name, 0) + value
+        return total
 
     async def prepare(self, work: Callable[[], T]) -> T:
         """Runs blocking preparation (template rendering, tokenizing, validation) on the prepare thread."""

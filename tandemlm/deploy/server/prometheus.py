@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -24,10 +24,33 @@ class _LoadCollector(Collector):
         yield GaugeMetricFamily("tandem_requests_queued", "Requests waiting for a slot.", value=queued)
 
 
+ENGINE_COUNTER_HELP = {
+    "prompt_tokens_prefilled": "Prompt tokens the engine actually decoded (the rest came from a cache).",
+    "prompt_tokens_cached": "Prompt tokens taken from a cache (an idle or running sequence, or the prompt cache).",
+    "prompt_cache_restored_tokens": "Prompt tokens restored from the prompt cache beyond the slots.",
+    "spec_draft_tokens": "Tokens drafted by speculative decoding.",
+    "spec_accepted_tokens": "Drafted tokens the model accepted.",
+}
+
+
+class _EngineCollector(Collector):
+    """The served engines' own counters (summed over distinct engines), read at scrape time."""
+
+    def __init__(self, counters: Callable[[], dict[str, int]]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, value in sorted(self._counters().items()):
+            text = ENGINE_COUNTER_HELP.get(name, name.replace("_", " ") + ".")
+            yield CounterMetricFamily(f"tandem_{name}", text, value=value)
+
+
 class ServerMetrics:
     """Counters and histograms of one app, in a registry of its own (several apps may share a process)."""
 
-    def __init__(self, load: Callable[[], tuple[int, int]]) -> None:
+    def __init__(
+        self, load: Callable[[], tuple[int, int]], engine_counters: Callable[[], dict[str, int]] | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "tandem_requests", "Requests answered, by endpoint and HTTP status.", ["endpoint", "status"], registry=self.registry
@@ -43,6 +66,8 @@ class ServerMetrics:
             buckets=PER_TOKEN_BUCKETS, registry=self.registry,
         )
         self.registry.register(_LoadCollector(load))
+        if engine_counters is not None:
+            self.registry.register(_EngineCollector(engine_counters))
 
     def observe_choice(self, started: float, first_token: float | None, finished: float, tokens: int) -> None:
         """Records one finished choice's latency figures (times from ``time.perf_counter``)."""
