@@ -7,6 +7,11 @@ guess in one batched decode and keeps what it would have produced anyway. Like l
 ``ngram-simple`` (``common/ngram-map.cpp``), the most recent earlier occurrence wins; unlike it, the
 longest n-gram that matches (from ``max_n`` down to ``min_n``) is looked up in an index kept up to date
 token by token, so a step costs O(max_n - min_n + k) whatever the sequence's length, not a rescan.
+Checking a draft is not free on a CPU (each drafted token is one more row through the model), so the
+draft length adapts to the sequence: it starts at 4, grows by 2 after a draft kept whole (up to 12)
+and shrinks by 1 after a miss (down to 2) (:meth:`NgramDrafter.record`; replaying the built-in model's
+answers on bench/speculative.py's prompts, this checked as few rows per kept token as the best fixed
+length, 4, and it lengthens on long verbatim copies).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from collections.abc import Iterable, Sequence
 
 DEFAULT_MAX_N = 4  # the longest n-gram looked up
 DEFAULT_MIN_N = 2  # the shortest (one token matches too often to be a useful guess)
-DEFAULT_DRAFT_TOKENS = 10  # tokens drafted per step at most (bench/speculative.py)
+DEFAULT_DRAFT_TOKENS = 12  # tokens drafted per step at most
+FIRST_DRAFT_TOKENS = 4  # a sequence's first draft length, before record() adapts it
+SHORTEST_DRAFT = 2  # the adapted length never falls below this
 
 
 class NgramDrafter:
@@ -30,15 +37,18 @@ class NgramDrafter:
         # the last token (the sequence's own suffix is never its own match).
         self._after: dict[tuple[int, ...], int] = {}
         self._indexed = 0  # n-grams ending before this position are in _after
+        self.limit = FIRST_DRAFT_TOKENS  # the next draft's length at most (record() adapts it)
 
     def extend(self, tokens: Iterable[int]) -> None:
         self.tokens.extend(tokens)
 
     def draft(self, k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the most recent earlier occurrence of the longest matching suffix."""
+        """Up to ``k`` (and :attr:`limit`) tokens that followed the most recent earlier occurrence of the
+        longest matching suffix."""
         tokens = self.tokens
         length = len(tokens)
         self._index_until(length - 1)
+        k = min(k, self.limit)
         if k <= 0:
             return []
         for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
@@ -46,6 +56,10 @@ class NgramDrafter:
             if start is not None:
                 return _continuation(tokens, start, k)
         return []
+
+    def record(self, drafted: int, kept: int, most: int = DEFAULT_DRAFT_TOKENS) -> None:
+        """Adapts :attr:`limit` to how much of the last draft (``drafted`` tokens) was ``kept``."""
+        self.limit = min(most, self.limit + 2) if kept >= drafted else max(SHORTEST_DRAFT, self.limit - 1)
 
     def _index_until(self, end: int) -> None:
         """Indexes every n-gram that ends (exclusive) at a position up to ``end``."""
@@ -72,5 +86,6 @@ def _continuation(tokens: Sequence[int], start: int, k: int) -> list[int]:
 def ngram_draft(tokens: Sequence[int], k: int, max_n: int = DEFAULT_MAX_N, min_n: int = DEFAULT_MIN_N) -> list[int]:
     """The draft :class:`NgramDrafter` proposes for ``tokens`` (one-off, for tests and tools)."""
     drafter = NgramDrafter(max_n, min_n)
+    drafter.limit = k
     drafter.extend(tokens)
     return drafter.draft(k)
