@@ -329,6 +329,8 @@ class LlamaCppScheduler(LlamaCppPromptCache):
                 break
             kept += 1
         self.spec_accepted_tokens += kept
+        if request.drafter is not None:
+            request.drafter.record(len(draft), kept, SPEC_DRAFT_TOKENS)
         if request.seq_id < 0:  # failed (its grammar): _finish cleared the whole sequence
             return
         if kept < len(draft) and not self._ll.llama_memory_seq_rm(self._memory, seq, last_pos + kept + 1, -1):
