@@ -175,12 +175,11 @@ def main() -> None:
             f"{name:36} {r['tokens']:>7} {r['tok_s']:>8.1f} {speedup:>9} {int(r['drafted']):>8} "
             f"{int(r['accepted']):>5} {rate:>3}  {loads[name]:.2f}"
         )
-    if "tandem" in results and "tandem --speculative ngram" in results:
-        same = results["tandem"]["texts"] == results["tandem --speculative ngram"]["texts"]
-        print(f"tandem answers identical with and without --speculative ngram: {'yes' if same else 'NO'}")
-    if "llama-server" in results and "llama-server ngram-simple" in results:
-        same = results["llama-server"]["texts"] == results["llama-server ngram-simple"]["texts"]
-        print(f"llama-server answers identical with and without ngram-simple: {'yes' if same else 'no'}")
+    for name, r in results.items():  # each n-gram mode against its own server's plain answers
+        plain = results.get("tandem" if name.startswith("tandem") else "llama-server")
+        if plain is not None and plain is not r:
+            same = "yes" if r["texts"] == plain["texts"] else "no"
+            print(f"{name}: answers identical to plain decoding: {same}")
     if max(loads.values()) > 0.5 * (os.cpu_count() or 1):
         print("note: the machine was busy with other work during the run (load column); timings are rough")
     if args.json:

@@ -318,8 +318,11 @@ class LlamaCppScheduler(LlamaCppPromptCache):
         so far was kept, they are the model's own conditional given the actual text, and the request's
         sampler (the same call as plain decoding: one RNG draw, the token accepted into penalties and
         grammar) picks from them. The first pick that differs from the draft is kept and the drafts
-        after it are dropped, so the tokens are those plain decoding yields, sampled or greedy,
-        grammar and log-probs included. The rejected drafts' cells leave the cache.
+        after it are dropped, so the tokens are those plain decoding yields from the same logits, sampled
+        or greedy, grammar and log-probs included. The rejected drafts' cells leave the cache. (On the CPU
+        backend the logits are the same bits while the cache spans under 512 cells; past that flash
+        attention rounds a lone decoded token differently from several, so a near-tie may flip, as with
+        batching and cached prefixes: tests/deploy/test_llamacpp_speculative.py.)
         """
         seq, last_pos = request.seq_id, len(request.prompt) + request.n_generated - 1
         kept, done = 0, False
