@@ -80,6 +80,7 @@ class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, 
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = self._model.vocab
         self._n_vocab = self._model.n_vocab()
+        self._pieces: list[bytes | None] = [None] * self._n_vocab
         self.n_threads = threads
         self._n_ctx = n_ctx
         self._init_scheduler(n_parallel, n_batch, cache_ram_mib, speculative)
@@ -104,9 +105,15 @@ class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, 
         return self._piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
 
     def _piece(self, token: int, special: bool = False) -> bytes:
+        """A token's bytes; plain pieces are remembered, since every generated token needs its own."""
+        if not special and 0 <= token < self._n_vocab and (known := self._pieces[token]) is not None:
+            return known
         buf = ctypes.create_string_buffer(256)
         n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[: max(n, 0)]
+        piece = buf.raw[: max(n, 0)]
+        if not special and 0 <= token < self._n_vocab:
+            self._pieces[token] = piece
+        return piece
 
     def render_chat(
         self,
