@@ -9,9 +9,9 @@ a number of bits per weight, or a uniform type's name: the mix is then made no l
 type's file. Each file is scored against the f16 GGUF on the evaluation text (never calibrated on;
 the report's windows and KL sums, the original scored once): mean and 99th-percentile KL divergence,
 same top token. For each mix, the uniform files of the same or larger size are named with the
-verdict: it wins where its mean KLD is lower. The mix's predicted KLD on the calibration slice
-(all-q8_0 KLD + the sum of its groups' ΔKLD) is set beside the measured one, which tests the
-additivity the planner assumes.
+verdict: it wins where its mean KLD is lower. The mix's KLD on the calibration slice as the ΔKLDs
+predict it (all-q8_0 KLD + the sum of its groups' ΔKLD) is set beside the measured one: the search
+(``--search`` moves, default 8) picks the plan by that measured number, never by the prediction.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Row:
     calibration_kld: float | None = None  # measured on the calibration slice (mixes only)
 
 
-def make_files(uniform: list[str], targets: list[str], folder: Path, console: Console) -> tuple[Path, list[Row], list[Row]]:
+def make_files(uniform: list[str], targets: list[str], folder: Path, console: Console, search: int = 8) -> tuple[Path, list[Row], list[Row]]:
     """(the f16 GGUF, uniform rows, mixed rows): the mixes and the types tandem lists through the pipeline
     (cached); q5_1, q5_0 and q4_1, which it does not list, by the same quantizer call and importance matrix."""
     base = quantize_model(QuantizeConfig(model="smollm2", qtype="q8_0", publish=False), console)
@@ -73,7 +73,7 @@ def make_files(uniform: list[str], targets: list[str], folder: Path, console: Co
     for target in targets:
         bpw = sizes[target.lower()] if target.lower() in sizes else float(target)
         config = QuantizeConfig(model="smollm2", qtype="q8_0", out=folder / f"mix-{target}.gguf")
-        result = quantize_model_mixed(config, bpw, ProbeSettings(), console)
+        result = quantize_model_mixed(config, bpw, ProbeSettings(search=search), console)
         label = f"mix ≤ {target.upper()}" if target.lower() in sizes else f"mix {bpw:g}"
         mixes.append(Row(label, result.path, result.file_bytes, result.bits_per_weight, mixed=result))
     return intermediate, rows, mixes
@@ -127,26 +127,38 @@ def table(uniform: list[Row], mixes: list[Row]) -> list[str]:
     return lines
 
 
+def mix_json(row: Row) -> dict[str, object]:
+    """A mix's types and its search's trials (what, calibration KLD, kept) for the JSON; nothing for a uniform row."""
+    if row.mixed is None:
+        return {}
+    search = row.mixed.plan.search
+    trials = [[t.what, t.kld, t.kept] for t in search.trials] if search else None
+    return {"types": row.mixed.plan.types, "search": trials}
+
+
 def main() -> None:
     """Makes the files, scores them, prints the table and each mix's plan."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", default="iq4_nl,q4_1,q5_1", help="bits per weight, or uniform types to be no larger than")
     parser.add_argument("--uniform", default=UNIFORM, help="uniform types to compare with")
     parser.add_argument("--tokens", type=int, default=8192, help="evaluation tokens scored")
+    parser.add_argument("--search", type=int, default=8, help="measured moves per mix after the knapsack (0: none)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args()
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="mixed-bench.") as folder:
-        intermediate, uniform, mixes = make_files(args.uniform.split(","), args.targets.split(","), Path(folder), console)
+        intermediate, uniform, mixes = make_files(args.uniform.split(","), args.targets.split(","), Path(folder), console, args.search)
         score(intermediate, uniform + mixes, args.tokens, console)
     if args.json:
         keys = ("name", "file_bytes", "bpw", "kld_mean", "kld_p99", "same_top", "calibration_kld")
-        rows = [{**{k: getattr(row, k) for k in keys}, "types": row.mixed.plan.types if row.mixed else None} for row in uniform + mixes]
+        rows = [{**{k: getattr(row, k) for k in keys}, **mix_json(row)} for row in uniform + mixes]
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     print("\n".join(table(uniform, mixes)))
     for row in mixes:
         assert row.mixed is not None
         print(f"{row.name}: {row.mixed.plan.summary()}")
+        for trial in row.mixed.plan.search.trials if row.mixed.plan.search else ():
+            print(f"    {'kept' if trial.kept else '    '} {trial.kld:.5f}  {trial.what}")
 
 
 if __name__ == "__main__":

@@ -260,7 +260,7 @@ def search_plan(
 
         def measure(types: Mapping[str, str]) -> float:
             done[0] += 1
-            report(done[0], total, f"measuring mix {done[0]}")
+            report(done[0], total, f"search: mix {done[0]} on the calibration slice")
             path = work / "trial.gguf"
             _write_plan(source, path, replace(plan, types=dict(types)), settings, imatrix, work)
             kld = probe.agreement(path).kl_mean
@@ -317,8 +317,9 @@ def quantize_model_mixed(config: QuantizeConfig, target_bpw: float, settings: Pr
     calibration = config.calibration_source()
     imatrix = prepare_imatrix(choose_imatrix(config.imatrix, calibration, config.calibration_chunks), base.intermediate, entry, config.threads)
     out = config.out or Path.cwd() / f"{Path(config.model).name.removesuffix('.gguf')}-mix-{target_bpw:g}bpw.gguf"
-    columns = (TextColumn("    sensitivity {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    console.print(f"per-tensor types for {target_bpw:g} bits per weight (sensitivity measured once, cached)")
+    columns = (TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    search = f"; the plan then refined by up to {settings.search} measured moves" if settings.search else ""
+    console.print(f"per-tensor types for {target_bpw:g} bits per weight (sensitivity measured once, cached{search})")
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("", total=None)
         result = quantize_mixed(

@@ -274,7 +274,7 @@ def _run_probes(
         base = _probe_file(source, work, settings, imatrix, {EVERY_TENSOR: settings.high})
         info = read_gguf_info(base)
         groups = tensor_groups(info, settings.high, settings.layers_per_group)
-        progress(0, 1, f"all {settings.high}")
+        progress(0, 1, f"sensitivity: all {settings.high}")
         base_kld = probe.agreement(base).kl_mean
         base.unlink()
         fixed = info.file_size - sum(g.n_bytes(settings.high) for g in groups)
@@ -282,7 +282,7 @@ def _run_probes(
         known = Sensitivity(settings.high.lower(), groups, delta, base_kld, fixed, info.n_params, len(info.tensors), len(probe.ids))
     trials = _trials(known.groups, known.delta_kld, settings)
     for done, (group, type_name) in enumerate(trials, 1):
-        progress(done, len(trials), f"{group.name} at {type_name}")
+        progress(done, len(trials), f"sensitivity: {group.name} at {type_name}")
         path = _probe_file(source, work, settings, imatrix, {group.pattern(): type_name, EVERY_TENSOR: settings.high})
         known.delta_kld[group.name][type_name] = probe.agreement(path).kl_mean - known.base_kld
         path.unlink()
