@@ -34,13 +34,13 @@ class EngineFlags:
     n_gpu_layers: int | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
-    cache_ram_mib: int | None = None
+    cache_ram: int | None = None
     speculative: str | None = None
 
     def options(self, n_parallel: int | None = 1, tensor: int | None = None, pipeline: int | None = None) -> opt.EngineOptions:
         """The load options for a command that decodes ``n_parallel`` requests at once."""
         return opt.EngineOptions(self.backend, self.n_ctx, self.n_threads, self.n_gpu_layers, n_parallel, self.dtype,
-                                 self.trust_remote_code, tensor, pipeline, self.cache_ram_mib, self.speculative)
+                                 self.trust_remote_code, tensor, pipeline, self.cache_ram, self.speculative)
 
 
 @dataclass
@@ -86,7 +86,7 @@ ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY"
 # Each group field's flag: its type with Typer's option (name and help).
 FLAGS: dict[str, Any] = {
     "backend": opt.Backend, "n_ctx": opt.NCtx, "n_threads": opt.NThreads, "n_gpu_layers": opt.NGpuLayers,
-    "dtype": opt.Dtype, "trust_remote_code": opt.TrustRemoteCode, "cache_ram_mib": opt.CacheRam,
+    "dtype": opt.Dtype, "trust_remote_code": opt.TrustRemoteCode, "cache_ram": opt.CacheRam,
     "speculative": opt.Speculative,
     "max_tokens": opt.MaxTokens, "temperature": opt.Temperature, "top_p": opt.TopP, "top_k": opt.TopK, "stop": opt.Stop,
     "seed": opt.Seed, "repetition_penalty": opt.RepetitionPenalty,

@@ -58,7 +58,7 @@ class EngineOptions:
     trust_remote_code: bool = False
     tensor_parallel_size: int | None = None  # only vLLM takes these (see parallel_backend)
     pipeline_parallel_size: int | None = None
-    cache_ram_mib: int | None = None
+    cache_ram: int | None = None
     speculative: str | None = None
 
     def load_options(self) -> LoadOptions:
@@ -66,7 +66,7 @@ class EngineOptions:
         return LoadOptions(
             n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers, n_parallel=self.n_parallel,
             dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size, cache_ram_mib=self.cache_ram_mib,
+            pipeline_parallel_size=self.pipeline_parallel_size, cache_ram=self.cache_ram,
             speculative=self.speculative,
         )
 

@@ -239,7 +239,7 @@ def default_gpu_layers(requested: int | None, gpu_build: bool) -> int:
 
 @register_backend(
     "llama.cpp", description="GGUF files via llama-cpp-python (CPU, Metal, CUDA)", available=_available,
-    options={name: name for name in ("n_ctx", "n_threads", "n_gpu_layers", "n_parallel", "cache_ram_mib", "speculative")},
+    options={name: name for name in ("n_ctx", "n_threads", "n_gpu_layers", "n_parallel", "speculative")} | {"cache_ram": "cache_ram_mib"},
 )
 def load_llamacpp(source: ModelSource, **options: Any) -> LlamaCppEngine:
     """Loads ``source`` (a GGUF file) with options n_ctx, n_parallel, n_batch, n_threads, n_gpu_layers,

@@ -44,7 +44,7 @@ class LlamaCppScheduler(LlamaCppPromptCache):
     ) -> None:
         """Sets up the sequences, batch and counters; the engine starts ``_work`` once it can answer requests."""
         if speculative not in (None, "ngram"):
-            raise EngineError(f"--speculative takes 'ngram' (or leave it out for plain decoding), got {speculative!r}")
+            raise EngineError(f"--speculative {speculative!r} is not a mode: it takes 'ngram' (leave it out to decode plainly)")
         if cache_ram_mib < 0:
             raise EngineError(f"--cache-ram must be 0 (off) or a number of MiB, got {cache_ram_mib}")
         self._speculative = speculative

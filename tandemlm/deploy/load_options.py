@@ -25,7 +25,7 @@ class LoadOptions:
     dtype: str | None = None
     tensor_parallel_size: int | None = None
     pipeline_parallel_size: int | None = None
-    cache_ram_mib: int | None = None  # llama.cpp: RAM for prompts kept beyond the slots
+    cache_ram: int | None = None  # llama.cpp: MiB of RAM for prompts kept beyond the slots
     speculative: str | None = None  # llama.cpp: "ngram" drafts from the text so far
 
     def given(self) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def _ids(tokens) -> list[int]:
 
 
 def test_an_unknown_speculative_mode_is_refused():
-    with pytest.raises(EngineError, match="--speculative takes 'ngram'"):
+    with pytest.raises(EngineError, match="--speculative 'eagle' is not a mode: it takes 'ngram'"):
         load_engine("smollm2", backend="llama.cpp", n_ctx=256, speculative="eagle")
 
 

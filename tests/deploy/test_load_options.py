@@ -35,6 +35,8 @@ def test_each_backend_maps_the_flags_it_honours_to_its_own_names() -> None:
         ("llama.cpp", LoadOptions(tensor_parallel_size=2), "--tensor-parallel-size is not used by the llama.cpp backend"),
         ("vllm", LoadOptions(n_gpu_layers=10), "--n-gpu-layers is not used by the vllm backend"),
         ("vllm", LoadOptions(n_threads=4), "--n-threads is not used by the vllm backend"),
+        ("transformers", LoadOptions(cache_ram=512), "--cache-ram is not used by the transformers backend"),
+        ("vllm", LoadOptions(speculative="ngram"), "--speculative is not used by the vllm backend"),
     ],
 )
 def test_a_flag_the_backend_does_not_use_is_refused_naming_it(backend, options, message) -> None:
@@ -59,3 +61,8 @@ def test_the_cli_refuses_an_unused_flag_in_one_line() -> None:
     result = CliRunner().invoke(app, ["generate", "smollm2", "Hi", "--backend", "transformers", "--n-gpu-layers", "3"])
     assert result.exit_code != 0
     assert result.output.strip() == "error: --n-gpu-layers is not used by the transformers backend (it takes --n-parallel, --dtype)"
+
+
+def test_llamacpp_maps_the_prompt_cache_and_speculative_flags_onto_its_own_names() -> None:
+    options = LoadOptions(cache_ram=256, speculative="ngram")
+    assert backend_kwargs(options, "llama.cpp", backends()["llama.cpp"].options) == {"cache_ram_mib": 256, "speculative": "ngram"}
