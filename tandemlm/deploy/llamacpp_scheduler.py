@@ -48,6 +48,7 @@ class LlamaCppScheduler(LlamaCppPromptCache):
         if cache_ram_mib < 0:
             raise EngineError(f"--cache-ram must be 0 (off) or a number of MiB, got {cache_ram_mib}")
         self._speculative = speculative
+        self._spec_rollback: bool | None = None  # whether drafts can be taken back (found on first use)
         self._prompt_cache = PromptCache(cache_ram_mib << 20) if cache_ram_mib else None
         # Idle sequences keep their tokens' cache, so a request that shares a prefix with an
         # earlier one (every turn of a chat re-sends the conversation) skips re-decoding it.
@@ -304,12 +305,10 @@ class LlamaCppScheduler(LlamaCppPromptCache):
     def _spec_can_roll_back(self) -> bool:
         """Whether rejected drafts can be taken back out of the cache: not from a recurrent model's state,
         so such a model decodes plainly (the same tokens, without the speed-up)."""
-        known = getattr(self, "_spec_rollback", None)
-        if known is None:
+        if self._spec_rollback is None:
             model = self._ll.llama_get_model(self._ctx)
-            known = not (self._ll.llama_model_is_recurrent(model) or self._ll.llama_model_is_hybrid(model))
-            self._spec_rollback = known
-        return known
+            self._spec_rollback = not (self._ll.llama_model_is_recurrent(model) or self._ll.llama_model_is_hybrid(model))
+        return self._spec_rollback
 
     def _verify(self, request: LlamaRequest, index: int, draft: list[int]) -> None:
         """Samples after the last token and each draft in turn, keeping drafts while the sample agrees.
