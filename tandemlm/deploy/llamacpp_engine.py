@@ -106,12 +106,13 @@ class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, 
 
     def _piece(self, token: int, special: bool = False) -> bytes:
         """A token's bytes; plain pieces are remembered, since every generated token needs its own."""
-        if not special and 0 <= token < self._n_vocab and (known := self._pieces[token]) is not None:
+        remembered = not special and 0 <= token < self._n_vocab
+        if remembered and (known := self._pieces[token]) is not None:
             return known
         buf = ctypes.create_string_buffer(256)
         n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         piece = buf.raw[: max(n, 0)]
-        if not special and 0 <= token < self._n_vocab:
+        if remembered:
             self._pieces[token] = piece
         return piece
 

@@ -33,7 +33,7 @@ class SavedPrompt:
 
     tokens: tuple[int, ...]
     adapter: str | None
-    state: bytes
+    state: bytes | ctypes.Array[ctypes.c_uint8]  # the buffer llama.cpp wrote, handed back to it as is
 
 
 class PromptCache:
@@ -51,12 +51,10 @@ class PromptCache:
 
     def covers(self, tokens: Sequence[int], adapter: str | None) -> bool:
         """Whether a saved state already holds ``tokens`` as (a prefix of) its own under ``adapter``."""
-        return any(
-            entry.adapter == adapter and len(entry.tokens) >= len(tokens) and entry.tokens[: len(tokens)] == tuple(tokens)
-            for entry in self._entries.values()
-        )
+        wanted = tuple(tokens)
+        return any(entry.adapter == adapter and entry.tokens[: len(wanted)] == wanted for entry in self._entries.values())
 
-    def add(self, tokens: Sequence[int], adapter: str | None, state: bytes) -> bool:
+    def add(self, tokens: Sequence[int], adapter: str | None, state: bytes | ctypes.Array[ctypes.c_uint8]) -> bool:
         """Keeps ``state``; drops saved states it extends (their tokens are a prefix of these), then the least
         recently used ones until the budget holds. False when one state alone is over the budget."""
         if len(state) > self.budget_bytes:
@@ -137,8 +135,8 @@ class LlamaCppPromptCache:
         size = self._ll.llama_state_seq_get_size(self._ctx, seq)
         buffer = (ctypes.c_uint8 * size)()
         written = self._ll.llama_state_seq_get_data(self._ctx, buffer, size, seq)
-        if written:
-            cache.add(tokens, adapter, bytes(memoryview(buffer)[:written]))
+        if written:  # kept as llama.cpp wrote it (restoring hands this very buffer back), not copied
+            cache.add(tokens, adapter, buffer if written == size else bytes(memoryview(buffer)[:written]))
 
     def _restore_prompt(self, request: LlamaRequest, seq: int, reuse: int, beat: int) -> int:
         """Restores into ``seq`` the saved state sharing the longest prefix with the request's prompt when it
@@ -148,8 +146,9 @@ class LlamaCppPromptCache:
         saved, common = self._prompt_cache.best(request.prompt, request.adapter, max(request.max_reuse, 0))
         if saved is None or common <= beat or common < MIN_SAVED_TOKENS:  # a short prefix is cheaper to prefill
             return reuse
-        data = (ctypes.c_uint8 * len(saved.state)).from_buffer_copy(saved.state)
-        if not self._ll.llama_state_seq_set_data(self._ctx, data, len(saved.state), seq):
+        state = saved.state
+        data = state if isinstance(state, ctypes.Array) else (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if not self._ll.llama_state_seq_set_data(self._ctx, data, len(state), seq):
             # No room for the whole saved state: llama.cpp left seq empty, so the prompt is prefilled.
             self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
             return 0
