@@ -126,6 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,4,8,16", help="client counts, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     parser.add_argument("--ctx-per-slot", type=int, default=256, help="context per slot (total = this x slots)")
+    parser.add_argument(
+        "--kv-layout", default="split", choices=("split", "unified"),
+        help="tandem's --kv-layout (default split: llama-server's own layout at -np N, a KV stream per slot)",
+    )
     parser.add_argument("--servers", default=",".join(ALL_SERVERS), help=f"subset of {','.join(ALL_SERVERS)}")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1,4 clients, 16 tokens, 1 round")
@@ -149,6 +153,7 @@ def server_commands(args: argparse.Namespace, gguf: str, port: int) -> dict[str,
         commands["llama-server"] = [str(llama_server_binary()), "-m", gguf, *flags.split()]
     if "tandem" in args.servers:
         flags = f"--port {port} --backend llama.cpp --n-ctx {n_ctx} --n-parallel {slots} --n-threads {threads}"
+        flags += f" --kv-layout {args.kv_layout}"
         commands["tandem"] = [sys.executable, "-m", "tandemlm.cli.main", "serve", gguf, *flags.split()]
     if "llama_cpp.server" in args.servers:
         flags = f"--port {port} --n_ctx {n_ctx} --interrupt_requests False"
@@ -244,7 +249,7 @@ def main() -> None:
     print(
         f"\n{date.today()} | {cpu_name()}, {os.cpu_count()} CPUs | model {args.model} ({Path(gguf).name}) | "
         f"llama-cpp-python {version} | {threads} threads, {max(args.levels)} slots, "
-        f"{args.ctx_per_slot} ctx/slot | {args.max_tokens} tokens/request, {args.rounds} rounds | latencies in ms"
+        f"{args.ctx_per_slot} ctx/slot, tandem --kv-layout {args.kv_layout} | {args.max_tokens} tokens/request, {args.rounds} rounds | latencies in ms"
     )
     names = [name for name in commands if name in results]
     width = max([len(f"tandem / {n}") for n in names] + [len("tandem transformers")])
@@ -270,7 +275,7 @@ def main() -> None:
     if args.json:
         meta = {"date": str(date.today()), "cpu": cpu_name(), "cpus": os.cpu_count(), "model": args.model}
         meta |= {"llama_cpp_python": version, "threads": threads, "slots": max(args.levels), "load_average": loads}
-        meta |= {"ctx_per_slot": args.ctx_per_slot, "max_tokens": args.max_tokens, "rounds": args.rounds}
+        meta |= {"ctx_per_slot": args.ctx_per_slot, "kv_layout": args.kv_layout, "max_tokens": args.max_tokens, "rounds": args.rounds}
         args.json.write_text(json.dumps({"meta": meta, "commands": commands, "results": results}, indent=1))
 
 

@@ -36,11 +36,13 @@ class EngineFlags:
     trust_remote_code: bool = False
     cache_ram: int | None = None
     speculative: str | None = None
+    kv_layout: str | None = None
 
     def options(self, n_parallel: int | None = 1, tensor: int | None = None, pipeline: int | None = None) -> opt.EngineOptions:
         """The load options for a command that decodes ``n_parallel`` requests at once."""
         return opt.EngineOptions(self.backend, self.n_ctx, self.n_threads, self.n_gpu_layers, n_parallel, self.dtype,
-                                 self.trust_remote_code, tensor, pipeline, self.cache_ram, self.speculative)
+                                 self.trust_remote_code, tensor, pipeline, self.cache_ram, self.speculative,
+                                 self.kv_layout)
 
 
 @dataclass
@@ -87,7 +89,7 @@ ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="TANDEM_API_KEY"
 FLAGS: dict[str, Any] = {
     "backend": opt.Backend, "n_ctx": opt.NCtx, "n_threads": opt.NThreads, "n_gpu_layers": opt.NGpuLayers,
     "dtype": opt.Dtype, "trust_remote_code": opt.TrustRemoteCode, "cache_ram": opt.CacheRam,
-    "speculative": opt.Speculative,
+    "speculative": opt.Speculative, "kv_layout": opt.KvLayout,
     "max_tokens": opt.MaxTokens, "temperature": opt.Temperature, "top_p": opt.TopP, "top_k": opt.TopK, "stop": opt.Stop,
     "seed": opt.Seed, "repetition_penalty": opt.RepetitionPenalty,
     "host": Host, "port": Port, "api_key": ApiKey, "n_parallel": opt.NParallel, "max_queue": opt.MaxQueue,

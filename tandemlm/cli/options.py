@@ -34,6 +34,7 @@ TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", help="vll
 PipelineParallel = Annotated[int, typer.Option("--pipeline-parallel-size", help="vllm: split the layers into N stages, one per GPU (pipeline parallel).")]
 CacheRam = Annotated[int | None, typer.Option("--cache-ram", help="llama.cpp: MiB of RAM for prompts kept after their slot is reused, restored into any slot (default 1024; 0 disables).")]
 Speculative = Annotated[str | None, typer.Option("--speculative", help="llama.cpp: 'ngram' drafts tokens from n-gram matches in the prompt and output and verifies them in one batch (default: off).")]
+KvLayout = Annotated[str | None, typer.Option("--kv-layout", help="llama.cpp: 'unified' (default) lets any request use the whole --n-ctx; 'split' gives each of the --n-parallel slots its own n_ctx/n_parallel cells, as llama-server -np does, and decodes many streams faster.")]
 MaxQueue = Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a slot before 503s (0: none wait).")]
 MaxBodyMb = Annotated[float, typer.Option("--max-body-mb", help="Largest request body in MiB; larger ones get 413.")]
 AllowedHosts = Annotated[
@@ -60,6 +61,7 @@ class EngineOptions:
     pipeline_parallel_size: int | None = None
     cache_ram: int | None = None
     speculative: str | None = None
+    kv_layout: str | None = None
 
     def load_options(self) -> LoadOptions:
         """The load flags as typed options; the chosen backend maps them or refuses the ones it does not use."""
@@ -67,7 +69,7 @@ class EngineOptions:
             n_ctx=self.n_ctx, n_threads=self.n_threads, n_gpu_layers=self.n_gpu_layers, n_parallel=self.n_parallel,
             dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size, cache_ram=self.cache_ram,
-            speculative=self.speculative,
+            speculative=self.speculative, kv_layout=self.kv_layout,
         )
 
 

@@ -2,7 +2,8 @@
 
 llama-cpp-python's ``Llama`` class decodes one sequence at a time (its server aborts or
 serialises concurrent streams). Here one scheduler thread (``llamacpp_scheduler``) owns a
-llama.cpp context with ``n_parallel`` sequences in a unified KV cache, and every step decodes one
+llama.cpp context with ``n_parallel`` sequences in a unified KV cache (or one stream each with
+``--kv-layout split``), and every step decodes one
 token for each running sequence plus chunks of newly arrived prompts in a single ``llama_decode``
 batch. Sampling uses llama.cpp's own sampler chains, one per request, and llguidance for JSON
 schemas. This module is the engine's surface: loading, tokenizer and template, requests, close.
@@ -30,6 +31,8 @@ from tandemlm.hardware import physical_cores
 from tandemlm.models.chat_template import Message, render_chat_template
 from tandemlm.models.resolve import ModelSource
 
+MIN_SPLIT_CELLS = 64  # fewest KV cells a slot may get under --kv-layout split (llama.cpp pads each stream to 256)
+
 
 class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, BaseEngine):
     """A GGUF model served with continuous batching."""
@@ -47,6 +50,7 @@ class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, 
         n_gpu_layers: int = 0,
         cache_ram_mib: int = DEFAULT_CACHE_RAM_MIB,
         speculative: str | None = None,
+        kv_layout: str = "unified",
     ) -> None:
         import llama_cpp
         from llama_cpp._internals import LlamaModel
@@ -62,15 +66,17 @@ class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, 
         except ValueError as exc:
             raise EngineError(f"llama.cpp could not load {model_path}: {exc}") from None
         n_ctx = min(n_ctx, self._model.n_ctx_train()) if n_ctx else self._model.n_ctx_train()
+        split = kv_split(kv_layout, n_ctx, n_parallel)
         # One thread per physical core, as llama.cpp's own tools (llama-cpp-python takes half the
         # logical CPUs, which on a machine without hyperthreads leaves half the cores idle).
         threads = n_threads or physical_cores()
         ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx
+        # split: one KV stream of n_ctx / n_parallel cells per sequence (the scoring one too), as llama-server -np
+        ctx_params.n_ctx = n_ctx // n_parallel * (n_parallel + 1) if split else n_ctx
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_batch
         ctx_params.n_seq_max = n_parallel + 1  # the extra sequence is for scoring jobs
-        ctx_params.kv_unified = True  # one pool of n_ctx cells shared by all sequences
+        ctx_params.kv_unified = not split  # unified: one pool of n_ctx cells shared by all sequences
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.no_perf = True
@@ -83,6 +89,8 @@ class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, 
         self._pieces: list[bytes | None] = [None] * self._n_vocab
         self.n_threads = threads
         self._n_ctx = n_ctx
+        self._kv_split = split
+        self._seq_cells = llama_cpp.llama_n_ctx_seq(self._ctx) if split else n_ctx  # most cells one sequence holds
         self._init_scheduler(n_parallel, n_batch, cache_ram_mib, speculative)
         self._init_adapters()
         self._embedder: LlamaCppEmbedder | None = None
@@ -90,7 +98,7 @@ class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, 
         self.metadata = self._model.metadata()
         self.chat_template = self.metadata.get("tokenizer.chat_template")
         self.info = EngineInfo(
-            backend="llama.cpp", model_id=model_id, context_length=n_ctx, has_chat_template=bool(self.chat_template)
+            backend="llama.cpp", model_id=model_id, context_length=self._seq_cells, has_chat_template=bool(self.chat_template)
         )
         if self.chat_template:
             # Renders once now so the first request doesn't pay for importing the template engine.
@@ -147,10 +155,11 @@ class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, 
         return self._n_vocab
 
     def open_ended_budget(self, prompt_len: int) -> int:
-        """All sequences share one KV cache of n_ctx cells, and a request reserves its whole budget
-        when admitted: without max_tokens a request gets its fair share (n_ctx / n_parallel, as each
-        llama-server slot), at least 256 tokens when the context has room, and ends with "length"."""
-        room = self._n_ctx - prompt_len
+        """A request reserves its whole budget when admitted. In the unified layout all sequences share
+        one KV cache of n_ctx cells: without max_tokens a request gets its fair share (n_ctx / n_parallel, as
+        each llama-server slot), at least 256 tokens when the context has room, and ends with "length". In the
+        split layout the share is its own sequence's cells."""
+        room = self._seq_cells - prompt_len
         share = self._n_ctx // max(len(self._idle) - 1, 1) - prompt_len
         return max(1, min(room, max(share, 256)))
 
@@ -238,16 +247,30 @@ def default_gpu_layers(requested: int | None, gpu_build: bool) -> int:
     return -1 if gpu_build else 0
 
 
+def kv_split(kv_layout: str, n_ctx: int, n_parallel: int) -> bool:
+    """Whether ``--kv-layout`` asks for a KV stream per sequence; a bad layout or too small a share fails in one line."""
+    if kv_layout not in ("unified", "split"):
+        raise EngineError(f"--kv-layout {kv_layout!r} is not a layout: it takes 'unified' or 'split'")
+    share = n_ctx // max(n_parallel, 1)
+    if kv_layout == "split" and share < MIN_SPLIT_CELLS:
+        raise EngineError(
+            f"--kv-layout split gives each of the {n_parallel} slots {share} of the {n_ctx} context cells, "
+            f"under {MIN_SPLIT_CELLS}: raise --n-ctx or lower --n-parallel"
+        )
+    return kv_layout == "split"
+
+
 @register_backend(
     "llama.cpp", description="GGUF files via llama-cpp-python (CPU, Metal, CUDA)", available=_available,
-    options={name: name for name in ("n_ctx", "n_threads", "n_gpu_layers", "n_parallel", "speculative")} | {"cache_ram": "cache_ram_mib"},
+    options={name: name for name in ("n_ctx", "n_threads", "n_gpu_layers", "n_parallel", "speculative", "kv_layout")}
+    | {"cache_ram": "cache_ram_mib"},
 )
 def load_llamacpp(source: ModelSource, **options: Any) -> LlamaCppEngine:
     """Loads ``source`` (a GGUF file) with options n_ctx, n_parallel, n_batch, n_threads, n_gpu_layers,
-    cache_ram_mib, speculative, and ``adapters`` ({name: PEFT LoRA folder}) served beside the base."""
+    cache_ram_mib, speculative, kv_layout, and ``adapters`` ({name: PEFT LoRA folder}) served beside the base."""
     import llama_cpp
 
-    known = {"n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers", "cache_ram_mib", "speculative"}
+    known = {"n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers", "cache_ram_mib", "speculative", "kv_layout"}
     kwargs = {k: v for k, v in options.items() if k in known and v is not None}
     kwargs["n_gpu_layers"] = default_gpu_layers(
         kwargs.get("n_gpu_layers"), bool(llama_cpp.llama_supports_gpu_offload())

@@ -106,6 +106,7 @@ class LlamaCppPromptCache:
     _between_steps: queue.SimpleQueue[Callable[[], None]]  # run by the scheduler thread between steps
     _evict_idle: Callable[..., None]
     restored_tokens: int
+    _copy_pending: set[int]  # sequences whose data llama.cpp has yet to copy in (split layout): not saved or restored
 
     def drop_cached_prompts(self, keep_in_ram: bool = False) -> None:
         """Frees every idle sequence's cells, and forgets the prompt cache too, so that the next requests prefill in
@@ -130,7 +131,7 @@ class LlamaCppPromptCache:
     def _save_prompt(self, seq: int, tokens: list[int], adapter: str | None) -> None:
         """Copies ``seq``'s KV state (holding ``tokens``) into the prompt cache, unless it holds them already."""
         cache = self._prompt_cache
-        if cache is None or len(tokens) < MIN_SAVED_TOKENS or cache.covers(tokens, adapter):
+        if cache is None or len(tokens) < MIN_SAVED_TOKENS or seq in self._copy_pending or cache.covers(tokens, adapter):
             return
         size = self._ll.llama_state_seq_get_size(self._ctx, seq)
         buffer = (ctypes.c_uint8 * size)()
@@ -141,7 +142,7 @@ class LlamaCppPromptCache:
     def _restore_prompt(self, request: LlamaRequest, seq: int, reuse: int, beat: int) -> int:
         """Restores into ``seq`` the saved state sharing the longest prefix with the request's prompt when it
         covers more than ``beat`` tokens; the number of prompt tokens ``seq`` holds (``reuse`` if unchanged)."""
-        if self._prompt_cache is None:
+        if self._prompt_cache is None or seq in self._copy_pending:
             return reuse
         saved, common = self._prompt_cache.best(request.prompt, request.adapter, max(request.max_reuse, 0))
         if saved is None or common <= beat or common < MIN_SAVED_TOKENS:  # a short prefix is cheaper to prefill

@@ -1,7 +1,7 @@
 """The llama.cpp backend's scheduler thread: continuous batching of every request on one context.
 
-One thread owns the context's ``n_parallel`` (+1 for scoring) sequences in a unified KV cache. Each
-step decodes one token for every running sequence plus chunks of newly arrived prompts in a single
+One thread owns the context's ``n_parallel`` (+1 for scoring) sequences in a unified KV cache, or in one
+KV stream each (``--kv-layout split``, llama-server's ``-np`` layout). Each step decodes one token for every running sequence plus chunks of newly arrived prompts in a single
 ``llama_decode`` batch; requests join and leave between steps. Idle sequences keep their tokens'
 cache, so a request sharing a prefix with an earlier one (or with a running one) skips re-decoding it.
 :class:`LlamaCppScheduler` is the scheduler half of ``LlamaCppEngine``; the engine provides the
@@ -35,7 +35,9 @@ class LlamaCppScheduler(LlamaCppPromptCache):
     _memory: Any  # its KV cache (llama_memory_t)
     _vocab: Any  # the model's llama_vocab pointer
     _n_vocab: int
-    _n_ctx: int  # KV cells shared by all sequences
+    _n_ctx: int  # KV cells shared by all sequences (unified), or split evenly among the slots
+    _kv_split: bool  # one KV stream per sequence: each sequence's attention spans its own cells only
+    _seq_cells: int  # most cells one sequence holds: n_ctx (unified), its stream's size (split)
     _piece: Callable[[int], bytes]  # a token's bytes (the engine's tokenizer)
     _adapter_group: Callable[[list[LlamaRequest]], list[LlamaRequest]]  # LlamaCppAdapters: one adapter's requests
 
@@ -68,6 +70,9 @@ class LlamaCppScheduler(LlamaCppPromptCache):
         self._batch = self._ll.llama_batch_init(n_batch, 0, 1)
         self._work: WorkQueue[LlamaRequest] = WorkQueue(self._loop, "llama.cpp-scheduler")
         self._between_steps: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # run on the thread
+        # What a step sampled or ended, handed to the requests' streams just before the next decode (see _flush_outbox).
+        self._outbox: list[tuple[LlamaRequest, Any]] = []
+        self._copy_pending: set[int] = set()  # split layout: sequences whose stream llama.cpp copies at the next decode
 
     def counters(self) -> dict[str, int]:
         """The scheduler's counts for ``/metrics``: prompt tokens prefilled, and taken from any cache (idle or
@@ -81,8 +86,9 @@ class LlamaCppScheduler(LlamaCppPromptCache):
         }
 
     def _submit(self, request: LlamaRequest) -> None:
-        if request.reserved > self._n_ctx:
-            raise EngineError(f"request needs {request.reserved} tokens but the context holds {self._n_ctx}")
+        if request.reserved > self._seq_cells:
+            holder = "a slot of --kv-layout split holds" if self._kv_split else "the context holds"
+            raise EngineError(f"request needs {request.reserved} tokens but {holder} {self._seq_cells}")
         self._work.submit(request)
 
     def _stop_scheduler(self) -> bool:
@@ -102,6 +108,8 @@ class LlamaCppScheduler(LlamaCppPromptCache):
         active: list[LlamaRequest] = []
         pending: list[LlamaRequest] = []
         while self._work.running:
+            if not active:
+                self._flush_outbox()  # nothing is held back while the thread waits for work
             self._take_new(pending, block=not active and not pending)
             while not self._between_steps.empty():
                 self._between_steps.get()()
@@ -119,6 +127,7 @@ class LlamaCppScheduler(LlamaCppPromptCache):
             active = [r for r in active if r.seq_id >= 0]
         for request in active + pending:
             self._finish(request, error=EngineError("engine closed"))
+        self._flush_outbox()
 
     def _take_new(self, pending: list[LlamaRequest], block: bool) -> None:
         try:
@@ -134,12 +143,7 @@ class LlamaCppScheduler(LlamaCppPromptCache):
         while pending and self._idle:
             request = pending[0]
             seq, reuse = self._best_idle(request)
-            cached = sum(len(tokens) for other, tokens in self._idle.items() if other != seq)
-            used = sum(r.reserved for r in active) + cached
-            if used + request.reserved > self._n_ctx:
-                self._evict_idle(keep=seq)
-                used -= cached
-            if used + request.reserved > self._n_ctx and active:
+            if not self._kv_split and not self._pool_has_room(request, seq, active):
                 break  # wait for KV cells to free up (first come, first served)
             pending.pop(0)
             tokens = self._idle.pop(seq)
@@ -163,6 +167,16 @@ class LlamaCppScheduler(LlamaCppPromptCache):
                     continue
             active.append(request)
 
+    def _pool_has_room(self, request: LlamaRequest, seq: int, active: list[LlamaRequest]) -> bool:
+        """Whether the unified cache holds ``request`` in ``seq`` beside the running requests, after freeing the
+        other idle sequences' cells (saved to the prompt cache) if it must; with nothing running it always does."""
+        cached = sum(len(tokens) for other, tokens in self._idle.items() if other != seq)
+        used = sum(r.reserved for r in active) + cached
+        if used + request.reserved > self._n_ctx:
+            self._evict_idle(keep=seq)
+            used -= cached
+        return used + request.reserved <= self._n_ctx or not active
+
     def _best_running(self, request: LlamaRequest, active: list[LlamaRequest]) -> tuple[int, int]:
         """The running sequence (under the same adapter) sharing the longest prompt prefix, and its length."""
         limit = max(request.max_reuse, 0)
@@ -181,16 +195,27 @@ class LlamaCppScheduler(LlamaCppPromptCache):
         Concurrent requests often share a system prompt or a whole prompt. In the one unified KV cache,
         ``llama_memory_seq_cp`` tags the donor's cells with ``seq`` as well (no copy), so the request
         prefills only what follows; either sequence may end first without touching the other's cells.
+        In the split layout llama.cpp copies the donor's whole stream into ``seq``'s at the next decode
+        (a memory copy, far cheaper than a prefill), and the cells past ``length`` are dropped; until that
+        decode ``seq``'s stream holds stale data, so it is neither saved nor restored into (``_copy_pending``).
         """
         self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        self._ll.llama_memory_seq_cp(self._memory, donor, seq, 0, length)
+        if self._kv_split:
+            self._ll.llama_memory_seq_cp(self._memory, donor, seq, -1, -1)
+            self._ll.llama_memory_seq_rm(self._memory, seq, length, -1)
+            self._copy_pending.add(seq)
+        else:
+            self._ll.llama_memory_seq_cp(self._memory, donor, seq, 0, length)
         self.shared_prefix_tokens += length
         return length
 
     def _best_idle(self, request: LlamaRequest) -> tuple[int, int]:
-        """The idle sequence whose cached tokens share the longest prefix with the request's prompt."""
+        """The idle sequence whose cached tokens share the longest prefix with the request's prompt.
+
+        In the split layout ties go to the lowest sequence: llama.cpp decodes a batch's streams in one ubatch
+        only while their sequence numbers run without a gap, so running requests are kept packed low."""
         best, best_len = next(iter(self._idle)), -1
-        for seq, tokens in self._idle.items():
+        for seq, tokens in sorted(self._idle.items()) if self._kv_split else self._idle.items():
             same = self._idle_adapter.get(seq) == request.adapter  # a cache under another adapter is no prefix
             common = min(common_prefix_len(tokens, request.prompt), max(request.max_reuse, 0)) if same else 0
             if common > best_len:
@@ -216,40 +241,21 @@ class LlamaCppScheduler(LlamaCppPromptCache):
     def _step(self, active: list[LlamaRequest]) -> None:
         """One llama_decode over a token from every decoding sequence plus prompt chunks (of one adapter)."""
         active = self._adapter_group(active)
-        batch, budget = self._batch, self._n_batch
+        batch = self._batch
         batch.n_tokens = 0
         outputs: list[tuple[LlamaRequest, int]] = []
         drafts: dict[int, list[int]] = {}  # batch index of a sequence's last token -> the drafts after it
-        room = budget - sum(1 for request in active if not request.prefilling)  # for drafts, after one token each
-        for request in active:
-            if not request.prefilling and budget > 0:
-                pos = len(request.prompt) + request.n_generated - 1
-                draft = self._draft(request, min(room, budget - 1)) if self._speculative else []
-                index = self._add(request.generated[-1], pos, request.seq_id, True)
-                for offset, token in enumerate(draft, 1):
-                    self._add(token, pos + offset, request.seq_id, True)
-                if draft:
-                    drafts[index] = draft
-                    room -= len(draft)
-                    self.spec_draft_tokens += len(draft)
-                outputs.append((request, index))
-                budget -= 1 + len(draft)
-        for request in active:
-            if request.prefilling and budget > 0:
-                take = min(budget, len(request.prompt) - request.n_past)
-                scoring = request.params is None
-                first_target = len(request.prompt) - len(request.score_targets) - 1
-                for offset in range(take):
-                    pos = request.n_past + offset
-                    last = pos == len(request.prompt) - 1
-                    want = (scoring and first_target <= pos < len(request.prompt) - 1) or (last and not scoring)
-                    index = self._add(request.prompt[pos], pos, request.seq_id, want)
-                    if want:
-                        outputs.append((request, index))
-                request.n_past += take
-                self.prefilled_tokens += take
-                budget -= take
+        for request, draft, take in self._plan_step(active):
+            if take:
+                outputs += self._add_prompt_chunk(request, take)
+                continue
+            index = self._add_decoding(request, draft)
+            if draft:
+                drafts[index] = draft
+            outputs.append((request, index))
+        self._flush_outbox()
         status = self._ll.llama_decode(self._ctx, batch)
+        self._copy_pending.clear()  # the decode made llama.cpp's pending stream copies first
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         sampling = sum(1 for request, _ in outputs if request.params is not None)
@@ -264,6 +270,52 @@ class LlamaCppScheduler(LlamaCppPromptCache):
         for request in list(active):
             if request.params is None and not request.prefilling:
                 self._finish(request, result=request.scores)
+
+    def _plan_step(self, active: list[LlamaRequest]) -> list[tuple[LlamaRequest, list[int], int]]:
+        """What each request puts in this step's batch: a decoding one its last token and any drafts (take 0), a
+        prefilling one its next ``take`` prompt tokens; decoding first, prompts in the room left. In the split
+        layout the plan runs in sequence order: llama.cpp cuts a new ubatch wherever the sequence numbers of a
+        batch's streams do not run on by one."""
+        budget = self._n_batch
+        room = budget - sum(1 for request in active if not request.prefilling)  # for drafts, after one token each
+        plan: list[tuple[LlamaRequest, list[int], int]] = []
+        for request in active:
+            if not request.prefilling and budget > 0:
+                draft = self._draft(request, min(room, budget - 1)) if self._speculative else []
+                room -= len(draft)
+                budget -= 1 + len(draft)
+                plan.append((request, draft, 0))
+        for request in active:
+            if request.prefilling and budget > 0:
+                take = min(budget, len(request.prompt) - request.n_past)
+                budget -= take
+                plan.append((request, [], take))
+        return sorted(plan, key=lambda item: item[0].seq_id) if self._kv_split else plan
+
+    def _add_decoding(self, request: LlamaRequest, draft: list[int]) -> int:
+        """Adds a decoding request's last token and the drafts after it; the batch index of that token."""
+        pos = len(request.prompt) + request.n_generated - 1
+        index = self._add(request.generated[-1], pos, request.seq_id, True)
+        for offset, token in enumerate(draft, 1):
+            self._add(token, pos + offset, request.seq_id, True)
+        self.spec_draft_tokens += len(draft)
+        return index
+
+    def _add_prompt_chunk(self, request: LlamaRequest, take: int) -> list[tuple[LlamaRequest, int]]:
+        """Adds the request's next ``take`` prompt tokens; the outputs wanted among them (a scoring job's targets,
+        else the prompt's last token)."""
+        outputs = []
+        scoring = request.params is None
+        first_target = len(request.prompt) - len(request.score_targets) - 1
+        for pos in range(request.n_past, request.n_past + take):
+            last = pos == len(request.prompt) - 1
+            want = (scoring and first_target <= pos < len(request.prompt) - 1) or (last and not scoring)
+            index = self._add(request.prompt[pos], pos, request.seq_id, want)
+            if want:
+                outputs.append((request, index))
+        request.n_past += take
+        self.prefilled_tokens += take
+        return outputs
 
     def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
         batch = self._batch
@@ -359,10 +411,10 @@ class LlamaCppScheduler(LlamaCppPromptCache):
         end = bool(self._ll.llama_vocab_is_eog(self._vocab, token))
         text = "" if end else request.decoder.decode(self._piece(token))
         if request.params.logprobs is None:
-            request.out.put(GeneratedToken(token, text, end=end))
+            self._outbox.append((request, GeneratedToken(token, text, end=end)))
         else:  # the sampler reads a copy of the logits, so these are still the model's own
             record = logprob_record(self._logits(index), token, request.params.logprobs)
-            request.out.put(GeneratedToken(token, text, record.logprob, record.top_logprobs, end=end))
+            self._outbox.append((request, GeneratedToken(token, text, record.logprob, record.top_logprobs, end=end)))
         return end or request.n_generated >= request.params.max_tokens
 
     def _finish(self, request: LlamaRequest, result: Any = None, error: Exception | None = None) -> None:
@@ -377,4 +429,12 @@ class LlamaCppScheduler(LlamaCppPromptCache):
         if request.sampler is not None:
             request.sampler.free()
             request.sampler = None
-        request.out.put(error if error is not None else result)
+        self._outbox.append((request, error if error is not None else result))
+
+    def _flush_outbox(self) -> None:
+        """Hands the tokens and ends of the last step to their streams. Held until the next ``llama_decode``
+        starts, so the streams' threads wake while the decode runs outside the GIL, not while this thread
+        samples and builds the batch: each wakeup there would take the GIL from the decode's critical path."""
+        for request, item in self._outbox:
+            request.out.put(item)
+        self._outbox.clear()

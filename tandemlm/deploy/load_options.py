@@ -27,6 +27,7 @@ class LoadOptions:
     pipeline_parallel_size: int | None = None
     cache_ram: int | None = None  # llama.cpp: MiB of RAM for prompts kept beyond the slots
     speculative: str | None = None  # llama.cpp: "ngram" drafts from the text so far
+    kv_layout: str | None = None  # llama.cpp: "unified" (one pool) or "split" (a KV stream per slot)
 
     def given(self) -> dict[str, Any]:
         """The settings the user asked for (a parallel size of 1 is every backend's own: not asked)."""

@@ -37,6 +37,7 @@ def test_each_backend_maps_the_flags_it_honours_to_its_own_names() -> None:
         ("vllm", LoadOptions(n_threads=4), "--n-threads is not used by the vllm backend"),
         ("transformers", LoadOptions(cache_ram=512), "--cache-ram is not used by the transformers backend"),
         ("vllm", LoadOptions(speculative="ngram"), "--speculative is not used by the vllm backend"),
+        ("transformers", LoadOptions(kv_layout="split"), "--kv-layout is not used by the transformers backend"),
     ],
 )
 def test_a_flag_the_backend_does_not_use_is_refused_naming_it(backend, options, message) -> None:
