@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2", help="a GGUF (built-in name or .gguf path)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="run the servers in turn this many times and report each metric's median (this machine is noisy)",
+    )
     parser.add_argument("--concurrency", default="1,4,8,16", help="client counts, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     parser.add_argument("--ctx-per-slot", type=int, default=256, help="context per slot (total = this x slots)")
@@ -180,6 +185,18 @@ def measure(command: list[str], port: int, levels: list[int], args: argparse.Nam
         return out
 
 
+def median_by_level(measured: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
+    """Each level's metrics as the median over repeated runs (NaNs left out; NaN when every run lacks it)."""
+    out: dict[int, dict[str, float]] = {}
+    for n in measured[0]:
+        keys = {key for run in measured for key in run[n]}
+        out[n] = {}
+        for key in keys:
+            values = [run[n][key] for run in measured if not math.isnan(run[n].get(key, math.nan))]
+            out[n][key] = statistics.median(values) if values else math.nan
+    return out
+
+
 def _ms(value: float) -> str:
     return f"{value * 1000:8.0f}" if not math.isnan(value) else "     nan"
 
@@ -230,12 +247,14 @@ def main() -> None:
     gguf = str(resolve_model(args.model).gguf_file())
     port = free_port()
     commands = server_commands(args, gguf, port)
-    results: dict[str, dict[int, dict[str, float]]] = {}
+    runs: dict[str, list[dict[int, dict[str, float]]]] = {name: [] for name in commands}
     loads: dict[str, float] = {}  # the machine's 1-minute load average as each server started (others' work)
-    for name, command in commands.items():
-        print(f"{name} ...", file=sys.stderr)
-        loads[name] = os.getloadavg()[0]
-        results[name] = measure(command, port, args.levels, args)
+    for repeat in range(args.repeats):  # servers alternate, so a slow spell of the machine hits each of them
+        for name, command in commands.items():
+            print(f"{name} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr)
+            loads[name] = max(loads.get(name, 0.0), os.getloadavg()[0])
+            runs[name].append(measure(command, port, args.levels, args))
+    results = {name: median_by_level(measured) for name, measured in runs.items()}
     hf_levels = sorted({1, min(8, max(args.levels))})
     if "transformers" in args.servers:
         print("tandem transformers ...", file=sys.stderr)
@@ -249,7 +268,7 @@ def main() -> None:
     print(
         f"\n{date.today()} | {cpu_name()}, {os.cpu_count()} CPUs | model {args.model} ({Path(gguf).name}) | "
         f"llama-cpp-python {version} | {threads} threads, {max(args.levels)} slots, "
-        f"{args.ctx_per_slot} ctx/slot, tandem --kv-layout {args.kv_layout} | {args.max_tokens} tokens/request, {args.rounds} rounds | latencies in ms"
+        f"{args.ctx_per_slot} ctx/slot, tandem --kv-layout {args.kv_layout} | {args.max_tokens} tokens/request, {args.rounds} rounds, median of {args.repeats} | latencies in ms"
     )
     names = [name for name in commands if name in results]
     width = max([len(f"tandem / {n}") for n in names] + [len("tandem transformers")])
@@ -263,6 +282,12 @@ def main() -> None:
                 print(ratio_row(n, f"tandem / {name}", q, width))
     if "tandem" in results and "llama-server" in results:
         print("\n".join(["", *target_lines(results["tandem"], results["llama-server"])]))
+        if args.repeats > 1:
+            for n in TARGET_LEVELS:
+                paired = [ratios(t[n], a[n]) for t, a in zip(runs["tandem"], runs["llama-server"], strict=True) if n in t]
+                if paired:
+                        print(f"{n:>2} clients, each repeat's pair: tok/s " + " ".join(f"{q['tokens_per_s']:.2f}x" for q in paired)
+                          + ", CPU/token " + " ".join(f"{q['cpu_per_token']:.2f}x" for q in paired))
     if "tandem transformers" in results:
         hf_results = results["tandem transformers"]
         print(f"\ntransformers backend ({args.model}, fp32, --n-parallel {max(hf_levels)}):")
@@ -271,11 +296,12 @@ def main() -> None:
         if len(hf_levels) == 2:
             top = hf_levels[-1]
             print(ratio_row(top, f"{top} clients / 1 client", ratios(hf_results[top], hf_results[1]), width))
-    print("\nload average (1 min) as each server started: " + ", ".join(f"{k} {v:.1f}" for k, v in loads.items()))
+    print("\nhighest load average (1 min) as each server started: " + ", ".join(f"{k} {v:.1f}" for k, v in loads.items()))
     if args.json:
         meta = {"date": str(date.today()), "cpu": cpu_name(), "cpus": os.cpu_count(), "model": args.model}
         meta |= {"llama_cpp_python": version, "threads": threads, "slots": max(args.levels), "load_average": loads}
         meta |= {"ctx_per_slot": args.ctx_per_slot, "kv_layout": args.kv_layout, "max_tokens": args.max_tokens, "rounds": args.rounds}
+        meta |= {"repeats": args.repeats}
         args.json.write_text(json.dumps({"meta": meta, "commands": commands, "results": results}, indent=1))
 
 

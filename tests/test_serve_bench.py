@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 import sys
 import tomllib
@@ -26,11 +27,22 @@ def test_dev_extra_covers_llama_cpp_pythons_server_extra() -> None:
     assert server_extra <= ours, f"missing from [dev]: {sorted(server_extra - ours)}"
 
 
-def test_bench_prints_a_one_line_hint_when_the_server_extra_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+def _bench():
     spec = importlib.util.spec_from_file_location("serve_load", REPO / "bench" / "serve_load.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_repeated_runs_report_each_metrics_median_leaving_nans_out() -> None:
+    runs = [{8: {"tokens_per_s": v, "cpu_per_token": c}} for v, c in ((100.0, math.nan), (90.0, 0.5), (130.0, 0.7))]
+    assert _bench().median_by_level(runs) == {8: {"tokens_per_s": 100.0, "cpu_per_token": 0.6}}
+    assert math.isnan(_bench().median_by_level([{16: {"ttft_p95": math.nan}}])[16]["ttft_p95"])
+
+
+def test_bench_prints_a_one_line_hint_when_the_server_extra_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _bench()
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "starlette_context" else real(name, *a))
     monkeypatch.setattr(sys, "argv", ["serve_load.py"])
