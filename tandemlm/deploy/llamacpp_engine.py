@@ -52,6 +52,7 @@ class LlamaCppEngine(LlamaCppScheduler, LlamaCppAdapters, PromptLogprobScoring, 
         speculative: str | None = None,
         kv_layout: str = "unified",
     ) -> None:
+        check_kv_layout(kv_layout)  # before the weights load
         import llama_cpp
         from llama_cpp._internals import LlamaModel
         from llama_cpp._logger import set_verbose
@@ -247,10 +248,15 @@ def default_gpu_layers(requested: int | None, gpu_build: bool) -> int:
     return -1 if gpu_build else 0
 
 
+def check_kv_layout(kv_layout: str) -> None:
+    """Fails in one line unless ``kv_layout`` is one of ``--kv-layout``'s values."""
+    if kv_layout not in ("unified", "split"):
+        raise EngineError(f"--kv-layout {kv_layout!r} is not a layout: it takes unified or split")
+
+
 def kv_split(kv_layout: str, n_ctx: int, n_parallel: int) -> bool:
     """Whether ``--kv-layout`` asks for a KV stream per sequence; a bad layout or too small a share fails in one line."""
-    if kv_layout not in ("unified", "split"):
-        raise EngineError(f"--kv-layout {kv_layout!r} is not a layout: it takes 'unified' or 'split'")
+    check_kv_layout(kv_layout)
     share = n_ctx // max(n_parallel, 1)
     if kv_layout == "split" and share < MIN_SPLIT_CELLS:
         raise EngineError(

@@ -47,7 +47,7 @@ def _assert_close(alone: dict[str, float], other: dict[str, float]) -> None:
 
 
 def test_a_bad_layout_or_too_small_a_share_fails_in_one_line():
-    with pytest.raises(EngineError, match="^--kv-layout 'paged' is not a layout: it takes 'unified' or 'split'$"):
+    with pytest.raises(EngineError, match="^--kv-layout 'paged' is not a layout: it takes unified or split$"):
         kv_split("paged", 4096, 8)
     with pytest.raises(EngineError, match="gives each of the 8 slots 32 of the 256 context cells.*raise --n-ctx"):
         kv_split("split", 256, 8)
