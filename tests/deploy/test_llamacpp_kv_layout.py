@@ -47,9 +47,9 @@ def _assert_close(alone: dict[str, float], other: dict[str, float]) -> None:
 
 
 def test_a_bad_layout_or_too_small_a_share_fails_in_one_line():
-    with pytest.raises(EngineError, match="^--kv-layout 'paged' is not a layout: it takes unified or split$"):
+    with pytest.raises(EngineError, match=r"^--kv-layout 'paged' is not a layout: it takes unified or split$"):
         kv_split("paged", 4096, 8)
-    with pytest.raises(EngineError, match="gives each of the 8 slots 32 of the 256 context cells.*raise --n-ctx"):
+    with pytest.raises(EngineError, match=r"gives each of the 8 slots 32 of the 256 context cells.*raise --n-ctx"):
         kv_split("split", 256, 8)
     assert kv_split("split", 4096, 8) and not kv_split("unified", 256, 8)
 
@@ -122,3 +122,24 @@ def test_the_prompt_cache_restores_a_conversation_into_another_stream(split_engi
     assert split_engine.restored_tokens - restored == prompt_len - 1
     assert split_engine.prefilled_tokens - prefilled == 1
     _assert_close(cold, again)
+
+
+def test_speculative_decoding_in_the_split_layout_gives_plain_decodings_tokens(split_engine):
+    """Drafts make a stream carry several tokens in a step (llama.cpp cuts extra ubatches) and rejected ones leave
+    its stream; the tokens and log-probs stay plain greedy decoding's (under 512 cells both take the same
+    flash-attention path)."""
+    record = 'Rewrite this JSON with the age set to 37: {"name": "Ada", "age": 36, "city": "London", "tags": ["math", "code"]}'
+    messages = [{"role": "user", "content": record}]
+    params = SamplingParams(temperature=0, max_tokens=40, logprobs=1)
+    split_engine.drop_cached_prompts()  # both prefill cold: cached cells round differently
+    plain = collect(split_engine.chat(messages, params))
+    speculative = load_engine(
+        "smollm2", backend="llama.cpp", n_ctx=2048, n_parallel=2, kv_layout="split", speculative="ngram"
+    )
+    try:
+        drafted = collect(speculative.chat(messages, params))
+        accepted, drafts = speculative.spec_accepted_tokens, speculative.spec_draft_tokens
+        assert 10 <= accepted < drafts  # much of the record is copied from the prompt, and some drafts are rejected
+    finally:
+        speculative.close()
+    assert [(r.token, r.logprob) for r in drafted.logprobs] == [(r.token, r.logprob) for r in plain.logprobs]
