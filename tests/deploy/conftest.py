@@ -1,4 +1,5 @@
-"""Shared helpers of the deploy tests: close checks, all-at-once batches, streaming bursts."""
+"""Shared helpers of the deploy tests: close checks, all-at-once batches, long prompts, first-token
+alternatives, streaming bursts."""
 
 from __future__ import annotations
 
@@ -108,6 +109,30 @@ def all_at_once():
     """:func:`generate_all_at_once`, for the adapter test modules."""
     return generate_all_at_once
 
+
+
+def long_item_prompt(engine: Engine, tokens: int) -> list[dict[str, str]]:
+    """One user message of exactly ``tokens`` tokens of numbered items (about two a word on SmolLM2), then a question."""
+    ids = engine.tokenize(" ".join(f"item{i}" for i in range(tokens)))
+    return [{"role": "user", "content": engine.detokenize(ids[:tokens]) + "\nHow many items?"}]
+
+
+@pytest.fixture(scope="session")
+def long_prompt():
+    """:func:`long_item_prompt`, for the modules that need a long prefill."""
+    return long_item_prompt
+
+
+def first_token_alternatives(completion: object) -> dict[str, float]:
+    """The first generated token's top alternatives (a completion with logprobs), token text -> log-prob."""
+    first = completion.logprobs[0]  # type: ignore[attr-defined]
+    return {alt.token: alt.logprob for alt in first.top}
+
+
+@pytest.fixture(scope="session")
+def first_token_top():
+    """:func:`first_token_alternatives`, for the modules that compare a first token's distribution."""
+    return first_token_alternatives
 
 
 def check_sse_chat(lines: list[str]) -> str | None:

@@ -483,12 +483,6 @@ def test_gpu_builds_offload_every_layer_unless_told_otherwise():
     assert default_gpu_layers(12, gpu_build=True) == 12 and default_gpu_layers(0, gpu_build=True) == 0
 
 
-def _long_prompt(engine, tokens: int) -> list[dict[str, str]]:
-    words = " ".join(f"item{i}" for i in range(tokens))  # about two tokens a word on SmolLM2
-    ids = engine.tokenize(words)
-    return [{"role": "user", "content": engine.detokenize(ids[:tokens]) + "\nHow many items?"}]
-
-
 def test_a_request_cancelled_before_it_is_scheduled_never_runs(smollm2):
     prefilled, sampled = smollm2.prefilled_tokens, smollm2.sampled_tokens
     stream = smollm2.chat(COUNT, SamplingParams(temperature=0, max_tokens=50))
@@ -499,8 +493,8 @@ def test_a_request_cancelled_before_it_is_scheduled_never_runs(smollm2):
     assert (smollm2.prefilled_tokens, smollm2.sampled_tokens) == (prefilled, sampled)
 
 
-def test_cancelling_a_long_prefill_stops_it_between_chunks(smollm2):
-    messages = _long_prompt(smollm2, 1800)  # 4 chunks of n_batch=512
+def test_cancelling_a_long_prefill_stops_it_between_chunks(smollm2, long_prompt):
+    messages = long_prompt(smollm2, 1800)  # 4 chunks of n_batch=512
     prompt_len = len(smollm2.tokenize(smollm2.render_chat(messages)))
     before = smollm2.prefilled_tokens
     stream = smollm2.chat(messages, SamplingParams(temperature=0, max_tokens=8))
@@ -542,27 +536,21 @@ def test_a_cuda_build_puts_the_model_on_the_gpu_by_default_and_answers_there():
 CACHED_LOGPROB_TOLERANCE = 0.3
 
 
-def _first_token_top(completion) -> dict[str, float]:
-    """The first generated token's top alternatives, token text -> log-prob."""
-    first = completion.logprobs[0]
-    return {alt.token: alt.logprob for alt in first.top}
-
-
-def test_a_request_shares_the_cached_prompt_of_a_running_one_and_decodes_the_same(smollm2):
+def test_a_request_shares_the_cached_prompt_of_a_running_one_and_decodes_the_same(smollm2, long_prompt, first_token_top):
     """Concurrent requests with one long prompt: the second takes the first's KV cells (no prefill) and its first
     token's distribution agrees with the prompt run alone within the tolerance (greedy strings are not compared:
     a near-tie can flip them)."""
-    messages = _long_prompt(smollm2, 600)
+    messages = long_prompt(smollm2, 600)
     params = SamplingParams(temperature=0, max_tokens=24)
     scored = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
     smollm2.drop_cached_prompts()
-    alone = _first_token_top(collect(smollm2.chat(messages, scored)))
+    alone = first_token_top(collect(smollm2.chat(messages, scored)))
     smollm2.drop_cached_prompts()  # no cached prompt left: only the running sequence can give its prefix
     prompt_len = len(smollm2.tokenize(smollm2.render_chat(messages)))
     first = smollm2.chat(messages, params)
     next(first)  # decoding: its whole prompt is in the cache
     prefilled, shared_before = smollm2.prefilled_tokens, smollm2.shared_prefix_tokens
-    shared = _first_token_top(collect(smollm2.chat(messages, scored)))
+    shared = first_token_top(collect(smollm2.chat(messages, scored)))
     collect(first)
     assert smollm2.shared_prefix_tokens - shared_before == prompt_len - 1  # all but the last prompt token
     assert smollm2.prefilled_tokens - prefilled <= 2  # the second prefilled one token, not 600

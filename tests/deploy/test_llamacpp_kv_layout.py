@@ -31,15 +31,6 @@ def split_engine():
     engine.close()
 
 
-def _long_prompt(engine, tokens: int) -> list[dict[str, str]]:
-    ids = engine.tokenize(" ".join(f"item{i}" for i in range(tokens)))
-    return [{"role": "user", "content": engine.detokenize(ids[:tokens]) + "\nHow many items?"}]
-
-
-def _first_token_top(completion) -> dict[str, float]:
-    return {alt.token: alt.logprob for alt in completion.logprobs[0].top}
-
-
 def _assert_close(alone: dict[str, float], other: dict[str, float]) -> None:
     common = alone.keys() & other.keys()
     assert len(common) >= 3, (alone, other)
@@ -64,32 +55,34 @@ def test_each_slot_holds_its_share_and_a_larger_request_is_refused_naming_the_la
     assert split_engine.open_ended_budget(1000) == 24  # the rest of its own slot
 
 
-def test_a_running_prefix_is_copied_to_another_stream_and_decodes_as_the_prompt_alone(split_engine):
-    messages = _long_prompt(split_engine, 600)
+def test_a_running_prefix_is_copied_to_another_stream_and_decodes_as_the_prompt_alone(
+    split_engine, long_prompt, first_token_top
+):
+    messages = long_prompt(split_engine, 600)
     split_engine.drop_cached_prompts()
-    alone = _first_token_top(collect(split_engine.chat(messages, SCORED)))
+    alone = first_token_top(collect(split_engine.chat(messages, SCORED)))
     split_engine.drop_cached_prompts()  # only the running request can give its prefix now
     prompt_len = len(split_engine.tokenize(split_engine.render_chat(messages)))
     first = split_engine.chat(messages, SamplingParams(temperature=0, max_tokens=24))
     next(first)  # decoding: its whole prompt is in its stream
     prefilled, shared_before = split_engine.prefilled_tokens, split_engine.shared_prefix_tokens
-    shared = _first_token_top(collect(split_engine.chat(messages, SCORED)))
+    shared = first_token_top(collect(split_engine.chat(messages, SCORED)))
     collect(first)
     assert split_engine.shared_prefix_tokens - shared_before == prompt_len - 1
     assert split_engine.prefilled_tokens - prefilled <= 2  # one token, not 600
     _assert_close(alone, shared)
 
 
-def test_concurrent_streams_decode_as_each_does_alone(split_engine):
+def test_concurrent_streams_decode_as_each_does_alone(split_engine, first_token_top):
     prompts = [[{"role": "user", "content": f"Tell me a fact about the number {n}. Answer in one short sentence."}]
                for n in (3, 7, 12)]
     split_engine.drop_cached_prompts()
-    alone = [_first_token_top(collect(split_engine.chat(m, SCORED))) for m in prompts]
+    alone = [first_token_top(collect(split_engine.chat(m, SCORED))) for m in prompts]
     split_engine.drop_cached_prompts()
     together: list[dict[str, float]] = [{} for _ in prompts]
 
     def run(i: int) -> None:
-        together[i] = _first_token_top(collect(split_engine.chat(prompts[i], SCORED)))
+        together[i] = first_token_top(collect(split_engine.chat(prompts[i], SCORED)))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for thread in threads:
@@ -110,15 +103,15 @@ def test_a_batch_lists_its_streams_in_sequence_order_decoding_first_in_the_budge
     assert [(item[0].seq_id, item[2]) for item in plan] == [(0, split_engine._n_batch - 2), (1, 0), (2, 0)]
 
 
-def test_the_prompt_cache_restores_a_conversation_into_another_stream(split_engine):
+def test_the_prompt_cache_restores_a_conversation_into_another_stream(split_engine, first_token_top):
     turn = [{"role": "system", "content": "You answer briefly. " * 20},
             {"role": "user", "content": "Name three fruits. Answer in one short sentence."}]
     split_engine.drop_cached_prompts()
     prompt_len = len(split_engine.tokenize(split_engine.render_chat(turn)))
-    cold = _first_token_top(collect(split_engine.chat(turn, SCORED)))
+    cold = first_token_top(collect(split_engine.chat(turn, SCORED)))
     split_engine.drop_cached_prompts(keep_in_ram=True)  # as if other requests had taken every stream
     restored, prefilled = split_engine.restored_tokens, split_engine.prefilled_tokens
-    again = _first_token_top(collect(split_engine.chat(turn, SCORED)))
+    again = first_token_top(collect(split_engine.chat(turn, SCORED)))
     assert split_engine.restored_tokens - restored == prompt_len - 1
     assert split_engine.prefilled_tokens - prefilled == 1
     _assert_close(cold, again)

@@ -83,13 +83,8 @@ def test_a_streaming_burst_past_the_queue_gets_only_whole_streams_and_503s_three
             assert _wait_idle(url)["running"] == 0
 
 
-def _long_prompt(engine, tokens: int) -> list[dict[str, str]]:
-    ids = engine.tokenize(" ".join(f"item{i}" for i in range(tokens)))
-    return [{"role": "user", "content": engine.detokenize(ids[:tokens]) + "\nHow many items?"}]
-
-
-def test_a_client_leaving_during_a_long_prefill_stops_it_and_frees_the_slot(smollm2, serve):
-    messages = _long_prompt(smollm2, 3500)  # 7 chunks of 512: seconds of prefill on 2 cores
+def test_a_client_leaving_during_a_long_prefill_stops_it_and_frees_the_slot(smollm2, serve, long_prompt):
+    messages = long_prompt(smollm2, 3500)  # 7 chunks of 512: seconds of prefill on 2 cores
     prompt_len = len(smollm2.tokenize(smollm2.render_chat(messages)))
     body = {"messages": messages, "max_tokens": 8, "stream": True}
     with serve(smollm2, max_concurrency=1, max_queue=0) as url:
